@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make run` and `make test`. `make help` lists the rest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+UV_VERSION := 0.13.9
+KERNEL := mlops-notebooks
+
+export PATH := $(BIN):$(PATH)
+export BENTOML_HOME := $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := True
+export WHYLOGS_NO_ANALYTICS := True
+export OMP_NUM_THREADS ?= 1
+export PYTHONWARNINGS ?= ignore::UserWarning:papermill.iorw
+
+.PHONY: help setup data run test check lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.setup-done ## create .venv from requirements.lock, install the package and the Jupyter kernel
+
+$(VENV)/.setup-done: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (see README)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/nbstripout --install; fi
+	@touch $@
+	@echo "setup done: .venv (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())')), kernel $(KERNEL)"
+
+data: setup ## obtain data/: pull from the DVC remote, else regenerate and verify against data.dvc
+	$(BIN)/mlops data obtain
+
+run: data ## run the whole pipeline (dvc repro), push outputs to the DVC remote, print a summary
+	@start=$$(date +%s); \
+	$(BIN)/dvc repro && \
+	{ $(BIN)/dvc push --quiet || echo "note: dvc push failed; outputs are still in the local cache"; } && \
+	$(BIN)/mlops summary && \
+	echo "make run: pipeline finished in $$(( $$(date +%s) - start ))s"
+
+test: setup ## run the whole test suite
+	$(BIN)/python -m pytest
+
+check: setup ## ruff (format + lint), mypy on pipelines/, notebooks carry no outputs
+	$(BIN)/ruff format --check pipelines bentos tests benchmarks
+	$(BIN)/ruff check pipelines bentos tests benchmarks
+	$(BIN)/mypy pipelines
+	$(BIN)/mlops notebooks check
+
+lock: ## re-resolve requirements.lock from pyproject.toml (every dependency pinned, with hashes)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+
+clean: ## remove the virtual environment and local BentoML store (data and DVC cache stay)
+	rm -rf $(VENV) .bentoml

@@ -1,0 +1,146 @@
+"""``mlops``: the project's command line (data, summary, notebook hygiene, features)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from pipelines import config
+
+app = typer.Typer(help="Notebook-first research-to-production toolkit.", no_args_is_help=True,
+                  add_completion=False)
+data_app = typer.Typer(help="Raw event data: generate, pull or regenerate.", no_args_is_help=True)
+notebooks_app = typer.Typer(help="Stage notebook hygiene.", no_args_is_help=True)
+features_app = typer.Typer(help="Feature definitions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(notebooks_app, name="notebooks")
+app.add_typer(features_app, name="features")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Path = typer.Option(None, help="Output folder (default: base.raw_dir)."),
+    preset: str = typer.Option(None, help="Size preset (default: generate.preset)."),
+    seed: int = typer.Option(None, help="Seed (default: base.seed)."),
+    scenario: str = typer.Option(None, help="Drift scenario (default: generate.scenario)."),
+    scenario_start_day: int = typer.Option(None, help="First day the scenario applies."),
+) -> None:
+    """Generate sample impression events deterministically from params.yaml."""
+    from pipelines.generate import generate_events, write_events
+
+    params = config.load_params()
+    out = out or config.project_root() / config.get(params, "base.raw_dir")
+    events = generate_events(
+        preset or config.get(params, "generate.preset"),
+        seed if seed is not None else config.get(params, "base.seed"),
+        str(config.get(params, "generate.start")),
+        scenario or config.get(params, "generate.scenario"),
+        scenario_start_day if scenario_start_day is not None
+        else config.get(params, "generate.scenario_start_day"),
+    )
+    path = write_events(events, out)
+    typer.echo(f"wrote {len(events):,} events ({events['ts'].min()} .. {events['ts'].max()}) "
+               f"to {path}")
+
+
+@data_app.command("obtain")
+def data_obtain() -> None:
+    """Pull data/ from the DVC remote; if the remote is empty, regenerate it and verify data.dvc."""
+    from pipelines.lineage import dvc_file_hash
+
+    root = config.project_root()
+    dvc = [sys.executable, "-m", "dvc"]
+    status = subprocess.run([*dvc, "status", "data.dvc", "--json"], cwd=root,
+                            capture_output=True, text=True)
+    if status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
+        typer.echo("data/ already matches data.dvc")
+        return
+    pulled = subprocess.run([*dvc, "pull", "data.dvc"], cwd=root, capture_output=True, text=True)
+    if pulled.returncode == 0:
+        typer.echo("pulled data/ from the DVC remote")
+        return
+    typer.echo("DVC remote has no copy of data/; regenerating it from params.yaml (generate.*)")
+    data_generate(None, None, None, None, None)
+    expected = dvc_file_hash(root / "data.dvc")
+    status = subprocess.run([*dvc, "status", "data.dvc", "--json"], cwd=root,
+                            capture_output=True, text=True, check=True)
+    if json.loads(status.stdout or "{}") != {}:
+        _fail(
+            f"regenerated data/ does not match data.dvc (md5 {expected}). Either params.yaml "
+            "`generate`/`base.seed` changed since data.dvc was written, or the generator changed. "
+            "Restore them, or accept the new data with `dvc add data` and commit data.dvc."
+        )
+    subprocess.run([*dvc, "commit", "-f", "data.dvc"], cwd=root, capture_output=True)
+    subprocess.run([*dvc, "push", "data.dvc"], cwd=root, capture_output=True)
+    typer.echo(f"regenerated data/ matches data.dvc (md5 {expected}) and was pushed to the remote")
+
+
+@app.command("summary")
+def summary() -> None:
+    """Print what the pipeline produced: key metrics, model and bento, where reports are."""
+    root = config.project_root()
+    params = config.load_params()
+    metrics_file = root / config.get(params, "evaluate.metrics_file")
+    bento_file = root / config.get(params, "package.bento_dir") / "bento.json"
+    if not metrics_file.is_file() or not bento_file.is_file():
+        _fail("no pipeline outputs yet; run `make run` (or `dvc repro`)")
+    m = json.loads(metrics_file.read_text())
+    b = json.loads(bento_file.read_text())
+    reports = sorted((root / config.get(params, "base.reports_dir")).glob("*.html"))
+    typer.echo("\n== pipeline summary ==")
+    typer.echo(f"test AUC {m['auc']:.4f} | log loss {m['log_loss']:.4f} | calibration error "
+               f"{m['calibration_error']:.4f} | rule baseline AUC {m['baseline']['auc']:.4f} "
+               f"| test rows {m['n']:,}")
+    per = " | ".join(f"{s} AUC {v.get('auc', float('nan')):.4f}" for s, v in m["per_surface"].items())
+    typer.echo(f"per surface: {per}")
+    typer.echo(f"model {b['model_tag']} | features {b['features_tag']} | bento {b['bento_tag']}")
+    typer.echo(f"bento archive: {b['archive']} ({b['archive_bytes'] / 1e6:.1f} MB)")
+    typer.echo("reports: " + ", ".join(str(p.relative_to(root)) for p in reports))
+    typer.echo(f"serve it: BENTOML_HOME={config.get(params, 'base.bentoml_home')} "
+               f".venv/bin/bentoml serve {b['bento_tag']} --port 3000")
+
+
+@notebooks_app.command("check")
+def notebooks_check(paths: list[Path] = typer.Argument(None)) -> None:
+    """Fail if a source notebook carries outputs or execution counts (commit them stripped)."""
+    import nbformat
+
+    root = config.project_root()
+    files = paths or sorted((root / "notebooks").rglob("*.ipynb"))
+    dirty = []
+    for path in files:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count")):
+                dirty.append(path)
+                break
+    if dirty:
+        _fail("source notebooks carry outputs: " + ", ".join(map(str, dirty))
+              + "; strip them with `nbstripout <file>` (installed by `make setup` as a git filter)")
+    typer.echo(f"{len(files)} source notebook(s) have no outputs")
+
+
+@features_app.command("catalog")
+def features_catalog(out: Path = typer.Option(None, help="Write markdown here instead of stdout.")) -> None:
+    """Print (or write) the markdown catalog of the declared feature sets."""
+    from pipelines.features import FEATURE_SETS, feature_catalog_markdown
+
+    text = "\n".join(feature_catalog_markdown(fs) for fs in FEATURE_SETS.values())
+    if out:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(text)
+
+
+if __name__ == "__main__":
+    app()
