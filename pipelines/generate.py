@@ -18,7 +18,6 @@ day on, so the monitoring loop can be exercised on data with a known shift.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,9 +116,9 @@ def generate_events(
     ``scenario`` names an entry of ``SCENARIOS``; its knobs apply to impressions on
     or after ``scenario_start_day`` (0 = the whole window).
     """
-    size = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    size = PRESETS[preset] if isinstance(preset, str) else preset
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown drift scenario {scenario!r}; choose one of {sorted(SCENARIOS)}")
     base = Knobs()
@@ -150,7 +149,7 @@ def generate_events(
         [2, 1, 1, 1, 1, 2, 4, 6, 7, 7, 7, 8, 9, 9, 8, 7, 7, 8, 9, 11, 12, 11, 8, 4], dtype=float
     )
     start_ms = int(pd.Timestamp(start, tz="UTC").value // 1_000_000)
-    weekday0 = pd.Timestamp(start).dayofweek
+    weekday0 = pd.Timestamp(start).day_of_week
     day_w = np.array([1.15 if (weekday0 + d) % 7 >= 5 else 1.0 for d in range(size.days)])
     day = rng.choice(size.days, size=n, p=day_w / day_w.sum())
     hour = rng.choice(24, size=n, p=hour_w / hour_w.sum())
@@ -230,5 +229,3 @@ def write_events(events: pd.DataFrame, folder: Path) -> Path:
         events.to_parquet(tmp, index=False, compression="zstd")
     return target
 
-
-ScenarioFn = Callable[[pd.DataFrame], pd.DataFrame]
