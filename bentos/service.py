@@ -18,15 +18,17 @@ import bentoml  # noqa: E402
 from pipelines.serving import (  # noqa: E402
     Device,
     Id,
+    Predictor,
     PredictRequest,
     PredictResponse,
-    Predictor,
     Surface,
     load_release,
 )
 
 RELEASE_FILE = Path(
-    os.environ.get("CTR_RELEASE_FILE", Path(__file__).resolve().parent.parent / "build/release/release.json")
+    os.environ.get(
+        "CTR_RELEASE_FILE", Path(__file__).resolve().parent.parent / "build/release/release.json"
+    )
 )
 RELEASE = load_release(RELEASE_FILE)
 

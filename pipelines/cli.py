@@ -11,8 +11,11 @@ import typer
 
 from pipelines import config
 
-app = typer.Typer(help="Notebook-first research-to-production toolkit.", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="Notebook-first research-to-production toolkit.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 data_app = typer.Typer(help="Raw event data: generate, pull or regenerate.", no_args_is_help=True)
 notebooks_app = typer.Typer(help="Stage notebook hygiene.", no_args_is_help=True)
 features_app = typer.Typer(help="Feature definitions.", no_args_is_help=True)
@@ -28,11 +31,11 @@ def _fail(message: str) -> None:
 
 @data_app.command("generate")
 def data_generate(
-    out: Path = typer.Option(None, help="Output folder (default: base.raw_dir)."),
-    preset: str = typer.Option(None, help="Size preset (default: generate.preset)."),
-    seed: int = typer.Option(None, help="Seed (default: base.seed)."),
-    scenario: str = typer.Option(None, help="Drift scenario (default: generate.scenario)."),
-    scenario_start_day: int = typer.Option(None, help="First day the scenario applies."),
+    out: Path | None = typer.Option(None, help="Output folder (default: base.raw_dir)."),
+    preset: str | None = typer.Option(None, help="Size preset (default: generate.preset)."),
+    seed: int | None = typer.Option(None, help="Seed (default: base.seed)."),
+    scenario: str | None = typer.Option(None, help="Drift scenario (default: generate.scenario)."),
+    scenario_start_day: int | None = typer.Option(None, help="First day the scenario applies."),
 ) -> None:
     """Generate sample impression events deterministically from params.yaml."""
     from pipelines.generate import generate_events, write_events
@@ -44,12 +47,14 @@ def data_generate(
         seed if seed is not None else config.get(params, "base.seed"),
         str(config.get(params, "generate.start")),
         scenario or config.get(params, "generate.scenario"),
-        scenario_start_day if scenario_start_day is not None
+        scenario_start_day
+        if scenario_start_day is not None
         else config.get(params, "generate.scenario_start_day"),
     )
     path = write_events(events, out)
-    typer.echo(f"wrote {len(events):,} events ({events['ts'].min()} .. {events['ts'].max()}) "
-               f"to {path}")
+    typer.echo(
+        f"wrote {len(events):,} events ({events['ts'].min()} .. {events['ts'].max()}) to {path}"
+    )
 
 
 @data_app.command("obtain")
@@ -59,8 +64,9 @@ def data_obtain() -> None:
 
     root = config.project_root()
     dvc = [sys.executable, "-m", "dvc"]
-    status = subprocess.run([*dvc, "status", "data.dvc", "--json"], cwd=root,
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [*dvc, "status", "data.dvc", "--json"], cwd=root, capture_output=True, text=True
+    )
     if status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
         typer.echo("data/ already matches data.dvc")
         return
@@ -71,8 +77,9 @@ def data_obtain() -> None:
     typer.echo("DVC remote has no copy of data/; regenerating it from params.yaml (generate.*)")
     data_generate(None, None, None, None, None)
     expected = dvc_file_hash(root / "data.dvc")
-    status = subprocess.run([*dvc, "status", "data.dvc", "--json"], cwd=root,
-                            capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [*dvc, "status", "data.dvc", "--json"], cwd=root, capture_output=True, text=True, check=True
+    )
     if json.loads(status.stdout or "{}") != {}:
         _fail(
             f"regenerated data/ does not match data.dvc (md5 {expected}). Either params.yaml "
@@ -97,20 +104,26 @@ def summary() -> None:
     b = json.loads(bento_file.read_text())
     reports = sorted((root / config.get(params, "base.reports_dir")).glob("*.html"))
     typer.echo("\n== pipeline summary ==")
-    typer.echo(f"test AUC {m['auc']:.4f} | log loss {m['log_loss']:.4f} | calibration error "
-               f"{m['calibration_error']:.4f} | rule baseline AUC {m['baseline']['auc']:.4f} "
-               f"| test rows {m['n']:,}")
-    per = " | ".join(f"{s} AUC {v.get('auc', float('nan')):.4f}" for s, v in m["per_surface"].items())
+    typer.echo(
+        f"test AUC {m['auc']:.4f} | log loss {m['log_loss']:.4f} | calibration error "
+        f"{m['calibration_error']:.4f} | rule baseline AUC {m['baseline']['auc']:.4f} "
+        f"| test rows {m['n']:,}"
+    )
+    per = " | ".join(
+        f"{s} AUC {v.get('auc', float('nan')):.4f}" for s, v in m["per_surface"].items()
+    )
     typer.echo(f"per surface: {per}")
     typer.echo(f"model {b['model_tag']} | features {b['features_tag']} | bento {b['bento_tag']}")
     typer.echo(f"bento archive: {b['archive']} ({b['archive_bytes'] / 1e6:.1f} MB)")
     typer.echo("reports: " + ", ".join(str(p.relative_to(root)) for p in reports))
-    typer.echo(f"serve it: BENTOML_HOME={config.get(params, 'base.bentoml_home')} "
-               f".venv/bin/bentoml serve {b['bento_tag']} --port 3000")
+    typer.echo(
+        f"serve it: BENTOML_HOME={config.get(params, 'base.bentoml_home')} "
+        f".venv/bin/bentoml serve {b['bento_tag']} --port 3000"
+    )
 
 
 @notebooks_app.command("check")
-def notebooks_check(paths: list[Path] = typer.Argument(None)) -> None:
+def notebooks_check(paths: list[Path] | None = typer.Argument(None)) -> None:
     """Fail if a source notebook carries outputs or execution counts (commit them stripped)."""
     import nbformat
 
@@ -124,13 +137,18 @@ def notebooks_check(paths: list[Path] = typer.Argument(None)) -> None:
                 dirty.append(path)
                 break
     if dirty:
-        _fail("source notebooks carry outputs: " + ", ".join(map(str, dirty))
-              + "; strip them with `nbstripout <file>` (installed by `make setup` as a git filter)")
+        _fail(
+            "source notebooks carry outputs: "
+            + ", ".join(map(str, dirty))
+            + "; strip them with `nbstripout <file>` (installed by `make setup` as a git filter)"
+        )
     typer.echo(f"{len(files)} source notebook(s) have no outputs")
 
 
 @features_app.command("catalog")
-def features_catalog(out: Path = typer.Option(None, help="Write markdown here instead of stdout.")) -> None:
+def features_catalog(
+    out: Path = typer.Option(None, help="Write markdown here instead of stdout."),
+) -> None:
     """Print (or write) the markdown catalog of the declared feature sets."""
     from pipelines.features import FEATURE_SETS, feature_catalog_markdown
 

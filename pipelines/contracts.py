@@ -152,8 +152,14 @@ def validate(
         ) from None
     except SchemaError as exc:  # raised for table-level problems even in lazy mode
         cases = pd.DataFrame(
-            [{"column": getattr(exc, "column_name", None), "check": str(exc.check),
-              "failure_case": str(exc), "index": None}]
+            [
+                {
+                    "column": getattr(exc, "column_name", None),
+                    "check": str(exc.check),
+                    "failure_case": str(exc),
+                    "index": None,
+                }
+            ]
         )
         name = schema.name or "contract"
         raise ContractViolation(

@@ -48,7 +48,8 @@ def load_raw_events(raw_dir: Path) -> pd.DataFrame:
     files = sorted(raw_dir.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(
-            f"no raw event files (*.parquet) in {raw_dir}; run `make data` to pull or regenerate them"
+            f"no raw event files (*.parquet) in {raw_dir}; "
+            "run `make data` to pull or regenerate them"
         )
     frames = [pd.read_parquet(path) for path in files]
     events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -70,8 +71,12 @@ def split_boundaries(ts: pd.Series, policy: SplitPolicy) -> dict[str, pd.Timesta
             f"{policy.warmup_hours} h, valid {policy.valid_days} d and test {policy.test_days} d; "
             "lower build_dataset.valid_days/test_days/warmup_hours or generate more days"
         )
-    return {"train_start": train_start, "valid_start": valid_start, "test_start": test_start,
-            "end": end}
+    return {
+        "train_start": train_start,
+        "valid_start": valid_start,
+        "test_start": test_start,
+        "end": end,
+    }
 
 
 def build_training_set(
@@ -99,7 +104,9 @@ def build_training_set(
         "feature_set": feature_set.name,
         "features": feature_set.names,
         "rows": {s: int(counts.get(s, 0)) for s in ("train", "valid", "test")},
-        "click_rate": {s: round(float(rates.get(s, float("nan"))), 6) for s in ("train", "valid", "test")},
+        "click_rate": {
+            s: round(float(rates.get(s, float("nan"))), 6) for s in ("train", "valid", "test")
+        },
         "windows": {k: v.isoformat() for k, v in bounds.items()},
         "raw_events": len(events),
         "warmup_rows_dropped": int(len(events) - len(table)),

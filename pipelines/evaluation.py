@@ -71,7 +71,11 @@ def curves(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, pd.DataF
     order = np.argsort(p, kind="stable")
     calib = pd.DataFrame(
         [
-            {"mean_predicted": float(p[b].mean()), "fraction_clicked": float(y[b].mean()), "n": len(b)}
+            {
+                "mean_predicted": float(p[b].mean()),
+                "fraction_clicked": float(y[b].mean()),
+                "n": len(b),
+            }
             for b in np.array_split(order, n_bins)
             if len(b)
         ]

@@ -147,12 +147,36 @@ CTR_V1 = FeatureSet(
         _count("user_surface", "impressions", "7d", "impr"),
         _ctr("user_surface", "7d", _PRIOR),
         _ctr("item_surface", None, _PRIOR),
-        Feature("surface_code", "request", "request", "context", None, "int64", 0,
-                f"surface of the request as a code: {dict(enumerate(SURFACES))}"),
-        Feature("device_code", "request", "request", "context", None, "int64", 0,
-                f"device of the request as a code: {dict(enumerate(DEVICES))}"),
-        Feature("hour_of_day", "request", "request", "context", None, "int64", 0,
-                "UTC hour of the request time t"),
+        Feature(
+            "surface_code",
+            "request",
+            "request",
+            "context",
+            None,
+            "int64",
+            0,
+            f"surface of the request as a code: {dict(enumerate(SURFACES))}",
+        ),
+        Feature(
+            "device_code",
+            "request",
+            "request",
+            "context",
+            None,
+            "int64",
+            0,
+            f"device of the request as a code: {dict(enumerate(DEVICES))}",
+        ),
+        Feature(
+            "hour_of_day",
+            "request",
+            "request",
+            "context",
+            None,
+            "int64",
+            0,
+            "UTC hour of the request time t",
+        ),
     ),
 )
 FEATURE_SETS: dict[str, FeatureSet] = {CTR_V1.name: CTR_V1}
@@ -229,7 +253,9 @@ class EventIndex:
             entity_codes = codes[feature.entity]
             if feature.agg == "seconds_since":
                 out[feature.name] = self._seconds_since(
-                    self._arrays[(feature.entity, feature.source)], entity_codes, t_rel,
+                    self._arrays[(feature.entity, feature.source)],
+                    entity_codes,
+                    t_rel,
                     WINDOWS_MS[feature.window] or STRIDE,
                 )
                 continue
@@ -238,7 +264,9 @@ class EventIndex:
                 ck = (feature.entity, source, feature.window)
                 if ck not in counts:
                     counts[ck] = self._count(
-                        self._arrays[(feature.entity, source)], entity_codes, t_rel,
+                        self._arrays[(feature.entity, source)],
+                        entity_codes,
+                        t_rel,
                         WINDOWS_MS[feature.window],
                     )
             if feature.agg == "count":
@@ -254,7 +282,9 @@ class EventIndex:
         return pd.DataFrame({f.name: out[f.name].astype(f.dtype) for f in fs.features})
 
     @staticmethod
-    def _count(arr: np.ndarray, codes: np.ndarray, t_rel: np.ndarray, window: int | None) -> np.ndarray:
+    def _count(
+        arr: np.ndarray, codes: np.ndarray, t_rel: np.ndarray, window: int | None
+    ) -> np.ndarray:
         base = codes.astype(np.int64) * STRIDE
         hi = np.searchsorted(arr, base + t_rel, side="left")
         if window is None:
@@ -266,7 +296,9 @@ class EventIndex:
         return result
 
     @staticmethod
-    def _seconds_since(arr: np.ndarray, codes: np.ndarray, t_rel: np.ndarray, window: int) -> np.ndarray:
+    def _seconds_since(
+        arr: np.ndarray, codes: np.ndarray, t_rel: np.ndarray, window: int
+    ) -> np.ndarray:
         base = codes.astype(np.int64) * STRIDE
         hi = np.searchsorted(arr, base + t_rel, side="left")
         prev = arr[np.maximum(hi - 1, 0)] if len(arr) else np.full(len(codes), -1, np.int64)
@@ -293,7 +325,11 @@ def point_in_time_features(events: pd.DataFrame, feature_set: FeatureSet = CTR_V
     """
     index = EventIndex(events, feature_set)
     feats = index.lookup(
-        events["user_id"], events["item_id"], events["surface"], events["device"], to_ms(events["ts"])
+        events["user_id"],
+        events["item_id"],
+        events["surface"],
+        events["device"],
+        to_ms(events["ts"]),
     )
     keys = events[["event_id", "ts", "user_id", "item_id", "surface", "device", "clicked"]]
     return pd.concat([keys.reset_index(drop=True), feats], axis=1)
@@ -305,7 +341,8 @@ def feature_catalog_markdown(feature_set: FeatureSet = CTR_V1) -> str:
         f"# Feature set `{feature_set.name}`",
         "",
         f"Smoothing: prior CTR {feature_set.prior_ctr}, {feature_set.prior_strength:g} "
-        "pseudo-impressions. A query at time t sees events strictly before t; window w is (t - w, t).",
+        "pseudo-impressions. A query at time t sees events strictly before t; "
+        "window w is (t - w, t).",
         "",
         "| name | entity | source | aggregation | window | dtype | default | description |",
         "|---|---|---|---|---|---|---|---|",

@@ -90,7 +90,7 @@ SCENARIOS: dict[str, Scenario] = {
 def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     """Draw one category per row from row-wise probabilities (rows sum to 1)."""
     cum = np.cumsum(probs, axis=1)
-    u = rng.random(probs.shape[0])[:, None]
+    u = np.asarray(rng.random(probs.shape[0]))[:, None]
     return np.minimum((u > cum).sum(axis=1), probs.shape[1] - 1)
 
 
@@ -212,7 +212,9 @@ def generate_events(
             "position": position[order].astype(np.int16),
             "clicked": clicked[order].astype(np.int8),
             "click_ts": pd.to_datetime(
-                np.where(clicked[order], click_ms[order], np.iinfo(np.int64).min), unit="ms", utc=True
+                np.where(clicked[order], click_ms[order], np.iinfo(np.int64).min),
+                unit="ms",
+                utc=True,
             ).as_unit("ms"),
         }
     )
@@ -228,4 +230,3 @@ def write_events(events: pd.DataFrame, folder: Path) -> Path:
     with atomic_path(target) as tmp:
         events.to_parquet(tmp, index=False, compression="zstd")
     return target
-

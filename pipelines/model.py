@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ class TrainParams:
             raise ConfigError(f"train.l2_regularization must be >= 0, got {self.l2_regularization}")
 
 
-def fit_model(train: pd.DataFrame, feature_set: FeatureSet, params: TrainParams) -> HistGradientBoostingClassifier:
+def fit_model(
+    train: pd.DataFrame, feature_set: FeatureSet, params: TrainParams
+) -> HistGradientBoostingClassifier:
     """Fit the click model on the training split (categorical request features native)."""
     X = train[feature_set.names]
     model = HistGradientBoostingClassifier(
@@ -83,18 +86,29 @@ class RuleBaseline:
         global_ctr = float(train["clicked"].mean())
         by_s = train.groupby("surface", observed=True)["clicked"].agg(["sum", "count"])
         surface_ctr = {
-            s: float((by_s.loc[s, "sum"] + strength * global_ctr) / (by_s.loc[s, "count"] + strength))
-            if s in by_s.index else global_ctr
+            s: float(
+                (by_s.loc[s, "sum"] + strength * global_ctr) / (by_s.loc[s, "count"] + strength)
+            )
+            if s in by_s.index
+            else global_ctr
             for s in SURFACES
         }
-        by_is = train.groupby(["item_id", "surface"], observed=True)["clicked"].agg(["sum", "count"])
+        by_is = train.groupby(["item_id", "surface"], observed=True)["clicked"].agg(
+            ["sum", "count"]
+        )
         prior = np.array([surface_ctr[s] for s in by_is.index.get_level_values(1)])
         rate = (by_is["sum"].to_numpy() + strength * prior) / (by_is["count"].to_numpy() + strength)
         keys = [f"{i}|{s}" for i, s in by_is.index]
-        return cls(global_ctr, surface_ctr, dict(zip(keys, np.round(rate, 6).tolist(), strict=True)),
-                   strength)
+        return cls(
+            global_ctr,
+            surface_ctr,
+            dict(zip(keys, np.round(rate, 6).tolist(), strict=True)),
+            strength,
+        )
 
-    def predict(self, item_id: list[str] | np.ndarray, surface: list[str] | np.ndarray) -> np.ndarray:
+    def predict(
+        self, item_id: Sequence[str] | np.ndarray, surface: Sequence[str] | np.ndarray
+    ) -> np.ndarray:
         out = np.empty(len(item_id), dtype=np.float64)
         for k, (i, s) in enumerate(zip(item_id, surface, strict=True)):
             out[k] = self.item_surface_ctr.get(f"{i}|{s}", self.surface_ctr.get(s, self.global_ctr))
@@ -129,8 +143,15 @@ def train_stage(
     valid_metrics = {
         "auc": round(float(roc_auc_score(y_valid, p_valid)), 5),
         "log_loss": round(float(log_loss(y_valid, p_valid, labels=[0, 1])), 5),
-        "baseline_auc": round(float(roc_auc_score(y_valid, baseline.predict(
-            valid["item_id"].to_numpy(), valid["surface"].to_numpy()))), 5),
+        "baseline_auc": round(
+            float(
+                roc_auc_score(
+                    y_valid,
+                    baseline.predict(valid["item_id"].to_numpy(), valid["surface"].to_numpy()),
+                )
+            ),
+            5,
+        ),
     }
     card = {
         "model": "HistGradientBoostingClassifier (scikit-learn)",
@@ -139,10 +160,14 @@ def train_stage(
         "features": feature_set.names,
         "categorical_features": list(feature_set.categorical),
         "params": asdict(params),
-        "training_window": {"start": dataset_meta["windows"]["train_start"],
-                            "end": dataset_meta["windows"]["valid_start"]},
-        "validation_window": {"start": dataset_meta["windows"]["valid_start"],
-                              "end": dataset_meta["windows"]["test_start"]},
+        "training_window": {
+            "start": dataset_meta["windows"]["train_start"],
+            "end": dataset_meta["windows"]["valid_start"],
+        },
+        "validation_window": {
+            "start": dataset_meta["windows"]["valid_start"],
+            "end": dataset_meta["windows"]["test_start"],
+        },
         "rows": {"train": len(train), "valid": len(valid)},
         "click_rate_train": round(float(train["clicked"].mean()), 6),
         "valid_metrics": valid_metrics,
@@ -175,7 +200,9 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     )
 
 
-def load_model(model_dir: Path) -> tuple[HistGradientBoostingClassifier, RuleBaseline, dict[str, Any]]:
+def load_model(
+    model_dir: Path,
+) -> tuple[HistGradientBoostingClassifier, RuleBaseline, dict[str, Any]]:
     """Load model, baseline and card from a ``train`` output folder."""
     model = joblib.load(model_dir / "model.joblib")
     baseline = RuleBaseline.load(model_dir / "baseline.json")

@@ -55,7 +55,7 @@ def package_stage(
     freshness_sla_seconds: float,
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
-    """Store model and feature snapshot in BentoML, write the release, build and export the bento."""
+    """Store model and feature snapshot, write the release, build and export the bento."""
     use_bentoml_home(bentoml_home)
     import bentoml
 
@@ -63,14 +63,17 @@ def package_stage(
     model_md5 = md5_file(model_file)
     card = json.loads((model_dir / "model_card.json").read_text())
     model_tag = _save_model(
-        "ctr_model", f"m{model_md5[:12]}",
+        "ctr_model",
+        f"m{model_md5[:12]}",
         {name: model_dir / name for name in ("model.joblib", "baseline.json", "model_card.json")},
         {"model_md5": model_md5, "feature_set": card["feature_set"]},
     )
     events_file = raw_dir / "events.parquet"
     events_md5 = md5_file(events_file)
     features_tag = _save_model(
-        "ctr_features", f"f{events_md5[:12]}", {"events.parquet": events_file},
+        "ctr_features",
+        f"f{events_md5[:12]}",
+        {"events.parquet": events_file},
         {"events_md5": events_md5, "feature_set": card["feature_set"]},
     )
     metrics = json.loads(metrics_file.read_text())
@@ -100,14 +103,26 @@ def package_stage(
     except bentoml.exceptions.NotFound:
         pass
     build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "bentos/bentofile.yaml",
-         "--version", version, "."],
-        cwd=root, env={**os.environ, "BENTOML_HOME": os.environ["BENTOML_HOME"]},
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "build",
+            "-f",
+            "bentos/bentofile.yaml",
+            "--version",
+            version,
+            ".",
+        ],
+        cwd=root,
+        env={**os.environ, "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+        capture_output=True,
+        text=True,
     )
     if build.returncode != 0:
         raise RuntimeError(
-            f"`bentoml build` failed for {bento_tag}:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+            f"`bentoml build` failed for {bento_tag}:\n"
+            f"{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
         )
     print(f"built bento {bento_tag}")
     bento = bentoml.get(bento_tag)
@@ -137,7 +152,10 @@ def import_bento(archive: Path, bentoml_home: Path) -> str:
         env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
         out = subprocess.run(
             [sys.executable, "-m", "bentoml", "import", str(archive)],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     return out.stdout.strip()
 

@@ -49,19 +49,29 @@ def run_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Pa
     with atomic_path(output, suffix=".ipynb") as tmp_nb:
         try:
             pm.execute_notebook(
-                str(source), str(tmp_nb), parameters=parameters, kernel_name=KERNEL,
-                cwd=str(cwd), progress_bar=sys.stderr.isatty(), language="python",
+                str(source),
+                str(tmp_nb),
+                parameters=parameters,
+                kernel_name=KERNEL,
+                cwd=str(cwd),
+                progress_bar=sys.stderr.isatty(),
+                language="python",
             )
         except PapermillExecutionError as exc:
             failed = output.parent / "failed" / output.name
             failed.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_nb, failed)
             render_html(failed, failed.with_suffix(".html"))
-            print(f"\nstage notebook {source} failed in cell {exc.exec_count}: {exc.ename}",
-                  file=sys.stderr)
+            print(
+                f"\nstage notebook {source} failed in cell {exc.exec_count}: {exc.ename}",
+                file=sys.stderr,
+            )
             print(exc.evalue, file=sys.stderr)
-            print(f"\nexecuted copy with the error: {failed} (and .html); previous outputs "
-                  f"are unchanged", file=sys.stderr)
+            print(
+                f"\nexecuted copy with the error: {failed} (and .html); previous outputs "
+                f"are unchanged",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         html_tmp = tmp_nb.with_suffix(".html")
         render_html(tmp_nb, html_tmp)
@@ -70,12 +80,16 @@ def run_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.runner",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("notebook", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
-                        metavar=("NAME", "VALUE"))
+    parser.add_argument(
+        "-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE")
+    )
     args = parser.parse_args(argv)
     if not args.notebook.is_file():
         parser.error(f"notebook {args.notebook} does not exist")

@@ -80,8 +80,10 @@ class Predictor:
         model_file = model_dir / "model.joblib"
         actual = md5_file(model_file)
         if actual != release["model_md5"]:
-            error = (f"model file {model_file} has md5 {actual}, release expects "
-                     f"{release['model_md5']}; refusing to load it")
+            error = (
+                f"model file {model_file} has md5 {actual}, release expects "
+                f"{release['model_md5']}; refusing to load it"
+            )
         else:
             model = joblib.load(model_file)
         return cls(release, feature_set, index, baseline, model, error)

@@ -44,8 +44,15 @@ def summary(view: DatasetProfileView) -> pd.DataFrame:
     """Per-column summary statistics (count, mean, stddev, quantiles, nulls)."""
     table = view.to_pandas()
     wanted = [
-        "counts/n", "counts/null", "distribution/mean", "distribution/stddev",
-        "distribution/min", "distribution/q_25", "distribution/median", "distribution/q_75",
-        "distribution/max", "cardinality/est",
+        "counts/n",
+        "counts/null",
+        "distribution/mean",
+        "distribution/stddev",
+        "distribution/min",
+        "distribution/q_25",
+        "distribution/median",
+        "distribution/q_75",
+        "distribution/max",
+        "cardinality/est",
     ]
     return table[[c for c in wanted if c in table.columns]]

@@ -20,8 +20,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SKIP_PARTS = {".venv", ".bentoml", ".dvc-remote", ".git", "build", "reports", "data", "__pycache__",
-              ".pytest_cache", ".hypothesis", ".ruff_cache", ".mypy_cache"}
+SKIP_PARTS = {
+    ".venv",
+    ".bentoml",
+    ".dvc-remote",
+    ".git",
+    "build",
+    "reports",
+    "data",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    ".mypy_cache",
+}
 
 
 def project_env(root: Path) -> dict[str, str]:
@@ -38,11 +50,17 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    cwd: Path,
+    check: bool = True,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command in a project copy; on failure show its output in the assertion."""
-    result = subprocess.run(cmd, cwd=cwd, env=env or project_env(cwd), capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env or project_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
@@ -55,7 +73,10 @@ def source_files() -> list[Path]:
     """Files of the repository as git sees them (tracked plus new, not ignored)."""
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     return [Path(p) for p in out if (REPO / p).is_file() and not SKIP_PARTS & set(Path(p).parts)]
 
@@ -111,8 +132,7 @@ def small_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def project_copy(small_project: Path, tmp_path: Path) -> Path:
     """A private copy of ``small_project`` (git history, DVC cache and outputs included)."""
     dest = tmp_path / "project"
-    shutil.copytree(small_project, dest, symlinks=True,
-                    ignore=shutil.ignore_patterns(".bentoml"))
+    shutil.copytree(small_project, dest, symlinks=True, ignore=shutil.ignore_patterns(".bentoml"))
     shutil.copytree(small_project / ".bentoml", dest / ".bentoml", symlinks=True)
     return dest
 

@@ -69,8 +69,15 @@ def test_feature_table_contract_catches_out_of_range_values(events: pd.DataFrame
 
 
 def test_serving_request_contract() -> None:
-    ok = pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "surface": ["feed"],
-                       "device": ["mobile"], "ts": [pd.Timestamp("2026-10-01", tz="UTC")]})
+    ok = pd.DataFrame(
+        {
+            "user_id": ["u1"],
+            "item_id": ["i1"],
+            "surface": ["feed"],
+            "device": ["mobile"],
+            "ts": [pd.Timestamp("2026-10-01", tz="UTC")],
+        }
+    )
     validate(SERVING_REQUEST, ok, "request")
     with pytest.raises(ContractViolation, match="surface"):
         validate(SERVING_REQUEST, ok.assign(surface="email"), "request")
@@ -109,7 +116,12 @@ def test_write_is_atomic_and_load_validates(events: pd.DataFrame, tmp_path: Path
     table, meta = build_training_set(events, CTR_V1, SplitPolicy(24, 1, 1))
     out = tmp_path / "dataset"
     write_training_set(table, meta, out)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.parquet", "train.parquet", "valid.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "test.parquet",
+        "train.parquet",
+        "valid.parquet",
+    ]
     assert json.loads((out / "meta.json").read_text())["feature_set"] == "ctr_v1"
     raw = tmp_path / "raw"
     write_events(events.head(50).assign(surface="email"), raw)

@@ -12,15 +12,21 @@ from pipelines.generate import Preset, generate_events
 TINY = Preset(n_users=40, n_items=15, days=3, events=2_500)
 
 
-def brute_force(events: pd.DataFrame, user: str, item: str, surface: str, t: int) -> dict[str, float]:
+def brute_force(
+    events: pd.DataFrame, user: str, item: str, surface: str, t: int
+) -> dict[str, float]:
     """Reference values straight from the documented semantics, one query at a time."""
     ts = to_ms(events["ts"])
-    click_ts = np.where(events["clicked"].to_numpy() == 1, to_ms(events["click_ts"]), np.iinfo(np.int64).max)
+    click_ts = np.where(
+        events["clicked"].to_numpy() == 1, to_ms(events["click_ts"]), np.iinfo(np.int64).max
+    )
     keys = {
         "user": events["user_id"].to_numpy() == user,
         "item": events["item_id"].to_numpy() == item,
-        "user_surface": (events["user_id"].to_numpy() == user) & (events["surface"].to_numpy() == surface),
-        "item_surface": (events["item_id"].to_numpy() == item) & (events["surface"].to_numpy() == surface),
+        "user_surface": (events["user_id"].to_numpy() == user)
+        & (events["surface"].to_numpy() == surface),
+        "item_surface": (events["item_id"].to_numpy() == item)
+        & (events["surface"].to_numpy() == surface),
     }
     out: dict[str, float] = {}
     for f in CTR_V1.features:
@@ -52,7 +58,9 @@ def test_offline_rows_equal_brute_force_reference() -> None:
     rng = np.random.default_rng(0)
     for i in rng.choice(len(events), 60, replace=False):
         row = events.iloc[i]
-        expected = brute_force(events, row.user_id, row.item_id, row.surface, int(to_ms([row.ts])[0]))
+        expected = brute_force(
+            events, row.user_id, row.item_id, row.surface, int(to_ms([row.ts])[0])
+        )
         for name, value in expected.items():
             assert table.iloc[i][name] == pytest.approx(value, rel=1e-12, abs=1e-12), (i, name)
 
@@ -69,7 +77,8 @@ def test_future_events_never_change_earlier_rows() -> None:
     only_past = point_in_time_features(past)
     with_future = point_in_time_features(events).iloc[: len(past)]
     pd.testing.assert_frame_equal(
-        only_past[CTR_V1.names].reset_index(drop=True), with_future[CTR_V1.names].reset_index(drop=True)
+        only_past[CTR_V1.names].reset_index(drop=True),
+        with_future[CTR_V1.names].reset_index(drop=True),
     )
 
 
@@ -84,7 +93,9 @@ def _one_user_log(times_ms: list[int], clicks: list[int | None]) -> pd.DataFrame
             "surface": ["feed"] * n,
             "device": ["mobile"] * n,
             "clicked": [0 if c is None else 1 for c in clicks],
-            "click_ts": pd.to_datetime([c if c is not None else None for c in clicks], unit="ms", utc=True),
+            "click_ts": pd.to_datetime(
+                [c if c is not None else None for c in clicks], unit="ms", utc=True
+            ),
         }
     )
 
@@ -110,7 +121,9 @@ def test_window_edges_and_ties_are_exclusive() -> None:
 def test_unknown_entities_get_declared_defaults() -> None:
     events = generate_events(TINY, seed=13)
     index = EventIndex(events)
-    row = index.lookup(["nobody"], ["nothing"], ["search"], ["tablet"], np.array([index.as_of_ms])).iloc[0]
+    row = index.lookup(
+        ["nobody"], ["nothing"], ["search"], ["tablet"], np.array([index.as_of_ms])
+    ).iloc[0]
     for f in CTR_V1.features:
         if f.agg != "context":
             assert row[f.name] == f.default, f.name
@@ -120,8 +133,12 @@ def test_unknown_entities_get_declared_defaults() -> None:
 def test_order_of_input_rows_does_not_matter() -> None:
     events = generate_events(TINY, seed=14)
     shuffled = events.sample(frac=1.0, random_state=1)
-    a = EventIndex(events).lookup(events.user_id, events.item_id, events.surface, events.device, to_ms(events.ts))
-    b = EventIndex(shuffled).lookup(events.user_id, events.item_id, events.surface, events.device, to_ms(events.ts))
+    a = EventIndex(events).lookup(
+        events.user_id, events.item_id, events.surface, events.device, to_ms(events.ts)
+    )
+    b = EventIndex(shuffled).lookup(
+        events.user_id, events.item_id, events.surface, events.device, to_ms(events.ts)
+    )
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -132,5 +149,7 @@ def test_online_single_lookup_equals_offline_row() -> None:
     index = EventIndex(events)
     for i in (10, 500, 1500, len(events) - 1):
         row = events.iloc[i]
-        one = index.lookup([row.user_id], [row.item_id], [row.surface], [row.device], to_ms([row.ts]))
+        one = index.lookup(
+            [row.user_id], [row.item_id], [row.surface], [row.device], to_ms([row.ts])
+        )
         assert one.iloc[0].tolist() == table.iloc[i][CTR_V1.names].tolist()

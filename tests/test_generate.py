@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipelines.contracts import RAW_EVENTS, validate
@@ -70,8 +69,11 @@ def test_full_preset_reproduces_data_dvc(tmp_path: Path) -> None:
 
     params = load_params(REPO / "params.yaml")
     events = generate_events(
-        params["generate"]["preset"], params["base"]["seed"], str(params["generate"]["start"]),
-        params["generate"]["scenario"], params["generate"]["scenario_start_day"],
+        params["generate"]["preset"],
+        params["base"]["seed"],
+        str(params["generate"]["start"]),
+        params["generate"]["scenario"],
+        params["generate"]["scenario_start_day"],
     )
     path = write_events(events, tmp_path / "data")
     assert 1_000_000 <= len(events) <= 2_000_000 and PRESETS["full"].days == 14

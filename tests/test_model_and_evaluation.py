@@ -27,7 +27,9 @@ def table() -> pd.DataFrame:
 def test_model_beats_chance_and_card_records_lineage(table: pd.DataFrame, tmp_path: Path) -> None:
     train, valid = table[table.split == "train"], table[table.split == "valid"]
     meta = {"windows": {"train_start": "a", "valid_start": "b", "test_start": "c"}}
-    card = train_stage(train, valid, CTR_V1, TrainParams(max_iter=40), meta, {"raw": "abc"}, tmp_path / "m")
+    card = train_stage(
+        train, valid, CTR_V1, TrainParams(max_iter=40), meta, {"raw": "abc"}, tmp_path / "m"
+    )
     assert card["valid_metrics"]["auc"] > 0.6
     assert card["data_hashes"] == {"raw": "abc"} and card["features"] == CTR_V1.names
     model, baseline, loaded = load_model(tmp_path / "m")
@@ -46,21 +48,30 @@ def test_training_is_deterministic(table: pd.DataFrame, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_iter", 0), ("learning_rate", 0.0), ("learning_rate", 2.0), ("max_leaf_nodes", 1),
-     ("l2_regularization", -1.0)],
+    [
+        ("max_iter", 0),
+        ("learning_rate", 0.0),
+        ("learning_rate", 2.0),
+        ("max_leaf_nodes", 1),
+        ("l2_regularization", -1.0),
+    ],
 )
 def test_invalid_hyperparameters_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"train.{field}"):
         TrainParams(**{field: value})  # type: ignore[arg-type]
 
 
-def test_baseline_shrinks_towards_surface_rate_and_round_trips(table: pd.DataFrame, tmp_path: Path) -> None:
+def test_baseline_shrinks_towards_surface_rate_and_round_trips(
+    table: pd.DataFrame, tmp_path: Path
+) -> None:
     train = table[table.split == "train"]
     baseline = RuleBaseline.fit(train)
     unknown = baseline.predict(["never-seen"], ["search"])[0]
     assert unknown == baseline.surface_ctr["search"]
     test = table[table.split == "test"]
-    auc = roc_auc_score(test["clicked"], baseline.predict(test["item_id"].to_numpy(), test["surface"].to_numpy()))
+    auc = roc_auc_score(
+        test["clicked"], baseline.predict(test["item_id"].to_numpy(), test["surface"].to_numpy())
+    )
     assert auc > 0.55
     baseline.save(tmp_path / "b.json")
     assert RuleBaseline.load(tmp_path / "b.json") == baseline

@@ -24,7 +24,9 @@ def test_notebook_is_thin_stripped_and_parameterized(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     assert nb.metadata["kernelspec"]["name"] == "mlops-notebooks"
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged parameters"
+    assert "parameters" in code[0].metadata.get("tags", []), (
+        "first code cell must be tagged parameters"
+    )
     for node in ast.parse(code[0].source).body:  # literals only
         assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant), ast.dump(node)
     for cell in code:
@@ -40,7 +42,9 @@ def test_notebook_check_command_flags_outputs(tmp_path: Path) -> None:
     nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi")]
     dirty = tmp_path / "dirty.ipynb"
     nbformat.write(nb, dirty)
-    result = run([sys.executable, "-m", "pipelines.cli", "notebooks", "check", str(dirty)], REPO, check=False)
+    result = run(
+        [sys.executable, "-m", "pipelines.cli", "notebooks", "check", str(dirty)], REPO, check=False
+    )
     assert result.returncode == 1 and "carry outputs" in result.stderr
     clean = run([sys.executable, "-m", "pipelines.cli", "notebooks", "check"], REPO)
     assert "have no outputs" in clean.stdout
@@ -51,6 +55,9 @@ def test_notebooks_run_with_their_default_parameters(project_copy: Path) -> None
     """Defaults in each parameters cell run the stage on the small preset."""
     for stage in STAGE_ORDER:
         out = project_copy / "reports" / "defaults" / f"{stage}.ipynb"
-        run([sys.executable, "-m", "pipelines.runner", f"notebooks/{stage}.ipynb", str(out)], project_copy)
+        run(
+            [sys.executable, "-m", "pipelines.runner", f"notebooks/{stage}.ipynb", str(out)],
+            project_copy,
+        )
         assert out.with_suffix(".html").is_file()
     assert (project_copy / "build/bento/ctr_service.bento").is_file()
