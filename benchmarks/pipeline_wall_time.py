@@ -73,7 +73,8 @@ def main() -> None:
         f"# `make run` wall time on a fresh clone\n\n"
         f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}, {m['memory_gib']} GiB), "
         f"Python {m['python']}, commit `{commit[:10]}`, uv download cache "
-        f"{'warm' if uv_cache_warm else 'cold'}.\nReproduce: `python benchmarks/pipeline_wall_time.py`.\n\n"
+        f"{'warm' if uv_cache_warm else 'cold'}.\n"
+        "Reproduce: `python benchmarks/pipeline_wall_time.py`.\n\n"
         f"| phase | seconds |\n|---|---|\n{rows}\n| **total** | **{total:.1f}** |\n"
     )
     print(json.dumps(result, indent=2))
