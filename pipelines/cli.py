@@ -60,7 +60,7 @@ def data_generate(
 @data_app.command("obtain")
 def data_obtain() -> None:
     """Pull data/ from the DVC remote; if the remote is empty, regenerate it and verify data.dvc."""
-    from pipelines.lineage import dvc_file_hash
+    from pipelines.lineage import dvc_dir_md5, dvc_file_hash
 
     root = config.project_root()
     dvc = [sys.executable, "-m", "dvc"]
@@ -77,16 +77,16 @@ def data_obtain() -> None:
     typer.echo("DVC remote has no copy of data/; regenerating it from params.yaml (generate.*)")
     data_generate(None, None, None, None, None)
     expected = dvc_file_hash(root / "data.dvc")
-    status = subprocess.run(
-        [*dvc, "status", "data.dvc", "--json"], cwd=root, capture_output=True, text=True, check=True
-    )
-    if json.loads(status.stdout or "{}") != {}:
+    actual = dvc_dir_md5(root / "data")
+    if actual != expected:
         _fail(
-            f"regenerated data/ does not match data.dvc (md5 {expected}). Either params.yaml "
+            f"regenerated data/ (md5 {actual}) does not match data.dvc (md5 {expected}). "
+            "Either params.yaml "
             "`generate`/`base.seed` changed since data.dvc was written, or the generator changed. "
             "Restore them, or accept the new data with `dvc add data` and commit data.dvc."
         )
-    subprocess.run([*dvc, "commit", "-f", "data.dvc"], cwd=root, capture_output=True)
+    # Verified: record it in the DVC cache and the remote so the next clone can pull.
+    subprocess.run([*dvc, "commit", "-f", "data.dvc"], cwd=root, capture_output=True, check=True)
     subprocess.run([*dvc, "push", "data.dvc"], cwd=root, capture_output=True)
     typer.echo(f"regenerated data/ matches data.dvc (md5 {expected}) and was pushed to the remote")
 

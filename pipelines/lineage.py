@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,22 @@ def dvc_file_hash(dvc_file: Path) -> str | None:
         return None
     outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
     return outs[0].get("md5") if outs else None
+
+
+def dvc_dir_md5(folder: Path) -> str:
+    """The hash DVC records for a folder: md5 of its sorted JSON listing, plus ``.dir``.
+
+    Computed here so a regenerated ``data/`` can be checked against ``data.dvc``
+    before anything is written to the DVC cache (the test suite checks the formula
+    against the hash DVC itself recorded).
+    """
+    entries = [
+        {"md5": md5_file(path), "relpath": path.relative_to(folder).as_posix()}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def dvc_lock_outs(root: Path) -> dict[str, dict[str, str]]:

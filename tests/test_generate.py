@@ -65,6 +65,7 @@ def test_full_preset_reproduces_data_dvc(tmp_path: Path) -> None:
     import yaml
 
     from pipelines.config import load_params
+    from pipelines.lineage import dvc_dir_md5
     from tests.conftest import REPO
 
     params = load_params(REPO / "params.yaml")
@@ -79,10 +80,4 @@ def test_full_preset_reproduces_data_dvc(tmp_path: Path) -> None:
     assert 1_000_000 <= len(events) <= 2_000_000 and PRESETS["full"].days == 14
     recorded = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
     assert recorded["size"] == path.stat().st_size
-    # data.dvc holds the folder hash; the file's md5 is what it lists inside.
-    import hashlib
-    import json
-
-    listing = [{"md5": md5_file(path), "relpath": "events.parquet"}]
-    dir_md5 = hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    assert recorded["md5"] == f"{dir_md5}.dir"
+    assert dvc_dir_md5(path.parent) == recorded["md5"]
