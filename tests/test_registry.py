@@ -346,6 +346,25 @@ def test_release_flow_register_promote_rollback_history_lineage(
     positions = [text.index(f"  {label}") for label in labels]
     assert positions == sorted(positions) and "all passed" in text
     assert text.splitlines()[0].startswith("ctr-model v1.0.0")
+    # DVC's own artifact client reads the same GTO tags: prod is v1.0.0's model again
+    got = root.parent / "prod-model"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "artifacts",
+            "get",
+            ".",
+            ART,
+            "--stage",
+            "prod",
+            "-o",
+            str(got),
+        ],
+        root,
+    )
+    assert md5_file(got / "model.joblib") == record["model"]["model_file_md5"]
     # the module entry point (what the `mlops` console script runs) sees the same registry
     shown = run([sys.executable, "-m", "pipelines.cli", "status", "--json"], root).stdout
     assert json.loads(shown)["stages"]["prod"]["version"] == "v1.0.0"
