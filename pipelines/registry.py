@@ -501,18 +501,23 @@ class Registry:
         self._push_and_verify(bento, model_md5_value)
 
         _git(self.root, "add", "--", rel_json, rel_md)
-        _git(
-            self.root,
-            "commit",
-            "-q",
-            "-m",
-            f"Gate report: {self.artifact} {version} passed {len(report.results)} gates",
-            "-m",
-            f"Registered as {self.artifact}@{version} (model {model_path} md5 {model_md5_value}).",
-            "--",
-            rel_json,
-            rel_md,
-        )
+        try:
+            _git(
+                self.root,
+                "commit",
+                "-q",
+                "-m",
+                f"Gate report: {self.artifact} {version} passed {len(report.results)} gates",
+                "-m",
+                f"Registered as {self.artifact}@{version} (model {model_path} md5 "
+                f"{model_md5_value}).",
+                "--",
+                rel_json,
+                rel_md,
+            )
+        except RegistryError as exc:  # e.g. a commit hook refused: unstage, keep the files
+            _git(self.root, "reset", "-q", "--", rel_json, rel_md, check=False)
+            raise RegistryError(f"{exc}. Registry unchanged.") from exc
         commit = _git(self.root, "rev-parse", "HEAD")
         fields = {
             "action": "register",
