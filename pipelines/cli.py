@@ -160,5 +160,11 @@ def features_catalog(
         typer.echo(text)
 
 
+# Model registry commands (register, promote, rollback, status, history, lineage).
+from pipelines.registry_cli import add_commands as _add_registry_commands  # noqa: E402
+
+_add_registry_commands(app)
+
+
 if __name__ == "__main__":
     app()
