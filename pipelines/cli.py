@@ -139,8 +139,10 @@ def notebooks_git_setup() -> None:
         done = configure(config.project_root())
     except GitSetupError as exc:
         _fail(str(exc))
-    typer.echo(f"git configured for notebooks in {done.git_dir}: nbstripout filter, nbdime diff "
-               "and merge drivers (see .gitattributes)")
+    typer.echo(
+        f"git configured for notebooks in {done.git_dir}: nbstripout filter, nbdime diff "
+        "and merge drivers (see .gitattributes)"
+    )
 
 
 @features_app.command("catalog")
@@ -167,8 +169,10 @@ def review(
     ] = None,
     details_url: Annotated[
         str | None,
-        typer.Option(help="Where the HTML report is published (e.g. the CI run's artifacts); "
-                     "linked from review.md."),
+        typer.Option(
+            help="Where the HTML report is published (e.g. the CI run's artifacts); "
+            "linked from review.md."
+        ),
     ] = None,
 ) -> None:
     """Review report of the working tree against BASE: params, metrics, plots, hashes, notebooks.
@@ -182,12 +186,17 @@ def review(
     except (ReviewError, config.ConfigError) as exc:
         _fail(str(exc))
     if result.stale:
-        typer.secho("warning: pipeline outputs are stale (run `dvc repro`): "
-                    + ", ".join(result.stale), fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"review of the working tree against {base} ({result.base_commit[:8]}): "
-               f"{len(result.params)} params, {len(result.changed_metrics)} metrics, "
-               f"{len(result.changed_hashes)} DVC outputs, {len(result.notebooks)} notebooks "
-               "changed")
+        typer.secho(
+            "warning: pipeline outputs are stale (run `dvc repro`): " + ", ".join(result.stale),
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"review of the working tree against {base} ({result.base_commit[:8]}): "
+        f"{len(result.params)} params, {len(result.changed_metrics)} metrics, "
+        f"{len(result.changed_hashes)} DVC outputs, {len(result.notebooks)} notebooks "
+        "changed"
+    )
     typer.echo(f"markdown (PR comment): {md}\nHTML report: {page}")
 
 

@@ -263,7 +263,7 @@ def _markdown(r: Review, details_url: str | None, html_rel: str, max_diff_lines:
         "### Plots",
         "",
         (
-            f"{len(drawn)} plot(s) compared ({', '.join(dict.fromkeys(drawn))}); "
+            f"{_n(len(drawn), 'plot')} compared ({', '.join(dict.fromkeys(drawn))}); "
             f"they are drawn in the HTML report."
         )
         if drawn

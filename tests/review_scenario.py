@@ -2,7 +2,7 @@
 
 ``make_change`` turns a project copy (on ``main``, pipeline run and committed)
 into a pull-request branch: a higher learning rate, a note about it in the train
-notebook, and ``dvc repro`` of the stages downstream of ``train``.
+notebook, and ``dvc repro`` of the stages downstream of ``train``, committed.
 
 Run as a script it rebuilds the sample report in docs/review.md from scratch
 (small preset, about three minutes on two cores)::
@@ -28,7 +28,7 @@ SAMPLE_END = "<!-- review-sample:end -->"
 
 
 def make_change(root: Path) -> None:
-    """Branch, change ``train.learning_rate`` and the train notebook, reproduce the pipeline."""
+    """Branch, change ``train.learning_rate`` and the train notebook, reproduce, commit."""
     run(["git", "switch", "-q", "-c", BRANCH], root)
     set_param(root, "train.learning_rate", 0.2)
     path = root / "notebooks" / "train.ipynb"
@@ -38,6 +38,8 @@ def make_change(root: Path) -> None:
     nb.cells.insert(1, cell)
     nbformat.write(nb, path)
     run([sys.executable, "-m", "dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "Raise the learning rate to 0.2"], root)
 
 
 def review(root: Path, *args: str) -> str:
