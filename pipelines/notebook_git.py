@@ -8,9 +8,9 @@ the result independent of the shell's ``PATH``:
 * the attributes go into the committed ``.gitattributes`` (not
   ``.git/info/attributes``, which outranks it and would let nbstripout's
   ``diff=ipynb`` shadow nbdime's ``diff=jupyternotebook``);
-* the diff and merge drivers call this environment's Python by absolute path,
-  as nbstripout's filter already does, so ``git diff`` works in a shell where
-  ``.venv`` is not activated.
+* nbdime's drivers and difftool/mergetool commands call this environment's
+  Python by absolute path, as nbstripout's filter already does, so ``git diff``
+  works in a shell where ``.venv`` is not activated.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def configure(root: Path) -> GitNotebookSetup:
     # once done, since each costs a Python start-up.
     if not _git(root, "config", "--get", "filter.nbstripout.smudge", check=False):
         _tool(root, "nbstripout", "--install", "--attributes", ATTRIBUTES)
-    if not _git(root, "config", "--get", "difftool.nbdime.cmd", check=False):
+    if not _git(root, "config", "--get", "merge.jupyternotebook.name", check=False):
         _tool(root, "nbdime", "config-git", "--enable")
     python = shlex.quote(sys.executable)
     # --keep-id: nbstripout otherwise renumbers cell ids 0, 1, 2, ..., so inserting one
@@ -85,6 +85,19 @@ def configure(root: Path) -> GitNotebookSetup:
     _git(root, "config", "filter.nbstripout.clean", filter_clean)
     _git(root, "config", "diff.jupyternotebook.command", diff_command)
     _git(root, "config", "merge.jupyternotebook.driver", merge_driver)
+    # `git difftool/mergetool --tool=nbdime` (nbdime's side-by-side web view), same reason.
+    _git(
+        root,
+        "config",
+        "difftool.nbdime.cmd",
+        f'{python} -m nbdime.vcs.git.difftool diff "$LOCAL" "$REMOTE" "$BASE"',
+    )
+    _git(
+        root,
+        "config",
+        "mergetool.nbdime.cmd",
+        f'{python} -m nbdime.vcs.git.mergetool merge "$BASE" "$LOCAL" "$REMOTE" "$MERGED"',
+    )
     return GitNotebookSetup(
         git_dir=Path(_git(root, "rev-parse", "--absolute-git-dir")),
         filter_clean=filter_clean,

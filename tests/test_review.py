@@ -87,6 +87,7 @@ def test_git_setup_strips_outputs_on_commit_and_diffs_with_nbdime(
     assert "--keep-id" in run(["git", "config", "filter.nbstripout.clean"], repo).stdout
     driver = run(["git", "config", "diff.jupyternotebook.command"], repo).stdout
     assert sys.executable in driver  # works without .venv/bin on PATH
+    assert sys.executable in run(["git", "config", "difftool.nbdime.cmd"], repo).stdout
 
     # Commit a notebook that carries outputs: the filter strips them and keeps the cell ids.
     source = nbformat.read(REPO / "notebooks/train.ipynb", as_version=4)
