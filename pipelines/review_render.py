@@ -77,7 +77,7 @@ def _size(entry: dict[str, Any] | None) -> str:
             text = f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
             break
         size /= 1000
-    return text + (f", {entry['nfiles']} files" if entry.get("nfiles") else "")
+    return text + (f", {_n(int(entry['nfiles']), 'file')}" if entry.get("nfiles") else "")
 
 
 def _headline(r: Review) -> list[str]:
