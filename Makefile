@@ -14,12 +14,12 @@ export WHYLOGS_NO_ANALYTICS := True
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::UserWarning:papermill.iorw
 
-.PHONY: help setup data run test check lock clean
+.PHONY: help setup data run test check lock clean review
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.setup-done ## create .venv from requirements.lock, install the package and the Jupyter kernel
+setup: $(VENV)/.setup-done $(VENV)/.git-notebooks-done ## create .venv from requirements.lock, install the package, the Jupyter kernel and the notebook git drivers
 
 $(VENV)/.setup-done: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (see README)"; exit 1; }
@@ -28,7 +28,6 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml
 	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/nbstripout --install; fi
 	@touch $@
 	@echo "setup done: .venv (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())')), kernel $(KERNEL)"
 
@@ -53,6 +52,16 @@ check: setup ## ruff (format + lint), mypy on pipelines/, notebooks carry no out
 
 lock: ## re-resolve requirements.lock from pyproject.toml (every dependency pinned, with hashes)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+
+# Repo-local git config for notebooks: nbstripout strips outputs on commit, nbdime diffs and
+# merges them (the attributes are in .gitattributes). Re-run when .gitattributes changes.
+$(VENV)/.git-notebooks-done: $(VENV)/.setup-done .gitattributes
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/mlops notebooks git-setup; fi
+	@touch $@
+
+BASE ?= main
+review: setup ## review report of the working tree vs BASE (default main): reports/review/review.{md,html}
+	$(BIN)/mlops review --base $(BASE)
 
 clean: ## remove the virtual environment and local BentoML store (data and DVC cache stay)
 	rm -rf $(VENV) .bentoml

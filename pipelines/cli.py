@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -145,6 +146,21 @@ def notebooks_check(paths: list[Path] | None = typer.Argument(None)) -> None:
     typer.echo(f"{len(files)} source notebook(s) have no outputs")
 
 
+@notebooks_app.command("git-setup")
+def notebooks_git_setup() -> None:
+    """Configure this repo's git: nbstripout strips outputs on commit, nbdime diffs and merges."""
+    from pipelines.notebook_git import GitSetupError, configure
+
+    try:
+        done = configure(config.project_root())
+    except GitSetupError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"git configured for notebooks in {done.git_dir}: nbstripout filter, nbdime diff "
+        "and merge drivers (see .gitattributes)"
+    )
+
+
 @features_app.command("catalog")
 def features_catalog(
     out: Path = typer.Option(None, help="Write markdown here instead of stdout."),
@@ -158,6 +174,48 @@ def features_catalog(
         typer.echo(f"wrote {out}")
     else:
         typer.echo(text)
+
+
+@app.command("review")
+def review(
+    base: Annotated[str, typer.Option(help="Git revision to compare the working tree with.")] = (
+        "main"
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for review.md and review.html (default: review.out_dir)."),
+    ] = None,
+    details_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the HTML report is published (e.g. the CI run's artifacts); "
+            "linked from review.md."
+        ),
+    ] = None,
+) -> None:
+    """Review report of the working tree against BASE: params, metrics, plots, hashes, notebooks.
+
+    Writes review.md (a pull-request comment) and review.html (self-contained page).
+    """
+    from pipelines.review import ReviewError, write_review
+
+    try:
+        md, page, result = write_review(config.project_root(), base, out, details_url)
+    except (ReviewError, config.ConfigError) as exc:
+        _fail(str(exc))
+    if result.stale:
+        typer.secho(
+            "warning: pipeline outputs are stale (run `dvc repro`): " + ", ".join(result.stale),
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"review of the working tree against {base} ({result.base_commit[:8]}): "
+        f"{len(result.params)} params, {len(result.changed_metrics)} metrics, "
+        f"{len(result.changed_hashes)} DVC outputs, {len(result.notebooks)} notebooks "
+        "changed"
+    )
+    typer.echo(f"markdown (PR comment): {md}\nHTML report: {page}")
 
 
 # Model registry commands (register, promote, rollback, status, history, lineage).

@@ -75,7 +75,15 @@ def register(
     reg = _registry()
     if dry_run:
         report = _guard(lambda: reg.check_gates(version, bump))
-        typer.echo(f"gates for {report.artifact} {report.version} (dry run, nothing written):")
+        # The dry-run report is what `mlops review` shows as the gate verdicts of a change.
+        folder = reg.root / reg.settings.gate_reports_dir
+        written = report.write(folder)
+        for path in written:
+            path.replace(folder / f"dry-run{path.suffix}")
+        typer.echo(
+            f"gates for {report.artifact} {report.version} (dry run, registry unchanged; "
+            f"report: {reg.settings.gate_reports_dir}/dry-run.json):"
+        )
         typer.echo("\n".join(_gate_lines(report)))
         if not report.passed:
             raise typer.Exit(1)

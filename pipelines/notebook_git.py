@@ -1,0 +1,106 @@
+"""Git set-up for notebooks: nbstripout strips outputs on commit, nbdime diffs and merges them.
+
+Source notebooks are committed without outputs (the executed copies are stage
+outputs under ``reports/``), and a raw ``.ipynb`` diff is JSON noise. Both tools
+ship their own installers; this module runs them for one repository and makes
+the result independent of the shell's ``PATH``:
+
+* the attributes go into the committed ``.gitattributes`` (not
+  ``.git/info/attributes``, which outranks it and would let nbstripout's
+  ``diff=ipynb`` shadow nbdime's ``diff=jupyternotebook``);
+* nbdime's drivers and difftool/mergetool commands call this environment's
+  Python by absolute path, as nbstripout's filter already does, so ``git diff``
+  works in a shell where ``.venv`` is not activated.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ATTRIBUTES = ".gitattributes"
+
+
+class GitSetupError(RuntimeError):
+    """The repository could not be configured; the message says what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class GitNotebookSetup:
+    """What :func:`configure` left in place (for the command's summary line)."""
+
+    git_dir: Path
+    filter_clean: str
+    diff_command: str
+    merge_driver: str
+
+
+def _git(root: Path, *args: str, check: bool = True) -> str:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise GitSetupError(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _tool(root: Path, *args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise GitSetupError(
+            f"`python -m {' '.join(args)}` failed in {root}: "
+            f"{(result.stderr or result.stdout).strip()}; is the dev environment installed "
+            "(`make setup`)?"
+        )
+
+
+def configure(root: Path) -> GitNotebookSetup:
+    """Install nbstripout's filter and nbdime's diff/merge drivers for the repository at ``root``.
+
+    Idempotent: running it again changes nothing. Only the repository's own git
+    config and its ``.gitattributes`` are touched, never the user's global config.
+    """
+    if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != "true":
+        raise GitSetupError(f"{root} is not inside a git work tree; run `git init` first")
+    root = Path(_git(root, "rev-parse", "--show-toplevel"))
+    # An earlier `nbstripout --install` (its default) wrote .git/info/attributes, whose
+    # `*.ipynb diff=ipynb` outranks .gitattributes; move the filter to .gitattributes.
+    info_attrs = root / _git(root, "rev-parse", "--git-path", "info/attributes")
+    if info_attrs.is_file() and "filter=nbstripout" in info_attrs.read_text():
+        _tool(root, "nbstripout", "--uninstall")
+    # The tools' own installers write their git config (and leave the committed
+    # .gitattributes alone, which already names their filter and drivers); skipped
+    # once done, since each costs a Python start-up.
+    if not _git(root, "config", "--get", "filter.nbstripout.smudge", check=False):
+        _tool(root, "nbstripout", "--install", "--attributes", ATTRIBUTES)
+    if not _git(root, "config", "--get", "merge.jupyternotebook.name", check=False):
+        _tool(root, "nbdime", "config-git", "--enable")
+    python = shlex.quote(sys.executable)
+    # --keep-id: nbstripout otherwise renumbers cell ids 0, 1, 2, ..., so inserting one
+    # cell would show every later cell's id as changed in nbdime's diff.
+    filter_clean = f"{python} -m nbstripout --keep-id"
+    diff_command = f"{python} -m nbdime.vcs.git.diffdriver diff"
+    merge_driver = f"{python} -m nbdime.vcs.git.mergedriver merge %O %A %B %L %P"
+    _git(root, "config", "filter.nbstripout.clean", filter_clean)
+    _git(root, "config", "diff.jupyternotebook.command", diff_command)
+    _git(root, "config", "merge.jupyternotebook.driver", merge_driver)
+    # `git difftool/mergetool --tool=nbdime` (nbdime's side-by-side web view), same reason.
+    _git(
+        root,
+        "config",
+        "difftool.nbdime.cmd",
+        f'{python} -m nbdime.vcs.git.difftool diff "$LOCAL" "$REMOTE" "$BASE"',
+    )
+    _git(
+        root,
+        "config",
+        "mergetool.nbdime.cmd",
+        f'{python} -m nbdime.vcs.git.mergetool merge "$BASE" "$LOCAL" "$REMOTE" "$MERGED"',
+    )
+    return GitNotebookSetup(
+        git_dir=Path(_git(root, "rev-parse", "--absolute-git-dir")),
+        filter_clean=filter_clean,
+        diff_command=diff_command,
+        merge_driver=merge_driver,
+    )
