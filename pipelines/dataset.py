@@ -80,16 +80,17 @@ def split_boundaries(ts: pd.Series, policy: SplitPolicy) -> dict[str, pd.Timesta
 
 
 def build_training_set(
-    events: pd.DataFrame, feature_set: FeatureSet, policy: SplitPolicy
+    events: pd.DataFrame, feature_set: FeatureSet, policy: SplitPolicy, engine: str = "numpy"
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Point-in-time features for every impression, labelled and split by time.
 
     Each row's features use only events strictly before its own timestamp (see
     ``pipelines.features``). Rows in the warm-up window are dropped because their
     history is still filling; the rest are assigned to train/valid/test by time.
+    ``engine`` (``features.engine``) picks the offline engine; both give identical rows.
     """
     bounds = split_boundaries(events["ts"], policy)
-    table = point_in_time_features(events, feature_set)
+    table = point_in_time_features(events, feature_set, engine=engine)
     validate(feature_table_schema(feature_set), table, "the point-in-time feature table")
     ts = table["ts"]
     split = pd.Series("train", index=table.index, dtype="str")
@@ -102,6 +103,8 @@ def build_training_set(
     rates = table.groupby("split")["clicked"].mean()
     meta = {
         "feature_set": feature_set.name,
+        "feature_set_fingerprint": feature_set.fingerprint,
+        "feature_engine": engine,
         "features": feature_set.names,
         "rows": {s: int(counts.get(s, 0)) for s in ("train", "valid", "test")},
         "click_rate": {

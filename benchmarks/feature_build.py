@@ -1,0 +1,433 @@
+"""Offline point-in-time build: DuckDB and numpy engines vs a hand-written query and pandas.
+
+Every implementation runs in its own subprocess (clean peak memory: ru_maxrss of
+the child) on the same parquet inputs, writes its feature table, and the parent
+checks all outputs equal before recording anything. Sizes:
+
+* ``full``: the full sample preset (~1.5M events), one label row per impression
+  (exactly what the build_dataset stage computes): decides ``features.engine``;
+* ``1m``: ~1M events x 100k label rows;
+* ``10m``: ~10M events x 1M label rows (generated in 2M-event chunks; the exact
+  counts vary by a few hundred because the generator draws its size).
+
+Feature sets: ``user_windows`` (user impressions in 1h/24h/7d: the issue's
+reference, with a hand-written DuckDB range join) and ``ctr_v1`` (all 18).
+
+Run: ``python benchmarks/feature_build.py --sizes full 1m 10m`` (results go to
+``benchmarks/results/feature_build.{json,md}``; inputs are cached in
+``benchmarks/data/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DATA = Path(__file__).resolve().parent / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES: dict[str, tuple[int, int]] = {
+    "full": (0, 0),
+    "1m": (1_000_000, 100_000),
+    "10m": (10_000_000, 1_000_000),
+}
+STRING_COLUMNS = ["user_id", "item_id", "surface", "device"]
+
+
+def feature_sets() -> dict[str, Any]:
+    from pipelines.features import CTR_V1, FeatureSet
+
+    user_windows = FeatureSet(
+        name="user_windows",
+        features=tuple(CTR_V1[n] for n in ("user_impr_1h", "user_impr_24h", "user_impr_7d")),
+        categorical=(),
+    )
+    return {"user_windows": user_windows, "ctr_v1": CTR_V1}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_inputs(size: str) -> tuple[Path, Path]:
+    """Events and labels parquet files for a size (generated once, cached)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.generate import Preset, generate_events
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    events_path, labels_path = DATA / f"events_{size}.parquet", DATA / f"labels_{size}.parquet"
+    if events_path.exists() and labels_path.exists():
+        return events_path, labels_path
+    if size == "full":
+        src = ROOT / "data" / "events.parquet"
+        if not src.exists():
+            raise SystemExit("data/events.parquet is missing: run `make data` first")
+        table = pq.read_table(src)
+        pq.write_table(table, events_path)
+        pq.write_table(table.select([*STRING_COLUMNS, "ts"]), labels_path)
+        return events_path, labels_path
+    n_events, n_labels = SIZES[size]
+    # Chunks of 2M keep the generator's memory low; users/items span all chunks.
+    chunk = min(n_events, 2_000_000)
+    writer = None
+    tmp = events_path.with_suffix(".tmp")
+    for k in range(n_events // chunk):
+        preset = Preset(
+            n_users=max(30_000, n_events // 50),
+            n_items=max(4_000, n_events // 500),
+            days=28,
+            events=chunk,
+        )
+        frame = generate_events(preset, seed=100 + k)
+        frame["event_id"] = f"c{k}-" + frame["event_id"]
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+        print(f"  generated chunk {k + 1}/{n_events // chunk}", flush=True)
+    assert writer is not None
+    writer.close()
+    tmp.rename(events_path)
+    events = pq.read_table(events_path, columns=[*STRING_COLUMNS, "ts"])
+    rng = np.random.default_rng(7)
+    pick = np.sort(rng.choice(events.num_rows, size=n_labels, replace=False))
+    pq.write_table(events.take(pick), labels_path)
+    return events_path, labels_path
+
+
+def read_inputs(events_path: Path, labels_path: Path) -> tuple[Any, Any]:
+    import pyarrow.parquet as pq
+
+    cols = [*STRING_COLUMNS, "ts", "clicked", "click_ts"]
+    events = pq.read_table(events_path, columns=cols, read_dictionary=STRING_COLUMNS)
+    labels = pq.read_table(labels_path, read_dictionary=STRING_COLUMNS)
+    return events, labels
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def run_engine(engine: str, events: Any, labels: Any, fs: Any) -> Any:
+    from pipelines.offline import build_point_in_time
+
+    return build_point_in_time(events, labels, fs, engine=engine)
+
+
+def run_handwritten_duckdb(events: Any, labels: Any, fs: Any) -> Any:
+    """The query one would write by hand: a range join over the last 7 days, filtered counts."""
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    if fs.name != "user_windows":
+        raise NotImplementedError("hand-written query only for user_windows")
+    lab = labels.append_column("rid", pa.array(np.arange(labels.num_rows)))
+    con = duckdb.connect(config={"threads": os.cpu_count() or 1})
+    con.register("events", events)
+    con.register("labels", lab)
+    result = con.sql(
+        """
+        SELECT l.rid,
+          count(e.ts) FILTER (WHERE e.ts > l.ts - INTERVAL 1 HOUR) AS user_impr_1h,
+          count(e.ts) FILTER (WHERE e.ts > l.ts - INTERVAL 24 HOUR) AS user_impr_24h,
+          count(e.ts) AS user_impr_7d
+        FROM labels l LEFT JOIN events e
+          ON e.user_id = l.user_id AND e.ts < l.ts AND e.ts > l.ts - INTERVAL 7 DAY
+        GROUP BY l.rid
+        """
+    ).to_arrow_table()
+    frame = result.to_pandas().sort_values("rid")
+    return pd.DataFrame({n: frame[n].to_numpy(np.float64) for n in fs.names})
+
+
+def run_pandas(events: Any, labels: Any, fs: Any) -> Any:
+    """Straightforward pandas: per entity, cumulative counts + merge_asof at t and t - w."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.features import CONTEXT, ENTITY_KEYS, to_ms
+
+    ev = events.to_pandas()
+    lab = labels.to_pandas()
+    lab["t"] = to_ms(lab["ts"])
+    lab["rid"] = np.arange(len(lab))
+    ev["t"] = to_ms(ev["ts"])
+    clicked = ev["clicked"].to_numpy() == 1
+    out = pd.DataFrame(index=lab.index)
+    cache: dict[tuple[str, ...], pd.DataFrame] = {}
+
+    def key_frame(frame: pd.DataFrame, entity: str) -> pd.Series:
+        cols = ENTITY_KEYS[entity]
+        key = frame[cols[0]].astype(str)
+        for c in cols[1:]:
+            key = key + "|" + frame[c].astype(str)
+        return key
+
+    def stats(entity: str, source: str, window: int | None) -> pd.DataFrame:
+        """Per label: events before t (n), events <= t - w (n_old), latest event time."""
+        ck = (entity, source, str(window))
+        if ck in cache:
+            return cache[ck]
+        if source == "impressions":
+            src = pd.DataFrame({"key": key_frame(ev, entity), "e_t": ev["t"]})
+        else:
+            src = pd.DataFrame(
+                {"key": key_frame(ev[clicked], entity), "e_t": to_ms(ev.loc[clicked, "click_ts"])}
+            )
+        src = src.sort_values(["e_t"], kind="stable")
+        src["cum"] = src.groupby("key").cumcount() + 1
+        q = pd.DataFrame({"key": key_frame(lab, entity), "t": lab["t"], "rid": lab["rid"]})
+        q = q.sort_values("t", kind="stable")
+        before = pd.merge_asof(
+            q, src, left_on="t", right_on="e_t", by="key", allow_exact_matches=False
+        )
+        res = pd.DataFrame(
+            {"n": before["cum"].fillna(0).to_numpy(), "last": before["e_t"].to_numpy()},
+            index=before["rid"].to_numpy(),
+        )
+        if window is not None:
+            q2 = q.assign(t=q["t"] - window)
+            old = pd.merge_asof(
+                q2, src, left_on="t", right_on="e_t", by="key", allow_exact_matches=True
+            )
+            res["n"] = res["n"] - pd.Series(
+                old["cum"].fillna(0).to_numpy(), index=old["rid"].to_numpy()
+            )
+        res = res.sort_index()
+        cache[ck] = res
+        return res
+
+    for f in fs.features:
+        if f.agg == "context":
+            out[f.name] = CONTEXT[f.name][1](
+                lab["surface"].astype(str).to_numpy(),
+                lab["device"].astype(str).to_numpy(),
+                lab["t"],
+            )
+            continue
+        s = {src: stats(f.entity, src, f.window_ms) for src in f.sources}
+        empty = np.logical_and.reduce([s[src]["n"].to_numpy() == 0 for src in f.sources])
+        if f.agg == "count":
+            value = s[f.sources[0]]["n"].to_numpy(np.float64)
+        elif f.agg == "ctr":
+            value = (s["clicks"]["n"].to_numpy() + fs.prior_strength * fs.prior_ctr) / (
+                s["impressions"]["n"].to_numpy() + fs.prior_strength
+            )
+        else:
+            value = (lab["t"].to_numpy() - s[f.sources[0]]["last"].to_numpy()) / 1000.0
+        if f.ttl_ms is not None:
+            last = np.fmax.reduce([s[src]["last"].to_numpy(np.float64) for src in f.sources])
+            empty |= np.isnan(last) | (lab["t"].to_numpy() - last >= f.ttl_ms)
+        out[f.name] = np.where(empty, float(f.default), value)
+    return pd.DataFrame({f.name: out[f.name].to_numpy().astype(f.dtype) for f in fs.features})
+
+
+IMPLEMENTATIONS = {
+    "duckdb_engine": lambda e, lab, fs: run_engine("duckdb", e, lab, fs),
+    "numpy_engine": lambda e, lab, fs: run_engine("numpy", e, lab, fs),
+    "handwritten_duckdb": run_handwritten_duckdb,
+    "pandas": run_pandas,
+}
+
+
+def child(impl: str, events_path: Path, labels_path: Path, set_name: str, out: Path) -> None:
+    """Run one implementation; print wall times and peak memory as JSON."""
+    start = time.perf_counter()
+    events, labels = read_inputs(events_path, labels_path)
+    loaded = time.perf_counter()
+    table = IMPLEMENTATIONS[impl](events, labels, feature_sets()[set_name])
+    done = time.perf_counter()
+    table.to_parquet(out, index=False)
+    # VmHWM is this process's own high-water mark; ru_maxrss would carry the parent's
+    # peak across fork + exec on Linux.
+    peak_kib = next(
+        int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")
+    )
+    print(
+        json.dumps(
+            {
+                "load_s": round(loaded - start, 2),
+                "build_s": round(done - loaded, 2),
+                "total_s": round(done - start, 2),
+                "peak_mib": round(peak_kib / 1024),
+            }
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["full", "1m", "10m"], choices=list(SIZES))
+    parser.add_argument("--sets", nargs="+", default=["user_windows", "ctr_v1"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS))
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--child", nargs=5, metavar=("IMPL", "EVENTS", "LABELS", "SET", "OUT"))
+    args = parser.parse_args()
+    if args.child:
+        impl, ev, lab, set_name, out = args.child
+        child(impl, Path(ev), Path(lab), set_name, Path(out))
+        return
+
+    import numpy as np
+    import pandas as pd
+    from _machine import machine
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / "feature_build.json"
+    previous = json.loads(target.read_text()) if target.exists() else {}
+    runs: list[dict[str, Any]] = [
+        r for r in previous.get("runs", []) if r["size"] not in args.sizes
+    ]
+    for size in args.sizes:
+        print(f"== size {size}: preparing inputs", flush=True)
+        events_path, labels_path = make_inputs(size)
+        import pyarrow.parquet as pq
+
+        n_events = pq.ParquetFile(events_path).metadata.num_rows
+        n_labels = pq.ParquetFile(labels_path).metadata.num_rows
+        for set_name in args.sets:
+            outputs: dict[str, Path] = {}
+            for impl in args.impls:
+                if impl == "handwritten_duckdb" and set_name != "user_windows":
+                    continue
+                if size == "full" and impl not in ("duckdb_engine", "numpy_engine"):
+                    continue
+                out = DATA / f"out_{size}_{set_name}_{impl}.parquet"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    impl,
+                    str(events_path),
+                    str(labels_path),
+                    set_name,
+                    str(out),
+                ]
+                env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+                print(f"  {set_name} / {impl} ...", end=" ", flush=True)
+                try:
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, env=env, timeout=args.timeout
+                    )
+                except subprocess.TimeoutExpired:
+                    print("timeout", flush=True)
+                    runs.append(
+                        {
+                            "size": size,
+                            "events": n_events,
+                            "labels": n_labels,
+                            "features": set_name,
+                            "impl": impl,
+                            "status": "timeout",
+                            "timeout_s": args.timeout,
+                        }
+                    )
+                    continue
+                if proc.returncode != 0:
+                    print("failed", flush=True)
+                    runs.append(
+                        {
+                            "size": size,
+                            "events": n_events,
+                            "labels": n_labels,
+                            "features": set_name,
+                            "impl": impl,
+                            "status": "failed",
+                            "error": proc.stderr[-2000:],
+                        }
+                    )
+                    continue
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(result, flush=True)
+                outputs[impl] = out
+                runs.append(
+                    {
+                        "size": size,
+                        "events": n_events,
+                        "labels": n_labels,
+                        "features": set_name,
+                        "impl": impl,
+                        "status": "ok",
+                        **result,
+                    }
+                )
+            # All outputs must be identical before any number counts.
+            frames = {k: pd.read_parquet(v) for k, v in outputs.items()}
+            ref_name = "numpy_engine" if "numpy_engine" in frames else next(iter(frames), None)
+            for name, frame in frames.items():
+                ref = frames[ref_name]
+                equal = all(np.array_equal(frame[c].to_numpy(), ref[c].to_numpy()) for c in ref)
+                for r in runs:
+                    if (r["size"], r["features"], r["impl"]) == (size, set_name, name):
+                        r["equal_to_numpy_engine"] = bool(equal)
+                if not equal:
+                    print(f"  !! {name} differs from {ref_name}", flush=True)
+    report = {
+        "machine": machine(),
+        "command": "python benchmarks/feature_build.py " + " ".join(sys.argv[1:]),
+        "runs": runs,
+    }
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "feature_build.md").write_text(markdown(report))
+    print(f"wrote {target} and {RESULTS / 'feature_build.md'}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Offline point-in-time build",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}; "
+        f"date {m['date']}. Command: `{report['command']}`. Each implementation runs in its own "
+        "process on the same parquet inputs; wall time is the build after loading the inputs, "
+        "peak memory is the process's high-water RSS (VmHWM); every output was checked "
+        "equal to the numpy engine's (column `equal`).",
+        "",
+        "| size | events | labels | features | implementation | build s | load s | peak MiB "
+        "| vs hand-written | equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = report["runs"]
+    for r in runs:
+        if r["status"] != "ok":
+            lines.append(
+                f"| {r['size']} | {r['events']:,} | {r['labels']:,} | {r['features']} | "
+                f"{r['impl']} | {r['status']} | | | | |"
+            )
+            continue
+        hand = next(
+            (
+                x
+                for x in runs
+                if x["size"] == r["size"]
+                and x["features"] == r["features"]
+                and x["impl"] == "handwritten_duckdb"
+                and x["status"] == "ok"
+            ),
+            None,
+        )
+        ratio = f"{r['build_s'] / hand['build_s']:.2f}x" if hand else "-"
+        lines.append(
+            f"| {r['size']} | {r['events']:,} | {r['labels']:,} | {r['features']} | {r['impl']} | "
+            f"{r['build_s']:.1f} | {r['load_s']:.1f} | {r['peak_mib']:,} | {ratio} | "
+            f"{r.get('equal_to_numpy_engine', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

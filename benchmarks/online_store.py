@@ -1,0 +1,233 @@
+"""Online store: ingest throughput, lookup latency and event-to-visible freshness.
+
+For the SQLite backend (a file) and the Redis backend (a real ``redis-server``
+started on a free loopback port and stopped afterwards):
+
+* ingest: the full sample preset replayed as its arrival stream (impressions at
+  ``ts``, click re-sends at ``click_ts``) in batches, events/s;
+* lookup: single-request ``lookup`` latency, p50/p99 over random request keys,
+  in one process (after ``gc.freeze()``, as the service does);
+* freshness: a reader (its own connection, another thread) polls a lookup while
+  the writer ingests a batch holding a brand-new event; the time from the
+  ingest call to the first lookup that shows the event, p50/p99/max.
+
+Run: ``python benchmarks/online_store.py`` (results go to
+``benchmarks/results/online_store.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import redis
+
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def bench_backend(url: str, stream: Any, events: Any, batch: int, lookups: int) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.features import to_ms
+    from pipelines.online_store import OnlineStore
+
+    cols = [c for c in stream.columns if c != "arrival_ms"]
+    store = OnlineStore.open(url, "ctr_v1", allowed_lateness_seconds=3600)
+    start = time.perf_counter()
+    for i in range(0, len(stream), batch):
+        report = store.ingest(stream.iloc[i : i + batch][cols])
+        assert report.rejected == 0
+    ingest_s = time.perf_counter() - start
+    print(f"  ingested {len(stream):,} arrivals in {ingest_s:.1f} s", flush=True)
+    watermark = store.stats()["watermark_ms"]
+
+    rng = np.random.default_rng(0)
+    picks = events.iloc[rng.integers(0, len(events), lookups)]
+    users, items = picks["user_id"].tolist(), picks["item_id"].tolist()
+    surfaces, devices = picks["surface"].tolist(), picks["device"].tolist()
+    for i in range(200):  # warm-up
+        store.lookup(users[i], items[i], surfaces[i], devices[i], watermark + 1)
+    # As the service does after loading (bentos/service.py): move the objects loaded so far
+    # out of the collector's generations, so a gen-2 pass over millions of them cannot land
+    # inside a request.
+    gc.collect()
+    gc.freeze()
+    latency = []
+    for i in range(lookups):
+        t0 = time.perf_counter()
+        store.lookup(users[i], items[i], surfaces[i], devices[i], watermark + 1)
+        latency.append(time.perf_counter() - t0)
+    lat = np.array(latency) * 1000
+
+    # Freshness: a new event ingested by the writer, polled for by a reader connection.
+    reader = OnlineStore.open(url, "ctr_v1", allowed_lateness_seconds=3600)
+    delays = []
+    template = events.iloc[[0]].copy()
+    for k in range(30):
+        user = f"fresh-user-{k}"
+        row = template.assign(
+            event_id=f"fresh-{k}",
+            user_id=user,
+            clicked=0,
+            ts=pd.Timestamp(watermark + 1000 * (k + 1), unit="ms", tz="UTC"),
+        )
+        row["click_ts"] = row["click_ts"].where(row["clicked"] == 1)  # NaT, same dtype
+        t_query = int(to_ms(row["ts"])[0]) + 1
+        seen = threading.Event()
+        visible_at: list[float] = []
+
+        def poll(
+            user: str = user,
+            t_query: int = t_query,
+            seen: threading.Event = seen,
+            visible_at: list[float] = visible_at,
+        ) -> None:
+            while not seen.is_set():
+                got = reader.lookup(user, "i00000", "feed", "mobile", t_query)
+                if got.features["user_impr_1h"].iloc[0] == 1:
+                    visible_at.append(time.perf_counter())
+                    seen.set()
+                    return
+                time.sleep(0.0005)
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        t0 = time.perf_counter()
+        store.ingest(row)
+        seen.wait(timeout=30)
+        thread.join(timeout=30)
+        delays.append((visible_at[0] - t0) if visible_at else float("inf"))
+    fresh = np.array(delays) * 1000
+    store.close()
+    reader.close()
+    return {
+        "events_ingested": int(len(stream)),
+        "batch_rows": batch,
+        "ingest_seconds": round(ingest_s, 2),
+        "ingest_events_per_s": round(len(stream) / ingest_s),
+        "lookups": lookups,
+        "lookup_p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "lookup_p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "freshness_p50_ms": round(float(np.percentile(fresh, 50)), 1),
+        "freshness_p99_ms": round(float(np.percentile(fresh, 99)), 1),
+        "freshness_max_ms": round(float(fresh.max()), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=Path, default=ROOT / "data" / "events.parquet")
+    parser.add_argument("--limit", type=int, default=0, help="Use only the first N events.")
+    parser.add_argument("--batch", type=int, default=50_000)
+    parser.add_argument("--lookups", type=int, default=5_000)
+    args = parser.parse_args()
+
+    import pandas as pd
+    from _machine import machine
+
+    from pipelines.online_store import arrivals
+
+    events = pd.read_parquet(args.events)
+    if args.limit:
+        events = events.iloc[: args.limit]
+    stream = arrivals(events)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("sqlite ...", flush=True)
+        results["sqlite"] = bench_backend(
+            f"sqlite:///{tmp}/online.db", stream, events, args.batch, args.lookups
+        )
+        print(results["sqlite"], flush=True)
+        proc, url = start_redis(Path(tmp))
+        try:
+            print("redis ...", flush=True)
+            results["redis"] = bench_backend(url, stream, events, args.batch, args.lookups)
+            print(results["redis"], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    report = {
+        "machine": machine(),
+        "command": "python benchmarks/online_store.py " + " ".join(sys.argv[1:]),
+        "events": int(len(events)),
+        "results": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "online_store.json").write_text(json.dumps(report, indent=2) + "\n")
+    m = report["machine"]
+    lines = [
+        "# Online store",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}; "
+        f"date {m['date']}. Command: `{report['command']}`. Stream: {len(stream):,} arrivals "
+        f"({len(events):,} impressions plus click re-sends), feature set ctr_v1.",
+        "",
+        "| backend | ingest events/s | batch rows | lookup p50 ms | lookup p99 ms "
+        "| freshness p50 ms | freshness p99 ms | freshness max ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['ingest_events_per_s']:,} | {r['batch_rows']:,} | "
+            f"{r['lookup_p50_ms']} | {r['lookup_p99_ms']} | {r['freshness_p50_ms']} | "
+            f"{r['freshness_p99_ms']} | {r['freshness_max_ms']} |"
+        )
+    (RESULTS / "online_store.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'online_store.json'} and {RESULTS / 'online_store.md'}")
+
+
+if __name__ == "__main__":
+    main()
