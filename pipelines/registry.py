@@ -895,8 +895,8 @@ class Registry:
         """Return prod to the previous prod version, re-deploying its stored bento.
 
         Order matters for "registry unchanged on failure": the archive is fetched
-        (and imported) first; only then are the tags written: ``#prod`` on the
-        previous version and ``#prod!`` (unassign) on the one rolled back.
+        (and imported) first; only then are the tags written: ``#prod!`` (unassign) on
+        the version rolled back, then ``#prod`` on the previous version a second later.
         """
         import gto.api
 
@@ -928,17 +928,8 @@ class Registry:
         self._after_last_event(self.events())
         created: list[str] = []
         try:
-            assigned = gto.api.assign(
-                str(self.root),
-                self.artifact,
-                "prod",
-                version=previous,
-                force=True,
-                message=format_message(
-                    f"Roll back {self.artifact} prod {current} -> {previous}", fields
-                ),
-            )
-            created.append(assigned.tag)
+            # Unassign first, then assign one second later: `dvc artifacts get --stage prod`
+            # takes the newest tag that names the stage, so the assignment must be newest.
             removed = gto.api.unassign(
                 str(self.root),
                 self.artifact,
@@ -950,6 +941,18 @@ class Registry:
                 ),
             )
             created.append(removed.tag)
+            self._after_last_event(self.events())
+            assigned = gto.api.assign(
+                str(self.root),
+                self.artifact,
+                "prod",
+                version=previous,
+                force=True,
+                message=format_message(
+                    f"Roll back {self.artifact} prod {current} -> {previous}", fields
+                ),
+            )
+            created.append(assigned.tag)
         except Exception as exc:
             self._delete_tags(created)
             raise RegistryError(
