@@ -93,7 +93,7 @@ def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
     http={"host": "127.0.0.1"},
 )
 class CtrService:
-    """Click probability for (user, item, surface, device[, timestamp]) with routing and fallbacks."""
+    """Click probability for (user, item, surface, device[, timestamp]), routed, with fallbacks."""
 
     # Every model of the release is referenced here so `bentoml build` ships it.
     prod_model = bentoml.models.BentoModel(RELEASE.prod.tag)
@@ -168,7 +168,7 @@ class CtrService:
 
     @bentoml.api(route="/admin/reload")
     async def admin_reload(self, ctx: bentoml.Context) -> dict[str, Any]:
-        """Re-read the release file and reload every tier without a restart. Bearer token required."""
+        """Re-read the release file and reload every tier, no restart. Bearer token required."""
         refused = _refuse(ctx)
         if refused:
             return refused
@@ -202,7 +202,7 @@ class CtrService:
         kind: Literal["error", "slow", "none"],
         delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0,
     ) -> dict[str, Any]:
-        """Inject or clear a fault (chaos testing); needs CTR_ENABLE_FAULT_INJECTION=1 and the token."""
+        """Inject or clear a fault (chaos tests): CTR_ENABLE_FAULT_INJECTION=1 and token needed."""
         refused = _refuse(ctx)
         if refused:
             return refused

@@ -97,7 +97,7 @@ def model_ref(tag: str) -> ModelRef:
             f"model {tag} is not in the BentoML store {os.environ.get('BENTOML_HOME')}; "
             "store it with pipelines.packaging.save_model_dir or fix the tag in params.yaml"
         ) from exc
-    meta = dict(stored.info.metadata)
+    meta: dict[str, Any] = dict(stored.info.metadata)
     folder = Path(stored.path)
     actual = {name: md5_file(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
     recorded = meta.get("files") or {"model.joblib": meta.get("model_md5")}
@@ -174,7 +174,7 @@ def package_stage(
     policy: ServingPolicy,
     lineage: dict[str, Any],
 ) -> dict[str, Any]:
-    """Store models and feature snapshot in BentoML, write the release, build and export the bento."""
+    """Store models and feature snapshot in BentoML, write the release, build and export a bento."""
     use_bentoml_home(bentoml_home)
     import bentoml
 
@@ -272,7 +272,8 @@ def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, A
     )
     if build.returncode != 0:
         raise RuntimeError(
-            f"`bentoml build` failed for {bento_tag}:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+            f"`bentoml build` failed for {bento_tag}:\n{build.stdout[-3000:]}\n"
+            f"{build.stderr[-3000:]}"
         )
     return bento_tag, bentoml.get(bento_tag)
 

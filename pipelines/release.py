@@ -132,7 +132,8 @@ class Release(BaseModel):
             if ref is not None and ref.feature_set != self.feature_source.feature_set:
                 raise ValueError(
                     f"model {ref.tag} uses feature set {ref.feature_set!r} but the release "
-                    f"serves {self.feature_source.feature_set!r}; rebuild that model on this feature set"
+                    f"serves {self.feature_source.feature_set!r}; rebuild that model on this "
+                    "feature set"
                 )
         return self
 

@@ -1,28 +1,35 @@
-"""The request log: every answered row as JSON lines, plus a whylogs profile per time window.
+"""The request log: every answered row in JSON-lines shards, plus a whylogs profile per window.
 
 The hot path only builds a ``LogBatch`` (arrays it already has) and puts it on a
-bounded queue; a background thread turns batches into JSON lines, appends them to
-the current shard and flushes + fsyncs at least every ``flush_seconds``. A full
-queue drops the batch and counts the rows in ``dropped_rows`` instead of slowing
-requests down.
+bounded queue; a background thread encodes each batch as one JSON line holding
+its columns (orjson serializes the NumPy arrays directly, so logging a 1000-row
+batch costs about as much as logging one row), appends it to the current shard
+and flushes + fsyncs at least every ``flush_seconds``. A full queue drops the
+batch and counts its rows in ``dropped_rows`` instead of slowing requests down.
+``read_request_log`` expands the lines back to one row per answered request.
 
 Files (one writer per server worker process, named by host and pid)::
 
     <log_dir>/requests-<UTC start>-<host>-<pid>-<seq>.jsonl   rotated past rotate_bytes
     <profile_dir>/profile-<UTC window start>-<host>-<pid>.bin whylogs, one per window
 
+whylogs profiles are computed in a helper process, so profiling a window does
+not hold the service's GIL.
+
 Durability: ``close()`` (called on a clean shutdown) drains the queue, fsyncs the
-shard and writes the profile of the unfinished window, so nothing is lost. A
-crash (SIGKILL, power loss) loses at most the rows not yet fsynced: those answered
-in the last ``flush_seconds`` plus whatever still waited in the queue, and the
-profile of the current window (rebuildable from the JSONL rows). A crash mid-write
-can leave one partial last line; ``read_request_log`` skips it.
+shard and profiles the unfinished window, so nothing is lost. A crash (SIGKILL,
+power loss) loses at most the rows not yet fsynced: those answered in the last
+``flush_seconds`` plus whatever still waited in the queue, and the profile of the
+current window (rebuildable from the JSONL rows). A crash mid-write can leave one
+partial last line; ``read_request_log`` skips it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import logging
+import multiprocessing as mp
 import os
 import queue
 import socket
@@ -66,58 +73,70 @@ class LogBatch:
     def __len__(self) -> int:
         return len(self.request_ids)
 
-    def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per row."""
+    def to_line(self) -> bytes:
+        """The batch as one JSON line of columns (NaN becomes null)."""
         answered = dt.datetime.fromtimestamp(self.answered_at, dt.UTC).isoformat(
             timespec="milliseconds"
         )
-        rows = []
-        feats = self.features.tolist() if self.features is not None else None
-        scores = {k: v.tolist() for k, v in self.scores.items()}
-        req_times = pd.to_datetime(self.t_ms, unit="ms", utc=True).strftime("%Y-%m-%dT%H:%M:%S.%f")
-        ages = self.feature_age.tolist()
-        probs = self.probability.tolist()
-        for i, rid in enumerate(self.request_ids):
-            rows.append(
-                {
-                    "request_id": rid,
-                    "answered_at": answered,
-                    "endpoint": self.endpoint,
-                    "release_id": self.release_id,
-                    "user": self.users[i],
-                    "item": self.items[i],
-                    "surface": self.surfaces[i],
-                    "device": self.devices[i],
-                    "request_time": req_times[i] + "Z",
-                    "route": self.routes[i],
-                    "model": self.models[i],
-                    "probability": probs[i],
-                    "degraded": self.reasons[i] is not None,
-                    "degraded_reason": self.reasons[i],
-                    "latency_ms": round(self.latency_ms, 3),
-                    "feature_age_seconds": None if ages[i] != ages[i] else round(ages[i], 3),
-                    "features": dict(zip(self.feature_names, feats[i], strict=True))
-                    if feats is not None
-                    else None,
-                    "scores": {
-                        k: v[i]
-                        for k, v in scores.items()
-                        if v[i] == v[i]  # skip NaN
-                    },
-                }
-            )
-        return rows
+        record = {
+            "v": 1,
+            "answered_at": answered,
+            "endpoint": self.endpoint,
+            "release_id": self.release_id,
+            "latency_ms": round(self.latency_ms, 3),
+            "n": len(self.request_ids),
+            "request_id": self.request_ids,
+            "user": self.users,
+            "item": self.items,
+            "surface": self.surfaces,
+            "device": self.devices,
+            "request_time_ms": np.ascontiguousarray(self.t_ms),
+            "route": self.routes,
+            "model": self.models,
+            "probability": np.ascontiguousarray(self.probability),
+            "degraded_reason": self.reasons,
+            "feature_age_seconds": np.ascontiguousarray(self.feature_age),
+            "feature_names": self.feature_names,
+            "features": None if self.features is None else np.ascontiguousarray(self.features),
+            "scores": {k: np.ascontiguousarray(v) for k, v in self.scores.items()},
+        }
+        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
-    def profile_frame(self) -> pd.DataFrame:
-        """Columns named like the training reference profile (features, surface, device, prediction)."""
-        frame = pd.DataFrame({"surface": self.surfaces, "device": self.devices})
-        if self.features is not None:
-            frame = pd.concat(
-                [frame, pd.DataFrame(self.features, columns=self.feature_names)], axis=1
-            )
-        frame["prediction"] = self.probability
-        frame["route"] = self.routes
-        return frame
+
+def window_frame(batches: list[LogBatch]) -> pd.DataFrame:
+    """Served rows of a window with columns named like the training reference profile."""
+    frame = pd.DataFrame(
+        {
+            "surface": [s for b in batches for s in b.surfaces],
+            "device": [d for b in batches for d in b.devices],
+        }
+    )
+    with_features = [b for b in batches if b.features is not None]
+    if len(with_features) == len(batches) and batches:
+        names = batches[0].feature_names
+        X = np.concatenate([b.features for b in with_features])  # type: ignore[misc]
+        frame = pd.concat([frame, pd.DataFrame(X, columns=names)], axis=1)
+    frame["prediction"] = np.concatenate([b.probability for b in batches])
+    frame["route"] = [r for b in batches for r in b.routes]
+    return frame
+
+
+def _profile_job(frame: pd.DataFrame, path: str) -> str:
+    """Runs in the helper process: profile a window and write it."""
+    from pipelines import whylogs_adapter as wl
+
+    wl.write_profile(wl.profile(frame), Path(path))
+    return path
+
+
+def _init_profiler() -> None:
+    """Helper process setup: ignore the stop signals sent to the whole process group (the
+    service decides when profiling ends) and import whylogs once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from pipelines import whylogs_adapter  # noqa: F401
 
 
 class RequestLog:
@@ -150,14 +169,19 @@ class RequestLog:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._file: Any = None
         self._file_bytes = 0
+        self._pending_rows = 0
         self._seq = 0
         self._window_start: float | None = None
-        self._window_frames: list[pd.DataFrame] = []
+        self._window: list[LogBatch] = []
+        self._profiles: list[cf.Future[str]] = []
         self._closed = False
+        self._pool: cf.ProcessPoolExecutor | None = None
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            from pipelines import whylogs_adapter  # noqa: F401  # import now, not mid-traffic
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=1, mp_context=mp.get_context("spawn"), initializer=_init_profiler
+            )
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -196,6 +220,7 @@ class RequestLog:
                 self._flush(pending)
                 self._close_shard()
                 self._profile_window(force=True)
+                self._finish_profiles(wait=True)
                 return
             if item is not None:
                 self._take(item, pending)
@@ -204,6 +229,7 @@ class RequestLog:
                 pending = []
                 deadline = time.monotonic() + self.flush_seconds
                 self._profile_window(force=False)
+                self._finish_profiles(wait=False)
 
     def _drain_nowait(self, pending: list[bytes]) -> None:
         while True:
@@ -216,17 +242,17 @@ class RequestLog:
 
     def _take(self, batch: LogBatch, pending: list[bytes]) -> None:
         try:
-            pending.extend(
-                orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in batch.records()
-            )
+            pending.append(batch.to_line())
+            self._pending_rows += len(batch)
             if self.profile_dir is not None:
                 window = batch.answered_at - batch.answered_at % self.profile_window_seconds
                 if self._window_start is not None and window != self._window_start:
                     self._profile_window(force=True)
                 self._window_start = window
-                self._window_frames.append(batch.profile_frame())
-        except Exception:  # a bad batch must not stop the writer
+                self._window.append(batch)
+        except Exception:  # a bad batch must not stop the writer; its rows count as dropped
             self.counters["write_errors"] += 1
+            self.counters["dropped_rows"] += len(batch)
             logger.exception("request log: could not encode a batch of %d rows", len(batch))
 
     def _flush(self, pending: list[bytes]) -> None:
@@ -241,7 +267,7 @@ class RequestLog:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file_bytes += len(data)
-            self.counters["written_rows"] += len(pending)
+            self.counters["written_rows"] += self._pending_rows
         except OSError:
             self.counters["write_errors"] += 1
             logger.exception(
@@ -265,33 +291,76 @@ class RequestLog:
             self._file = None
 
     def _profile_window(self, force: bool) -> None:
-        if self.profile_dir is None or not self._window_frames or self._window_start is None:
+        if self._pool is None or not self._window or self._window_start is None:
             return
-        now = time.time()
-        if not force and now < self._window_start + self.profile_window_seconds:
+        if not force and time.time() < self._window_start + self.profile_window_seconds:
             return
-        from pipelines import whylogs_adapter as wl
-
-        frames, self._window_frames = self._window_frames, []
+        batches, self._window = self._window, []
         stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
+        assert self.profile_dir is not None
+        path = self.profile_dir / f"profile-{stamp}-{self.worker}.bin"
         try:
-            view = wl.profile(pd.concat(frames, ignore_index=True))
-            wl.write_profile(view, self.profile_dir / f"profile-{stamp}-{self.worker}.bin")
-            self.counters["profiles"] += 1
+            self._profiles.append(self._pool.submit(_profile_job, window_frame(batches), str(path)))
         except Exception:
             self.counters["profile_errors"] += 1
-            logger.exception("request log: whylogs profile of window %s failed", stamp)
+            logger.exception("request log: could not profile window %s", stamp)
+
+    def _finish_profiles(self, wait: bool) -> None:
+        still: list[cf.Future[str]] = []
+        for future in self._profiles:
+            if not wait and not future.done():
+                still.append(future)
+                continue
+            try:
+                future.result()
+                self.counters["profiles"] += 1
+            except Exception:
+                self.counters["profile_errors"] += 1
+                logger.exception("request log: whylogs profile failed")
+        self._profiles = still
+        if wait and self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def read_request_log(log_dir: Path) -> pd.DataFrame:
-    """All rows of all shards in ``log_dir``; a partial last line (crash mid-write) is skipped."""
+    """One row per answered request from all shards; a partial last line is skipped."""
+    keys = (
+        "request_id",
+        "user",
+        "item",
+        "surface",
+        "device",
+        "route",
+        "model",
+        "probability",
+        "degraded_reason",
+        "feature_age_seconds",
+    )
     rows: list[dict[str, Any]] = []
     for shard in sorted(log_dir.glob("requests-*.jsonl")):
         for line in shard.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
-                rows.append(orjson.loads(line))
+                rec = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
+            names = rec["feature_names"]
+            for i in range(rec["n"]):
+                row = {k: rec[k][i] for k in keys}
+                row.update(
+                    answered_at=rec["answered_at"],
+                    endpoint=rec["endpoint"],
+                    release_id=rec["release_id"],
+                    latency_ms=rec["latency_ms"],
+                    request_time=pd.Timestamp(rec["request_time_ms"][i], unit="ms", tz="UTC"),
+                    degraded=rec["degraded_reason"][i] is not None,
+                )
+                row["features"] = (
+                    dict(zip(names, rec["features"][i], strict=True))
+                    if rec["features"] is not None
+                    else None
+                )
+                row["scores"] = {k: v[i] for k, v in rec["scores"].items() if v[i] is not None}
+                rows.append(row)
     return pd.DataFrame(rows)

@@ -241,7 +241,8 @@ def _check_md5(path: Path, expected: str, what: str) -> None:
     actual = md5_file(path)
     if actual != expected:
         raise ArtifactMismatch(
-            f"{what}: {path.name} has md5 {actual}, the release records {expected}; refusing to load it"
+            f"{what}: {path.name} has md5 {actual}, the release records {expected}; "
+            "refusing to load it"
         )
 
 
@@ -392,8 +393,8 @@ class Predictor:
         )
         users = [r.user for r in requests]
         items = [r.item for r in requests]
-        surfaces = [r.surface for r in requests]
-        devices = [r.device for r in requests]
+        surfaces: list[str] = [r.surface for r in requests]
+        devices: list[str] = [r.device for r in requests]
         call_id = uuid.uuid4().hex[:16]
         request_ids = [call_id] if n == 1 else [f"{call_id}-{i}" for i in range(n)]
 
@@ -419,9 +420,9 @@ class Predictor:
                 )
         except Exception as exc:  # an unavailable store degrades to the baseline, never a 5xx
             fresh = np.zeros(n, dtype=bool)
-            for i in range(n):
-                codes[i] = "features_unavailable"
-                reasons[i] = f"feature store unavailable: {type(exc).__name__}: {exc}"
+            why = f"feature store unavailable: {type(exc).__name__}: {exc}"
+            codes[:] = ["features_unavailable"] * n
+            reasons[:] = [why] * n
 
         candidate = rt.tiers.get("candidate")
         plan = rt.router.plan(
@@ -454,8 +455,10 @@ class Predictor:
                     codes[i], reasons[i] = "no_model", "no model tier could answer"
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._count(routes, codes)
+        # model_construct: the values are built here and already valid; validating
+        # them again per row costs more than scoring a batch row.
         responses = [
-            PredictResponse(
+            PredictResponse.model_construct(
                 request_id=request_ids[i],
                 probability=round(float(prob[i]), 6),
                 model_version=models[i],

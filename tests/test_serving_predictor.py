@@ -6,6 +6,7 @@ versions trained here on the same dataset (candidate and previous).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -24,8 +25,8 @@ from pipelines.routing import Router, unit_hash
 from pipelines.serving import (
     Fault,
     NoTierAvailable,
-    PredictRequest,
     Predictor,
+    PredictRequest,
     Runtime,
 )
 from tests.serving_support import (
@@ -62,33 +63,62 @@ def at(raw_dir: Path) -> str:
 def requests_for(n: int, at: str, offset: int = 0) -> list[PredictRequest]:
     surfaces, devices = ("feed", "search", "recs"), ("mobile", "desktop", "tablet")
     return [
-        PredictRequest(user=f"u{(i + offset) % 1500:05d}", item=f"i{(i * 7) % 400:05d}",
-                       surface=surfaces[i % 3], device=devices[i % 3], timestamp=at)
+        PredictRequest(
+            user=f"u{(i + offset) % 1500:05d}",
+            item=f"i{(i * 7) % 400:05d}",
+            surface=surfaces[i % 3],
+            device=devices[i % 3],
+            timestamp=at,
+        )
         for i in range(n)
     ]
 
 
-def make(models: dict[str, Path], raw_dir: Path, tmp_path: Path, tiers: tuple[str, ...] = ("prod",),
-         log: bool = True, **policy: Any) -> Predictor:
+def make(
+    models: dict[str, Path],
+    raw_dir: Path,
+    tmp_path: Path,
+    tiers: tuple[str, ...] = ("prod",),
+    log: bool = True,
+    profiles: bool = False,
+    **policy: Any,
+) -> Predictor:
     policy.setdefault("latency_budget_ms", 5000)  # a busy test machine must not trip it
     release, model_path = release_for(
-        ServingPolicy(**policy), raw_dir, models["prod"],
+        ServingPolicy(**policy),
+        raw_dir,
+        models["prod"],
         models["candidate"] if "candidate" in tiers else None,
         models["previous"] if "previous" in tiers else None,
     )
     runtime = Runtime.load(release, model_path)
-    request_log = RequestLog(tmp_path / "requests", tmp_path / "live", flush_seconds=0.2) if log else None
+    request_log = (
+        RequestLog(
+            tmp_path / "requests", tmp_path / "live" if profiles else None, flush_seconds=0.2
+        )
+        if log
+        else None
+    )
     return Predictor(runtime, request_log, tmp_path / "state")
+
+
+@functools.lru_cache(maxsize=2)
+def event_index(raw_dir: Path) -> EventIndex:
+    return EventIndex(pd.read_parquet(raw_dir / "events.parquet"), CTR_V1)
 
 
 def direct(model_dir: Path, raw_dir: Path, reqs: list[PredictRequest]) -> np.ndarray:
     """What the model itself says for these requests (features from the same EventIndex)."""
     import joblib
 
-    events = pd.read_parquet(raw_dir / "events.parquet")
-    index = EventIndex(events, CTR_V1)
-    X = index.lookup([r.user for r in reqs], [r.item for r in reqs], [r.surface for r in reqs],
-                     [r.device for r in reqs], to_ms([r.timestamp for r in reqs]))
+    index = event_index(raw_dir)
+    X = index.lookup(
+        [r.user for r in reqs],
+        [r.item for r in reqs],
+        [r.surface for r in reqs],
+        [r.device for r in reqs],
+        to_ms([r.timestamp for r in reqs]),
+    )
     return joblib.load(model_dir / "model.joblib").predict_proba(X.to_numpy(np.float64))[:, 1]
 
 
@@ -116,10 +146,14 @@ def test_release_round_trip_stable_id_and_candidate_rule(
     data = json.loads(path.read_text())
     assert data["model_tag"] == first.prod.tag and data["features"] == CTR_V1.names
     assert {r: t.stage for r, t in loaded.tiers().items()} == {
-        "prod": "prod", "candidate": "candidate", "previous": "previous"}
+        "prod": "prod",
+        "candidate": "candidate",
+        "previous": "previous",
+    }
     with pytest.raises(ConfigError, match="no candidate model"):
-        build_release("ctr_service", policy, feature_ref_for_dir(raw_dir),
-                      model_ref_for_dir(models["prod"]))
+        build_release(
+            "ctr_service", policy, feature_ref_for_dir(raw_dir), model_ref_for_dir(models["prod"])
+        )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**data, "policy": {**data["policy"], "routing": "blue-green"}}))
     with pytest.raises(ConfigError, match=r"(?s)not a valid release.*routing"):
@@ -161,8 +195,9 @@ def test_prod_answers_fresh_requests_with_the_models_own_output(
     out = predictor.predict(reqs)
     assert {r.route for r in out} == {"prod"} and not any(r.degraded for r in out)
     assert all(r.feature_age_seconds == 0 and r.features_fresh for r in out)
-    np.testing.assert_allclose([r.probability for r in out], direct(models["prod"], raw_dir, reqs),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [r.probability for r in out], direct(models["prod"], raw_dir, reqs), atol=1e-6
+    )
     predictor.close()
 
 
@@ -196,8 +231,9 @@ def test_model_errors_walk_the_chain_and_trip_the_breaker(
     assert {r.route for r in out} == {"fallback"}
     assert out[0].model_version == predictor.runtime.tiers["previous"].ref.label
     assert "prod model error: InjectedFault" in out[0].degraded_reason
-    np.testing.assert_allclose([r.probability for r in out],
-                               direct(models["previous"], raw_dir, reqs), atol=1e-6)
+    np.testing.assert_allclose(
+        [r.probability for r in out], direct(models["previous"], raw_dir, reqs), atol=1e-6
+    )
     predictor.set_fault("previous", Fault("error"))
     out = predictor.predict(reqs)
     assert {r.route for r in out} == {"baseline"}
@@ -213,22 +249,34 @@ def test_model_errors_walk_the_chain_and_trip_the_breaker(
 def test_latency_budget_breach_falls_back_then_skips(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "previous"), latency_budget_ms=50,
-                     breaker_cooldown_seconds=30)
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "previous"),
+        latency_budget_ms=50,
+        breaker_cooldown_seconds=30,
+    )
     predictor.set_fault("prod", Fault("slow", 400))
     first = predictor.predict(requests_for(1, at))[0]
-    assert first.route == "fallback" and "exceeded the 50 ms latency budget" in first.degraded_reason
+    assert (
+        first.route == "fallback" and "exceeded the 50 ms latency budget" in first.degraded_reason
+    )
     second = predictor.predict(requests_for(1, at))[0]
     assert second.route == "fallback" and "prod skipped" in second.degraded_reason
-    assert predictor.counters["degraded_reasons"] == {"prod_latency_budget": 1, "prod_breaker_open": 1}
+    assert predictor.counters["degraded_reasons"] == {
+        "prod_latency_budget": 1,
+        "prod_breaker_open": 1,
+    }
     predictor.close()
 
 
 def test_corrupt_model_file_is_refused_and_reported(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    release, model_path = release_for(ServingPolicy(latency_budget_ms=5000), raw_dir, models["prod"], None,
-                                      models["previous"])
+    release, model_path = release_for(
+        ServingPolicy(latency_budget_ms=5000), raw_dir, models["prod"], None, models["previous"]
+    )
     broken = tmp_path / "broken"
     shutil.copytree(models["prod"], broken)
     with (broken / "model.joblib").open("ab") as handle:
@@ -261,15 +309,23 @@ def test_corrupt_model_file_is_refused_and_reported(
 def test_canary_answers_its_share_with_the_candidate(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="canary",
-                     candidate_share=0.3, shadow_sample_rate=0.0)
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.3,
+        shadow_sample_rate=0.0,
+    )
     reqs = requests_for(1500, at)
     out = predictor.predict(reqs)
     canary = np.array([r.route == "canary" for r in out])
     assert 0.25 < canary.mean() < 0.35
     assert {r.route for r in out} == {"prod", "canary"} and not any(r.degraded for r in out)
-    expected = np.where(canary, direct(models["candidate"], raw_dir, reqs),
-                        direct(models["prod"], raw_dir, reqs))
+    expected = np.where(
+        canary, direct(models["candidate"], raw_dir, reqs), direct(models["prod"], raw_dir, reqs)
+    )
     np.testing.assert_allclose([r.probability for r in out], expected, atol=1e-6)
     # Candidate failing: its users get prod, flagged degraded
     predictor.set_fault("candidate", Fault("error"))
@@ -286,22 +342,38 @@ def test_shadow_scores_candidate_in_background_without_changing_answers(
     plain = make(models, raw_dir, tmp_path / "plain", tiers=("prod", "candidate"), log=False)
     expected = [(r.route, r.probability) for r in plain.predict(reqs)]
     plain.close()
-    shadow = make(models, raw_dir, tmp_path / "shadow", tiers=("prod", "candidate"),
-                  routing="shadow", shadow_sample_rate=1.0)
+    shadow = make(
+        models,
+        raw_dir,
+        tmp_path / "shadow",
+        tiers=("prod", "candidate"),
+        routing="shadow",
+        shadow_sample_rate=1.0,
+    )
     assert [(r.route, r.probability) for r in shadow.predict(reqs)] == expected
     shadow.close()
     log = read_request_log(tmp_path / "shadow/requests")
     assert len(log) == 300
     candidate = log["scores"].map(lambda s: s.get("candidate"))
-    np.testing.assert_allclose(candidate.to_numpy(float),
-                               direct(models["candidate"], raw_dir, reqs), atol=1e-6)
-    np.testing.assert_allclose(log["scores"].map(lambda s: s["prod"]), log["probability"], atol=1e-6)
+    np.testing.assert_allclose(
+        candidate.to_numpy(float), direct(models["candidate"], raw_dir, reqs), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        log["scores"].map(lambda s: s["prod"]), log["probability"], atol=1e-6
+    )
     assert shadow.counters["background_scored_rows"] == 300
 
 
 def test_ab_logs_both_arms(models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="ab",
-                     candidate_share=0.5, shadow_sample_rate=1.0)
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="ab",
+        candidate_share=0.5,
+        shadow_sample_rate=1.0,
+    )
     out = predictor.predict(requests_for(400, at))
     assert {r.route for r in out} == {"prod", "ab-variant"}
     predictor.close()
@@ -316,8 +388,15 @@ def test_ab_logs_both_arms(models: dict[str, Path], raw_dir: Path, tmp_path: Pat
 def test_kill_switch_is_shared_through_the_state_dir(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="canary",
-                     candidate_share=0.5, log=False)
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.5,
+        log=False,
+    )
     reqs = requests_for(200, at)
     assert any(r.route == "canary" for r in predictor.predict(reqs))
     predictor.set_candidate_share(0.0)
@@ -325,12 +404,26 @@ def test_kill_switch_is_shared_through_the_state_dir(
     with pytest.raises(ValueError, match="between 0 and 1"):
         predictor.set_candidate_share(1.5)
     # Another worker (or a restart) on the same release picks the override up
-    other = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="canary",
-                 candidate_share=0.5, log=False)
+    other = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.5,
+        log=False,
+    )
     assert other.runtime.router.candidate_share == 0.0
     # ... but a different release does not inherit it
-    fresh = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="canary",
-                 candidate_share=0.4, log=False)
+    fresh = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.4,
+        log=False,
+    )
     assert fresh.runtime.router.candidate_share == 0.4
     for p in (predictor, other, fresh):
         p.close()
@@ -340,8 +433,16 @@ def test_kill_switch_is_shared_through_the_state_dir(
 def test_request_log_keeps_every_answered_row_and_counts_drops(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "candidate"), routing="canary",
-                     candidate_share=0.2, shadow_sample_rate=0.5)
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.2,
+        shadow_sample_rate=0.5,
+        profiles=True,
+    )
     answered = 0
     for k in range(30):
         answered += len(predictor.predict(requests_for(1 + k % 7, at, offset=k)))
@@ -357,9 +458,25 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     assert len(read_request_log(tmp_path / "requests")) == answered
     # A full queue drops (and counts) instead of blocking the request path
     tiny = RequestLog(tmp_path / "tiny", None, flush_seconds=5, queue_size=1)
-    batch = LogBatch("predict", "r", 0.0, 1.0, ["a"], ["u"], ["i"], ["feed"], ["mobile"],
-                     np.zeros(1, np.int64), np.zeros(1), ["prod"], ["m"], [None], np.zeros(1),
-                     [], None)
+    batch = LogBatch(
+        "predict",
+        "r",
+        0.0,
+        1.0,
+        ["a"],
+        ["u"],
+        ["i"],
+        ["feed"],
+        ["mobile"],
+        np.zeros(1, np.int64),
+        np.zeros(1),
+        ["prod"],
+        ["m"],
+        [None],
+        np.zeros(1),
+        [],
+        None,
+    )
     accepted = sum(tiny.submit(batch) for _ in range(2000))
     tiny.close()
     assert tiny.counters["dropped_rows"] == 2000 - accepted > 0
