@@ -13,8 +13,9 @@ What it does:
    for /predict and /predict_batch, then an open loop at a fixed rate of 60% of
    the measured concurrency-8 throughput (latency counted from the scheduled send
    time, so client-side queueing is not hidden);
-4. with ``--bare`` (default on), starts a bare BentoML service returning the same
-   model's prediction for precomputed features and measures it the same way;
+4. unless ``--no-bare``, also serves a bare BentoML service returning the same
+   model's prediction for precomputed features; every scenario runs in rounds that
+   alternate the two services, so load from other jobs hits both alike;
 5. writes ``benchmarks/results/serving_latency.json`` and ``.md`` with the machine,
    the date and the load average during the run.
 
@@ -173,14 +174,16 @@ def bare_bodies(rows: pd.DataFrame, raw_dir: Path) -> list[list[float]]:
     return X.to_numpy(np.float64).tolist()
 
 
-def summarize(
-    latencies: list[float], wall: float, calls: int, rows: int, errors: int
-) -> dict[str, Any]:
-    lat = np.asarray(latencies) * 1000.0
+def summarize(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the rounds of one scenario: latency percentiles over all calls, rate over all time."""
+    lat = np.concatenate([p["latencies"] for p in parts]) * 1000.0
+    wall = sum(p["wall"] for p in parts)
+    calls = int(sum(len(p["latencies"]) for p in parts))
+    rows = int(sum(p["rows"] for p in parts))
     return {
         "calls": calls,
         "rows": rows,
-        "errors": errors,
+        "errors": int(sum(p["errors"] for p in parts)),
         "seconds": round(wall, 2),
         "req_per_s": round(calls / wall, 1),
         "rows_per_s": round(rows / wall, 1),
@@ -188,6 +191,7 @@ def summarize(
         "p95_ms": round(float(np.percentile(lat, 95)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "max_ms": round(float(lat.max()), 2),
+        "rounds_req_per_s": [round(len(p["latencies"]) / p["wall"], 1) for p in parts],
     }
 
 
@@ -215,7 +219,12 @@ async def closed_loop(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return summarize(latencies, wall, len(latencies), len(latencies) * rows_per_call, errors)
+    return {
+        "latencies": np.asarray(latencies),
+        "wall": wall,
+        "rows": len(latencies) * rows_per_call,
+        "errors": errors,
+    }
 
 
 async def open_loop(url: str, path: str, bodies: list[bytes], rate: float) -> dict[str, Any]:
@@ -241,33 +250,53 @@ async def open_loop(url: str, path: str, bodies: list[bytes], rate: float) -> di
         started = time.perf_counter()
         await asyncio.gather(*(one(b, t0 + k / rate) for k, b in enumerate(bodies)))
         wall = time.perf_counter() - started
-    result = summarize(latencies, wall, len(latencies), len(latencies), errors)
+    result = summarize(
+        [
+            {
+                "latencies": np.asarray(latencies),
+                "wall": wall,
+                "rows": len(latencies),
+                "errors": errors,
+            }
+        ]
+    )
     result["target_rate"] = round(rate, 1)
     return result
 
 
 def measure(
-    url: str,
-    single: list[bytes],
-    batch: list[bytes],
+    services: dict[str, tuple[str, list[bytes], list[bytes]]],
     batch_rows: int,
     concurrencies: list[int],
-    label: str,
-) -> dict[str, Any]:
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Every scenario in ``rounds`` rounds, alternating the services within each round, so a
+    change in background load on a shared machine hits both sides alike."""
     import httpx
 
-    for body in single[:50]:  # warm up
-        httpx.post(url + "/predict", content=body, headers={"content-type": "application/json"})
-    out: dict[str, Any] = {}
-    for c in concurrencies:
-        n = len(single) if c > 1 else len(single) // 2
-        out[f"predict_c{c}"] = asyncio.run(closed_loop(url, "/predict", single[:n], c, 1))
-        print(f"{label} /predict c={c}: {out[f'predict_c{c}']}", flush=True)
-    for c in (1, 2):
-        out[f"batch{batch_rows}_c{c}"] = asyncio.run(
-            closed_loop(url, "/predict_batch", batch, c, batch_rows)
-        )
-        print(f"{label} /predict_batch c={c}: {out[f'batch{batch_rows}_c{c}']}", flush=True)
+    for url, single, _ in services.values():  # warm up
+        for body in single[:50]:
+            httpx.post(url + "/predict", content=body, headers={"content-type": "application/json"})
+    scenarios = [(f"predict_c{c}", "/predict", c, 1) for c in concurrencies]
+    scenarios += [(f"batch{batch_rows}_c{c}", "/predict_batch", c, batch_rows) for c in (1, 2)]
+    out: dict[str, dict[str, Any]] = {label: {} for label in services}
+    for name, path, c, rows in scenarios:
+        parts: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
+        for r in range(rounds):
+            order = list(services) if r % 2 == 0 else list(reversed(services))
+            for label in order:
+                url, single, batches = services[label]
+                bodies = single if path == "/predict" else batches
+                n = (
+                    len(bodies) // rounds
+                    if c > 1 or path != "/predict"
+                    else len(bodies) // (2 * rounds)
+                )
+                chunk = bodies[r * n : (r + 1) * n] or bodies[:n]
+                parts[label].append(asyncio.run(closed_loop(url, path, chunk, c, rows)))
+        for label in services:
+            out[label][name] = summarize(parts[label])
+            print(f"{label} {name}: {out[label][name]}", flush=True)
     return out
 
 
@@ -286,6 +315,9 @@ def main() -> None:
     parser.add_argument("--batch-calls", type=int, default=40)
     parser.add_argument("--rate-seconds", type=float, default=15.0)
     parser.add_argument("--no-bare", action="store_true", help="skip the bare BentoML service")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per scenario, alternating full and bare"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     project = args.project.resolve()
@@ -332,39 +364,19 @@ def main() -> None:
         ]
         results: dict[str, Any] = {}
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        full_url = f"http://127.0.0.1:{port}"
         proc = start(
             [sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port)],
             env,
             work,
-            url,
+            full_url,
             work / "full.log",
         )
         procs.append(proc)
-        results["full"] = measure(url, single, batches, args.batch_rows, concurrencies, "full")
-        capacity = results["full"]["predict_c8"]["req_per_s"] if 8 in concurrencies else None
-        if capacity:
-            rate = 0.6 * capacity
-            n = max(int(rate * args.rate_seconds), 100)
-            bodies = (single * (n // len(single) + 1))[:n]
-            results["full"]["predict_fixed_rate_60pct"] = asyncio.run(
-                open_loop(url, "/predict", bodies, rate)
-            )
-            print(f"full fixed rate: {results['full']['predict_fixed_rate_60pct']}", flush=True)
+        services = {"full": (full_url, single, batches)}
         import httpx
 
-        meta = httpx.post(url + "/metadata", timeout=30).json()
-        results["full_counters"] = {
-            "predictor": meta["counters"],
-            "request_log": meta["request_log"],
-        }
-        stop(proc)
-        from pipelines.request_log import read_request_log
-
-        results["full_counters"]["logged_rows_after_shutdown"] = len(
-            read_request_log(work / "requests")
-        )
-
+        meta = httpx.post(full_url + "/metadata", timeout=30).json()
         if not args.no_bare:
             feats = bare_bodies(rows, project / "data")
             bare_single = [json.dumps({"features": f}).encode() for f in feats]
@@ -380,28 +392,48 @@ def main() -> None:
                 for k in range(args.batch_calls)
             ]
             port = free_port()
-            url = f"http://127.0.0.1:{port}"
+            bare_url = f"http://127.0.0.1:{port}"
             bare_env = {**env, "BARE_MODEL_TAG": meta["release"]["prod"]["tag"]}
-            proc = start(
-                [
-                    sys.executable,
-                    "-m",
-                    "bentoml",
-                    "serve",
-                    "benchmarks.bare_service:BareService",
-                    "--port",
-                    str(port),
-                ],
-                bare_env,
-                REPO,
-                url,
-                work / "bare.log",
+            procs.append(
+                start(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bentoml",
+                        "serve",
+                        "benchmarks.bare_service:BareService",
+                        "--port",
+                        str(port),
+                    ],
+                    bare_env,
+                    REPO,
+                    bare_url,
+                    work / "bare.log",
+                )
             )
-            procs.append(proc)
-            results["bare"] = measure(
-                url, bare_single, bare_batches, args.batch_rows, concurrencies, "bare"
+            services["bare"] = (bare_url, bare_single, bare_batches)
+        results.update(measure(services, args.batch_rows, concurrencies, args.rounds))
+        capacity = results["full"]["predict_c8"]["req_per_s"] if 8 in concurrencies else None
+        if capacity:
+            rate = 0.6 * capacity
+            n = max(int(rate * args.rate_seconds), 100)
+            bodies = (single * (n // len(single) + 1))[:n]
+            results["full"]["predict_fixed_rate_60pct"] = asyncio.run(
+                open_loop(full_url, "/predict", bodies, rate)
             )
-            stop(proc)
+            print(f"full fixed rate: {results['full']['predict_fixed_rate_60pct']}", flush=True)
+        meta = httpx.post(full_url + "/metadata", timeout=30).json()
+        results["full_counters"] = {
+            "predictor": meta["counters"],
+            "request_log": meta["request_log"],
+        }
+        for p in procs:
+            stop(p)
+        from pipelines.request_log import read_request_log
+
+        results["full_counters"]["logged_rows_after_shutdown"] = len(
+            read_request_log(work / "requests")
+        )
         report = {
             "benchmark": "serving_latency",
             "date": started_at.date().isoformat(),
@@ -464,7 +496,19 @@ def markdown(report: dict[str, Any]) -> str:
     full, bare = report["results"].get("full", {}), report["results"].get("bare", {})
     if "predict_c8" in full and "predict_c8" in bare:
         ratio = full["predict_c8"]["req_per_s"] / bare["predict_c8"]["req_per_s"]
-        lines += ["", f"Full-path throughput at concurrency 8 = {ratio:.2f}x the bare service."]
+        per_round = [
+            round(f / b, 2)
+            for f, b in zip(
+                full["predict_c8"]["rounds_req_per_s"],
+                bare["predict_c8"]["rounds_req_per_s"],
+                strict=True,
+            )
+        ]
+        lines += [
+            "",
+            f"Full-path throughput at concurrency 8 = {ratio:.2f}x the bare service "
+            f"(per round: {per_round}).",
+        ]
     c = report["results"].get("full_counters", {})
     if c:
         log = c.get("request_log") or {}

@@ -13,8 +13,9 @@ Files (one writer per server worker process, named by host and pid)::
     <log_dir>/requests-<UTC start>-<host>-<pid>-<seq>.jsonl   rotated past rotate_bytes
     <profile_dir>/profile-<UTC window start>-<host>-<pid>.bin whylogs, one per window
 
-whylogs profiles are computed in a helper process, so profiling a window does
-not hold the service's GIL.
+whylogs profiles are computed by a helper process (``python -m pipelines.request_log
+profile``) from the window's rows saved as parquet, so profiling does not hold the
+service's GIL.
 
 Durability: ``close()`` (called on a clean shutdown) drains the queue, fsyncs the
 shard and profiles the unfinished window, so nothing is lost. A crash (SIGKILL,
@@ -26,13 +27,13 @@ partial last line; ``read_request_log`` skips it.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime as dt
 import logging
-import multiprocessing as mp
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,22 +122,11 @@ def window_frame(batches: list[LogBatch]) -> pd.DataFrame:
     return frame
 
 
-def _profile_job(frame: pd.DataFrame, path: str) -> str:
-    """Runs in the helper process: profile a window and write it."""
+def profile_file(frame_file: Path, out: Path) -> None:
+    """Profile a window saved as parquet and write the whylogs profile (helper process)."""
     from pipelines import whylogs_adapter as wl
 
-    wl.write_profile(wl.profile(frame), Path(path))
-    return path
-
-
-def _init_profiler() -> None:
-    """Helper process setup: ignore the stop signals sent to the whole process group (the
-    service decides when profiling ends) and import whylogs once."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from pipelines import whylogs_adapter  # noqa: F401
+    wl.write_profile(wl.profile(pd.read_parquet(frame_file)), out)
 
 
 class RequestLog:
@@ -173,15 +163,11 @@ class RequestLog:
         self._seq = 0
         self._window_start: float | None = None
         self._window: list[LogBatch] = []
-        self._profiles: list[cf.Future[str]] = []
+        self._profiles: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
         self._closed = False
-        self._pool: cf.ProcessPoolExecutor | None = None
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            self._pool = cf.ProcessPoolExecutor(
-                max_workers=1, mp_context=mp.get_context("spawn"), initializer=_init_profiler
-            )
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -268,12 +254,14 @@ class RequestLog:
             os.fsync(self._file.fileno())
             self._file_bytes += len(data)
             self.counters["written_rows"] += self._pending_rows
-        except OSError:
+        except OSError:  # disk full or gone: the rows are lost, and counted
             self.counters["write_errors"] += 1
+            self.counters["dropped_rows"] += self._pending_rows
             logger.exception(
-                "request log: writing %d rows to %s failed", len(pending), self.log_dir
+                "request log: writing %d rows to %s failed", self._pending_rows, self.log_dir
             )
         pending.clear()
+        self._pending_rows = 0
 
     def _open_shard(self) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -291,35 +279,62 @@ class RequestLog:
             self._file = None
 
     def _profile_window(self, force: bool) -> None:
-        if self._pool is None or not self._window or self._window_start is None:
+        """Hand a finished window to a helper process (its own session: stop signals sent to
+        the server's process group do not cut it short; the writer waits for it on close)."""
+        if self.profile_dir is None or not self._window or self._window_start is None:
             return
         if not force and time.time() < self._window_start + self.profile_window_seconds:
             return
         batches, self._window = self._window, []
         stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
-        assert self.profile_dir is not None
-        path = self.profile_dir / f"profile-{stamp}-{self.worker}.bin"
+        out = self.profile_dir / f"profile-{stamp}-{self.worker}.bin"
+        frame_file = self.profile_dir / f".window-{stamp}-{self.worker}.parquet"
         try:
-            self._profiles.append(self._pool.submit(_profile_job, window_frame(batches), str(path)))
+            window_frame(batches).to_parquet(frame_file, index=False)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.request_log",
+                    "profile",
+                    str(frame_file),
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": _package_root()},
+            )
+            self._profiles.append((proc, frame_file, out))
         except Exception:
             self.counters["profile_errors"] += 1
             logger.exception("request log: could not profile window %s", stamp)
 
     def _finish_profiles(self, wait: bool) -> None:
-        still: list[cf.Future[str]] = []
-        for future in self._profiles:
-            if not wait and not future.done():
-                still.append(future)
+        still = []
+        for proc, frame_file, out in self._profiles:
+            if not wait and proc.poll() is None:
+                still.append((proc, frame_file, out))
                 continue
             try:
-                future.result()
+                _, err = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode == 0:
                 self.counters["profiles"] += 1
-            except Exception:
+            else:
                 self.counters["profile_errors"] += 1
-                logger.exception("request log: whylogs profile failed")
+                logger.error("request log: profiling %s failed: %s", out, err.decode()[-2000:])
+            frame_file.unlink(missing_ok=True)
         self._profiles = still
-        if wait and self._pool is not None:
-            self._pool.shutdown(wait=True)
+
+
+def _package_root() -> str:
+    """The folder holding the ``pipelines`` package, so the helper imports this very code."""
+    here = str(Path(__file__).resolve().parent.parent)
+    extra = os.environ.get("PYTHONPATH")
+    return here if not extra else f"{here}{os.pathsep}{extra}"
 
 
 def read_request_log(log_dir: Path) -> pd.DataFrame:
@@ -364,3 +379,9 @@ def read_request_log(log_dir: Path) -> pd.DataFrame:
                 row["scores"] = {k: v[i] for k, v in rec["scores"].items() if v[i] is not None}
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":  # the profiling helper: python -m pipelines.request_log profile IN OUT
+    if len(sys.argv) != 4 or sys.argv[1] != "profile":
+        sys.exit("usage: python -m pipelines.request_log profile WINDOW.parquet OUT.bin")
+    profile_file(Path(sys.argv[2]), Path(sys.argv[3]))

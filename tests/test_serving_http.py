@@ -466,6 +466,7 @@ def test_clean_shutdown_keeps_every_answered_row(server: Server) -> None:
     assert "Completed cleanup hook: shutdown" in log_text
     log = read_request_log(server.log_dir)
     assert len(log) == server.answered_rows > 0
+    assert meta["request_log"]["written_rows"] <= len(log)  # written before the last flush
     assert log["request_id"].is_unique
     assert {"prod", "canary", "fallback", "baseline"} <= set(log["route"])
     shadowed = log[log["scores"].map(lambda s: "candidate" in s) & (log["route"] == "prod")]

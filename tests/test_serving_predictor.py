@@ -449,6 +449,8 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     predictor.close()
     log = read_request_log(tmp_path / "requests")
     assert len(log) == answered and log["request_id"].is_unique
+    assert predictor.request_log is not None
+    assert predictor.request_log.counters["written_rows"] == answered
     assert set(log["features"].iloc[0]) == set(CTR_V1.names)
     assert list(Path(tmp_path / "live").glob("profile-*.bin"))  # window profiled on close
     # A crash mid-write leaves a partial last line: it is skipped, the rest is read
