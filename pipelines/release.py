@@ -52,8 +52,9 @@ class ServingPolicy(BaseModel):
     candidate_model: str = "none"
     previous_model: str = "auto"
     latency_budget_ms: float = Field(40.0, gt=0)
-    batch_row_budget_ms: float = Field(0.05, ge=0)
+    batch_row_budget_ms: float = Field(0.2, ge=0)
     breaker_cooldown_seconds: float = Field(10.0, ge=0)
+    breaker_failures: int = Field(3, ge=1)
     freshness_sla_seconds: float = Field(300.0, gt=0)
     max_batch_size: int = Field(5000, ge=1)
     workers: int = Field(1, ge=1)

@@ -12,8 +12,9 @@ One call to ``Predictor.predict`` (a single request or a batch):
    share of users in canary / A-B mode;
 3. walks the fallback chain per row: [candidate ->] prod -> previous -> rule
    baseline. A tier is skipped when it was refused at load (file hash mismatch),
-   its circuit breaker is open, it raises, or it misses the latency budget (the
-   model runs in a helper thread and is abandoned at the deadline). Rows whose
+   its circuit breaker is open (after ``breaker_failures`` failures in a row), it
+   raises, or it misses the latency budget (the model runs in a helper thread and
+   is abandoned at the deadline). Rows whose
    features are unavailable or older than the freshness SLA go straight to the
    baseline, which needs no features. A valid row therefore always gets an answer;
 4. says in every response which model answered, by which route, whether the
@@ -199,6 +200,7 @@ class ModelTier:
     refused: str | None = None
     fault: Fault | None = None
     open_until: float = 0.0
+    failures: int = 0  # consecutive failures since the last success
     last_failure: str | None = None
 
     def unavailable(self, now: float) -> str | None:
@@ -217,9 +219,13 @@ class ModelTier:
         assert self.model is not None
         return np.asarray(self.model.predict_proba(X)[:, 1], dtype=np.float64)
 
-    def trip(self, reason: str, cooldown: float) -> None:
+    def trip(self, reason: str, cooldown: float, threshold: int) -> None:
+        """Count a failure; ``threshold`` failures in a row open the breaker for ``cooldown``."""
         self.last_failure = reason
-        self.open_until = time.monotonic() + cooldown
+        self.failures += 1
+        if self.failures >= threshold:
+            self.open_until = time.monotonic() + cooldown
+            self.failures = 0
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -525,14 +531,15 @@ class Predictor:
                 out = future.result(timeout=budget_s)
             except cf.TimeoutError:
                 why = f"{role} model exceeded the {budget_s * 1000:.0f} ms latency budget"
-                tier.trip(why, policy.breaker_cooldown_seconds)
+                tier.trip(why, policy.breaker_cooldown_seconds, policy.breaker_failures)
                 failures.append((f"{role}_latency_budget", why))
                 continue
             except Exception as exc:
                 why = f"{role} model error: {type(exc).__name__}: {exc}"
-                tier.trip(why, policy.breaker_cooldown_seconds)
+                tier.trip(why, policy.breaker_cooldown_seconds, policy.breaker_failures)
                 failures.append((f"{role}_error", why))
                 continue
+            tier.failures = 0
             prob[rows] = out
             scores.setdefault(role, np.full(len(prob), np.nan))[rows] = out
             route = rt.router.answering_route() if role == "candidate" else _ROLE_ROUTE[role]
@@ -676,6 +683,7 @@ class Predictor:
         rt.tiers[target].fault = fault
         if fault is None:  # clearing a fault also closes its breaker
             rt.tiers[target].open_until = 0.0
+            rt.tiers[target].failures = 0
 
     def metadata(self) -> dict[str, Any]:
         """The release, its lineage, what loaded, and the counters; returned by /metadata."""

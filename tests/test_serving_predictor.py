@@ -224,7 +224,7 @@ def test_stale_or_unavailable_features_get_the_baseline(
 def test_model_errors_walk_the_chain_and_trip_the_breaker(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "previous"))
+    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "previous"), breaker_failures=2)
     reqs = requests_for(20, at)
     predictor.set_fault("prod", Fault("error"))
     out = predictor.predict(reqs)
@@ -235,14 +235,18 @@ def test_model_errors_walk_the_chain_and_trip_the_breaker(
         [r.probability for r in out], direct(models["previous"], raw_dir, reqs), atol=1e-6
     )
     predictor.set_fault("previous", Fault("error"))
+    out = predictor.predict(reqs)  # second prod failure in a row: its breaker opens
+    assert {r.route for r in out} == {"baseline"}
+    assert "prod model error" in out[0].degraded_reason
+    assert "previous model error" in out[0].degraded_reason
     out = predictor.predict(reqs)
     assert {r.route for r in out} == {"baseline"}
     assert "prod skipped" in out[0].degraded_reason  # breaker open: prod not even tried
-    assert "previous model error" in out[0].degraded_reason
     predictor.set_fault("prod", None)  # clearing the fault closes the breaker
     assert {r.route for r in predictor.predict(reqs)} == {"prod"}
     c = predictor.counters
-    assert c["degraded_rows"] == 40 and c["routes"] == {"fallback": 20, "baseline": 20, "prod": 20}
+    assert c["degraded_rows"] == 60 and c["routes"] == {"fallback": 20, "baseline": 40, "prod": 20}
+    assert c["degraded_reasons"] == {"prod_error": 40, "prod_breaker_open": 20}
     predictor.close()
 
 
@@ -256,6 +260,7 @@ def test_latency_budget_breach_falls_back_then_skips(
         tiers=("prod", "previous"),
         latency_budget_ms=50,
         breaker_cooldown_seconds=30,
+        breaker_failures=1,
     )
     predictor.set_fault("prod", Fault("slow", 400))
     first = predictor.predict(requests_for(1, at))[0]
