@@ -512,6 +512,12 @@ def markdown(report: dict[str, Any]) -> str:
     c = report["results"].get("full_counters", {})
     if c:
         log = c.get("request_log") or {}
+        pred = c.get("predictor") or {}
+        lines += [
+            "",
+            f"Full path answered {pred.get('rows')} rows, by route {pred.get('routes')}; "
+            f"degraded rows {pred.get('degraded_rows')} {pred.get('degraded_reasons') or ''}.",
+        ]
         lines += [
             "",
             f"Request log: {log.get('written_rows')} rows written before shutdown, "
