@@ -66,6 +66,11 @@ def _model_path(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
+def _load_runtime() -> Runtime:
+    """Load the release file as it is now (used by reload, here and in the other workers)."""
+    return Runtime.load(load_release(RELEASE_FILE), _model_path)
+
+
 def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
     """None if the bearer token matches, else the error body (status set on ``ctx``)."""
     token = os.environ.get(POLICY.admin_token_env, "")
@@ -118,6 +123,7 @@ class CtrService:
             request_log,
             _local_path(POLICY.state_dir, "CTR_STATE_DIR"),
             background_queue_size=POLICY.shadow_queue_size,
+            reloader=_load_runtime,
         )
         for problem in runtime.problems:
             logger.error("release %s: %s", RELEASE.release_id, problem)
@@ -173,15 +179,13 @@ class CtrService:
         if refused:
             return refused
 
-        def load() -> Runtime:
-            return Runtime.load(load_release(RELEASE_FILE), _model_path)
-
         try:
-            runtime = await asyncio.to_thread(load)
+            runtime = await asyncio.to_thread(_load_runtime)
         except Exception as exc:  # a bad release file keeps the old release serving
             ctx.response.status_code = 422
             return {"error": f"reload failed, still serving the previous release: {exc}"}
         self.predictor.reload(runtime)
+        self.predictor.announce_reload()  # the other workers of this pod follow within ~1 s
         logger.warning(
             "admin: reloaded release %s (problems: %s)",
             runtime.release.release_id,

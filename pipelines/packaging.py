@@ -1,5 +1,10 @@
 """The ``package`` stage: BentoML models + release file + bento, exported as one archive.
 
+The release (``pipelines.release``) names the prod model (this run's ``build/model``),
+an optional candidate and the previous prod model, each stored in BentoML as
+``ctr_model:m<md5[:12]>`` with its file hashes, metrics and lineage in the metadata;
+every model of the release ships in the bento.
+
 BentoML keeps models and bentos under ``BENTOML_HOME``; the project pins it to
 ``.bentoml/`` in the repository (``base.bentoml_home``) so runs are isolated and
 reproducible. The exported ``.bento`` archive is the DVC-tracked artifact: it can

@@ -357,10 +357,14 @@ class Predictor:
         request_log: RequestLog | None = None,
         state_dir: Path | None = None,
         background_queue_size: int = 1000,
+        reloader: Callable[[], Runtime] | None = None,
     ) -> None:
         self.runtime = runtime
         self.request_log = request_log
         self.state_dir = state_dir
+        self.reloader = reloader
+        self._reload_thread: threading.Thread | None = None
+        self._reload_generation = self._read_generation()
         self.counters: dict[str, Any] = {
             "requests": 0,
             "rows": 0,
@@ -628,6 +632,59 @@ class Predictor:
         self.runtime = runtime
         self._apply_overrides(force=True)
 
+    def announce_reload(self) -> int:
+        """Ask the other worker processes sharing ``state_dir`` to reload too.
+
+        Bumps the generation in ``state_dir/reload.json``; every worker polls it at most
+        once a second and reloads (with its ``reloader``) in a background thread.
+        """
+        if self.state_dir is None:
+            return 0
+        from pipelines.io import write_json
+
+        generation = self._read_generation() + 1
+        self._reload_generation = generation
+        write_json(
+            self.state_dir / "reload.json",
+            {
+                "generation": generation,
+                "pid": os.getpid(),
+                "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        return generation
+
+    def _read_generation(self) -> int:
+        if self.state_dir is None:
+            return 0
+        try:
+            return int(json.loads((self.state_dir / "reload.json").read_text())["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _maybe_follow_reload(self) -> None:
+        generation = self._read_generation()
+        if generation <= self._reload_generation or self.reloader is None:
+            return
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            return
+        self._reload_generation = generation
+        reloader = self.reloader
+
+        def run() -> None:
+            try:
+                self.reload(reloader())
+                logger.warning(
+                    "reloaded release (generation %d) on request of another worker", generation
+                )
+            except Exception:
+                logger.exception(
+                    "reload generation %d failed; still serving the old release", generation
+                )
+
+        self._reload_thread = threading.Thread(target=run, name="reload", daemon=True)
+        self._reload_thread.start()
+
     def set_candidate_share(self, share: float) -> dict[str, Any]:
         """Change the candidate's share of users now (0 = kill switch) and persist it.
 
@@ -657,6 +714,8 @@ class Predictor:
         if not force and now - self._overrides_checked < 1.0:
             return
         self._overrides_checked = now
+        if not force:
+            self._maybe_follow_reload()
         path = self.state_dir / "overrides.json"
         try:
             mtime = path.stat().st_mtime

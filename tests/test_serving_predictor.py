@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +432,34 @@ def test_kill_switch_is_shared_through_the_state_dir(
     )
     assert fresh.runtime.router.candidate_share == 0.4
     for p in (predictor, other, fresh):
+        p.close()
+
+
+def test_reload_announced_by_one_worker_is_followed_by_the_others(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    policy = ServingPolicy(routing="canary", candidate_share=1.0, latency_budget_ms=5000)
+    new_release, model_path = release_for(policy, raw_dir, models["prod"], models["candidate"])
+
+    def reloader() -> Runtime:
+        return Runtime.load(new_release, model_path)
+
+    first = make(models, raw_dir, tmp_path, log=False)
+    other = make(models, raw_dir, tmp_path, log=False)  # another worker: same state dir
+    other.reloader = reloader
+    first.reload(reloader())
+    assert first.announce_reload() == 1
+    deadline = time.monotonic() + 30
+    while other.runtime.release.release_id != new_release.release_id:
+        assert time.monotonic() < deadline, "the other worker did not follow the reload"
+        other.predict(requests_for(1, at))  # polls the state dir at most once a second
+        time.sleep(0.2)
+    assert {r.route for r in other.predict(requests_for(50, at))} == {"canary"}
+    late = make(models, raw_dir, tmp_path, log=False)  # started after: loads what it is given
+    late.reloader = reloader
+    late.predict(requests_for(1, at))
+    assert late.runtime.release.release_id != new_release.release_id
+    for p in (first, other, late):
         p.close()
 
 
