@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal  # noqa: E402
 
 import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from pipelines.release import load_release  # noqa: E402
 from pipelines.request_log import RequestLog  # noqa: E402
@@ -151,7 +151,8 @@ class CtrService:
     ) -> list[PredictResponse]:
         """Score 1 to ``serving.max_batch_size`` impressions in one call."""
         try:
-            return self.predictor.predict(requests, "predict_batch")
+            body = self.predictor.predict_json(requests, "predict_batch")
+            return Response(body, media_type="application/json")  # type: ignore[return-value]
         except NoTierAvailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
 

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 import joblib
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.features import FEATURE_SETS, EventIndex
@@ -391,6 +392,18 @@ class Predictor:
         self, requests: Sequence[PredictRequest], endpoint: str = "predict"
     ) -> list[PredictResponse]:
         """Answer every (validated) request; see the module docstring for the chain."""
+        # model_construct: the values are built by _answer and already valid;
+        # validating them again per row would cost more than scoring the row.
+        return [PredictResponse.model_construct(**a) for a in self._answer(requests, endpoint)]
+
+    def predict_json(
+        self, requests: Sequence[PredictRequest], endpoint: str = "predict_batch"
+    ) -> bytes:
+        """The same answers as ``predict``, already encoded as a JSON array (batch endpoint:
+        skips building and re-serializing one pydantic object per row)."""
+        return orjson.dumps(self._answer(requests, endpoint))
+
+    def _answer(self, requests: Sequence[PredictRequest], endpoint: str) -> list[dict[str, Any]]:
         started = time.perf_counter()
         self._apply_overrides()
         rt = self.runtime
@@ -465,19 +478,20 @@ class Predictor:
                     codes[i], reasons[i] = "no_model", "no model tier could answer"
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._count(routes, codes)
-        # model_construct: the values are built here and already valid; validating
-        # them again per row costs more than scoring a batch row.
-        responses = [
-            PredictResponse.model_construct(
-                request_id=request_ids[i],
-                probability=round(float(prob[i]), 6),
-                model_version=models[i],
-                route=routes[i],  # type: ignore[arg-type]
-                degraded=reasons[i] is not None,
-                degraded_reason=reasons[i],
-                feature_age_seconds=None if age[i] != age[i] else round(float(age[i]), 3),
-                features_fresh=bool(fresh[i]),
-            )
+        probs = np.round(prob, 6).tolist()
+        ages = np.round(age, 3).tolist()
+        fresh_list = fresh.tolist()
+        answers = [
+            {
+                "request_id": request_ids[i],
+                "probability": probs[i],
+                "model_version": models[i],
+                "route": routes[i],
+                "degraded": reasons[i] is not None,
+                "degraded_reason": reasons[i],
+                "feature_age_seconds": None if ages[i] != ages[i] else ages[i],
+                "features_fresh": fresh_list[i],
+            }
             for i in range(n)
         ]
         log = LogBatch(
@@ -501,7 +515,7 @@ class Predictor:
             scores=scores,
         )
         self._after(rt, log, plan.background & answered, plan.candidate, X)
-        return responses
+        return answers
 
     def _score_chain(
         self,

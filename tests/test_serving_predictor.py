@@ -28,6 +28,7 @@ from pipelines.serving import (
     NoTierAvailable,
     Predictor,
     PredictRequest,
+    PredictResponse,
     Runtime,
 )
 from tests.serving_support import (
@@ -195,6 +196,10 @@ def test_prod_answers_fresh_requests_with_the_models_own_output(
     reqs = requests_for(50, at)
     out = predictor.predict(reqs)
     assert {r.route for r in out} == {"prod"} and not any(r.degraded for r in out)
+    encoded = json.loads(predictor.predict_json(reqs))  # the batch endpoint's encoding
+    assert [
+        PredictResponse.model_validate(e).model_dump(exclude={"request_id"}) for e in encoded
+    ] == [r.model_dump(exclude={"request_id"}) for r in out]
     assert all(r.feature_age_seconds == 0 and r.features_fresh for r in out)
     np.testing.assert_allclose(
         [r.probability for r in out], direct(models["prod"], raw_dir, reqs), atol=1e-6
