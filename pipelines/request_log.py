@@ -384,4 +384,5 @@ def read_request_log(log_dir: Path) -> pd.DataFrame:
 if __name__ == "__main__":  # the profiling helper: python -m pipelines.request_log profile IN OUT
     if len(sys.argv) != 4 or sys.argv[1] != "profile":
         sys.exit("usage: python -m pipelines.request_log profile WINDOW.parquet OUT.bin")
+    os.nice(10)  # yield the CPU to the service it profiles for
     profile_file(Path(sys.argv[2]), Path(sys.argv[3]))
