@@ -14,7 +14,7 @@ export WHYLOGS_NO_ANALYTICS := True
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::UserWarning:papermill.iorw
 
-.PHONY: help setup data run test check lock clean review
+.PHONY: help setup data run test check lock clean review serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,6 +62,10 @@ $(VENV)/.git-notebooks-done: $(VENV)/.setup-done .gitattributes
 BASE ?= main
 review: setup ## review report of the working tree vs BASE (default main): reports/review/review.{md,html}
 	$(BIN)/mlops review --base $(BASE)
+
+serve: setup ## serve the built release bento on 127.0.0.1:3000 (docs/serving.md)
+	MLOPS_PROJECT_ROOT=$(CURDIR) $(BIN)/bentoml serve \
+	  $$($(BIN)/python -c "import json; print(json.load(open('build/bento/bento.json'))['bento_tag'])") --port 3000
 
 clean: ## remove the virtual environment and local BentoML store (data and DVC cache stay)
 	rm -rf $(VENV) .bentoml

@@ -1,94 +1,227 @@
-"""The click-through BentoML service: HTTP wiring only; logic is in ``pipelines.serving``."""
+"""The click-through BentoML service: HTTP wiring only; logic is in ``pipelines.serving``.
+
+Environment (all optional):
+
+* ``CTR_RELEASE_FILE``: release to serve (default: the one built into the bento);
+* ``CTR_ADMIN_TOKEN`` (name set by ``serving.admin_token_env``): bearer token for
+  the ``/admin/*`` endpoints; unset means they refuse every call;
+* ``CTR_ENABLE_FAULT_INJECTION=1``: allow ``/admin/fault`` (chaos tests only);
+* ``CTR_REQUEST_LOG_DIR``, ``CTR_PROFILE_DIR``, ``CTR_STATE_DIR``: override the
+  ``serving.*_dir`` paths, which are otherwise relative to ``MLOPS_PROJECT_ROOT``
+  (or the working directory).
+
+The service binds to 127.0.0.1 unless ``bentoml serve --host`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import os
 
 # One BLAS/OpenMP thread per worker: with the default, two workers on 2 cores
-# oversubscribe and throughput collapses.
+# oversubscribe and tail latency goes to seconds.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import datetime as dt  # noqa: E402
+import asyncio  # noqa: E402
 import gc  # noqa: E402
+import hmac  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Annotated, Any, Literal  # noqa: E402
 
 import bentoml  # noqa: E402
+from pydantic import Field  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
 
+from pipelines.release import load_release  # noqa: E402
+from pipelines.request_log import RequestLog  # noqa: E402
 from pipelines.serving import (  # noqa: E402
-    Device,
-    Id,
+    Fault,
+    NoTierAvailable,
     Predictor,
     PredictRequest,
     PredictResponse,
-    Surface,
-    load_release,
+    Runtime,
 )
 
+logger = logging.getLogger("ctr.service")
 RELEASE_FILE = Path(
     os.environ.get(
         "CTR_RELEASE_FILE", Path(__file__).resolve().parent.parent / "build/release/release.json"
     )
 )
 RELEASE = load_release(RELEASE_FILE)
+POLICY = RELEASE.policy
+MAX_BATCH = POLICY.max_batch_size
+
+
+def _local_path(setting: str, env: str) -> Path:
+    override = os.environ.get(env)
+    if override:
+        return Path(override)
+    base = Path(os.environ.get("MLOPS_PROJECT_ROOT", "."))
+    return base / setting
+
+
+def _model_path(tag: str) -> Path:
+    return Path(bentoml.models.get(tag).path)
+
+
+def _load_runtime() -> Runtime:
+    """Load the release file as it is now (used by reload, here and in the other workers)."""
+    return Runtime.load(load_release(RELEASE_FILE), _model_path)
+
+
+def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
+    """None if the bearer token matches, else the error body (status set on ``ctx``)."""
+    token = os.environ.get(POLICY.admin_token_env, "")
+    if not token:
+        ctx.response.status_code = 403
+        return {
+            "error": f"admin endpoints are disabled: set {POLICY.admin_token_env} in the "
+            "service environment to enable them"
+        }
+    header = ctx.request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        ctx.response.status_code = 401
+        return {"error": "missing bearer token: send 'Authorization: Bearer <token>'"}
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        ctx.response.status_code = 403
+        return {"error": "invalid admin token"}
+    return None
 
 
 @bentoml.service(
-    name=RELEASE["service_name"],
+    name=RELEASE.service_name,
     traffic={"timeout": 10},
-    workers=1,
+    workers=POLICY.workers,
     http={"host": "127.0.0.1"},
 )
 class CtrService:
-    """Click probability for (user, item, surface, device[, timestamp])."""
+    """Click probability for (user, item, surface, device[, timestamp]), routed, with fallbacks."""
 
-    model_ref = bentoml.models.BentoModel(RELEASE["model_tag"])
-    features_ref = bentoml.models.BentoModel(RELEASE["features_tag"])
+    # Every model of the release is referenced here so `bentoml build` ships it.
+    prod_model = bentoml.models.BentoModel(RELEASE.prod.tag)
+    candidate_model = (
+        bentoml.models.BentoModel(RELEASE.candidate.tag) if RELEASE.candidate else None
+    )
+    previous_model = bentoml.models.BentoModel(RELEASE.previous.tag) if RELEASE.previous else None
+    features_ref = bentoml.models.BentoModel(RELEASE.feature_source.tag)
 
     def __init__(self) -> None:
-        self.predictor = Predictor.load(
-            RELEASE, Path(self.model_ref.path), Path(self.features_ref.path)
+        runtime = Runtime.load(RELEASE, _model_path)
+        request_log = RequestLog(
+            _local_path(POLICY.request_log_dir, "CTR_REQUEST_LOG_DIR"),
+            _local_path(POLICY.profile_dir, "CTR_PROFILE_DIR"),
+            flush_seconds=POLICY.log_flush_seconds,
+            rotate_bytes=int(POLICY.log_rotate_mb * (1 << 20)),
+            queue_size=POLICY.log_queue_size,
+            profile_window_seconds=POLICY.profile_window_seconds,
         )
+        self.predictor = Predictor(
+            runtime,
+            request_log,
+            _local_path(POLICY.state_dir, "CTR_STATE_DIR"),
+            background_queue_size=POLICY.shadow_queue_size,
+            reloader=_load_runtime,
+        )
+        for problem in runtime.problems:
+            logger.error("release %s: %s", RELEASE.release_id, problem)
         # Move everything loaded so far out of the GC's generations: it cut p99
         # latency at concurrency 1 from ~120 ms to ~7 ms on 2 cores.
         gc.freeze()
 
-    @bentoml.api
-    def predict(
-        self,
-        user: Id,
-        item: Id,
-        surface: Surface,
-        device: Device,
-        timestamp: dt.datetime | None = None,
-    ) -> PredictResponse:
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        """Clean shutdown: finish background scoring and flush the request log."""
+        self.predictor.close()
+
+    @bentoml.api(route="/predict")
+    def predict(self, request: PredictRequest, /) -> PredictResponse:
         """Score one impression."""
-        request = PredictRequest(
-            user=user, item=item, surface=surface, device=device, timestamp=timestamp
-        )
-        return self.predictor.predict([request])[0]
+        try:
+            return self.predictor.predict([request], "predict")[0]
+        except NoTierAvailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
 
-    @bentoml.api
-    def predict_batch(self, requests: list[PredictRequest]) -> list[PredictResponse]:
-        """Score up to a few thousand impressions in one call."""
-        return self.predictor.predict(requests) if requests else []
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(
+        self,
+        requests: Annotated[list[PredictRequest], Field(min_length=1, max_length=MAX_BATCH)],
+    ) -> list[PredictResponse]:
+        """Score 1 to ``serving.max_batch_size`` impressions in one call."""
+        try:
+            body = self.predictor.predict_json(requests, "predict_batch")
+            return Response(body, media_type="application/json")  # type: ignore[return-value]
+        except NoTierAvailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
 
-    @bentoml.api
+    @bentoml.api(route="/metadata")
     def metadata(self) -> dict[str, Any]:
-        """The release served: versions, feature set, lineage and counters."""
+        """The release served (tiers, registry versions, lineage), load problems and counters."""
+        return self.predictor.metadata()
+
+    @bentoml.api(route="/admin/canary")
+    async def admin_canary(
+        self, ctx: bentoml.Context, share: Annotated[float, Field(ge=0.0, le=1.0)]
+    ) -> dict[str, Any]:
+        """Set the candidate's share of users now; 0 is the kill switch. Bearer token required."""
+        refused = _refuse(ctx)
+        if refused:
+            return refused
+        state = self.predictor.set_candidate_share(share)
+        logger.warning("admin: candidate share set to %s", share)
+        return {"ok": True, **state}
+
+    @bentoml.api(route="/admin/reload")
+    async def admin_reload(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """Re-read the release file and reload every tier, no restart. Bearer token required."""
+        refused = _refuse(ctx)
+        if refused:
+            return refused
+
+        try:
+            runtime = await asyncio.to_thread(_load_runtime)
+        except Exception as exc:  # a bad release file keeps the old release serving
+            ctx.response.status_code = 422
+            return {"error": f"reload failed, still serving the previous release: {exc}"}
+        self.predictor.reload(runtime)
+        self.predictor.announce_reload()  # the other workers of this pod follow within ~1 s
+        logger.warning(
+            "admin: reloaded release %s (problems: %s)",
+            runtime.release.release_id,
+            runtime.problems,
+        )
         return {
-            "service": RELEASE["service_name"],
-            "model_version": RELEASE["model_version"],
-            "model_tag": RELEASE["model_tag"],
-            "features_tag": RELEASE["features_tag"],
-            "feature_set": RELEASE["feature_set"],
-            "features": RELEASE["features"],
-            "feature_store_as_of": dt.datetime.fromtimestamp(
-                self.predictor.index.as_of_ms / 1000, dt.UTC
-            ).isoformat(),
-            "model_loaded": self.predictor.model is not None,
-            "model_load_error": self.predictor.load_error,
-            "lineage": RELEASE["lineage"],
-            "metrics": RELEASE.get("metrics", {}),
-            "counters": self.predictor.counters,
+            "ok": True,
+            "release_id": runtime.release.release_id,
+            "problems": runtime.problems,
+            "tiers": {r: t.status() for r, t in runtime.tiers.items()},
         }
+
+    @bentoml.api(route="/admin/fault")
+    async def admin_fault(
+        self,
+        ctx: bentoml.Context,
+        target: Literal["prod", "candidate", "previous", "features"],
+        kind: Literal["error", "slow", "none"],
+        delay_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0,
+    ) -> dict[str, Any]:
+        """Inject or clear a fault (chaos tests): CTR_ENABLE_FAULT_INJECTION=1 and token needed."""
+        refused = _refuse(ctx)
+        if refused:
+            return refused
+        if os.environ.get("CTR_ENABLE_FAULT_INJECTION") != "1":
+            ctx.response.status_code = 403
+            return {
+                "error": "fault injection is disabled: start the service with "
+                "CTR_ENABLE_FAULT_INJECTION=1 (test environments only)"
+            }
+        fault = None if kind == "none" else Fault(kind, delay_ms)
+        try:
+            self.predictor.set_fault(target, fault)
+        except KeyError as exc:
+            ctx.response.status_code = 404
+            return {"error": str(exc.args[0])}
+        logger.warning("admin: fault on %s set to %s", target, fault)
+        return {"ok": True, "target": target, "fault": None if fault is None else vars(fault)}

@@ -286,8 +286,8 @@ def test_release_flow_register_promote_rollback_history_lineage(
         ("stage", "v1.1.0", "staging"),
         ("promote", "v1.1.0", "canary"),
         ("promote", "v1.1.0", "prod"),
-        ("rollback", "v1.0.0", "prod"),
         ("rollback-unassign", "v1.1.0", "prod"),
+        ("rollback", "v1.0.0", "prod"),
     ]
     assert {e["author"] for e in history} == {"Test User <test@localhost>"}
     assert [
@@ -295,8 +295,8 @@ def test_release_flow_register_promote_rollback_history_lineage(
     ] == [OWNER, OWNER]
     assert history[3]["fields"]["canary_evidence"]["healthy"] is True
     assert history[7]["fields"]["canary_evidence"]["present"] is False
-    assert history[8]["reason"] == "calibration worse"
-    assert history[8]["fields"]["effect"]["archive_md5"] == archive_md5
+    assert history[9]["reason"] == "calibration worse"
+    assert history[9]["fields"]["effect"]["archive_md5"] == archive_md5
     text = mlops("history")
     assert text.count("approved by Release Owner") == 2 and "calibration worse" in text
 

@@ -1,0 +1,524 @@
+"""The serving logic without a server: release file, routing, fallback chain, request log.
+
+Uses the small project's trained model and event snapshot plus two more model
+versions trained here on the same dataset (candidate and previous).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import ConfigError
+from pipelines.features import CTR_V1, EventIndex, to_ms
+from pipelines.packaging import previous_prod_tag
+from pipelines.release import ServingPolicy, build_release, load_release, policy_from_params
+from pipelines.request_log import LogBatch, RequestLog, read_request_log
+from pipelines.routing import Router, unit_hash
+from pipelines.serving import (
+    Fault,
+    NoTierAvailable,
+    Predictor,
+    PredictRequest,
+    PredictResponse,
+    Runtime,
+)
+from tests.serving_support import (
+    feature_ref_for_dir,
+    last_event_time,
+    model_ref_for_dir,
+    release_for,
+    train_variant,
+)
+
+
+@pytest.fixture(scope="module")
+def models(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """prod (the project's model), candidate and previous (trained here, different params)."""
+    base = tmp_path_factory.mktemp("models")
+    return {
+        "prod": small_project / "build/model",
+        "candidate": train_variant(small_project, base / "candidate", 25, 0.2),
+        "previous": train_variant(small_project, base / "previous", 15, 0.1),
+    }
+
+
+@pytest.fixture(scope="module")
+def raw_dir(small_project: Path) -> Path:
+    return small_project / "data"
+
+
+@pytest.fixture(scope="module")
+def at(raw_dir: Path) -> str:
+    """A request time an hour before the snapshot's last event: features exact and fresh."""
+    return (last_event_time(raw_dir) - pd.Timedelta(hours=1)).isoformat()
+
+
+def requests_for(n: int, at: str, offset: int = 0) -> list[PredictRequest]:
+    surfaces, devices = ("feed", "search", "recs"), ("mobile", "desktop", "tablet")
+    return [
+        PredictRequest(
+            user=f"u{(i + offset) % 1500:05d}",
+            item=f"i{(i * 7) % 400:05d}",
+            surface=surfaces[i % 3],
+            device=devices[i % 3],
+            timestamp=at,
+        )
+        for i in range(n)
+    ]
+
+
+def make(
+    models: dict[str, Path],
+    raw_dir: Path,
+    tmp_path: Path,
+    tiers: tuple[str, ...] = ("prod",),
+    log: bool = True,
+    profiles: bool = False,
+    **policy: Any,
+) -> Predictor:
+    policy.setdefault("latency_budget_ms", 5000)  # a busy test machine must not trip it
+    release, model_path = release_for(
+        ServingPolicy(**policy),
+        raw_dir,
+        models["prod"],
+        models["candidate"] if "candidate" in tiers else None,
+        models["previous"] if "previous" in tiers else None,
+    )
+    runtime = Runtime.load(release, model_path)
+    request_log = (
+        RequestLog(
+            tmp_path / "requests", tmp_path / "live" if profiles else None, flush_seconds=0.2
+        )
+        if log
+        else None
+    )
+    return Predictor(runtime, request_log, tmp_path / "state")
+
+
+@functools.lru_cache(maxsize=2)
+def event_index(raw_dir: Path) -> EventIndex:
+    return EventIndex(pd.read_parquet(raw_dir / "events.parquet"), CTR_V1)
+
+
+def direct(model_dir: Path, raw_dir: Path, reqs: list[PredictRequest]) -> np.ndarray:
+    """What the model itself says for these requests (features from the same EventIndex)."""
+    import joblib
+
+    index = event_index(raw_dir)
+    X = index.lookup(
+        [r.user for r in reqs],
+        [r.item for r in reqs],
+        [r.surface for r in reqs],
+        [r.device for r in reqs],
+        to_ms([r.timestamp for r in reqs]),
+    )
+    return joblib.load(model_dir / "model.joblib").predict_proba(X.to_numpy(np.float64))[:, 1]
+
+
+# --- release file -------------------------------------------------------------------
+def test_serving_params_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"serving\.candidate_share"):
+        policy_from_params({"serving": {"candidate_share": 2}})
+    with pytest.raises(ConfigError, match=r"serving\.routng"):
+        policy_from_params({"serving": {"routng": "canary"}})
+    with pytest.raises(ConfigError, match="no 'serving' section"):
+        policy_from_params({})
+
+
+def test_release_round_trip_stable_id_and_candidate_rule(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path
+) -> None:
+    policy = ServingPolicy(routing="canary", candidate_share=0.25)
+    first, _ = release_for(policy, raw_dir, models["prod"], models["candidate"], models["previous"])
+    again, _ = release_for(policy, raw_dir, models["prod"], models["candidate"], models["previous"])
+    assert first.release_id == again.release_id
+    path = tmp_path / "release.json"
+    path.write_text(json.dumps(first.to_json_dict()))
+    loaded = load_release(path)
+    assert loaded.model_dump() == first.model_dump()
+    data = json.loads(path.read_text())
+    assert data["model_tag"] == first.prod.tag and data["features"] == CTR_V1.names
+    assert {r: t.stage for r, t in loaded.tiers().items()} == {
+        "prod": "prod",
+        "candidate": "candidate",
+        "previous": "previous",
+    }
+    with pytest.raises(ConfigError, match="no candidate model"):
+        build_release(
+            "ctr_service", policy, feature_ref_for_dir(raw_dir), model_ref_for_dir(models["prod"])
+        )
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**data, "policy": {**data["policy"], "routing": "blue-green"}}))
+    with pytest.raises(ConfigError, match=r"(?s)not a valid release.*routing"):
+        load_release(bad)
+
+
+def test_previous_prod_comes_from_the_release_being_replaced() -> None:
+    assert previous_prod_tag(None, "ctr_model:b") is None
+    assert previous_prod_tag({"model_tag": "ctr_model:a"}, "ctr_model:b") == "ctr_model:a"
+    old = {"prod": {"tag": "ctr_model:b"}, "previous": {"tag": "ctr_model:a"}}
+    assert previous_prod_tag(old, "ctr_model:b") == "ctr_model:a"  # same prod: keep its previous
+    assert previous_prod_tag(old, "ctr_model:c") == "ctr_model:b"
+
+
+# --- routing --------------------------------------------------------------------------
+def test_canary_share_is_sticky_monotone_and_near_target() -> None:
+    users = [f"user-{i}" for i in range(20_000)]
+    rids = [f"r{i}" for i in range(20_000)]
+    ten = Router("canary", 0.10, 0.0, "salt").plan(users, rids, True).candidate
+    assert abs(ten.mean() - 0.10) < 0.01
+    assert (Router("canary", 0.10, 0.0, "salt").plan(users, rids, True).candidate == ten).all()
+    twenty = Router("canary", 0.20, 0.0, "salt").plan(users, rids, True).candidate
+    assert abs(twenty.mean() - 0.20) < 0.012 and twenty[ten].all()  # raising keeps the first 10%
+    other = Router("canary", 0.10, 0.0, "other").plan(users, rids, True).candidate
+    assert (other != ten).sum() > 1000  # a new salt reshuffles
+    shadow = Router("shadow", 0.5, 0.3, "salt").plan(users, rids, True)
+    assert not shadow.candidate.any() and abs(shadow.background.mean() - 0.3) < 0.015
+    assert not Router("canary", 0.5, 1.0, "s").plan(users, rids, False).candidate.any()
+    h = unit_hash("k", users)
+    assert 0 <= h.min() and h.max() < 1 and abs(h.mean() - 0.5) < 0.01
+
+
+# --- the fallback chain ---------------------------------------------------------------
+def test_prod_answers_fresh_requests_with_the_models_own_output(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(models, raw_dir, tmp_path)
+    reqs = requests_for(50, at)
+    out = predictor.predict(reqs)
+    assert {r.route for r in out} == {"prod"} and not any(r.degraded for r in out)
+    encoded = json.loads(predictor.predict_json(reqs))  # the batch endpoint's encoding
+    assert [
+        PredictResponse.model_validate(e).model_dump(exclude={"request_id"}) for e in encoded
+    ] == [r.model_dump(exclude={"request_id"}) for r in out]
+    assert all(r.feature_age_seconds == 0 and r.features_fresh for r in out)
+    np.testing.assert_allclose(
+        [r.probability for r in out], direct(models["prod"], raw_dir, reqs), atol=1e-6
+    )
+    predictor.close()
+
+
+def test_stale_or_unavailable_features_get_the_baseline(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path
+) -> None:
+    predictor = make(models, raw_dir, tmp_path, freshness_sla_seconds=300)
+    now = PredictRequest(user="u00001", item="i00001", surface="feed", device="mobile")
+    stale = predictor.predict([now])[0]  # no timestamp: now, weeks after the snapshot
+    assert stale.route == "baseline" and stale.degraded and not stale.features_fresh
+    assert "300 s freshness SLA" in stale.degraded_reason
+    later = (last_event_time(raw_dir) + pd.Timedelta(seconds=200)).isoformat()
+    ok = predictor.predict([PredictRequest(**{**now.model_dump(), "timestamp": later})])[0]
+    assert ok.route == "prod" and ok.feature_age_seconds == pytest.approx(200, abs=1)
+    predictor.set_fault("features", Fault("error"))
+    down = predictor.predict([PredictRequest(**{**now.model_dump(), "timestamp": later})])[0]
+    assert down.route == "baseline" and down.feature_age_seconds is None
+    assert down.degraded_reason.startswith("feature store unavailable")
+    counts = predictor.counters["degraded_reasons"]
+    assert counts == {"features_stale": 1, "features_unavailable": 1}
+    predictor.close()
+
+
+def test_model_errors_walk_the_chain_and_trip_the_breaker(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(models, raw_dir, tmp_path, tiers=("prod", "previous"), breaker_failures=2)
+    reqs = requests_for(20, at)
+    predictor.set_fault("prod", Fault("error"))
+    out = predictor.predict(reqs)
+    assert {r.route for r in out} == {"fallback"}
+    assert out[0].model_version == predictor.runtime.tiers["previous"].ref.label
+    assert "prod model error: InjectedFault" in out[0].degraded_reason
+    np.testing.assert_allclose(
+        [r.probability for r in out], direct(models["previous"], raw_dir, reqs), atol=1e-6
+    )
+    predictor.set_fault("previous", Fault("error"))
+    out = predictor.predict(reqs)  # second prod failure in a row: its breaker opens
+    assert {r.route for r in out} == {"baseline"}
+    assert "prod model error" in out[0].degraded_reason
+    assert "previous model error" in out[0].degraded_reason
+    out = predictor.predict(reqs)
+    assert {r.route for r in out} == {"baseline"}
+    assert "prod skipped" in out[0].degraded_reason  # breaker open: prod not even tried
+    predictor.set_fault("prod", None)  # clearing the fault closes the breaker
+    assert {r.route for r in predictor.predict(reqs)} == {"prod"}
+    c = predictor.counters
+    assert c["degraded_rows"] == 60 and c["routes"] == {"fallback": 20, "baseline": 40, "prod": 20}
+    assert c["degraded_reasons"] == {"prod_error": 40, "prod_breaker_open": 20}
+    predictor.close()
+
+
+def test_latency_budget_breach_falls_back_then_skips(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "previous"),
+        latency_budget_ms=50,
+        breaker_cooldown_seconds=30,
+        breaker_failures=1,
+    )
+    predictor.set_fault("prod", Fault("slow", 400))
+    first = predictor.predict(requests_for(1, at))[0]
+    assert (
+        first.route == "fallback" and "exceeded the 50 ms latency budget" in first.degraded_reason
+    )
+    second = predictor.predict(requests_for(1, at))[0]
+    assert second.route == "fallback" and "prod skipped" in second.degraded_reason
+    assert predictor.counters["degraded_reasons"] == {
+        "prod_latency_budget": 1,
+        "prod_breaker_open": 1,
+    }
+    predictor.close()
+
+
+def test_corrupt_model_file_is_refused_and_reported(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    release, model_path = release_for(
+        ServingPolicy(latency_budget_ms=5000), raw_dir, models["prod"], None, models["previous"]
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(models["prod"], broken)
+    with (broken / "model.joblib").open("ab") as handle:
+        handle.write(b"tampered")
+
+    def resolve(tag: str) -> Path:
+        return broken if tag == release.prod.tag else model_path(tag)
+
+    runtime = Runtime.load(release, resolve)
+    assert runtime.tiers["prod"].model is None
+    assert any("prod" in p and "md5" in p for p in runtime.problems)
+    predictor = Predictor(runtime)
+    out = predictor.predict(requests_for(5, at))
+    assert {r.route for r in out} == {"fallback"}
+    assert "prod refused at load: ArtifactMismatch" in out[0].degraded_reason
+    assert predictor.metadata()["tiers"]["prod"]["refused"].startswith("ArtifactMismatch")
+    predictor.close()
+    # Baseline file damaged as well and the features down: nothing can answer -> NoTierAvailable
+    with (broken / "baseline.json").open("a") as handle:
+        handle.write(" ")
+    runtime = Runtime.load(release.model_copy(update={"previous": None}), resolve)
+    assert runtime.baseline is None
+    predictor = Predictor(runtime)
+    with pytest.raises(NoTierAvailable, match="rule baseline refused"):
+        predictor.predict(requests_for(1, at))
+    predictor.close()
+
+
+# --- canary, shadow, A/B, kill switch ----------------------------------------------------
+def test_canary_answers_its_share_with_the_candidate(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.3,
+        shadow_sample_rate=0.0,
+    )
+    reqs = requests_for(1500, at)
+    out = predictor.predict(reqs)
+    canary = np.array([r.route == "canary" for r in out])
+    assert 0.25 < canary.mean() < 0.35
+    assert {r.route for r in out} == {"prod", "canary"} and not any(r.degraded for r in out)
+    expected = np.where(
+        canary, direct(models["candidate"], raw_dir, reqs), direct(models["prod"], raw_dir, reqs)
+    )
+    np.testing.assert_allclose([r.probability for r in out], expected, atol=1e-6)
+    # Candidate failing: its users get prod, flagged degraded
+    predictor.set_fault("candidate", Fault("error"))
+    again = predictor.predict(reqs)
+    assert {r.route for r in again} == {"prod"}
+    assert all(r.degraded == c for r, c in zip(again, canary, strict=True))
+    predictor.close()
+
+
+def test_shadow_scores_candidate_in_background_without_changing_answers(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    reqs = requests_for(300, at)
+    plain = make(models, raw_dir, tmp_path / "plain", tiers=("prod", "candidate"), log=False)
+    expected = [(r.route, r.probability) for r in plain.predict(reqs)]
+    plain.close()
+    shadow = make(
+        models,
+        raw_dir,
+        tmp_path / "shadow",
+        tiers=("prod", "candidate"),
+        routing="shadow",
+        shadow_sample_rate=1.0,
+    )
+    assert [(r.route, r.probability) for r in shadow.predict(reqs)] == expected
+    shadow.close()
+    log = read_request_log(tmp_path / "shadow/requests")
+    assert len(log) == 300
+    candidate = log["scores"].map(lambda s: s.get("candidate"))
+    np.testing.assert_allclose(
+        candidate.to_numpy(float), direct(models["candidate"], raw_dir, reqs), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        log["scores"].map(lambda s: s["prod"]), log["probability"], atol=1e-6
+    )
+    assert shadow.counters["background_scored_rows"] == 300
+
+
+def test_ab_logs_both_arms(models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="ab",
+        candidate_share=0.5,
+        shadow_sample_rate=1.0,
+    )
+    out = predictor.predict(requests_for(400, at))
+    assert {r.route for r in out} == {"prod", "ab-variant"}
+    predictor.close()
+    log = read_request_log(tmp_path / "requests")
+    assert len(log) == 400
+    assert log["scores"].map(lambda s: set(s) == {"prod", "candidate"}).all()
+    variant = log["route"] == "ab-variant"
+    answered = log["scores"].map(lambda s: s["candidate"])
+    np.testing.assert_allclose(answered[variant], log["probability"][variant], atol=1e-6)
+
+
+def test_kill_switch_is_shared_through_the_state_dir(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.5,
+        log=False,
+    )
+    reqs = requests_for(200, at)
+    assert any(r.route == "canary" for r in predictor.predict(reqs))
+    predictor.set_candidate_share(0.0)
+    assert {r.route for r in predictor.predict(reqs)} == {"prod"}
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        predictor.set_candidate_share(1.5)
+    # Another worker (or a restart) on the same release picks the override up
+    other = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.5,
+        log=False,
+    )
+    assert other.runtime.router.candidate_share == 0.0
+    # ... but a different release does not inherit it
+    fresh = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.4,
+        log=False,
+    )
+    assert fresh.runtime.router.candidate_share == 0.4
+    for p in (predictor, other, fresh):
+        p.close()
+
+
+def test_reload_announced_by_one_worker_is_followed_by_the_others(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    policy = ServingPolicy(routing="canary", candidate_share=1.0, latency_budget_ms=5000)
+    new_release, model_path = release_for(policy, raw_dir, models["prod"], models["candidate"])
+
+    def reloader() -> Runtime:
+        return Runtime.load(new_release, model_path)
+
+    first = make(models, raw_dir, tmp_path, log=False)
+    other = make(models, raw_dir, tmp_path, log=False)  # another worker: same state dir
+    other.reloader = reloader
+    first.reload(reloader())
+    assert first.announce_reload() == 1
+    deadline = time.monotonic() + 30
+    while other.runtime.release.release_id != new_release.release_id:
+        assert time.monotonic() < deadline, "the other worker did not follow the reload"
+        other.predict(requests_for(1, at))  # polls the state dir at most once a second
+        time.sleep(0.2)
+    assert {r.route for r in other.predict(requests_for(50, at))} == {"canary"}
+    late = make(models, raw_dir, tmp_path, log=False)  # started after: loads what it is given
+    late.reloader = reloader
+    late.predict(requests_for(1, at))
+    assert late.runtime.release.release_id != new_release.release_id
+    for p in (first, other, late):
+        p.close()
+
+
+# --- request log ------------------------------------------------------------------------
+def test_request_log_keeps_every_answered_row_and_counts_drops(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.2,
+        shadow_sample_rate=0.5,
+        profiles=True,
+    )
+    answered = 0
+    for k in range(30):
+        answered += len(predictor.predict(requests_for(1 + k % 7, at, offset=k)))
+    predictor.close()
+    log = read_request_log(tmp_path / "requests")
+    assert len(log) == answered and log["request_id"].is_unique
+    assert predictor.request_log is not None
+    assert predictor.request_log.counters["written_rows"] == answered
+    assert set(log["features"].iloc[0]) == set(CTR_V1.names)
+    assert list(Path(tmp_path / "live").glob("profile-*.bin"))  # window profiled on close
+    # A crash mid-write leaves a partial last line: it is skipped, the rest is read
+    shard = sorted((tmp_path / "requests").glob("requests-*.jsonl"))[-1]
+    with shard.open("ab") as handle:
+        handle.write(b'{"request_id": "cut-of')
+    assert len(read_request_log(tmp_path / "requests")) == answered
+    # A full queue drops (and counts) instead of blocking the request path
+    tiny = RequestLog(tmp_path / "tiny", None, flush_seconds=5, queue_size=1)
+    batch = LogBatch(
+        "predict",
+        "r",
+        0.0,
+        1.0,
+        ["a"],
+        ["u"],
+        ["i"],
+        ["feed"],
+        ["mobile"],
+        np.zeros(1, np.int64),
+        np.zeros(1),
+        ["prod"],
+        ["m"],
+        [None],
+        np.zeros(1),
+        [],
+        None,
+    )
+    accepted = sum(tiny.submit(batch) for _ in range(2000))
+    tiny.close()
+    assert tiny.counters["dropped_rows"] == 2000 - accepted > 0
+    assert len(read_request_log(tmp_path / "tiny")) == accepted == tiny.counters["written_rows"]
