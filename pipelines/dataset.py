@@ -59,7 +59,7 @@ def read_raw_file(path: Path) -> pd.DataFrame:
         raise RawDataError(
             f"raw event file {path} ({path.stat().st_size:,} bytes) is not readable parquet: "
             f"{type(exc).__name__}: {exc}. It is corrupt or truncated; restore it with "
-            "`dvc checkout data.dvc` (or `make data`), then rerun. Outputs of the previous "
+            "`dvc checkout --force data.dvc` (or `make data`), then rerun. Outputs of the previous "
             "run were left untouched."
         ) from None
 

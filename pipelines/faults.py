@@ -57,9 +57,7 @@ def stray_temporaries(root: Path, paths: list[str]) -> list[str]:
                 str(p.relative_to(root)) for p in target.rglob(".*") if p.name != ".gitignore"
             )
         if target.parent.is_dir():
-            found.update(
-                str(p.relative_to(root)) for p in target.parent.glob(f".{target.name}.*")
-            )
+            found.update(str(p.relative_to(root)) for p in target.parent.glob(f".{target.name}.*"))
     return sorted(found)
 
 

@@ -155,7 +155,7 @@ def date() -> Check:
                 return None
             except ValueError:
                 pass
-        return f"must be a date like \"2026-10-01\", got {_shown(value)}"
+        return f'must be a date like "2026-10-01", got {_shown(value)}'
 
     return check
 
@@ -185,10 +185,7 @@ def list_of(item: Check) -> Check:
 def online_url() -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, str) or not re.match(r"^(sqlite:///.+|redis://.+)$", value):
-            return (
-                "must be sqlite:///<path> or redis://host:port/db, "
-                f"got {_shown(value)}"
-            )
+            return f"must be sqlite:///<path> or redis://host:port/db, got {_shown(value)}"
         return None
 
     return check
