@@ -115,8 +115,12 @@ def test_corrupt_raw_data_names_the_file_and_keeps_outputs(project_copy: Path) -
     assert result.returncode != 0
     assert "raw event file data/events.parquet" in result.stderr
     assert (
-        "corrupt or truncated" in result.stderr and "dvc checkout --force data.dvc" in result.stderr
+        "corrupt or truncated" in result.stderr
+        and "git checkout data.dvc && dvc checkout --force data.dvc" in result.stderr
     )
     assert snapshot(root, outputs) == before
+    # `dvc repro` verified the data source first and recorded the corrupt data/ in data.dvc
+    # (DVC's behaviour for a changed data source): the advised recovery undoes both.
+    run(["git", "checkout", "data.dvc"], root)
     run([sys.executable, "-m", "dvc", "checkout", "--force", "data.dvc"], root)
     assert dvc_status(root, project_env(root)) == {}
