@@ -59,7 +59,9 @@ def read_raw_file(path: Path) -> pd.DataFrame:
         raise RawDataError(
             f"raw event file {path} ({path.stat().st_size:,} bytes) is not readable parquet: "
             f"{type(exc).__name__}: {exc}. It is corrupt or truncated; restore it with "
-            "`git checkout data.dvc && dvc checkout --force data.dvc` (`dvc repro` records a changed data/ in data.dvc before this stage runs, so restore data.dvc from git first), then rerun. Outputs of the previous "
+            "`git checkout data.dvc && dvc checkout --force data.dvc` (`dvc repro` records a "
+            "changed data/ in data.dvc before this stage runs, so data.dvc comes from git "
+            "first), then rerun. Outputs of the previous "
             "run were left untouched."
         ) from None
 
