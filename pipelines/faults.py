@@ -141,7 +141,10 @@ def kill_repro_during(
         time.sleep(delay_s)
         victims = [proc.pid, *_descendants(proc.pid)]
         killed_at = time.perf_counter() - started
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # repro already ended: the result says so (exit >= 0)
+            pass
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
