@@ -391,6 +391,29 @@ def review(
     typer.echo(f"markdown (PR comment): {md}\nHTML report: {page}")
 
 
+params_app = typer.Typer(help="params.yaml validation.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+
+@params_app.command("check")
+def params_check(
+    path: Annotated[
+        Path | None, typer.Option(help="params file (default: the project's params.yaml).")
+    ] = None,
+) -> None:
+    """Validate params.yaml (every section, every key) before running anything.
+
+    `make run` calls it before `dvc repro`; every stage runs the same check at start.
+    """
+    from pipelines.params_check import check_params
+
+    try:
+        check_params(path)
+    except config.ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"{path or 'params.yaml'}: every value is valid")
+
+
 # Model registry commands (register, promote, rollback, status, history, lineage).
 from pipelines.registry_cli import add_commands as _add_registry_commands  # noqa: E402
 

@@ -43,6 +43,29 @@ def get_feature_set(name: str) -> FeatureSet:
     return FEATURE_SETS[name]
 
 
+class RawDataError(ValueError):
+    """A raw event file cannot be read (truncated, not parquet, unreadable)."""
+
+
+def read_raw_file(path: Path) -> pd.DataFrame:
+    """Read one raw parquet file, naming the file and the fix when it is corrupt.
+
+    A truncated download or a file overwritten with something else otherwise
+    surfaces as a bare Arrow error without the file name.
+    """
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        raise RawDataError(
+            f"raw event file {path} ({path.stat().st_size:,} bytes) is not readable parquet: "
+            f"{type(exc).__name__}: {exc}. It is corrupt or truncated; restore it with "
+            "`git checkout data.dvc && dvc checkout --force data.dvc` (`dvc repro` records a "
+            "changed data/ in data.dvc before this stage runs, so data.dvc comes from git "
+            "first), then rerun. Outputs of the previous "
+            "run were left untouched."
+        ) from None
+
+
 def load_raw_events(raw_dir: Path) -> pd.DataFrame:
     """Read every ``*.parquet`` in ``raw_dir`` and check it against the RawEvents contract."""
     files = sorted(raw_dir.glob("*.parquet"))
@@ -51,7 +74,7 @@ def load_raw_events(raw_dir: Path) -> pd.DataFrame:
             f"no raw event files (*.parquet) in {raw_dir}; "
             "run `make data` to pull or regenerate them"
         )
-    frames = [pd.read_parquet(path) for path in files]
+    frames = [read_raw_file(path) for path in files]
     events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     where = str(files[0]) if len(files) == 1 else f"{raw_dir}/*.parquet"
     events = validate(RAW_EVENTS, events, where)

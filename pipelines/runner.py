@@ -79,6 +79,26 @@ def run_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Pa
     return time.perf_counter() - started
 
 
+def check_project_params(cwd: Path) -> None:
+    """Refuse to start when ``params.yaml`` (in ``cwd``, where DVC runs stages) is invalid.
+
+    Runs before papermill starts a kernel, so a bad value costs well under a
+    second and no output is touched. Outside a project (no params.yaml) there is
+    nothing to check: the notebook's own parameter defaults apply.
+    """
+    from pipelines.config import ConfigError
+    from pipelines.params_check import check_params
+
+    path = cwd / "params.yaml"
+    if not path.is_file():
+        return
+    try:
+        check_params(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.runner",
@@ -94,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.notebook.is_file():
         parser.error(f"notebook {args.notebook} does not exist")
     params = {name: yaml.safe_load(value) for name, value in args.parameter}
+    check_project_params(Path.cwd())
     seconds = run_notebook(args.notebook, args.output, params, Path.cwd())
     print(f"{args.notebook} -> {args.output} (+ .html) in {seconds:.1f}s")
 
