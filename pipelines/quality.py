@@ -35,10 +35,11 @@ class QualityPolicy:
     """Online-quality settings and limits (``monitor.quality`` in params.yaml)."""
 
     label_delay_minutes: float = 30.0
-    min_labels: int = 500
+    min_labels: int = 2000
     calibration_bins: int = 10
     max_auc_drop: float = 0.05
     max_calibration_error: float = 0.05
+    confidence_z: float = 2.33
     reference_metrics: str = "build/eval/metrics.json"
 
     @classmethod
@@ -168,27 +169,47 @@ def quality_timeline(
     return pd.concat(frames, ignore_index=True)
 
 
+def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
+    """Standard error of an AUC estimate (Hanley and McNeil, 1982)."""
+    if n_positive < 1 or n_negative < 1 or not np.isfinite(auc):
+        return float("inf")
+    q1 = auc / (2 - auc)
+    q2 = 2 * auc**2 / (1 + auc)
+    var = (
+        auc * (1 - auc) + (n_positive - 1) * (q1 - auc**2) + (n_negative - 1) * (q2 - auc**2)
+    ) / (n_positive * n_negative)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def quality_breaches(
     quality: pd.DataFrame, policy: QualityPolicy, reference_auc: float | None
 ) -> list[dict[str, Any]]:
-    """Groups with enough labels whose AUC fell too far below offline, or calibration broke."""
+    """Groups with enough labels whose AUC fell too far below offline, or calibration broke.
+
+    "Too far" is the larger of ``max_auc_drop`` and ``confidence_z`` standard errors of
+    the online AUC, so a small labelled window does not breach by chance.
+    """
     out: list[dict[str, Any]] = []
     for row in quality.to_dict("records"):
         if row.get("labelled", 0) < policy.min_labels or "auc" not in row:
             continue
         group = {k: row[k] for k in ("model", "route") if k in row}
         auc = row.get("auc")
-        if reference_auc is not None and auc == auc and auc < reference_auc - policy.max_auc_drop:
-            out.append(
-                {
-                    **group,
-                    "signal": "online_auc",
-                    "value": auc,
-                    "limit": round(reference_auc - policy.max_auc_drop, 6),
-                    "reference_auc": reference_auc,
-                    "labelled": row["labelled"],
-                }
-            )
+        if reference_auc is not None and auc == auc:
+            positives = int(round(row["click_rate"] * row["labelled"]))
+            se = auc_standard_error(auc, positives, row["labelled"] - positives)
+            limit = reference_auc - max(policy.max_auc_drop, policy.confidence_z * se)
+            if auc < limit:
+                out.append(
+                    {
+                        **group,
+                        "signal": "online_auc",
+                        "value": auc,
+                        "limit": round(limit, 6),
+                        "reference_auc": reference_auc,
+                        "labelled": row["labelled"],
+                    }
+                )
         ece = row.get("calibration_error")
         if ece is not None and ece == ece and ece > policy.max_calibration_error:
             out.append(

@@ -20,6 +20,7 @@ import pytest
 from pipelines.alerts import AlertSink
 from pipelines.canary import CanaryPolicy, KillSwitchError, evaluate, guard, kill_switch
 from pipelines.registry_hooks import version_in_stage
+from pipelines.replay import user_bucket
 from tests.conftest import REPO, project_env, run
 from tests.http_receiver import http_receiver
 
@@ -76,7 +77,7 @@ def make_log(
     y = rng.random(n) < rate
     times = T0 + pd.to_timedelta(np.sort(rng.integers(0, 6 * 3600, n)), unit="s")
     users = [f"u{i % 700:06d}" for i in range(n)]
-    on_canary = np.array([hash(u) % 1000 < canary_share * 1000 for u in users])
+    on_canary = user_bucket(np.array(users), "test") < canary_share  # sticky, deterministic
     prod_p = np.clip(rate + rng.normal(0, 0.01, n), 0.001, 0.999)
     cand_p = (
         rng.uniform(0.01, 0.3, n)

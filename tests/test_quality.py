@@ -105,3 +105,19 @@ def test_bad_inputs() -> None:
         QualityPolicy.from_params({"monitor": {"quality": {"label_delay_minutes": 0}}})
     with pytest.raises(ConfigError, match="unknown key"):
         QualityPolicy.from_params({"monitor": {"quality": {"delay": 5}}})
+
+
+def test_auc_standard_error_matches_simulation() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from pipelines.quality import auc_standard_error
+
+    rng = np.random.default_rng(3)
+    aucs = []
+    for _ in range(300):
+        y = np.r_[np.ones(80), np.zeros(720)]
+        score = rng.normal(size=800) + 0.8 * y
+        aucs.append(roc_auc_score(y, score))
+    se = auc_standard_error(float(np.mean(aucs)), 80, 720)
+    assert 0.75 < se / np.std(aucs) < 1.33
+    assert auc_standard_error(0.7, 0, 100) == float("inf")
