@@ -391,16 +391,21 @@ def kill_switch(
 def write_health_report(
     path: Path, report: CanaryReport, policy: CanaryPolicy, version: str | None
 ) -> dict[str, Any]:
-    """The canary health report promotion to prod reads (schema ``canary-health/1``)."""
+    """The canary health report promotion to prod reads (schema ``canary-health/1``).
+
+    Written for a healthy canary (``healthy: true``) and again after a breach
+    (``healthy: false``), so an earlier healthy report cannot carry a rolled-back
+    canary into prod.
+    """
     from pipelines.io import write_json
 
-    if report.decision != "healthy":
-        raise ValueError(f"only a healthy canary gets a health report, not {report.decision!r}")
+    if report.decision not in ("healthy", "breach"):
+        raise ValueError(f"no health report for a canary with {report.decision!r}")
     document = {
         "schema": HEALTH_SCHEMA,
         "artifact": policy.artifact,
         "version": version,
-        "healthy": True,
+        "healthy": report.decision == "healthy",
         "decision": report.decision,
         "canary_model": report.canary_model,
         "prod_model": report.prod_model,
@@ -498,6 +503,9 @@ def guard(
     write_json(evidence_path, to_jsonable(evidence))
     digest = hashlib.sha256(evidence_path.read_bytes()).hexdigest()
     outcome.actions["evidence"] = str(evidence_path.relative_to(root))
+    health = root / policy.health_report
+    write_health_report(health, report, policy, outcome.version)
+    outcome.actions["health_report"] = f"{health.relative_to(root)} (healthy: false)"
 
     if outcome.version:
         breached = {
@@ -505,7 +513,7 @@ def guard(
         }
         message = (
             f"automatic canary rollback of {policy.artifact} {outcome.version}: "
-            + ", ".join(report.breaches[i].name for i in range(len(report.breaches)))
+            + ", ".join(c.name for c in report.breaches)
             + f"\n\nbreached: {json.dumps(breached, sort_keys=True)}"
             + f"\nrows: {json.dumps(report.rows, sort_keys=True)}"
             + f"\nwindow: {report.window['start']} .. {report.window['end']}"

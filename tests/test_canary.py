@@ -195,7 +195,8 @@ def test_breaching_canary_is_rolled_back_with_evidence(
     evidence = json.loads((registry / outcome.actions["evidence"]).read_text())
     assert evidence["kill_switch"]["status_code"] == 200
     assert evidence["report"]["decision"] == "breach" and evidence["version"] == "v0.2.0"
-    assert not (registry / policy.health_report).exists()
+    health = json.loads((registry / policy.health_report).read_text())
+    assert health["healthy"] is False and health["decision"] == "breach"  # blocks promotion
 
 
 def test_quality_and_latency_breaches(registry: Path) -> None:
