@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,12 @@ _PROD_FAILED = re.compile(r"(?:^|; )prod (?:model|refused|skipped)")
 
 @dataclass(frozen=True)
 class CanaryPolicy:
-    """Canary guard settings and limits (``monitor.canary`` in params.yaml)."""
+    """Canary guard settings and limits (``monitor.canary`` in params.yaml).
+
+    ``artifact`` and ``health_report`` default to the registry's ``release.artifact``
+    and ``release.canary_health_file`` (a path template with ``{version}``), the file
+    ``mlops promote --to prod`` reads.
+    """
 
     service_url: str = "http://127.0.0.1:3000"
     kill_switch_path: str = "/admin/canary"
@@ -68,7 +72,7 @@ class CanaryPolicy:
     confidence_z: float = 2.33
     require_labels: bool = False
     label_delay_minutes: float = 30.0
-    health_report: str = "monitors/canary/health.json"
+    health_report: str = "monitors/canary/health_{version}.json"
     evidence_dir: str = "monitors/canary/rollbacks"
     timeout_seconds: float = 5.0
 
@@ -88,7 +92,17 @@ class CanaryPolicy:
         serving = params.get("serving") or {}
         if "admin_token_env" not in section and "admin_token_env" in serving:
             section["admin_token_env"] = serving["admin_token_env"]
+        release = params.get("release") or {}
+        for key, source in (("artifact", "artifact"), ("health_report", "canary_health_file")):
+            if key not in section and source in release:
+                section[key] = release[source]
         return cls(**section)
+
+    def health_path(self, root: Path, version: str | None) -> Path:
+        """Where the health report of ``version`` goes (``health_report`` filled in)."""
+        return root / self.health_report.format(
+            version=version or "unknown", artifact=self.artifact
+        )
 
 
 @dataclass
@@ -393,6 +407,8 @@ def write_health_report(
 ) -> dict[str, Any]:
     """The canary health report promotion to prod reads (schema ``canary-health/1``).
 
+    Holds the registry's required fields (``version``, ``healthy``, ``checked_at``,
+    ``requests``, ``reasons``; docs/registry.md) plus the checks and the window.
     Written for a healthy canary (``healthy: true``) and again after a breach
     (``healthy: false``), so an earlier healthy report cannot carry a rolled-back
     canary into prod.
@@ -406,10 +422,15 @@ def write_health_report(
         "artifact": policy.artifact,
         "version": version,
         "healthy": report.decision == "healthy",
+        "checked_at": report.checked_at,
+        "requests": report.rows["canary"],
+        "reasons": [
+            f"{c.name}: canary {c.canary} vs prod {c.prod} (limit {c.limit})"
+            for c in report.breaches
+        ],
         "decision": report.decision,
         "canary_model": report.canary_model,
         "prod_model": report.prod_model,
-        "checked_at": report.checked_at,
         "window": report.window,
         "rows": report.rows,
         "checks": [asdict(c) for c in report.checks],
@@ -454,9 +475,10 @@ def guard(
     """Evaluate the canary and, unless ``act`` is False, roll it back or certify it.
 
     ``version`` is the registry version of the canary; by default the version the
-    GTO registry in ``root`` has in the ``canary`` stage. Each action that fails is
-    recorded in ``errors`` and the others still run: a kill switch that cannot be
-    reached must not stop the registry record or the alert that asks a human to act.
+    registry in ``root`` (``pipelines.registry``) has in the ``canary`` stage. Each
+    action that fails is recorded in ``errors`` and the others still run: a kill
+    switch that cannot be reached must not stop the registry record or the alert
+    that asks a human to act.
     """
     from pipelines.alerts import Alert
     from pipelines.registry_hooks import RegistryError, record_canary_rollback, version_in_stage
@@ -465,13 +487,13 @@ def guard(
     outcome = GuardOutcome(report, version)
     if version is None:
         try:
-            outcome.version = version_in_stage(root, policy.artifact, "canary")
+            outcome.version = version_in_stage(root, "canary")
         except RegistryError as exc:
             outcome.errors.append(str(exc))
     if not act:
         return outcome
     if report.decision == "healthy":
-        path = root / policy.health_report
+        path = policy.health_path(root, outcome.version)
         write_health_report(path, report, policy, outcome.version)
         outcome.actions["health_report"] = str(path.relative_to(root))
         return outcome
@@ -503,25 +525,32 @@ def guard(
     write_json(evidence_path, to_jsonable(evidence))
     digest = hashlib.sha256(evidence_path.read_bytes()).hexdigest()
     outcome.actions["evidence"] = str(evidence_path.relative_to(root))
-    health = root / policy.health_report
+    health = policy.health_path(root, outcome.version)
     write_health_report(health, report, policy, outcome.version)
     outcome.actions["health_report"] = f"{health.relative_to(root)} (healthy: false)"
 
     if outcome.version:
-        breached = {
-            c.name: {"canary": c.canary, "prod": c.prod, "limit": c.limit} for c in report.breaches
+        names = ", ".join(c.name for c in report.breaches)
+        kill = outcome.actions["kill_switch"]
+        fields = {
+            "action": "canary-rollback",
+            "stage": "canary",
+            "version": outcome.version,
+            "reason": f"canary guard breach: {names}",
+            "requested_by": "canary guard (mlops canary check), automatic",
+            "breached": {
+                c.name: {"canary": c.canary, "prod": c.prod, "limit": c.limit}
+                for c in report.breaches
+            },
+            "rows": report.rows,
+            "window": report.window,
+            "kill_switch": f"FAILED: {kill['error']}" if "error" in kill else "canary share 0",
+            "evidence": outcome.actions["evidence"],
+            "evidence_sha256": digest,
         }
-        message = (
-            f"automatic canary rollback of {policy.artifact} {outcome.version}: "
-            + ", ".join(c.name for c in report.breaches)
-            + f"\n\nbreached: {json.dumps(breached, sort_keys=True)}"
-            + f"\nrows: {json.dumps(report.rows, sort_keys=True)}"
-            + f"\nwindow: {report.window['start']} .. {report.window['end']}"
-            + f"\nkill switch: {'FAILED' if 'error' in outcome.actions['kill_switch'] else 'ok'}"
-            + f"\nevidence: {outcome.actions['evidence']} sha256 {digest}"
-        )
+        title = f"Automatic canary rollback of {policy.artifact} {outcome.version}: {names}"
         try:
-            tag = record_canary_rollback(root, policy.artifact, outcome.version, message)
+            tag = record_canary_rollback(root, outcome.version, title, fields)
             outcome.actions["registry_tag"] = tag
         except RegistryError as exc:
             outcome.errors.append(str(exc))

@@ -19,6 +19,7 @@ import pytest
 
 from pipelines.alerts import AlertSink
 from pipelines.canary import CanaryPolicy, KillSwitchError, evaluate, guard, kill_switch
+from pipelines.registry import Registry, RegistryError, parse_message
 from pipelines.registry_hooks import version_in_stage
 from pipelines.replay import user_bucket
 from tests.conftest import REPO, project_env, run
@@ -33,7 +34,7 @@ def registry_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git repo with the project's params/dvc.yaml, v0.1.0 in prod and v0.2.0 in canary."""
     root = tmp_path_factory.mktemp("registry") / "project"
     root.mkdir()
-    for name in ("params.yaml", "dvc.yaml"):
+    for name in ("params.yaml", "dvc.yaml", ".gto"):
         shutil.copy(REPO / name, root / name)
     gto = [sys.executable, "-m", "gto.cli"]
     run(["git", "init", "-q", "-b", "main"], root)
@@ -154,12 +155,19 @@ def test_healthy_canary_gets_the_health_report(registry: Path) -> None:
         "online_auc": "pass",
         "online_log_loss": "pass",
     }
-    health = json.loads((registry / policy.health_report).read_text())
+    health_file = registry / "monitors/canary/health_v0.2.0.json"  # release.canary_health_file
+    assert outcome.actions["health_report"] == str(health_file.relative_to(registry))
+    health = json.loads(health_file.read_text())
     assert health["schema"] == "canary-health/1" and health["healthy"] is True
+    assert health["reasons"] == [] and health["requests"] == report.rows["canary"]
     assert health["artifact"] == "ctr-model" and health["version"] == "v0.2.0"
     assert health["canary_model"] == "v0.2.0" and health["prod_model"] == "v0.1.0"
     assert health["rows"]["canary"] > 300 and health["window"]["start"].startswith("2026-10-07")
-    assert version_in_stage(registry, "ctr-model", "canary") == "v0.2.0"  # registry untouched
+    assert version_in_stage(registry, "canary") == "v0.2.0"  # registry untouched
+    # the registry accepts the promotion to prod with this report as its canary evidence
+    promoted = Registry(registry).promote("v0.2.0", "prod", approver="Ana", reason="canary ok")
+    assert promoted["fields"]["canary_evidence"]["healthy"] is True
+    assert version_in_stage(registry, "prod") == "v0.2.0"
 
 
 def test_breaching_canary_is_rolled_back_with_evidence(
@@ -185,18 +193,24 @@ def test_breaching_canary_is_rolled_back_with_evidence(
     # the registry: canary stage removed by an annotated tag that carries the evidence
     tag = outcome.actions["registry_tag"]
     assert tag.startswith("ctr-model#canary!#")
-    message = _tag_messages(registry)[tag]
-    assert "automatic canary rollback of ctr-model v0.2.0: error_rate" in message
-    assert '"error_rate": {"canary":' in message and outcome.actions["evidence"] in message
-    assert version_in_stage(registry, "ctr-model", "canary") is None
-    assert version_in_stage(registry, "ctr-model", "prod") == "v0.1.0"
+    title, fields = parse_message(_tag_messages(registry)[tag])
+    assert title == "Automatic canary rollback of ctr-model v0.2.0: error_rate"
+    assert fields["action"] == "canary-rollback" and fields["kill_switch"] == "canary share 0"
+    assert fields["breached"]["error_rate"]["canary"] > 0.05
+    assert fields["evidence"] == outcome.actions["evidence"]
+    assert version_in_stage(registry, "canary") is None
+    last = Registry(registry).events()[-1]  # what `mlops history` shows
+    assert (last.tag, last.action, last.version) == (tag, "canary-rollback", "v0.2.0")
+    assert version_in_stage(registry, "prod") == "v0.1.0"
     history = run([sys.executable, "-m", "gto.cli", "history", "ctr-model"], registry).stdout
     assert "unassignment" in history
     evidence = json.loads((registry / outcome.actions["evidence"]).read_text())
     assert evidence["kill_switch"]["status_code"] == 200
     assert evidence["report"]["decision"] == "breach" and evidence["version"] == "v0.2.0"
-    health = json.loads((registry / policy.health_report).read_text())
-    assert health["healthy"] is False and health["decision"] == "breach"  # blocks promotion
+    health = json.loads((registry / "monitors/canary/health_v0.2.0.json").read_text())
+    assert health["healthy"] is False and health["reasons"][0].startswith("error_rate")
+    with pytest.raises(RegistryError, match="NOT healthy"):  # the rolled-back version is blocked
+        Registry(registry).promote("v0.2.0", "prod", approver="Ana", reason="try anyway")
 
 
 def test_quality_and_latency_breaches(registry: Path) -> None:
@@ -223,8 +237,8 @@ def test_too_little_canary_traffic_does_nothing(registry: Path) -> None:
         assert service.requests == []
     assert outcome.report.decision == "insufficient_data"
     assert outcome.actions == {}
-    assert not (registry / policy.health_report).exists()
-    assert version_in_stage(registry, "ctr-model", "canary") == "v0.2.0"
+    assert not (registry / "monitors/canary").exists()
+    assert version_in_stage(registry, "canary") == "v0.2.0"
 
 
 def test_failed_kill_switch_still_records_and_alerts(
@@ -267,12 +281,12 @@ def test_cli_canary_check(registry: Path, tmp_path: Path) -> None:
         dry = run([*base, "--dry-run"], registry, check=False, env=env)
         assert dry.returncode == 2, dry.stderr
         assert "decision: breach" in dry.stdout and service.requests == []
-        assert version_in_stage(registry, "ctr-model", "canary") == "v0.2.0"
+        assert version_in_stage(registry, "canary") == "v0.2.0"
         real = run(base, registry, check=False, env=env)
         assert real.returncode == 2, real.stderr
         assert "kill_switch:" in real.stdout and "registry_tag: ctr-model#canary!#" in real.stdout
         assert len(service.requests) == 1
-    assert version_in_stage(registry, "ctr-model", "canary") is None
+    assert version_in_stage(registry, "canary") is None
     bad = run(
         [*base[:5], "--log-file", str(tmp_path / "missing.parquet")], registry, check=False, env=env
     )
