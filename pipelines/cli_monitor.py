@@ -55,7 +55,7 @@ def _clicks(cfg, clicks: Path | None):
 
 def drift(
     log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: monitor.request_log_dir)."
+        None, help="Request-log shard folder (default: serving.request_log_dir)."
     ),
     log_file: Path | None = typer.Option(
         None, help="A request log as one parquet or JSONL file instead."
@@ -165,7 +165,7 @@ def _print_result(result, source: str, rows: int) -> None:
 @monitor_app.command("report")
 def monitor_report_cmd(
     log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: monitor.request_log_dir)."
+        None, help="Request-log shard folder (default: serving.request_log_dir)."
     ),
     log_file: Path | None = typer.Option(
         None, help="A request log as one parquet or JSONL file instead."
@@ -215,7 +215,7 @@ def monitor_replay(
         2, help="Replay the last N days as requests; earlier days are history."
     ),
     model_dir: Path | None = typer.Option(None, help="Model folder (default: train.out_dir)."),
-    out: Path | None = typer.Option(None, help="Shard folder (default: monitor.request_log_dir)."),
+    out: Path | None = typer.Option(None, help="Shard folder (default: serving.request_log_dir)."),
     events_out: Path | None = typer.Option(
         None,
         help="Also write the generated events here (parquet), e.g. for the report's value skew.",
@@ -267,7 +267,7 @@ def monitor_replay(
 @canary_app.command("check")
 def canary_check(
     log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: monitor.request_log_dir)."
+        None, help="Request-log shard folder (default: serving.request_log_dir)."
     ),
     log_file: Path | None = typer.Option(
         None, help="A request log as one parquet or JSONL file instead."

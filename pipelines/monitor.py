@@ -71,7 +71,11 @@ class MonitorConfig:
         return cls(
             root=root,
             reference_profile=path("reference_profile"),
-            request_log_dir=path("request_log_dir"),
+            request_log_dir=root
+            / str(
+                (params["monitor"].get("request_log_dir"))
+                or config.get(params, "serving.request_log_dir")
+            ),
             clicks_path=path("clicks_path"),
             out_dir=path("out_dir"),
             live_profile_dir=path("live_profile_dir"),

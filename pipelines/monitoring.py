@@ -1,13 +1,14 @@
 """The request log as monitors read it: schema, reader, live profiles per window, serving signals.
 
-The service appends one JSON object per answered row to shards
-``<request_log_dir>/requests-*.jsonl`` (see ``REQUEST_LOG_FIELDS``). Monitors
-work on a **normalized** DataFrame: times parsed to UTC timestamps, the
-``features`` object flattened into one column per feature, the ``scores`` object
-into ``score_<role>`` columns. ``normalize_request_log`` accepts either the raw
-shape (nested objects, as read from the shards) or an already flat frame with the
-same field names, so a log built in memory (``pipelines.replay``) and one read
-from disk go through the same checks.
+The service appends its request log to shards ``<serving.request_log_dir>/
+requests-*.jsonl`` (``pipelines.request_log``: one JSON line of columns per answered
+call), and its reader expands them to one row per answered request with the
+fields in ``REQUEST_LOG_FIELDS``. Monitors work on a **normalized** DataFrame:
+times parsed to UTC timestamps, the ``features`` object flattened into one column
+per feature, the ``scores`` object into ``score_<role>`` columns.
+``normalize_request_log`` accepts either the nested shape (as read from the
+shards) or an already flat frame with the same field names, so a log built in
+memory (``pipelines.replay``) and one read from disk go through the same checks.
 
 Time windows use ``request_time`` (the time the prediction is about, which equals
 the answer time in production and stays meaningful when traffic is replayed).
@@ -15,7 +16,6 @@ the answer time in production and stays meaningful when traffic is replayed).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipelines.config import ConfigError
 
-# One place that states what a request-log row holds (the serving request log writes it).
+# What one request-log row holds once the service's reader has expanded a shard line.
 REQUEST_LOG_FIELDS: dict[str, str] = {
     "request_id": "unique id of the answered row; delayed clicks are joined on it",
     "answered_at": "ISO-8601 UTC time the service answered",
@@ -69,11 +69,10 @@ class RequestLogError(ValueError):
 
 @dataclass
 class LogReadStats:
-    """What ``read_request_log`` saw: shards, rows and lines it had to skip."""
+    """What ``read_request_log`` saw: shards and rows."""
 
     shards: int = 0
     rows: int = 0
-    skipped_lines: int = 0
 
 
 def read_request_log(
@@ -84,84 +83,98 @@ def read_request_log(
 ) -> pd.DataFrame:
     """Read every ``requests-*.jsonl`` shard in ``log_dir`` and normalize the rows.
 
-    A line that is not valid JSON (a crash mid-write leaves a partial last line) is
-    skipped and counted in ``stats.skipped_lines``. ``since``/``until`` keep rows with
-    ``since <= request_time < until``.
+    Parsing is the service's own (``pipelines.request_log.read_request_log``: one JSON
+    line of columns per answered batch; a partial last line left by a crash is
+    skipped), so the format is defined in one place. ``since``/``until`` keep rows
+    with ``since <= request_time < until``.
     """
+    from pipelines.request_log import read_request_log as read_shards
+
     stats = stats if stats is not None else LogReadStats()
     if not log_dir.is_dir():
         raise RequestLogError(
             f"request log folder {log_dir} does not exist; point --log-dir (or "
-            "monitor.request_log_dir in params.yaml) at the folder the service writes"
+            "serving.request_log_dir in params.yaml) at the folder the service writes"
         )
     shards = sorted(log_dir.glob("requests-*.jsonl"))
-    rows: list[dict[str, Any]] = []
-    for shard in shards:
-        stats.shards += 1
-        with shard.open("rb") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    stats.skipped_lines += 1
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-                else:
-                    stats.skipped_lines += 1
-    if not rows:
+    stats.shards = len(shards)
+    try:
+        raw = read_shards(log_dir)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise RequestLogError(
+            f"a shard in {log_dir} is not in the service's request-log format ({type(exc).__name__}"
+            f": {exc}); was it written by this service version?"
+        ) from exc
+    if raw.empty:
         raise RequestLogError(
             f"no request-log rows in {log_dir} ({len(shards)} shard(s) named requests-*.jsonl); "
             "send traffic to the service first or point at the right folder"
         )
-    frame = normalize_request_log(pd.DataFrame(rows), where=str(log_dir))
+    frame = normalize_request_log(raw, where=str(log_dir))
     stats.rows = len(frame)
     return select_window(frame, since, until)
 
 
-def write_request_log_shard(frame: pd.DataFrame, log_dir: Path, name: str = "replay") -> Path:
-    """Write a normalized log as one shard in the service's JSONL format (replays, tests)."""
-    from pipelines.io import atomic_path
+def write_request_log_shard(
+    frame: pd.DataFrame, log_dir: Path, name: str = "replay", max_batch: int = 1000
+) -> Path:
+    """Write a normalized log as one shard in the service's format (replays, tests).
 
-    feature_cols = feature_columns(frame)
-    score_cols = [c for c in frame.columns if c.startswith("score_")]
-    records = []
-    for row in frame.to_dict("records"):
-        out: dict[str, Any] = {}
-        for key in REQUEST_LOG_FIELDS:
-            if key in ("features", "scores"):
-                continue
-            value = row.get(key)
-            if isinstance(value, pd.Timestamp):
-                value = value.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
-            elif isinstance(value, float) and math.isnan(value):
-                value = None
-            elif isinstance(value, np.generic):
-                value = value.item()
-            out[key] = value
-        feats = {c: row[c] for c in feature_cols}
-        out["features"] = None if all(_isnan(v) for v in feats.values()) else feats
-        out["scores"] = {c[6:]: row[c] for c in score_cols if not _isnan(row[c])}
-        records.append(json.dumps(out, default=_json_default))
+    Rows become ``pipelines.request_log.LogBatch`` lines, so the bytes are exactly what
+    the service writes. Consecutive rows with the same endpoint, release and latency
+    share a batch (the service logs one latency and answer time per call); the batch's
+    answer time is its first row's.
+    """
+    from pipelines.io import atomic_path
+    from pipelines.request_log import LogBatch
+
+    names = feature_columns(frame)
+    roles = [c[6:] for c in frame.columns if c.startswith("score_")]
+    key = frame[["endpoint", "release_id", "latency_ms"]].astype(str).agg("|".join, axis=1)
+    run_id = (key != key.shift()).cumsum().to_numpy()
+    lines: list[bytes] = []
+    start = 0
+    while start < len(frame):
+        stop = start + 1
+        while stop < len(frame) and stop - start < max_batch and run_id[stop] == run_id[start]:
+            stop += 1
+        part = frame.iloc[start:stop]
+        first = part.iloc[0]
+        X = part[names].to_numpy(np.float64) if names else None
+        has_features = X is not None and not np.isnan(X).all()
+        reasons = [None if _isnan(r) else str(r) for r in part["degraded_reason"]]
+        lines.append(
+            LogBatch(
+                endpoint=str(first["endpoint"]),
+                release_id=str(first["release_id"]),
+                answered_at=pd.Timestamp(first["answered_at"]).timestamp(),
+                latency_ms=float(first["latency_ms"]),
+                request_ids=part["request_id"].astype(str).tolist(),
+                users=part["user"].astype(str).tolist(),
+                items=part["item"].astype(str).tolist(),
+                surfaces=part["surface"].astype(str).tolist(),
+                devices=part["device"].astype(str).tolist(),
+                t_ms=part["request_time"].dt.as_unit("ms").astype("int64").to_numpy(),
+                probability=part["probability"].to_numpy(np.float64),
+                routes=part["route"].astype(str).tolist(),
+                models=part["model"].astype(str).tolist(),
+                reasons=reasons,
+                feature_age=part["feature_age_seconds"].to_numpy(np.float64),
+                feature_names=names,
+                features=X if has_features else None,
+                scores={r: part[f"score_{r}"].to_numpy(np.float64) for r in roles},
+            ).to_line()
+        )
+        start = stop
     log_dir.mkdir(parents=True, exist_ok=True)
     target = log_dir / f"requests-{name}.jsonl"
     with atomic_path(target) as tmp:
-        tmp.write_text("\n".join(records) + "\n")
+        tmp.write_bytes(b"".join(lines))
     return target
 
 
 def _isnan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
-    raise TypeError(f"cannot write {type(value).__name__} to the request log")
 
 
 def normalize_request_log(raw: pd.DataFrame, where: str = "the request log") -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +25,53 @@ from pipelines.monitoring import (
     write_request_log_shard,
     write_window_profiles,
 )
+from pipelines.request_log import LogBatch
 
-# One row exactly as the service's request log writes it (LogBatch.records).
-SERVICE_ROW = {
-    "request_id": "9f2c4e1d0a7b3c55",
-    "answered_at": "2026-10-07T12:00:00.123+00:00",
-    "endpoint": "predict",
-    "release_id": "r0123456789ab",
-    "user": "u000001",
-    "item": "i00002",
-    "surface": "feed",
-    "device": "mobile",
-    "request_time": "2026-10-07T12:00:00.000000Z",
-    "route": "canary",
-    "model": "v1.1.0",
-    "probability": 0.0871,
-    "degraded": False,
-    "degraded_reason": None,
-    "latency_ms": 3.25,
-    "feature_age_seconds": 12.5,
-    "features": {"user_ctr_7d": 0.11, "surface_code": 0.0},
-    "scores": {"candidate": 0.0871, "prod": 0.0912},
-}
+
+def service_batches() -> list[LogBatch]:
+    """Two calls as the service logs them: a canary answer, then a baseline batch of two."""
+    t0 = int(pd.Timestamp("2026-10-07T12:00:00Z").value // 1_000_000)
+    names = ["user_ctr_7d", "surface_code"]
+    canary = LogBatch(
+        endpoint="predict",
+        release_id="r0123456789ab",
+        answered_at=t0 / 1000 + 0.123,
+        latency_ms=3.25,
+        request_ids=["9f2c4e1d0a7b3c55"],
+        users=["u000001"],
+        items=["i00002"],
+        surfaces=["feed"],
+        devices=["mobile"],
+        t_ms=np.array([t0]),
+        probability=np.array([0.0871]),
+        routes=["canary"],
+        models=["v1.1.0"],
+        reasons=[None],
+        feature_age=np.array([12.5]),
+        feature_names=names,
+        features=np.array([[0.11, 0.0]]),
+        scores={"candidate": np.array([0.0871]), "prod": np.array([0.0912])},
+    )
+    baseline = LogBatch(
+        endpoint="predict_batch",
+        release_id="r0123456789ab",
+        answered_at=t0 / 1000 + 1,
+        latency_ms=1.5,
+        request_ids=["b-0", "b-1"],
+        users=["u1", "u2"],
+        items=["i1", "i2"],
+        surfaces=["recs", "search"],
+        devices=["tablet", "desktop"],
+        t_ms=np.array([t0 + 1000, t0 + 1000]),
+        probability=np.array([0.05, 0.07]),
+        routes=["baseline", "baseline"],
+        models=["rule-baseline", "rule-baseline"],
+        reasons=["feature store unavailable: ConnectionError: x"] * 2,
+        feature_age=np.array([np.nan, np.nan]),
+        feature_names=names,
+        features=None,
+    )
+    return [canary, baseline]
 
 
 def synthetic_log(n: int = 600, seed: int = 0) -> pd.DataFrame:
@@ -87,31 +111,22 @@ def synthetic_log(n: int = 600, seed: int = 0) -> pd.DataFrame:
 
 def test_reads_the_service_shard_format(tmp_path: Path) -> None:
     shard = tmp_path / "requests-20261007T120000-host-1-0001.jsonl"
-    other = dict(
-        SERVICE_ROW,
-        request_id="b",
-        route="baseline",
-        features=None,
-        scores={},
-        degraded=True,
-        degraded_reason="feature store unavailable: ConnectionError: x",
-        feature_age_seconds=None,
-        model="rule-baseline",
-    )
-    shard.write_text(
-        json.dumps(SERVICE_ROW) + "\n" + json.dumps(other) + "\n" + '{"request_id": "c", "ans'
-    )
+    lines = b"".join(b.to_line() for b in service_batches())  # the service's own writer
+    shard.write_bytes(lines + b'{"v": 1, "answered_at": "2026-10-0')  # crash mid-write
     (tmp_path / "unrelated.txt").write_text("not a shard")
     stats = LogReadStats()
     log = read_request_log(tmp_path, stats=stats)
-    assert (stats.shards, stats.rows, stats.skipped_lines) == (1, 2, 1)  # partial last line skipped
+    assert (stats.shards, stats.rows) == (1, 3)  # the partial last line is skipped
     assert isinstance(log["request_time"].dtype, pd.DatetimeTZDtype)
     assert str(log["request_time"].dt.tz) == "UTC"
     first = log.set_index("request_id").loc["9f2c4e1d0a7b3c55"]
+    assert first["route"] == "canary" and first["model"] == "v1.1.0"
     assert first["user_ctr_7d"] == 0.11 and first["score_candidate"] == 0.0871
     assert first["score_prod"] == 0.0912 and first["feature_age_seconds"] == 12.5
-    second = log.set_index("request_id").loc["b"]
+    assert first["request_time"] == pd.Timestamp("2026-10-07T12:00:00Z")
+    second = log.set_index("request_id").loc["b-1"]
     assert np.isnan(second["user_ctr_7d"]) and np.isnan(second["feature_age_seconds"])
+    assert second["degraded"] and second["latency_ms"] == 1.5
     assert reason_code(second["degraded_reason"]) == "features_unavailable"
 
 
@@ -131,14 +146,15 @@ def test_bad_logs_get_clear_errors(tmp_path: Path) -> None:
         read_request_log(tmp_path / "nowhere")
     with pytest.raises(RequestLogError, match="no request-log rows"):
         read_request_log(tmp_path)
-    broken = pd.DataFrame(
-        [{k: v for k, v in SERVICE_ROW.items() if k not in ("route", "latency_ms")}]
-    )
+    row = synthetic_log(1).iloc[0].to_dict()
+    broken = pd.DataFrame([{k: v for k, v in row.items() if k not in ("route", "latency_ms")}])
     with pytest.raises(RequestLogError, match=r"lacks field\(s\) \['route', 'latency_ms'\]"):
         normalize_request_log(broken, where="shard X")
-    bad_time = pd.DataFrame([dict(SERVICE_ROW, request_time="yesterday")])
     with pytest.raises(RequestLogError, match="request_time"):
-        normalize_request_log(bad_time)
+        normalize_request_log(pd.DataFrame([dict(row, request_time="yesterday")]))
+    (tmp_path / "requests-old.jsonl").write_text('{"request_id": "a", "route": "prod"}\n')
+    with pytest.raises(RequestLogError, match="not in the service's request-log format"):
+        read_request_log(tmp_path)
 
 
 def test_windows_live_frame_and_profiles(tmp_path: Path) -> None:
