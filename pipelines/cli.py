@@ -419,6 +419,11 @@ from pipelines.registry_cli import add_commands as _add_registry_commands  # noq
 
 _add_registry_commands(app)
 
+# Monitoring commands (drift, monitor report/replay, canary check): pipelines/cli_monitor.py
+from pipelines.cli_monitor import register as _register_monitoring  # noqa: E402
+
+_register_monitoring(app)
+
 
 if __name__ == "__main__":
     app()
