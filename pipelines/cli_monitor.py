@@ -22,6 +22,16 @@ monitor_app = typer.Typer(help="Monitoring: drift report, replayed traffic.", no
 canary_app = typer.Typer(help="Canary guard: compare canary with prod, act.", no_args_is_help=True)
 
 
+# Options shared by the commands that read the request log (one definition, same help).
+LOG_DIR_OPTION = typer.Option(
+    None, help="Request-log shard folder (default: serving.request_log_dir)."
+)
+LOG_FILE_OPTION = typer.Option(None, help="A request log as one parquet or JSONL file instead.")
+CLICKS_OPTION = typer.Option(None, help="Click parquet file/folder (default: monitor.clicks_path).")
+SINCE_OPTION = typer.Option(None, help="Only requests at or after this UTC time.")
+UNTIL_OPTION = typer.Option(None, help="Only requests before this UTC time.")
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -54,17 +64,11 @@ def _clicks(cfg, clicks: Path | None):
 
 
 def drift(
-    log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: serving.request_log_dir)."
-    ),
-    log_file: Path | None = typer.Option(
-        None, help="A request log as one parquet or JSONL file instead."
-    ),
-    clicks: Path | None = typer.Option(
-        None, help="Click parquet file/folder (default: monitor.clicks_path)."
-    ),
-    since: str | None = typer.Option(None, help="Only requests at or after this UTC time."),
-    until: str | None = typer.Option(None, help="Only requests before this UTC time."),
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
     retrain: str | None = typer.Option(
         None, help="On a retraining trigger run: none, repro or exp (default: monitor.retrain.run)."
     ),
@@ -164,17 +168,11 @@ def _print_result(result, source: str, rows: int) -> None:
 
 @monitor_app.command("report")
 def monitor_report_cmd(
-    log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: serving.request_log_dir)."
-    ),
-    log_file: Path | None = typer.Option(
-        None, help="A request log as one parquet or JSONL file instead."
-    ),
-    clicks: Path | None = typer.Option(
-        None, help="Click parquet file/folder (default: monitor.clicks_path)."
-    ),
-    since: str | None = typer.Option(None, help="Only requests at or after this UTC time."),
-    until: str | None = typer.Option(None, help="Only requests before this UTC time."),
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
     events: Path | None = typer.Option(
         None, help="Raw events parquet: also compute value-level skew."
     ),
@@ -266,16 +264,10 @@ def monitor_replay(
 
 @canary_app.command("check")
 def canary_check(
-    log_dir: Path | None = typer.Option(
-        None, help="Request-log shard folder (default: serving.request_log_dir)."
-    ),
-    log_file: Path | None = typer.Option(
-        None, help="A request log as one parquet or JSONL file instead."
-    ),
-    clicks: Path | None = typer.Option(
-        None, help="Click parquet file/folder (default: monitor.clicks_path)."
-    ),
-    since: str | None = typer.Option(None, help="Only requests at or after this UTC time."),
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
     version: str | None = typer.Option(
         None, help="Registry version of the canary (default: the one in stage 'canary')."
     ),
