@@ -212,17 +212,26 @@ class RequestLog:
     def _run(self) -> None:
         deadline = time.monotonic() + self.flush_seconds
         while True:
+            wait = deadline - time.monotonic()
+            if self._backlog:  # an unwritable directory: retry at least twice a second
+                wait = min(wait, 0.5)
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.001))
+                item = self._queue.get(timeout=max(wait, 0.001))
             except queue.Empty:
                 item = None
+            if item is not None and item is not _STOP:
+                self._take(item)
+                if self._drain_nowait():
+                    item = _STOP
             if item is _STOP:
                 self._drain_nowait()
                 self._flush(sync=True)
-                for _ in range(int(5 / self.flush_seconds) + 1):  # unwritable: a last chance
+                for _ in range(
+                    int(2 / min(self.flush_seconds, 0.5)) + 1
+                ):  # unwritable: a last chance
                     if not self._backlog:
                         break
-                    time.sleep(min(self.flush_seconds, 1.0))
+                    time.sleep(min(self.flush_seconds, 0.5))
                     self._flush(sync=True)
                 if self._backlog:
                     lost = self.counters["backlog_rows"]
@@ -241,25 +250,26 @@ class RequestLog:
                 self._profile_window(force=True)
                 self._finish_profiles(wait=True)
                 return
-            if item is not None:
-                self._take(item)
-                self._drain_nowait()
-                # Hand the lines to the OS at once: a killed process then loses only what is
-                # still queued; fsync (power-loss durability) waits for the deadline.
-                self._flush(sync=False)
+            # Hand the lines to the OS at once: a killed process then loses only what is
+            # still queued; fsync (power-loss durability) waits for the deadline.
+            self._flush(sync=False)
             if time.monotonic() >= deadline:
                 self._flush(sync=True)
                 deadline = time.monotonic() + self.flush_seconds
                 self._profile_window(force=False)
                 self._finish_profiles(wait=False)
 
-    def _drain_nowait(self) -> None:
+    def _drain_nowait(self) -> bool:
+        """Take everything queued now; True when the stop marker was among it."""
+        stop = False
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
-            if item is not _STOP:
+                return stop
+            if item is _STOP:
+                stop = True
+            else:
                 self._take(item)
 
     def _take(self, batch: LogBatch) -> None:
