@@ -316,24 +316,28 @@ def markdown(r: dict[str, Any]) -> str:
         f"Capacity (closed loop, concurrency 8): {r['capacity_req_per_s']} req/s. Soak at "
         f"{r['rate_req_per_s']} req/s:",
         "",
-        "| sent | answered 200 | 5xx | transport errors | p50 ms | p95 ms | p99 ms | RSS first / peak / last MiB | rows answered / logged |",
+        "| sent | answered 200 | 5xx | transport errors | p50 ms | p95 ms | p99 ms "
+        "| RSS first / peak / last MiB | rows answered / logged |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {s['sent']} | {s['answered_200']} | {s['server_errors_5xx']} | {s['transport_errors']} "
         f"| {s.get('p50_ms')} | {s.get('p95_ms')} | {s.get('p99_ms')} | "
-        f"{s['memory'].get('first_mib')} / {s['memory'].get('peak_mib')} / {s['memory'].get('last_mib')} "
+        f"{s['memory'].get('first_mib')} / {s['memory'].get('peak_mib')} / "
+        f"{s['memory'].get('last_mib')} "
         f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
         "",
     ]
     if r["faults"]:
         lines += [
-            "| fault | sent | 200 | 5xx | transport errors | last non-200 after fault (s) | p99 ms | rows missing from log |",
+            "| fault | sent | 200 | 5xx | transport errors | last non-200 after fault (s) "
+            "| p99 ms | rows missing from log |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for f in r["faults"]:
             log = f.get("request_log") or {}
             lines.append(
                 f"| {f['fault']} | {f['sent']} | {f['answered_200']} | {f['server_errors_5xx']} | "
-                f"{f['transport_errors']} | {f['last_non_200_after_fault_s']} | {f.get('p99_ms')} | "
+                f"{f['transport_errors']} | {f['last_non_200_after_fault_s']} | "
+                f"{f.get('p99_ms')} | "
                 f"{log.get('missing_rows', '-')} |"
             )
     lines += ["", f"Reproduce: `{r['command']}`", ""]

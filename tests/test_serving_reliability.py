@@ -184,8 +184,8 @@ def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving
 
 def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> None:
     url = env.served.url
-    big = b'{"requests": [' + b",".join([env.bodies[0]] * 120_000) + b"]}"  # ~20 MB
-    assert len(big) > 15 << 20
+    big = b'{"requests": [' + b",".join([env.bodies[0]] * 160_000) + b"]}"  # ~20 MB
+    assert len(big) > 19 << 20
     response = httpx.post(
         url + "/predict_batch", content=big, headers={"content-type": "application/json"}
     )
@@ -194,7 +194,7 @@ def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> No
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: refused while reading
         yield b'{"requests": ['
-        for _ in range(60_000):
+        for _ in range(80_000):
             yield env.bodies[0] + b","
         yield env.bodies[0] + b"]}"
 
