@@ -200,12 +200,11 @@ def main() -> None:
             def restore_log() -> None:
                 import httpx
 
-                backlog["peak"] = max(
-                    httpx.post(served.url + "/metadata", timeout=30).json()["request_log"][
-                        "backlog_rows"
-                    ]
+                counters = [
+                    httpx.post(served.url + "/metadata", timeout=30).json()["request_log"]
                     for _ in range(4)
-                )
+                ]
+                backlog["peak"] = max(c.get("backlog_rows", -1) for c in counters)
                 log_dir.unlink()
 
             out = fixed_rate(
