@@ -32,6 +32,7 @@ import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
+from pipelines.http_limits import BodySizeLimit  # noqa: E402
 from pipelines.release import load_release  # noqa: E402
 from pipelines.request_log import RequestLog  # noqa: E402
 from pipelines.serving import (  # noqa: E402
@@ -185,6 +186,11 @@ class CtrService:
         except Exception as exc:  # a bad release file keeps the old release serving
             ctx.response.status_code = 422
             return {"error": f"reload failed, still serving the previous release: {exc}"}
+        unservable = runtime.unservable()
+        if unservable is not None:
+            ctx.response.status_code = 422
+            logger.error("admin: reload refused: %s", unservable)
+            return {"error": f"reload refused, still serving the previous release: {unservable}"}
         self.predictor.reload(runtime)
         self.predictor.announce_reload()  # the other workers of this pod follow within ~1 s
         logger.warning(
@@ -225,3 +231,7 @@ class CtrService:
             return {"error": str(exc.args[0])}
         logger.warning("admin: fault on %s set to %s", target, fault)
         return {"ok": True, "target": target, "fault": None if fault is None else vars(fault)}
+
+
+# Bodies over serving.max_body_mb get 413 before BentoML reads and parses them.
+CtrService.add_asgi_middleware(BodySizeLimit, max_bytes=int(POLICY.max_body_mb * (1 << 20)))

@@ -289,6 +289,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("serving.shadow_sample_rate", number(0, 1), required=False),
     Rule("serving.latency_budget_ms", number(0, exclusive_minimum=True), required=False),
     Rule("serving.max_batch_size", integer(1), required=False),
+    Rule("serving.max_body_mb", number(0, exclusive_minimum=True), required=False),
     Rule("serving.workers", integer(1), required=False),
     # release
     Rule("release.artifact", text(r"[a-z0-9][a-z0-9-]*", "must be a GTO artifact name")),

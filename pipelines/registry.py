@@ -335,7 +335,79 @@ class Registry:
                     "gate_report": reg.fields.get("gate_report") if reg else None,
                 }
             )
-        return {"artifact": self.artifact, "stages": stages, "versions": versions}
+        return {
+            "artifact": self.artifact,
+            "stages": stages,
+            "versions": versions,
+            "incomplete": self.incomplete(events),
+        }
+
+    # -- interrupted registrations
+
+    def incomplete(self, events: list[Event] | None = None) -> list[dict[str, Any]]:
+        """Registered versions that never entered a stage: a register interrupted between
+        its version tag and its staging tag (the two are separate git tags)."""
+        events = self.events() if events is None else events
+        assigned = {e.version for e in events if e.event == "assignment"}
+        versions = self.versions()
+        found = []
+        for e in events:
+            if e.event != "registration" or e.version in assigned or e.version not in versions:
+                continue
+            found.append(
+                {
+                    "version": e.version,
+                    "commit": e.commit,
+                    "tag": e.tag,
+                    "registered_at": e.timestamp.isoformat(),
+                    "problem": "registered but never staged (registration interrupted "
+                    "between its version tag and its staging tag)",
+                    "fix": "`mlops repair` (or the next `mlops register`) stages it",
+                }
+            )
+        return found
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Complete interrupted registrations: stage each registered-but-unstaged version.
+
+        A version tag is written only after every gate passed and the bento was pushed,
+        so the missing step is exactly the staging tag; it is added with a message that
+        says it completes an interrupted registration. Returns what was repaired.
+        """
+        import gto.api
+
+        events = self.events()
+        todo = self.incomplete(events)
+        if not todo:
+            return []
+        self._check_identity()
+        registrations = {e.version: e for e in events if e.event == "registration"}
+        done = []
+        for item in todo:
+            version = item["version"]
+            self._after_last_event(self.events())
+            gate_report = registrations[version].fields.get("gate_report")
+            staged = gto.api.assign(
+                str(self.root),
+                self.artifact,
+                "staging",
+                version=version,
+                force=True,
+                message=format_message(
+                    f"Stage {self.artifact} {version} to staging",
+                    {
+                        "action": "stage",
+                        "stage": "staging",
+                        "version": version,
+                        "reason": "passed every quality gate on registration; completes a "
+                        "registration interrupted before its staging tag",
+                        "repaired": True,
+                        "gate_report": gate_report,
+                    },
+                ),
+            )
+            done.append({"version": version, "tag": staged.tag})
+        return done
 
     # -- writing: common guards
 
@@ -387,6 +459,10 @@ class Registry:
             .version
         )
 
+    def head(self) -> str:
+        """The current commit (empty in a repository without commits)."""
+        return _git(self.root, "rev-parse", "--verify", "-q", "HEAD", check=False)
+
     def _dirty_files(self) -> list[str]:
         out = _git(self.root, "status", "--porcelain", "--untracked-files=no")
         return [line[3:] for line in out.splitlines() if line.strip()]
@@ -429,6 +505,7 @@ class Registry:
         head = _git(self.root, "rev-parse", "--verify", "-q", "HEAD", check=False)
         if not head:
             raise RegistryError("the repository has no commits; commit the pipeline outputs first")
+        repaired = self.repair()  # an earlier register interrupted before its staging tag
         dirty = self._dirty_files()
         if dirty:
             shown = ", ".join(dirty[:10]) + (
@@ -582,6 +659,7 @@ class Registry:
             "report_paths": [rel_json, rel_md],
             "bento_tag": bento["bento_tag"],
             "author": author,
+            "repaired": repaired,
         }
 
     def _bento_summary(self) -> dict[str, Any]:

@@ -88,7 +88,18 @@ def register(
         if not report.passed:
             raise typer.Exit(1)
         return
+    for item in _guard(reg.repair):
+        typer.echo(
+            f"completed an interrupted registration: {item['version']} staged ({item['tag']})"
+        )
+        if reg.versions().get(item["version"]) == reg.head():
+            typer.echo("this commit is that version; nothing else to register")
+            return
     result = _guard(lambda: reg.register(version, bump, reason))
+    for item in result.get("repaired", []):
+        typer.echo(
+            f"completed an interrupted registration: {item['version']} staged ({item['tag']})"
+        )
     typer.echo("\n".join(_gate_lines(result["report"])))
     typer.echo(
         f"registered {result['artifact']} {result['version']} at commit "
@@ -212,6 +223,25 @@ def status(
             f"  {v['version']:<9} commit {v['commit'][:12]} registered {v['registered_at']}"
             f" by {v['registered_by']}  stages: {', '.join(v['stages']) or '-'}"
         )
+    for item in state.get("incomplete", []):
+        typer.echo(f"INCOMPLETE: {item['version']} {item['problem']}; fix: {item['fix']}")
+
+
+def repair() -> None:
+    """Complete registrations interrupted between the version tag and the staging tag.
+
+    `mlops status` lists them as INCOMPLETE; `mlops register` also completes them first.
+    """
+    reg = _registry()
+    done = _guard(reg.repair)
+    if not done:
+        typer.echo("registry consistent: nothing to repair")
+        return
+    for item in done:
+        typer.echo(
+            f"completed the registration of {reg.artifact} {item['version']}: "
+            f"staged ({item['tag']})"
+        )
 
 
 def history(
@@ -276,5 +306,6 @@ def add_commands(app: typer.Typer) -> None:
         ("status", status),
         ("history", history),
         ("lineage", lineage),
+        ("repair", repair),
     ):
         app.command(name)(func)

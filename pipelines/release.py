@@ -57,6 +57,7 @@ class ServingPolicy(BaseModel):
     breaker_failures: int = Field(3, ge=1)
     freshness_sla_seconds: float = Field(300.0, gt=0)
     max_batch_size: int = Field(5000, ge=1)
+    max_body_mb: float = Field(4.0, gt=0)
     workers: int = Field(1, ge=1)
     admin_token_env: str = "CTR_ADMIN_TOKEN"
     request_log_dir: str = "monitors/requests"

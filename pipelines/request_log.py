@@ -17,12 +17,23 @@ whylogs profiles are computed by a helper process (``python -m pipelines.request
 profile``) from the window's rows saved as parquet, so profiling does not hold the
 service's GIL.
 
-Durability: ``close()`` (called on a clean shutdown) drains the queue, fsyncs the
-shard and profiles the unfinished window, so nothing is lost. A crash (SIGKILL,
-power loss) loses at most the rows not yet fsynced: those answered in the last
-``flush_seconds`` plus whatever still waited in the queue, and the profile of the
-current window (rebuildable from the JSONL rows). A crash mid-write can leave one
-partial last line; ``read_request_log`` skips it.
+Durability: every batch is handed to the operating system (``write``) as soon as
+the writer thread takes it off the queue (a few ms after the response), and the
+shard is fsynced at least every ``flush_seconds``. ``close()`` (called on a clean
+shutdown) drains the queue, fsyncs the shard and profiles the unfinished window,
+so nothing is lost. A killed worker process (SIGKILL, OOM kill) loses only the
+batches still in its in-process queue; a machine crash or power loss loses at
+most the rows not yet fsynced (the last ``flush_seconds``). The profile of the
+current window is lost with the process (rebuildable from the JSONL rows). A crash
+mid-write can leave one partial last line; ``read_request_log`` skips it.
+
+Unwritable log directory (removed, replaced, permissions or disk full): the rows
+that could not be written stay in memory (``backlog_rows``, bounded by
+``queue_size``; beyond it the oldest are dropped and counted in ``dropped_rows``)
+and the writer retries on every flush, opening a new shard; once the directory is
+writable again the backlog is written, so acknowledged rows are not lost. A shard
+that disappears under the writer (deleted or moved) is noticed on the next flush
+and a new one is opened; the batches of that flush are written again to it.
 """
 
 from __future__ import annotations
@@ -155,11 +166,16 @@ class RequestLog:
             "profiles": 0,
             "write_errors": 0,
             "profile_errors": 0,
+            "backlog_rows": 0,
         }
+        self.last_write_error: str | None = None
+        self._backlog: list[tuple[bytes, int]] = []  # (line, rows) not yet written
+        self._backlog_limit = queue_size
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._file: Any = None
+        self._path = log_dir
         self._file_bytes = 0
-        self._pending_rows = 0
+        self._unsynced: list[tuple[bytes, int]] = []  # written since the last fsync
         self._seq = 0
         self._window_start: float | None = None
         self._window: list[LogBatch] = []
@@ -194,42 +210,72 @@ class RequestLog:
 
     # --- writer thread -------------------------------------------------------
     def _run(self) -> None:
-        pending: list[bytes] = []
         deadline = time.monotonic() + self.flush_seconds
         while True:
+            wait = deadline - time.monotonic()
+            if self._backlog:  # an unwritable directory: retry at least twice a second
+                wait = min(wait, 0.5)
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.001))
+                item = self._queue.get(timeout=max(wait, 0.001))
             except queue.Empty:
                 item = None
+            if item is not None and item is not _STOP:
+                self._take(item)
+                if self._drain_nowait():
+                    item = _STOP
             if item is _STOP:
-                self._drain_nowait(pending)
-                self._flush(pending)
-                self._close_shard()
+                self._drain_nowait()
+                self._flush(sync=True)
+                for _ in range(
+                    int(2 / min(self.flush_seconds, 0.5)) + 1
+                ):  # unwritable: a last chance
+                    if not self._backlog:
+                        break
+                    time.sleep(min(self.flush_seconds, 0.5))
+                    self._flush(sync=True)
+                if self._backlog:
+                    lost = self.counters["backlog_rows"]
+                    self.counters["dropped_rows"] += lost
+                    self.counters["backlog_rows"] = 0
+                    logger.error(
+                        "request log: %d rows could not be written to %s before shutdown (%s)",
+                        lost,
+                        self.log_dir,
+                        self.last_write_error,
+                    )
+                try:
+                    self._close_shard()
+                except OSError:
+                    logger.exception("request log: closing the shard failed")
                 self._profile_window(force=True)
                 self._finish_profiles(wait=True)
                 return
-            if item is not None:
-                self._take(item, pending)
-            if time.monotonic() >= deadline or len(pending) >= 20_000:
-                self._flush(pending)
-                pending = []
+            # Hand the lines to the OS at once: a killed process then loses only what is
+            # still queued; fsync (power-loss durability) waits for the deadline.
+            self._flush(sync=False)
+            if time.monotonic() >= deadline:
+                self._flush(sync=True)
                 deadline = time.monotonic() + self.flush_seconds
                 self._profile_window(force=False)
                 self._finish_profiles(wait=False)
 
-    def _drain_nowait(self, pending: list[bytes]) -> None:
+    def _drain_nowait(self) -> bool:
+        """Take everything queued now; True when the stop marker was among it."""
+        stop = False
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
-            if item is not _STOP:
-                self._take(item, pending)
+                return stop
+            if item is _STOP:
+                stop = True
+            else:
+                self._take(item)
 
-    def _take(self, batch: LogBatch, pending: list[bytes]) -> None:
+    def _take(self, batch: LogBatch) -> None:
         try:
-            pending.append(batch.to_line())
-            self._pending_rows += len(batch)
+            self._backlog.append((batch.to_line(), len(batch)))
+            self.counters["backlog_rows"] += len(batch)
             if self.profile_dir is not None:
                 window = batch.answered_at - batch.answered_at % self.profile_window_seconds
                 if self._window_start is not None and window != self._window_start:
@@ -241,33 +287,97 @@ class RequestLog:
             self.counters["dropped_rows"] += len(batch)
             logger.exception("request log: could not encode a batch of %d rows", len(batch))
 
-    def _flush(self, pending: list[bytes]) -> None:
-        if not pending:
+    def _flush(self, sync: bool = True) -> None:
+        """Write the backlog to the current shard (``sync``: and fsync it).
+
+        Lines stay in ``self._backlog`` until a write succeeded, so a failed write
+        keeps them for the next attempt instead of dropping them.
+        """
+        if not self._backlog and not (sync and self._file is not None):
             return
         try:
+            if self._file is not None and not self._shard_in_place():
+                # Deleted or moved under us. A moved shard keeps its lines; a deleted one
+                # takes the lines written since the last fsync with it (the writer
+                # cannot tell them safe), so those go back into the backlog.
+                deleted = os.fstat(self._file.fileno()).st_nlink == 0
+                self._file.close()
+                self._file = None
+                if deleted:
+                    again = sum(n for _, n in self._unsynced)
+                    self._backlog[:0] = self._unsynced
+                    self.counters["backlog_rows"] += again
+                    self.counters["written_rows"] -= again
+                self._unsynced = []
+                raise OSError(f"shard {self._path} was {'deleted' if deleted else 'moved'}")
             if self._file is None or self._file_bytes >= self.rotate_bytes:
                 self._close_shard()
                 self._open_shard()
-            data = b"".join(pending)
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file_bytes += len(data)
-            self.counters["written_rows"] += self._pending_rows
-        except OSError:  # disk full or gone: the rows are lost, and counted
+            if self._backlog:
+                data = b"".join(line for line, _ in self._backlog)
+                rows = sum(n for _, n in self._backlog)
+                self._file.write(data)
+                self._file.flush()
+                self._file_bytes += len(data)
+                self.counters["written_rows"] += rows
+                self.counters["backlog_rows"] -= rows
+                self._unsynced.extend(self._backlog)
+                self._backlog = []
+            if sync:
+                os.fsync(self._file.fileno())
+                self._unsynced = []
+        except OSError as exc:  # unwritable: keep the rows (bounded) and retry next flush
             self.counters["write_errors"] += 1
-            self.counters["dropped_rows"] += self._pending_rows
-            logger.exception(
-                "request log: writing %d rows to %s failed", self._pending_rows, self.log_dir
-            )
-        pending.clear()
-        self._pending_rows = 0
+            first = self.last_write_error is None
+            self.last_write_error = f"{type(exc).__name__}: {exc}"
+            self._abandon_shard()
+            self._bound_backlog()
+            if first or self.counters["write_errors"] % 60 == 0:
+                logger.error(
+                    "request log: cannot write to %s (%s); %d rows kept in memory, retrying",
+                    self.log_dir,
+                    self.last_write_error,
+                    self.counters["backlog_rows"],
+                )
+        else:
+            if self.last_write_error is not None and not self._backlog:
+                logger.warning("request log: writing to %s again, backlog written", self.log_dir)
+                self.last_write_error = None
+
+    def _shard_in_place(self) -> bool:
+        """The open shard is still the file at its path (not deleted, moved or replaced)."""
+        try:
+            return os.stat(self._path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except OSError:
+            return False
+
+    def _abandon_shard(self) -> None:
+        """Drop a shard a write failed on; cut a partly written tail so it is not repeated."""
+        if self._file is None:
+            return
+        try:
+            self._file.truncate(self._file_bytes)
+        except (OSError, ValueError):
+            pass
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._file = None
+
+    def _bound_backlog(self) -> None:
+        while self._backlog and self.counters["backlog_rows"] > self._backlog_limit:
+            _, rows = self._backlog.pop(0)
+            self.counters["backlog_rows"] -= rows
+            self.counters["dropped_rows"] += rows
 
     def _open_shard(self) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         self._seq += 1
         path = self.log_dir / f"requests-{stamp}-{self.worker}-{self._seq:04d}.jsonl"
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
         self._file = path.open("ab")
+        self._path = path
         self._file_bytes = path.stat().st_size
         self.counters["shards"] += 1
 
@@ -277,6 +387,7 @@ class RequestLog:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self._unsynced = []
 
     def _profile_window(self, force: bool) -> None:
         """Hand a finished window to a helper process (its own session: stop signals sent to

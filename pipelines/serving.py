@@ -327,6 +327,16 @@ class Runtime:
         )
         return cls(release, tiers, baseline, features, router, problems)
 
+    def unservable(self) -> str | None:
+        """Why this release could not answer any request (no model tier and no baseline).
+
+        A reload to such a release is refused and the running one keeps serving:
+        swapping it in would turn every valid request into a 503.
+        """
+        if self.baseline is not None or any(t.model is not None for t in self.tiers.values()):
+            return None
+        return "no tier of the release can answer: " + "; ".join(self.problems)
+
     def lookup(
         self,
         users: list[str],
@@ -687,7 +697,11 @@ class Predictor:
 
         def run() -> None:
             try:
-                self.reload(reloader())
+                runtime = reloader()
+                why = runtime.unservable()
+                if why is not None:
+                    raise RuntimeError(why)
+                self.reload(runtime)
                 logger.warning(
                     "reloaded release (generation %d) on request of another worker", generation
                 )

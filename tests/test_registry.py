@@ -466,3 +466,32 @@ def test_every_registry_command_has_help() -> None:
     for command in ("register", "promote", "rollback", "status", "history", "lineage"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.stdout, command
+
+
+@pytest.mark.slow
+def test_register_interrupted_before_its_staging_tag_is_detected_and_completed(
+    project_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = project_copy
+    mlops = Mlops(root, monkeypatch)
+    mlops("register", "--reason", "first model")
+    # The state a kill between the two GTO tags leaves: version tag, no staging tag.
+    git(root, "tag", "-d", f"{ART}#staging#1")
+    state = json.loads(mlops("status", "--json"))
+    assert [i["version"] for i in state["incomplete"]] == ["v1.0.0"]
+    assert state["stages"]["staging"] is None
+    assert "INCOMPLETE: v1.0.0 registered but never staged" in mlops("status")
+    out = mlops("repair")
+    assert "completed the registration of ctr-model v1.0.0" in out
+    state = json.loads(mlops("status", "--json"))
+    assert state["incomplete"] == [] and state["stages"]["staging"]["version"] == "v1.0.0"
+    assert "repaired" in tag_fields(root, state["stages"]["staging"]["tag"])
+    assert "nothing to repair" in mlops("repair")
+    mlops("promote", "v1.0.0", "--to", "canary")  # the release flow goes on from staging
+    # The next `mlops register` completes an interrupted registration by itself too.
+    for tag in [t for t in tags(root) if "#" in t]:  # back to: version tag only
+        git(root, "tag", "-d", tag)
+    out = mlops("register")
+    assert "completed an interrupted registration: v1.0.0" in out
+    assert "nothing else to register" in out
+    assert json.loads(mlops("status", "--json"))["incomplete"] == []

@@ -1,0 +1,347 @@
+"""Bounded soak and serving faults under load, against a real `bentoml serve` on loopback.
+
+What it does (stops by itself; nothing is left running):
+
+1. imports a built release bento (default ``build/bento/ctr_service.bento``) into a
+   temporary BentoML home and serves it with ``--workers`` workers (OMP_NUM_THREADS=1);
+2. measures capacity: a closed-loop burst at concurrency 8 (requests/s);
+3. soak: ``--rate-share`` of that capacity, open loop, for ``--minutes``, sampling the
+   resident memory of the server processes every second; then checks every answered
+   request id is in the request log;
+4. unless ``--no-faults``, under the same load: a worker SIGKILLed; the request-log
+   directory replaced by a file (unwritable) for ``--fault-seconds`` then restored; the
+   prod model file removed and the release reloaded, then put back; a release naming a
+   model version that is not in the store, reloaded;
+5. writes ``benchmarks/results/soak.{json,md}`` with the machine and the date.
+
+Usage::
+
+    python benchmarks/soak.py --project .            # after `make run`
+    python benchmarks/soak.py --project . --minutes 1 --no-faults
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks._machine import machine  # noqa: E402
+from pipelines.loadtest import (  # noqa: E402
+    MemorySampler,
+    Outcome,
+    Served,
+    encode,
+    fixed_rate,
+    log_accounting,
+    summarize,
+    timeline,
+    workload,
+)
+
+TOKEN = "soak-admin-token"
+
+
+def capacity(url: str, bodies: list[bytes], seconds: float = 10.0) -> float:
+    """Closed loop at concurrency 8 for ``seconds``: answered requests per second."""
+    import httpx
+
+    async def run() -> int:
+        done = 0
+        stop = time.perf_counter() + seconds
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def worker(k: int) -> None:
+                nonlocal done
+                while time.perf_counter() < stop:
+                    r = await client.post(
+                        "/predict",
+                        content=bodies[(done + k) % len(bodies)],
+                        headers={"content-type": "application/json"},
+                    )
+                    done += r.status_code == 200
+
+            await asyncio.gather(*(worker(k) for k in range(8)))
+        return done
+
+    return asyncio.run(run()) / seconds
+
+
+def admin(url: str, path: str) -> dict[str, Any]:
+    import httpx
+
+    r = httpx.post(url + path, json={}, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+    return {"status": r.status_code, **r.json()}
+
+
+def fault_record(
+    name: str, outcomes: list[Outcome], fault_at: float, extra: dict[str, Any]
+) -> dict[str, Any]:
+    s = summarize(outcomes)
+    t = timeline(outcomes, fault_at)
+    record = {"fault": name, **s, **t, **extra}
+    print(name, json.dumps(record), flush=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, default=REPO)
+    parser.add_argument("--bento", type=Path, help="default: PROJECT/build/bento/ctr_service.bento")
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--rate-share", type=float, default=0.7, help="share of capacity")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fault-seconds", type=float, default=20.0)
+    parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    project = args.project.resolve()
+    bento = (args.bento or project / "build/bento/ctr_service.bento").resolve()
+
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    home = work / "home"
+    os.environ["BENTOML_HOME"] = str(home)
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    from pipelines.packaging import import_bento
+
+    tag = import_bento(bento, home).split('"')[1]
+    import tarfile
+
+    with tarfile.open(bento) as archive:
+        member = next(m for m in archive.getnames() if m.endswith("src/build/release/release.json"))
+        handle = archive.extractfile(member)
+        assert handle is not None
+        release = json.loads(handle.read())
+    release["policy"]["workers"] = args.workers
+    release_file = work / "release.json"
+    release_file.write_text(json.dumps(release))
+    log_dir = work / "requests"
+    env = {
+        **os.environ,
+        "CTR_ADMIN_TOKEN": TOKEN,
+        "CTR_RELEASE_FILE": str(release_file),
+        "CTR_REQUEST_LOG_DIR": str(log_dir),
+        "CTR_PROFILE_DIR": str(work / "live"),
+        "CTR_STATE_DIR": str(work / "state"),
+    }
+    env.pop("MLOPS_PROJECT_ROOT", None)
+    from tests.conftest import free_port
+
+    started_at = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    served = Served(tag, free_port(), env, work, work / "server.log")
+    report: dict[str, Any] = {}
+    try:
+        served.wait_workers(args.workers)
+        bodies = encode(workload(project / "data", 2000))
+        fixed_rate(served.url, bodies, 20, 3)  # warm up
+        cap = capacity(served.url, bodies)
+        rate = round(cap * args.rate_share, 1)
+        print(f"capacity {cap:.1f} req/s; soak at {rate} req/s for {args.minutes} min", flush=True)
+        seconds = args.minutes * 60
+        with MemorySampler(served, 1.0) as memory:
+            soak = fixed_rate(served.url, bodies, rate, seconds)
+        time.sleep(2.5)
+        soak_summary = {
+            **summarize(soak, seconds),
+            "memory": memory.summary(),
+            "memory_samples_mib": [
+                round(m, 1) for _, m in memory.samples[:: max(1, int(seconds // 60))]
+            ],
+            "request_log": log_accounting(log_dir, soak),
+        }
+        print("soak", json.dumps(soak_summary), flush=True)
+        faults: list[dict[str, Any]] = []
+        if not args.no_faults:
+            fs = args.fault_seconds
+            # 1. SIGKILL one worker
+            victim = served.worker_pids()[0]
+            killed_at = 3.0
+            restart: dict[str, float] = {}
+
+            def kill() -> None:
+                t = time.monotonic()
+                os.kill(victim, signal.SIGKILL)
+                restart["s"] = served.wait_workers(args.workers, exclude=[victim])
+                restart["t"] = time.monotonic() - t
+
+            out = fixed_rate(served.url, bodies, rate, fs, events={killed_at: kill})
+            time.sleep(2.5)
+            faults.append(
+                fault_record(
+                    "worker SIGKILL",
+                    out,
+                    killed_at,
+                    {
+                        "worker_replaced_after_s": round(restart.get("t", -1), 1),
+                        "request_log": log_accounting(log_dir, out),
+                    },
+                )
+            )
+            # 2. request-log directory unwritable for most of the window
+            backlog: dict[str, Any] = {}
+
+            def break_log() -> None:
+                shutil.rmtree(log_dir)
+                log_dir.write_text("not a directory")
+
+            def restore_log() -> None:
+                import httpx
+
+                counters = [
+                    httpx.post(served.url + "/metadata", timeout=30).json()["request_log"]
+                    for _ in range(4)
+                ]
+                backlog["peak"] = max(c.get("backlog_rows", -1) for c in counters)
+                log_dir.unlink()
+
+            out = fixed_rate(
+                served.url, bodies, rate, fs, events={1.0: break_log, fs - 4.0: restore_log}
+            )
+            time.sleep(2.5)
+            after_break = [o for o in out if o.due >= 1.5]  # before: deleted with the directory
+            faults.append(
+                fault_record(
+                    "request-log directory unwritable",
+                    out,
+                    1.0,
+                    {
+                        "unwritable_s": fs - 5.0,
+                        "backlog_rows_seen": backlog.get("peak"),
+                        "request_log": log_accounting(log_dir, after_break),
+                    },
+                )
+            )
+            # 3. prod model file missing -> reload -> baseline answers -> restored
+            meta = admin(served.url, "/admin/reload")
+            prod_tag = meta["tiers"]["prod"]["tag"]
+            name, version = prod_tag.split(":")
+            model = home / "models" / name / version / "model.joblib"
+            aside = model.with_suffix(".aside")
+            answers: dict[str, Any] = {}
+
+            def remove_model() -> None:
+                model.rename(aside)
+                answers["reload_missing"] = admin(served.url, "/admin/reload")["problems"]
+
+            def restore_model() -> None:
+                aside.rename(model)
+                answers["reload_restored"] = admin(served.url, "/admin/reload")["problems"]
+
+            out = fixed_rate(
+                served.url, bodies, rate, fs, events={2.0: remove_model, fs / 2: restore_model}
+            )
+            bad_routes = [o for o in out if o.route not in (None, "prod")]
+            faults.append(
+                fault_record(
+                    "prod model file missing (reload)",
+                    out,
+                    2.0,
+                    {
+                        **answers,
+                        "non_prod_answers": len(bad_routes),
+                        "non_prod_span_s": round(bad_routes[-1].due - bad_routes[0].due, 2)
+                        if bad_routes
+                        else 0,
+                    },
+                )
+            )
+            # 4. release file naming a version that is not in the store
+            original = release_file.read_text()
+
+            def bad_release() -> None:
+                broken = json.loads(original)
+                broken["prod"]["tag"] = broken["baseline"]["tag"] = "ctr_model:m000000000000"
+                release_file.write_text(json.dumps(broken))
+                answers["reload_bad_release"] = admin(served.url, "/admin/reload")
+                release_file.write_text(original)
+
+            out = fixed_rate(served.url, bodies, rate, min(fs, 10.0), events={2.0: bad_release})
+            faults.append(
+                fault_record(
+                    "release names a missing model version (reload)",
+                    out,
+                    2.0,
+                    {"reload_answer": answers["reload_bad_release"]},
+                )
+            )
+        report = {
+            "benchmark": "soak",
+            "date": started_at.date().isoformat(),
+            "machine": machine(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "bento": tag,
+            "workers": args.workers,
+            "capacity_req_per_s": round(cap, 1),
+            "rate_req_per_s": rate,
+            "soak": soak_summary,
+            "faults": faults,
+            "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
+        }
+    finally:
+        served.stop()
+    final = log_accounting(log_dir, [])
+    report["clean_shutdown_log_rows"] = final
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "soak.md").write_text(markdown(report))
+    print(markdown(report))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["soak"]
+    m = r["machine"]
+    lines = [
+        "# Soak and serving faults",
+        "",
+        f"Date {r['date']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB; "
+        f"{r['workers']} workers, OMP_NUM_THREADS=1; load generator on the same machine. "
+        f"Load average before/after: {r['load_average_before'][0]} / {r['load_average_after'][0]}.",
+        "",
+        f"Capacity (closed loop, concurrency 8): {r['capacity_req_per_s']} req/s. Soak at "
+        f"{r['rate_req_per_s']} req/s:",
+        "",
+        "| sent | answered 200 | 5xx | transport errors | p50 ms | p95 ms | p99 ms "
+        "| RSS first / peak / last MiB | rows answered / logged |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {s['sent']} | {s['answered_200']} | {s['server_errors_5xx']} | {s['transport_errors']} "
+        f"| {s.get('p50_ms')} | {s.get('p95_ms')} | {s.get('p99_ms')} | "
+        f"{s['memory'].get('first_mib')} / {s['memory'].get('peak_mib')} / "
+        f"{s['memory'].get('last_mib')} "
+        f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
+        "",
+    ]
+    if r["faults"]:
+        lines += [
+            "| fault | sent | 200 | 5xx | transport errors | last non-200 after fault (s) "
+            "| p99 ms | rows missing from log |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for f in r["faults"]:
+            log = f.get("request_log") or {}
+            lines.append(
+                f"| {f['fault']} | {f['sent']} | {f['answered_200']} | {f['server_errors_5xx']} | "
+                f"{f['transport_errors']} | {f['last_non_200_after_fault_s']} | "
+                f"{f.get('p99_ms')} | "
+                f"{log.get('missing_rows', '-')} |"
+            )
+    lines += ["", f"Reproduce: `{r['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The request-log writer under an unwritable or vanished log directory (in-process, fast).
+
+The same fault against a running ``bentoml serve`` is in ``tests/test_serving_reliability.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.request_log import LogBatch, RequestLog, read_request_log
+
+
+def batch(request_id: str) -> LogBatch:
+    return LogBatch(
+        "predict",
+        "r",
+        time.time(),
+        1.0,
+        [request_id],
+        ["u"],
+        ["i"],
+        ["feed"],
+        ["mobile"],
+        np.zeros(1, np.int64),
+        np.full(1, 0.5),
+        ["prod"],
+        ["m"],
+        [None],
+        np.zeros(1),
+        [],
+        None,
+    )
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_unwritable_directory_keeps_rows_in_memory_and_writes_them_later(tmp_path: Path) -> None:
+    log_dir = tmp_path / "requests"
+    log = RequestLog(log_dir, None, flush_seconds=0.1, queue_size=50)
+    for k in range(5):
+        assert log.submit(batch(f"before-{k}"))
+    wait_for(lambda: log.counters["written_rows"] == 5)
+    time.sleep(0.3)  # past the next fsync: these rows are on disk, and go with the directory
+    # The directory disappears and a file takes its place: nothing can be written there.
+    shutil.rmtree(log_dir)
+    log_dir.write_text("not a directory")
+    for k in range(20):
+        assert log.submit(batch(f"during-{k}"))  # the request path never blocks or fails
+    wait_for(lambda: log.counters["write_errors"] >= 2 and log.counters["backlog_rows"] == 20)
+    assert log.last_write_error and "FileExistsError" in log.last_write_error
+    # More than the bound: the oldest rows are dropped and counted, memory stays bounded.
+    for k in range(40):
+        log.submit(batch(f"over-{k}"))
+    wait_for(lambda: log.counters["dropped_rows"] == 10)
+    assert log.counters["backlog_rows"] == 50
+    log_dir.unlink()  # writable again
+    wait_for(lambda: log.counters["backlog_rows"] == 0)
+    log.close()
+    ids = set(read_request_log(log_dir)["request_id"])
+    kept = {f"during-{k}" for k in range(10, 20)} | {f"over-{k}" for k in range(40)}
+    assert ids == kept  # the 5 rows before were deleted with the old directory
+    assert log.last_write_error is None
+    assert log.counters["written_rows"] == 5 + len(kept)
+
+
+def test_a_deleted_shard_is_replaced_and_its_unsynced_rows_written_again(tmp_path: Path) -> None:
+    log_dir = tmp_path / "requests"
+    log = RequestLog(log_dir, None, flush_seconds=30, queue_size=100)  # no fsync in the test
+    for k in range(3):
+        log.submit(batch(f"a-{k}"))
+    wait_for(lambda: log.counters["written_rows"] == 3)
+    for shard in log_dir.glob("*.jsonl"):
+        shard.unlink()  # e.g. a log cleanup job removed the open shard
+    log.submit(batch("b-0"))
+    wait_for(lambda: log.counters["written_rows"] == 4 and log.counters["backlog_rows"] == 0)
+    log.close()
+    assert set(read_request_log(log_dir)["request_id"]) == {"a-0", "a-1", "a-2", "b-0"}
+
+
+def test_close_with_an_unwritable_directory_counts_what_is_lost(tmp_path: Path) -> None:
+    log_dir = tmp_path / "requests"
+    log = RequestLog(log_dir, None, flush_seconds=0.05, queue_size=100)
+    shutil.rmtree(log_dir)
+    log_dir.write_text("not a directory")
+    for k in range(4):
+        log.submit(batch(f"x-{k}"))
+    log.close()
+    assert log.counters["dropped_rows"] == 4 and log.counters["backlog_rows"] == 0

@@ -1,0 +1,297 @@
+"""Soak, faults under load, fuzzing and log hygiene against a real `bentoml serve`.
+
+One server (two workers, as a pod would run) of the small project's bento runs for
+the module; the tests run in order and the last one stops it cleanly. Load comes
+from ``pipelines.loadtest`` (the same code as ``benchmarks/soak.py``); the figures
+published in docs/reliability.md come from the benchmark, not from these tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pipelines.loadtest import (
+    MemorySampler,
+    Served,
+    encode,
+    fixed_rate,
+    log_accounting,
+    summarize,
+    workload,
+)
+from pipelines.packaging import import_bento
+from tests.conftest import REPO, free_port, project_env
+
+pytestmark = pytest.mark.slow
+TOKEN = "reliability-admin-token-5f2a9c"
+WRONG = "guessed-token-0b7e41"
+RATE = 25.0  # requests/s: well inside two workers' capacity on 2 shared cores
+
+
+@dataclass
+class Env:
+    served: Served
+    home: Path
+    release_file: Path
+    log_dir: Path
+    bodies: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def env(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    work = tmp_path_factory.mktemp("reliability")
+    home = work / "bentoml_home"
+    import_bento(small_project / "build/bento/ctr_service.bento", home)
+    bento_tag = json.loads((small_project / "build/bento/bento.json").read_text())["bento_tag"]
+    release = json.loads((small_project / "build/release/release.json").read_text())
+    release["policy"]["workers"] = 2
+    release_file = work / "release.json"
+    release_file.write_text(json.dumps(release))
+    environ = project_env(work)
+    environ.update(
+        BENTOML_HOME=str(home),
+        CTR_ADMIN_TOKEN=TOKEN,
+        CTR_RELEASE_FILE=str(release_file),
+        CTR_REQUEST_LOG_DIR=str(work / "requests"),
+        CTR_PROFILE_DIR=str(work / "live"),
+        CTR_STATE_DIR=str(work / "state"),
+    )
+    served = Served(bento_tag, free_port(), environ, work, work / "server.log")
+    try:
+        served.wait_workers(2)
+        bodies = encode(workload(small_project / "data", 400))
+        yield Env(served, home, release_file, work / "requests", bodies)
+    finally:
+        served.stop()
+
+
+def post(env: Env, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return httpx.post(env.served.url + path, json=body or {}, headers=headers, timeout=60)
+
+
+def wait_logged(env: Env, outcomes: list[Any], seconds: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        got = log_accounting(env.log_dir, outcomes)
+        if got["missing_rows"] == 0 or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def settle_on_prod(env: Env, seconds: float = 30.0) -> None:
+    """Send light traffic until every worker answers from prod (a worker follows a reload
+    made through another worker on its own request path, in the background)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        routes = summarize(fixed_rate(env.served.url, env.bodies[:20], RATE, 0.8))["routes"]
+        if set(routes) == {"prod"}:
+            return
+        assert time.monotonic() < deadline, f"workers still not back on prod: {routes}"
+
+
+def test_short_soak_answers_everything_logs_everything_memory_flat(env: Env) -> None:
+    fixed_rate(env.served.url, env.bodies[:50], RATE, 2)  # warm up both workers
+    with MemorySampler(env.served, 1.0) as memory:
+        outcomes = fixed_rate(env.served.url, env.bodies, RATE, 20)
+    summary = summarize(outcomes)
+    print("soak", summary, memory.summary())
+    assert summary["server_errors_5xx"] == 0 and summary["transport_errors"] == 0
+    assert summary["answered_200"] == summary["sent"] == int(RATE * 20)
+    assert summary["routes"] == {"prod": summary["sent"]}  # fresh features, prod answers
+    accounting = wait_logged(env, outcomes)
+    assert accounting["missing_rows"] == 0 and accounting["duplicate_rows"] == 0, accounting
+    mem = memory.summary()
+    assert mem["last_mib"] < mem["first_mib"] * 1.25 + 50, mem  # no growth with traffic
+
+
+def test_worker_killed_with_sigkill_is_replaced_and_the_other_keeps_answering(env: Env) -> None:
+    victim = env.served.worker_pids()[0]
+    outcomes = fixed_rate(
+        env.served.url, env.bodies, RATE, 12, events={3.0: lambda: os.kill(victim, signal.SIGKILL)}
+    )
+    summary = summarize(outcomes)
+    print("sigkill", summary)
+    assert summary["server_errors_5xx"] == 0
+    # Only requests in flight on the killed worker can fail (connection reset), never a 5xx.
+    assert summary["transport_errors"] <= 3, summary
+    assert all(o.status == 200 for o in outcomes if o.due > 4.0)  # the other worker answered
+    env.served.wait_workers(2, exclude=[victim])  # the arbiter restarted it
+    accounting = wait_logged(env, [o for o in outcomes if o.status == 200])
+    # Rows are handed to the OS as soon as the writer takes them: a SIGKILL loses at most
+    # what was still queued in the killed worker.
+    assert accounting["missing_rows"] <= 2, accounting
+
+
+def test_unwritable_request_log_directory_keeps_answering_and_loses_nothing(env: Env) -> None:
+    shutil.rmtree(env.log_dir)
+    env.log_dir.write_text("a file where the log directory was: nothing can be written")
+    try:
+        outcomes = fixed_rate(env.served.url, env.bodies, RATE, 5)
+        assert summarize(outcomes)["answered_200"] == len(outcomes)
+        counters = [post(env, "/metadata").json()["request_log"] for _ in range(4)]
+        assert any(c["write_errors"] > 0 and c["backlog_rows"] > 0 for c in counters), counters
+    finally:
+        env.log_dir.unlink()
+    more = fixed_rate(env.served.url, env.bodies, RATE, 2)
+    accounting = wait_logged(env, outcomes + more)
+    assert accounting["missing_rows"] == 0 and accounting["duplicate_rows"] == 0, accounting
+
+
+def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> None:
+    tag = post(env, "/metadata").json()["tiers"]["prod"]["tag"]
+    name, version = tag.split(":")
+    model = env.home / "models" / name / version / "model.joblib"
+    aside = model.with_suffix(".aside")
+    model.rename(aside)
+    try:
+        reloaded = post(env, "/admin/reload", token=TOKEN).json()
+        assert any(p.startswith("prod") and "missing" in p for p in reloaded["problems"])
+        time.sleep(1.5)  # the other worker follows the reload on its request path
+        outcomes = fixed_rate(env.served.url, env.bodies, RATE, 4)
+    finally:
+        aside.rename(model)
+    summary = summarize(outcomes)
+    assert summary["answered_200"] == summary["sent"] and summary["server_errors_5xx"] == 0
+    assert set(summary["routes"]) <= {"baseline", "prod"} and summary["routes"].get("baseline")
+    assert post(env, "/admin/reload", token=TOKEN).json()["problems"] == []
+    settle_on_prod(env)
+    after = summarize(fixed_rate(env.served.url, env.bodies, RATE, 2))
+    assert after["routes"] == {"prod": after["sent"]}
+
+
+def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving(
+    env: Env,
+) -> None:
+    original = env.release_file.read_text()
+    broken = json.loads(original)
+    broken["prod"]["tag"] = "ctr_model:m000000000000"
+    broken["baseline"]["tag"] = "ctr_model:m000000000000"
+    env.release_file.write_text(json.dumps(broken))
+    try:
+        refused = post(env, "/admin/reload", token=TOKEN)
+        assert refused.status_code == 422, refused.text
+        assert "still serving the previous release" in refused.json()["error"]
+        assert "m000000000000" in refused.json()["error"]
+        outcomes = fixed_rate(env.served.url, env.bodies, RATE, 2)
+    finally:
+        env.release_file.write_text(original)
+    assert summarize(outcomes)["routes"] == {"prod": len(outcomes)}
+
+
+def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> None:
+    url = env.served.url
+    big = b'{"requests": [' + b",".join([env.bodies[0]] * 160_000) + b"]}"  # ~20 MB
+    assert len(big) > 19 << 20
+    response = httpx.post(
+        url + "/predict_batch", content=big, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "byte limit" in response.json()["error"] and "max_body_mb" in response.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused while reading
+        yield b'{"requests": ['
+        for _ in range(80_000):
+            yield env.bodies[0] + b","
+        yield env.bodies[0] + b"]}"
+
+    streamed = httpx.post(url + "/predict_batch", content=chunks(), timeout=60)
+    assert streamed.status_code == 413 and "chunked" in streamed.json()["error"]
+    rows = [json.loads(env.bodies[0])] * 5001  # default max_batch_size is 5000
+    too_many = httpx.post(url + "/predict_batch", json={"requests": rows}, timeout=60)
+    assert too_many.status_code == 400 and "5000" in too_many.text
+    assert post(env, "/predict", json.loads(env.bodies[0])).status_code == 200
+
+
+def test_openapi_fuzzing_gets_no_5xx(env: Env) -> None:
+    """Schemathesis generates requests for every operation in /docs.json: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(env.served.url + "/docs.json")
+    tried: dict[str, int] = {}
+
+    def fuzzer(operation: Any, label: str, examples: int) -> Any:
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy())
+        def fuzz(case: Any) -> None:
+            response = case.call(base_url=env.served.url, timeout=30)
+            tried[label] = tried.get(label, 0) + 1
+            assert response.status_code < 500, (label, case.body, response.text[:500])
+
+        return fuzz
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        # Admin operations without a token: refused, and must not crash.
+        examples = 15 if "/admin/" in operation.label else 40
+        fuzzer(operation, operation.label, examples)()
+    print("fuzzed", tried)
+    assert {"POST /predict", "POST /predict_batch"} <= set(tried)
+    assert post(env, "/predict", json.loads(env.bodies[0])).status_code == 200
+
+
+def test_server_listens_on_loopback_only(env: Env) -> None:
+    import psutil
+
+    port = int(env.served.url.rsplit(":", 1)[1])
+    procs = [psutil.Process(env.served.proc.pid), *psutil.Process(env.served.proc.pid).children()]
+    listening = {
+        c.laddr.ip
+        for p in procs
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    assert listening == {"127.0.0.1"}
+
+
+def test_admin_calls_leave_no_token_in_any_log_and_shutdown_is_clean(env: Env) -> None:
+    assert post(env, "/admin/canary", {"share": 0.0}, token=TOKEN).status_code == 200
+    for token in (WRONG, f"{TOKEN}x", TOKEN[:-1]):
+        assert post(env, "/admin/reload", token=token).status_code == 403
+    assert post(env, "/admin/reload").status_code == 401
+    assert env.served.stop() == 0
+    texts = {"server stdout/stderr": env.served.log_path.read_text(errors="replace")}
+    assert "Completed cleanup hook: shutdown" in texts["server stdout/stderr"]
+    for shard in env.log_dir.glob("*.jsonl"):
+        texts[shard.name] = shard.read_text()
+    for state in (env.served.log_path.parent / "state").glob("*"):
+        texts[state.name] = state.read_text()
+    for where, text in texts.items():
+        for secret in (TOKEN, WRONG, TOKEN[:-1]):
+            assert secret not in text, f"{secret!r} found in {where}"
+
+
+def test_admin_token_is_compared_in_constant_time() -> None:
+    """The token check uses hmac.compare_digest and never ``==`` on the token."""
+    tree = ast.parse((REPO / "bentos/service.py").read_text())
+    refuse = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_refuse"
+    )
+    calls = [
+        n
+        for n in ast.walk(refuse)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "hmac.compare_digest"
+    ]
+    assert len(calls) == 1
+    compares = [ast.unparse(n) for n in ast.walk(refuse) if isinstance(n, ast.Compare)]
+    assert not any("token" in c or "given" in c for c in compares), compares
