@@ -982,6 +982,9 @@ class Simulation:
         release = self._release(self.prod_ref, self.candidate_ref)
         self._write_release(release, "2-canary")
         answer = self.service.reload()
+        # The kill switch persists per release id, and a re-canaried version gets the same
+        # id as the release that was switched off: set the share explicitly.
+        self.service.post("/admin/canary", {"share": self.settings.canary_share}, admin=True)
         outputs: dict[str, Any] = {"tag": promoted["tag"], "release_id": answer["release_id"]}
         text = (
             f"{version} in canary (tag {promoted['tag']}); service reloaded with release "
