@@ -424,6 +424,11 @@ from pipelines.cli_monitor import register as _register_monitoring  # noqa: E402
 
 _register_monitoring(app)
 
+# Closed loop end to end (`mlops simulate`): pipelines/simulate.py, docs/monitoring.md
+from pipelines.cli_simulate import simulate as _simulate  # noqa: E402
+
+app.command("simulate")(_simulate)
+
 
 if __name__ == "__main__":
     app()
