@@ -162,11 +162,15 @@ class Backend(Protocol):
 class SQLiteBackend:
     """One SQLite file (WAL mode): readers never block the single writer."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path = path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # ``timeout``: how long a statement waits for a lock held by another connection
+        # (the service reads with a short one so a locked file degrades fast, not slowly).
+        self._con = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=timeout
+        )
         self._lock = threading.RLock()
         with self._lock:
             self._con.execute("PRAGMA page_size=8192")  # effective for a new file only
@@ -263,10 +267,12 @@ class SQLiteBackend:
 class RedisBackend:
     """Redis keys under one prefix; lookups read states and watermark with one MGET."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, timeout: float = 5.0) -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.client: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
         try:
             self.client.ping()
         except redis.RedisError as exc:
@@ -542,13 +548,24 @@ class OnlineStore:
         feature_set: FeatureSet | str = "ctr_v1",
         allowed_lateness_seconds: float = 3600.0,
         freshness_sla_seconds: float = 300.0,
+        timeout_seconds: float | None = None,
     ) -> OnlineStore:
-        """Open (creating if needed) the store at ``sqlite:///path`` or ``redis://host:port/db``."""
+        """Open (creating if needed) the store at ``sqlite:///path`` or ``redis://host:port/db``.
+
+        ``timeout_seconds`` bounds how long one operation waits for a SQLite lock or a
+        Redis socket (default 30 s and 5 s, fit for ingest jobs; the service passes a
+        few tens of milliseconds so an outage falls back instead of stalling requests).
+        """
         fs = FEATURE_SETS[feature_set] if isinstance(feature_set, str) else feature_set
         if url.startswith("sqlite:///"):
-            backend: Backend = SQLiteBackend(url[len("sqlite:///") :] or ":memory:")
+            backend: Backend = SQLiteBackend(
+                url[len("sqlite:///") :] or ":memory:",
+                30.0 if timeout_seconds is None else timeout_seconds,
+            )
         elif url.startswith(("redis://", "rediss://", "unix://")):
-            backend = RedisBackend(url, prefix=f"mlops:{fs.name}:")
+            backend = RedisBackend(
+                url, f"mlops:{fs.name}:", 5.0 if timeout_seconds is None else timeout_seconds
+            )
         else:
             raise StoreError(
                 f"online store URL {url!r} is not understood; use "
