@@ -27,7 +27,7 @@ import pytest
 
 from pipelines.online_store import OnlineStore
 from pipelines.packaging import import_bento
-from tests.conftest import BIN, free_port, project_env
+from tests.conftest import free_port, project_env
 from tests.store_support import RedisServer, Traffic, outage_summary
 
 pytestmark = pytest.mark.slow
@@ -313,7 +313,9 @@ def test_parity_of_served_vectors_from_the_request_log(server: StoreServer, tmp_
     ).to_parquet(events)
     result = subprocess.run(
         [
-            str(BIN / "mlops"),
+            sys.executable,  # the project's own pipelines package (cwd), like `mlops` there
+            "-m",
+            "pipelines.cli",
             "features",
             "parity",
             "--store",
