@@ -784,18 +784,30 @@ class OnlineStore:
         states: dict[str, bytes] = {}
         for entity, sources in self._entities.items():
             keys = np.asarray(_keys(entity, cols), dtype=object)
-            per_source = []
-            for source in sources:
-                mask = new_impr if source == "impressions" else new_click
-                per_source.append((keys[mask], ts[mask] if source == "impressions" else cts[mask]))
-            touched = pd.unique(np.concatenate([k for k, _ in per_source])) if per_source else []
-            if len(touched) == 0:
+            masks = [new_impr if source == "impressions" else new_click for source in sources]
+            if not masks:
                 continue
+            # One hash pass: codes of the touched keys (rows with an event of this entity).
+            rows = np.flatnonzero(np.logical_or.reduce(masks))
+            if len(rows) == 0:
+                continue
+            row_codes, touched = pd.factorize(keys[rows])
+            code_of = np.full(len(v), -1, np.int64)
+            code_of[rows] = row_codes
+            per_source = [
+                (code_of[m], ts[m] if source == "impressions" else cts[m])
+                for m, source in zip(masks, sources, strict=True)
+            ]
             states.update(self._merge(entity, list(touched), per_source, horizon, w1))
 
-        seen_new = {
-            str(ids[i]): (int(ts[i]), int(clicked[i])) for i in np.flatnonzero(new_impr | new_click)
-        }
+        applied = np.flatnonzero(new_impr | new_click)
+        seen_new = dict(
+            zip(
+                ids[applied].astype(str).tolist(),
+                zip(ts[applied].tolist(), clicked[applied].astype(np.int64).tolist(), strict=True),
+                strict=True,
+            )
+        )
         if w1 != w0 or meta_new:
             meta_new["watermark_ms"] = str(w1)
         rejected_all = (
@@ -844,16 +856,16 @@ class OnlineStore:
     ) -> dict[str, bytes]:
         """New states of ``touched`` keys: old times + new times, pruned at ``horizon``.
 
-        Vectorized over all keys (decode, merge, prune, encode), so a batch costs a
-        few numpy passes rather than Python work per entity.
+        ``per_source`` holds, per source of the entity, the position in ``touched`` of
+        each new event's key and its time. Vectorized over all keys (decode, merge,
+        prune, encode), so a batch costs a few numpy passes rather than Python work per
+        entity.
         """
         n = len(touched)
-        index = pd.Index(touched)
         blobs = self.backend.read_states(touched)
         last, old = _decode_many(blobs, len(per_source))
         merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for (keys, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
-            new_codes = index.get_indexer(keys)
+        for (new_codes, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
             codes = np.concatenate([old_codes, new_codes])
             all_times = np.concatenate([old_times, times]).astype(np.int64)
             if len(times):
