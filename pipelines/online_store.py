@@ -866,16 +866,25 @@ class OnlineStore:
         last, old = _decode_many(blobs, len(per_source))
         merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for (new_codes, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
-            codes = np.concatenate([old_codes, new_codes])
-            all_times = np.concatenate([old_times, times]).astype(np.int64)
+            # One int64 key per event time, code * 2^40 + (time - epoch) (times are checked
+            # to lie in that range): the old keys are already sorted (states are decoded in
+            # key order, times sorted within a state), so only the batch's few new keys are
+            # sorted and inserted, instead of a two-key sort of every retained time.
+            old_keys = old_codes.astype(np.int64) * STRIDE + (old_times.astype(np.int64) - EPOCH_MS)
             if len(times):
                 np.maximum.at(last, new_codes, times)
+                new_keys = np.sort(new_codes.astype(np.int64) * STRIDE + (times - EPOCH_MS))
+                keys = np.insert(old_keys, np.searchsorted(old_keys, new_keys), new_keys)
+            else:
+                keys = old_keys
+            codes = keys // STRIDE
+            all_times = keys - codes * STRIDE + EPOCH_MS
             drop = all_times <= horizon
-            pruned = pruned + np.bincount(codes[drop], minlength=n)
-            codes, all_times = codes[~drop], all_times[~drop]
-            order = np.lexsort((all_times, codes))
+            if drop.any():
+                pruned = pruned + np.bincount(codes[drop], minlength=n)
+                codes, all_times = codes[~drop], all_times[~drop]
             counts = np.bincount(codes, minlength=n)
-            merged.append((all_times[order], counts, pruned))
+            merged.append((all_times, counts, pruned))
         return dict(zip(touched, _encode_many(watermark, last, merged), strict=True))
 
     # ------------------------------------------------------------------ lookup
