@@ -6,6 +6,8 @@ Environment (all optional):
 * ``CTR_ADMIN_TOKEN`` (name set by ``serving.admin_token_env``): bearer token for
   the ``/admin/*`` endpoints; unset means they refuse every call;
 * ``CTR_ENABLE_FAULT_INJECTION=1``: allow ``/admin/fault`` (chaos tests only);
+* ``CTR_FEATURE_STORE_URL``: online feature store to read (overrides the release's
+  ``online_store``; ``none``: the packaged snapshot only). See pipelines/store_source.py;
 * ``CTR_REQUEST_LOG_DIR``, ``CTR_PROFILE_DIR``, ``CTR_STATE_DIR``: override the
   ``serving.*_dir`` paths, which are otherwise relative to ``MLOPS_PROJECT_ROOT``
   (or the working directory).
@@ -32,6 +34,7 @@ import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
+from pipelines.contracts import ContractViolation  # noqa: E402
 from pipelines.http_limits import BodySizeLimit  # noqa: E402
 from pipelines.release import load_release  # noqa: E402
 from pipelines.request_log import RequestLog  # noqa: E402
@@ -43,6 +46,12 @@ from pipelines.serving import (  # noqa: E402
     PredictResponse,
     Runtime,
 )
+from pipelines.store_source import (  # noqa: E402
+    STORE_ERRORS,
+    OnlineStoreFeatureSource,
+    events_from_json,
+    rejected_json,
+)
 
 logger = logging.getLogger("ctr.service")
 RELEASE_FILE = Path(
@@ -53,6 +62,8 @@ RELEASE_FILE = Path(
 RELEASE = load_release(RELEASE_FILE)
 POLICY = RELEASE.policy
 MAX_BATCH = POLICY.max_batch_size
+MAX_INGEST = RELEASE.online_store.max_ingest_rows if RELEASE.online_store else 10_000
+MAX_INGEST_BYTES = MAX_INGEST * 2048  # a RawEvents row as JSON is ~250 bytes
 
 
 def _local_path(setting: str, env: str) -> Path:
@@ -232,6 +243,48 @@ class CtrService:
         logger.warning("admin: fault on %s set to %s", target, fault)
         return {"ok": True, "target": target, "fault": None if fault is None else vars(fault)}
 
+    @bentoml.api(route="/admin/ingest")
+    def admin_ingest(
+        self,
+        ctx: bentoml.Context,
+        events: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_INGEST)],
+    ) -> dict[str, Any]:
+        """Apply RawEvents rows to the online store; returns the ingest report. Token required.
+
+        Bad rows are rejected one by one with their reason (first 100 returned); the valid
+        rest is ingested atomically. A store that cannot take the batch answers 503 and
+        ingests nothing, so the sender can retry the same batch (re-sent rows are idempotent).
+        """
+        refused = _refuse(ctx)
+        if refused:
+            return refused
+        size = int(ctx.request.headers.get("content-length") or 0)
+        if size > MAX_INGEST_BYTES:
+            ctx.response.status_code = 413
+            return {
+                "error": f"body of {size} bytes is over {MAX_INGEST_BYTES}; send smaller batches"
+            }
+        source = self.predictor.runtime.features
+        if not isinstance(source, OnlineStoreFeatureSource):
+            ctx.response.status_code = 409
+            return {
+                "error": "this service reads no online store; set features.online.serve: true "
+                "and re-package, or start it with CTR_FEATURE_STORE_URL"
+            }
+        try:
+            report = source.ingest(events_from_json(events), "POST /admin/ingest")
+        except ContractViolation as exc:
+            ctx.response.status_code = 400
+            return {"error": exc.report}
+        except STORE_ERRORS as exc:
+            ctx.response.status_code = 503
+            return {
+                "error": f"online store unavailable, nothing was ingested; retry the batch: "
+                f"{type(exc).__name__}: {exc}"
+            }
+        body = report.to_dict()
+        body["rejected_rows"] = rejected_json(report)
+        return body
 
 # Bodies over serving.max_body_mb get 413 before BentoML reads and parses them.
 CtrService.add_asgi_middleware(BodySizeLimit, max_bytes=int(POLICY.max_body_mb * (1 << 20)))

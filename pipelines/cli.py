@@ -295,8 +295,9 @@ def features_parity(
     events: Path | None = typer.Option(None, help="The ingested events (default: base.raw_dir)."),
     served: Path | None = typer.Option(
         None,
-        help="Served vectors to check instead of sampling the store (parquet/jsonl with "
-        "user_id, item_id, surface, device, ts and the feature columns).",
+        help="Served vectors to check instead of sampling the store: the service's request "
+        "log folder (serving.request_log_dir), or parquet/jsonl with user_id, item_id, "
+        "surface, device, ts and the feature columns.",
     ),
     sample: int = typer.Option(1000, help="Vectors to sample."),
     at: str | None = typer.Option(
@@ -310,7 +311,7 @@ def features_parity(
     """Recompute sampled online vectors offline and report the mismatch rate per feature."""
     from pipelines.contracts import RAW_EVENTS, ContractViolation, validate
     from pipelines.online_store import read_events_file
-    from pipelines.parity import parity_report
+    from pipelines.parity import load_served, parity_report
 
     params = config.load_params()
     root = config.project_root()
@@ -327,7 +328,7 @@ def features_parity(
         report = parity_report(
             online,
             log,
-            served=None if served is None else read_events_file(served),
+            served=None if served is None else load_served(served),
             sample=sample,
             at=at,
             seed=seed,

@@ -162,11 +162,15 @@ class Backend(Protocol):
 class SQLiteBackend:
     """One SQLite file (WAL mode): readers never block the single writer."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path = path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # ``timeout``: how long a statement waits for a lock held by another connection
+        # (the service reads with a short one so a locked file degrades fast, not slowly).
+        self._con = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=timeout
+        )
         self._lock = threading.RLock()
         with self._lock:
             self._con.execute("PRAGMA page_size=8192")  # effective for a new file only
@@ -263,10 +267,12 @@ class SQLiteBackend:
 class RedisBackend:
     """Redis keys under one prefix; lookups read states and watermark with one MGET."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, timeout: float = 5.0) -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.client: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
         try:
             self.client.ping()
         except redis.RedisError as exc:
@@ -542,13 +548,24 @@ class OnlineStore:
         feature_set: FeatureSet | str = "ctr_v1",
         allowed_lateness_seconds: float = 3600.0,
         freshness_sla_seconds: float = 300.0,
+        timeout_seconds: float | None = None,
     ) -> OnlineStore:
-        """Open (creating if needed) the store at ``sqlite:///path`` or ``redis://host:port/db``."""
+        """Open (creating if needed) the store at ``sqlite:///path`` or ``redis://host:port/db``.
+
+        ``timeout_seconds`` bounds how long one operation waits for a SQLite lock or a
+        Redis socket (default 30 s and 5 s, fit for ingest jobs; the service passes a
+        few tens of milliseconds so an outage falls back instead of stalling requests).
+        """
         fs = FEATURE_SETS[feature_set] if isinstance(feature_set, str) else feature_set
         if url.startswith("sqlite:///"):
-            backend: Backend = SQLiteBackend(url[len("sqlite:///") :] or ":memory:")
+            backend: Backend = SQLiteBackend(
+                url[len("sqlite:///") :] or ":memory:",
+                30.0 if timeout_seconds is None else timeout_seconds,
+            )
         elif url.startswith(("redis://", "rediss://", "unix://")):
-            backend = RedisBackend(url, prefix=f"mlops:{fs.name}:")
+            backend = RedisBackend(
+                url, f"mlops:{fs.name}:", 5.0 if timeout_seconds is None else timeout_seconds
+            )
         else:
             raise StoreError(
                 f"online store URL {url!r} is not understood; use "
@@ -767,18 +784,30 @@ class OnlineStore:
         states: dict[str, bytes] = {}
         for entity, sources in self._entities.items():
             keys = np.asarray(_keys(entity, cols), dtype=object)
-            per_source = []
-            for source in sources:
-                mask = new_impr if source == "impressions" else new_click
-                per_source.append((keys[mask], ts[mask] if source == "impressions" else cts[mask]))
-            touched = pd.unique(np.concatenate([k for k, _ in per_source])) if per_source else []
-            if len(touched) == 0:
+            masks = [new_impr if source == "impressions" else new_click for source in sources]
+            if not masks:
                 continue
+            # One hash pass: codes of the touched keys (rows with an event of this entity).
+            rows = np.flatnonzero(np.logical_or.reduce(masks))
+            if len(rows) == 0:
+                continue
+            row_codes, touched = pd.factorize(keys[rows])
+            code_of = np.full(len(v), -1, np.int64)
+            code_of[rows] = row_codes
+            per_source = [
+                (code_of[m], ts[m] if source == "impressions" else cts[m])
+                for m, source in zip(masks, sources, strict=True)
+            ]
             states.update(self._merge(entity, list(touched), per_source, horizon, w1))
 
-        seen_new = {
-            str(ids[i]): (int(ts[i]), int(clicked[i])) for i in np.flatnonzero(new_impr | new_click)
-        }
+        applied = np.flatnonzero(new_impr | new_click)
+        seen_new = dict(
+            zip(
+                ids[applied].astype(str).tolist(),
+                zip(ts[applied].tolist(), clicked[applied].astype(np.int64).tolist(), strict=True),
+                strict=True,
+            )
+        )
         if w1 != w0 or meta_new:
             meta_new["watermark_ms"] = str(w1)
         rejected_all = (
@@ -827,26 +856,35 @@ class OnlineStore:
     ) -> dict[str, bytes]:
         """New states of ``touched`` keys: old times + new times, pruned at ``horizon``.
 
-        Vectorized over all keys (decode, merge, prune, encode), so a batch costs a
-        few numpy passes rather than Python work per entity.
+        ``per_source`` holds, per source of the entity, the position in ``touched`` of
+        each new event's key and its time. Vectorized over all keys (decode, merge,
+        prune, encode), so a batch costs a few numpy passes rather than Python work per
+        entity.
         """
         n = len(touched)
-        index = pd.Index(touched)
         blobs = self.backend.read_states(touched)
         last, old = _decode_many(blobs, len(per_source))
         merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for (keys, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
-            new_codes = index.get_indexer(keys)
-            codes = np.concatenate([old_codes, new_codes])
-            all_times = np.concatenate([old_times, times]).astype(np.int64)
+        for (new_codes, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
+            # One int64 key per event time, code * 2^40 + (time - epoch) (times are checked
+            # to lie in that range): the old keys are already sorted (states are decoded in
+            # key order, times sorted within a state), so only the batch's few new keys are
+            # sorted and inserted, instead of a two-key sort of every retained time.
+            old_keys = old_codes.astype(np.int64) * STRIDE + (old_times.astype(np.int64) - EPOCH_MS)
             if len(times):
                 np.maximum.at(last, new_codes, times)
+                new_keys = np.sort(new_codes.astype(np.int64) * STRIDE + (times - EPOCH_MS))
+                keys = np.insert(old_keys, np.searchsorted(old_keys, new_keys), new_keys)
+            else:
+                keys = old_keys
+            codes = keys // STRIDE
+            all_times = keys - codes * STRIDE + EPOCH_MS
             drop = all_times <= horizon
-            pruned = pruned + np.bincount(codes[drop], minlength=n)
-            codes, all_times = codes[~drop], all_times[~drop]
-            order = np.lexsort((all_times, codes))
+            if drop.any():
+                pruned = pruned + np.bincount(codes[drop], minlength=n)
+                codes, all_times = codes[~drop], all_times[~drop]
             counts = np.bincount(codes, minlength=n)
-            merged.append((all_times[order], counts, pruned))
+            merged.append((all_times, counts, pruned))
         return dict(zip(touched, _encode_many(watermark, last, merged), strict=True))
 
     # ------------------------------------------------------------------ lookup

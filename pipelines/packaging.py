@@ -28,6 +28,7 @@ from pipelines.io import atomic_dir, atomic_path, md5_file, write_json
 from pipelines.release import (
     FeatureRef,
     ModelRef,
+    OnlineStoreRef,
     ServingPolicy,
     build_release,
     read_release_dict,
@@ -178,8 +179,13 @@ def package_stage(
     bentoml_home: Path,
     policy: ServingPolicy,
     lineage: dict[str, Any],
+    online_store: OnlineStoreRef | None = None,
 ) -> dict[str, Any]:
-    """Store models and feature snapshot in BentoML, write the release, build and export a bento."""
+    """Store models and feature snapshot in BentoML, write the release, build and export a bento.
+
+    ``online_store`` (from ``features.online`` when ``serve: true``) is recorded in the
+    release: the service then reads features from it, with the snapshot as fallback.
+    """
     use_bentoml_home(bentoml_home)
     import bentoml
 
@@ -202,7 +208,9 @@ def package_stage(
         names=card["features"],
         files={"events.parquet": events_md5},
     )
-    release = build_release(service_name, policy, features, prod, candidate, previous)
+    release = build_release(
+        service_name, policy, features, prod, candidate, previous, online_store=online_store
+    )
     # The bento ships the release file, so it is written before the build and put
     # back as it was if the build fails (a failed stage leaves its outputs intact).
     old_text = release_file.read_text() if release_file.is_file() else None

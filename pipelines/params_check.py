@@ -258,6 +258,10 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("features.engine", one_of(_engines, "offline engine")),
     Rule("features.online.url", online_url()),
     Rule("features.online.allowed_lateness_seconds", number(0)),
+    Rule("features.online.serve", boolean(), required=False),
+    Rule("features.online.serving_timeout_ms", number(0, exclusive_minimum=True), required=False),
+    Rule("features.online.retry_seconds", number(0), required=False),
+    Rule("features.online.max_ingest_rows", integer(1), required=False),
     # build_dataset
     Rule("build_dataset.out_dir", relpath()),
     Rule("build_dataset.warmup_hours", integer(0)),

@@ -12,6 +12,7 @@ set, or a bug.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,82 @@ def _compare(
     )
 
 
+def _events_as_of(events: pd.DataFrame, as_of_ms: int) -> pd.DataFrame:
+    """The event log as a store with watermark ``as_of_ms`` held it: later times not yet seen."""
+    ts = to_ms(events["ts"])
+    kept = events[ts <= as_of_ms].copy()
+    clicked = kept["clicked"].to_numpy() == 1
+    late_click = clicked & (to_ms(kept["click_ts"].fillna(kept["ts"])) > as_of_ms)
+    kept.loc[late_click, "clicked"] = 0
+    kept.loc[late_click, "click_ts"] = pd.NaT
+    return kept
+
+
+def _offline_as_of(
+    events: pd.DataFrame, queries: pd.DataFrame, as_of: np.ndarray, fs: Any, engine: str
+) -> pd.DataFrame:
+    """Offline rows at each query's time over the events up to the vector's as-of time.
+
+    A served vector is current as of the store watermark when it was served; events with
+    later times that arrived afterwards were not in it, by definition of freshness, so the
+    recomputation leaves them out too (one offline build per distinct as-of time).
+    """
+    last = int(
+        max(
+            to_ms(events["ts"]).max(initial=0),
+            to_ms(events["click_ts"].dropna()).max(initial=0),
+        )
+    )
+    parts = []
+    for value in np.unique(as_of):
+        idx = np.flatnonzero(as_of == value)
+        log = events if value >= last else _events_as_of(events, int(value))
+        part = build_point_in_time(log, queries.iloc[idx], fs, engine=engine)
+        parts.append(part.set_axis(idx))
+    return pd.concat(parts).sort_index().reset_index(drop=True)
+
+
+def served_from_request_log(log_dir: Path) -> pd.DataFrame:
+    """Served vectors from the service's request log, for ``parity_report(served=...)``.
+
+    One row per answered request whose features came from the configured source
+    (rows answered without features, or from the snapshot while the online store was
+    down, are left out): the query columns, ``ts`` (the request time), ``as_of_ms``
+    (request time minus the reported feature age) and the feature columns.
+    """
+    from pipelines.request_log import read_request_log
+
+    log = read_request_log(log_dir)
+    if log.empty:
+        raise ValueError(f"no answered requests in the request log {log_dir}")
+    fallback = log["degraded_reason"].fillna("").str.contains("online store unavailable")
+    log = log[log["features"].notna() & ~fallback].reset_index(drop=True)
+    if log.empty:
+        raise ValueError(f"no request in {log_dir} was served with store features")
+    ts = pd.to_datetime(log["request_time"], utc=True)
+    age_ms = (log["feature_age_seconds"].astype(float) * 1000).round().astype(np.int64)
+    out = pd.DataFrame(
+        {
+            "user_id": log["user"].astype(str),
+            "item_id": log["item"].astype(str),
+            "surface": log["surface"].astype(str),
+            "device": log["device"].astype(str),
+            "ts": ts,
+            "as_of_ms": to_ms(ts) - age_ms.to_numpy(),
+        }
+    )
+    return pd.concat([out, pd.DataFrame(list(log["features"]))], axis=1)
+
+
+def load_served(path: Path) -> pd.DataFrame:
+    """Served vectors from a request-log folder (``requests-*.jsonl``) or a parquet/jsonl file."""
+    if path.is_dir() and any(path.glob("requests-*.jsonl")):
+        return served_from_request_log(path)
+    from pipelines.online_store import read_events_file
+
+    return read_events_file(path)
+
+
 def parity_report(
     store: OnlineStore,
     events: pd.DataFrame,
@@ -134,7 +211,12 @@ def parity_report(
         )
         rows = rows.reset_index(drop=True)
         queries = rows[list(QUERY_COLUMNS)].assign(ts=rows["ts"])
-        offline = build_point_in_time(events, queries, fs, engine=engine)
+        if "as_of_ms" in rows.columns:
+            offline = _offline_as_of(
+                events, queries, rows["as_of_ms"].to_numpy(np.int64), fs, engine
+            )
+        else:
+            offline = build_point_in_time(events, queries, fs, engine=engine)
         as_of = int(store.stats()["watermark_ms"])
         return _compare(rows[fs.names], offline, queries, "served log", store, as_of)
     rng = np.random.default_rng(seed)

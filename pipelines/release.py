@@ -98,6 +98,40 @@ class FeatureRef(BaseModel):
     files: dict[str, str]
 
 
+class OnlineStoreRef(BaseModel):
+    """The online feature store the service reads, when ``features.online.serve`` is true.
+
+    The packaged snapshot (``feature_source``) stays the fallback while the store cannot
+    answer; the environment variable ``CTR_FEATURE_STORE_URL`` overrides ``url`` at
+    deploy time (``none`` turns the store off). See docs/feature_store.md.
+    """
+
+    url: str
+    feature_set: str
+    allowed_lateness_seconds: float = Field(3600.0, ge=0)
+    timeout_ms: float = Field(50.0, gt=0)  # per lookup: a slower store falls back
+    retry_seconds: float = Field(1.0, ge=0)  # after a failure, the snapshot answers this long
+    max_ingest_rows: int = Field(10_000, ge=1)  # largest batch the service's /admin/ingest takes
+
+
+def online_store_from_params(params: dict[str, Any], feature_set: str) -> OnlineStoreRef | None:
+    """The release's online store from ``features.online`` (None unless ``serve: true``)."""
+    online = (params.get("features") or {}).get("online") or {}
+    if not online.get("serve", False):
+        return None
+    try:
+        return OnlineStoreRef(
+            url=str(online["url"]),
+            feature_set=feature_set,
+            allowed_lateness_seconds=float(online.get("allowed_lateness_seconds", 3600.0)),
+            timeout_ms=float(online.get("serving_timeout_ms", 50.0)),
+            retry_seconds=float(online.get("retry_seconds", 1.0)),
+            max_ingest_rows=int(online.get("max_ingest_rows", 10_000)),
+        )
+    except (KeyError, ValidationError) as exc:
+        raise ConfigError(f"params.yaml features.online is invalid for serving: {exc}") from exc
+
+
 class BaselineRef(BaseModel):
     """The rule baseline: a file inside one model's BentoML folder."""
 
@@ -122,6 +156,7 @@ class Release(BaseModel):
     candidate: ModelRef | None = None
     previous: ModelRef | None = None
     baseline: BaselineRef
+    online_store: OnlineStoreRef | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Release:
@@ -137,6 +172,11 @@ class Release(BaseModel):
                     f"serves {self.feature_source.feature_set!r}; rebuild that model on this "
                     "feature set"
                 )
+        if self.online_store and self.online_store.feature_set != self.feature_source.feature_set:
+            raise ValueError(
+                f"the online store serves {self.online_store.feature_set!r} but the release "
+                f"serves {self.feature_source.feature_set!r}; set features.feature_set to one value"
+            )
         return self
 
     def tiers(self) -> dict[str, ModelRef]:
@@ -178,6 +218,8 @@ def policy_from_params(params: dict[str, Any]) -> ServingPolicy:
 def release_id(release: dict[str, Any]) -> str:
     """Content id of a release: same tiers and policy give the same id, whatever the time."""
     stable = {k: release[k] for k in ("policy", "feature_source", "prod", "candidate", "previous")}
+    if release.get("online_store"):  # releases without a store keep their earlier ids
+        stable["online_store"] = release["online_store"]
     for tier in ("prod", "candidate", "previous"):
         if stable[tier] is not None:
             stable[tier] = {k: v for k, v in stable[tier].items() if k != "lineage"}
@@ -193,6 +235,7 @@ def build_release(
     candidate: ModelRef | None = None,
     previous: ModelRef | None = None,
     source: str = "package",
+    online_store: OnlineStoreRef | None = None,
 ) -> Release:
     """Assemble and validate a release; the baseline ships inside the prod model."""
     if "baseline.json" not in prod.files:
@@ -211,6 +254,7 @@ def build_release(
         "prod": prod.model_dump(),
         "candidate": candidate.model_dump() if candidate else None,
         "previous": previous.model_dump() if previous else None,
+        "online_store": online_store.model_dump() if online_store else None,
     }
     try:
         return Release(
@@ -230,6 +274,7 @@ def build_release(
             baseline=BaselineRef(
                 tag=prod.tag, file="baseline.json", md5=prod.files["baseline.json"]
             ),
+            online_store=online_store,
         )
     except ValidationError as exc:
         raise ConfigError(f"release is invalid: {exc}") from exc

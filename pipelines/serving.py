@@ -108,6 +108,7 @@ class FeatureBatch:
 
     X: np.ndarray  # float64 (rows, features)
     as_of_ms: np.ndarray  # int64 (rows,)
+    note: str | None = None  # set when a fallback source answered: why (degraded_reason)
 
 
 class FeatureSource(Protocol):
@@ -321,6 +322,11 @@ class Runtime:
                 problems.append(
                     f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
                 )
+            # The online store when the release or CTR_FEATURE_STORE_URL names one, the
+            # snapshot as its fallback (pipelines.store_source).
+            from pipelines.store_source import feature_source_for
+
+            features = feature_source_for(release, features, problems)
         policy = release.policy
         router = Router(
             policy.routing, policy.candidate_share, policy.shadow_sample_rate, policy.routing_salt
@@ -440,8 +446,10 @@ class Predictor:
 
         X: np.ndarray | None = None
         age = np.full(n, np.nan)
+        feature_note: str | None = None
         try:
             batch = rt.lookup(users, items, surfaces, devices, t_ms)
+            feature_note = batch.note
             X = batch.X
             age = np.maximum(t_ms - batch.as_of_ms, 0) / 1000.0
             fresh = age <= policy.freshness_sla_seconds
@@ -486,6 +494,10 @@ class Predictor:
             for i in rest:
                 if reasons[i] is None:
                     codes[i], reasons[i] = "no_model", "no model tier could answer"
+        if feature_note is not None:  # a fallback feature source answered: say so on every row
+            for j in range(n):
+                codes[j] = "features_fallback"
+                reasons[j] = feature_note if reasons[j] is None else f"{feature_note}; {reasons[j]}"
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._count(routes, codes)
         probs = np.round(prob, 6).tolist()
