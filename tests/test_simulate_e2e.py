@@ -59,8 +59,13 @@ def test_closed_loop_rollback_then_promotion(project_copy: Path, tmp_path: Path)
         "auc": {"max_drop": 0.1},
         "calibration_error": {"max_rise": 0.02},
     }
+    # The retrained model tracks the shifted world, so its predictions move away from
+    # prod's (paired PSI measured 0.09-0.11 on this scenario, around the default limit
+    # 0.1, depending on which rows were shadow-scored): the guard is here to catch a
+    # canary that breaks, not one that moved as intended.
+    params["monitor"]["canary"]["max_prediction_psi"] = 0.3
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "regression tolerance for drifted windows"], root)
+    run(["git", "commit", "-qam", "tolerances for a retrain on a drifted window"], root)
 
     env = {**project_env(root), "CTR_ADMIN_TOKEN": TOKEN}
     served = tmp_path / "service"
