@@ -286,5 +286,6 @@ class CtrService:
         body["rejected_rows"] = rejected_json(report)
         return body
 
+
 # Bodies over serving.max_body_mb get 413 before BentoML reads and parses them.
 CtrService.add_asgi_middleware(BodySizeLimit, max_bytes=int(POLICY.max_body_mb * (1 << 20)))
