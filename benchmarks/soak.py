@@ -137,11 +137,10 @@ def main() -> None:
         "CTR_STATE_DIR": str(work / "state"),
     }
     env.pop("MLOPS_PROJECT_ROOT", None)
-    from tests.conftest import free_port
 
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
-    served = Served(tag, free_port(), env, work, work / "server.log")
+    served = Served(tag, None, env, work, work / "server.log")
     report: dict[str, Any] = {}
     try:
         served.wait_workers(args.workers)

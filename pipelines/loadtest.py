@@ -5,7 +5,8 @@ versions in ``tests/test_serving_reliability.py``, so the way requests are sent
 and results are counted is written once:
 
 * ``Served`` starts ``bentoml serve`` of a bento (one BLAS thread per worker,
-  loopback), waits for ``/readyz``, lists its worker processes, samples their
+  loopback, on a free port; started again when a port it picked was taken meanwhile),
+  waits for ``/readyz``, lists its worker processes, samples their
   resident memory and stops it cleanly (SIGTERM: the request log is flushed);
 * ``fixed_rate`` sends requests at a fixed rate for a fixed time (an open loop:
   latency counts from the scheduled send time, so client-side queueing is not
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,44 +68,70 @@ def workload(raw_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     ]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (another process may take it before use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Served:
-    """A running ``bentoml serve`` (arbiter + workers) started in its own process group."""
+    """A running ``bentoml serve`` (arbiter + workers) started in its own process group.
+
+    ``port=None`` picks a free loopback port. Between picking a port and binding it,
+    another process can take it; so can the arbiter's own control port, which BentoML
+    picks the same way. Such a start fails at once with "Address already in use" and
+    is retried (``attempts`` times in all) rather than failing the caller.
+    """
 
     def __init__(
         self,
         bento_tag: str,
-        port: int,
+        port: int | None,
         env: dict[str, str],
         cwd: Path,
         log_path: Path,
         ready_timeout: float = 180.0,
+        attempts: int = 3,
     ) -> None:
-        import httpx
-
-        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         env = {**env, "OMP_NUM_THREADS": "1"}
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", str(port)],
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + ready_timeout
+        for attempt in range(1, attempts + 1):
+            self.url = f"http://127.0.0.1:{port or free_port()}"
+            with log_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", self.port],
+                    cwd=cwd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self._wait_ready(ready_timeout):
+                return
+            if "Address already in use" not in self.tail() or attempt == attempts:
+                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
+
+    @property
+    def port(self) -> str:
+        return self.url.rsplit(":", 1)[1]
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """True once /readyz answers 200; False if the process exited first."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
+                return False
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    break
+                    return True
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server not ready in {ready_timeout:.0f} s:\n{self.tail()}")
+                raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.tail()}")
             time.sleep(0.3)
 
     def tail(self, chars: int = 4000) -> str:
@@ -336,6 +364,7 @@ __all__ = [
     "Served",
     "encode",
     "fixed_rate",
+    "free_port",
     "log_accounting",
     "summarize",
     "timeline",

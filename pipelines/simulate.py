@@ -61,6 +61,7 @@ import pandas as pd
 
 from pipelines import config
 from pipelines.io import md5_file, write_json
+from pipelines.loadtest import free_port
 from pipelines.monitoring import to_jsonable
 
 EXIT_OK = 0
@@ -245,15 +246,6 @@ class Service:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_service(

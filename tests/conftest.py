@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pipelines.loadtest import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -135,13 +136,6 @@ def project_copy(small_project: Path, tmp_path: Path) -> Path:
     shutil.copytree(small_project, dest, symlinks=True, ignore=shutil.ignore_patterns(".bentoml"))
     shutil.copytree(small_project / ".bentoml", dest / ".bentoml", symlinks=True)
     return dest
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

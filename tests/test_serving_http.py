@@ -11,13 +11,10 @@ the request log holds exactly the rows that were answered.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +24,10 @@ import httpx
 import pandas as pd
 import pytest
 
+from pipelines.loadtest import Served
 from pipelines.packaging import import_bento
 from pipelines.request_log import read_request_log
-from tests.conftest import free_port, project_env, run, set_param
+from tests.conftest import project_env, run, set_param
 from tests.serving_support import last_event_time
 
 pytestmark = pytest.mark.slow
@@ -55,8 +53,7 @@ print(json.dumps(out))
 class Server:
     """The running service and what the tests asked of it."""
 
-    url: str
-    proc: subprocess.Popen[bytes]
+    served: Served
     home: Path
     release_file: Path
     log_dir: Path
@@ -66,6 +63,14 @@ class Server:
     at: str
     answered_rows: int = 0
     statuses: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.served.url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.served.proc
 
     def post(
         self, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None
@@ -122,14 +127,7 @@ class Server:
 
     def stop(self) -> int | None:
         """SIGTERM (clean shutdown) and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the arbiter stops its workers
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return self.served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +165,6 @@ def server(release_project: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     bento_tag = json.loads((release_project / "build/bento/bento.json").read_text())["bento_tag"]
     release_file = work / "release.json"
     shutil.copyfile(release_project / "build/release/release.json", release_file)
-    port = free_port()
     env = project_env(work)
     env.update(
         BENTOML_HOME=str(home),
@@ -179,19 +176,10 @@ def server(release_project: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         CTR_STATE_DIR=str(work / "state"),
     )
     log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", str(port)],
-            cwd=work,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    served = Served(bento_tag, None, env, work, log_path, ready_timeout=120)
     at = (last_event_time(release_project / "data") - pd.Timedelta(hours=1)).isoformat()
     srv = Server(
-        f"http://127.0.0.1:{port}",
-        proc,
+        served,
         home,
         release_file,
         work / "requests",
@@ -201,20 +189,6 @@ def server(release_project: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         at,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"bentoml serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-                )
-            try:
-                if httpx.get(srv.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready in 120 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
         yield srv
     finally:
         srv.stop()

@@ -32,7 +32,7 @@ from pipelines.loadtest import (
     workload,
 )
 from pipelines.packaging import import_bento
-from tests.conftest import REPO, free_port, project_env
+from tests.conftest import REPO, project_env
 
 pytestmark = pytest.mark.slow
 TOKEN = "reliability-admin-token-5f2a9c"
@@ -68,7 +68,7 @@ def env(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         CTR_PROFILE_DIR=str(work / "live"),
         CTR_STATE_DIR=str(work / "state"),
     )
-    served = Served(bento_tag, free_port(), environ, work, work / "server.log")
+    served = Served(bento_tag, None, environ, work, work / "server.log")
     try:
         served.wait_workers(2)
         bodies = encode(workload(small_project / "data", 400))

@@ -25,9 +25,10 @@ import httpx
 import pandas as pd
 import pytest
 
+from pipelines.loadtest import Served
 from pipelines.online_store import OnlineStore
 from pipelines.packaging import import_bento
-from tests.conftest import free_port, project_env
+from tests.conftest import project_env
 from tests.store_support import RedisServer, Traffic, outage_summary
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,7 @@ def iso(ms: int) -> str:
 
 @dataclass
 class StoreServer:
-    url: str
-    proc: subprocess.Popen[bytes]
+    served: Served
     work: Path
     db: Path
     release_file: Path
@@ -52,6 +52,10 @@ class StoreServer:
     events: pd.DataFrame
     watermark_ms: int
     project: Path
+
+    @property
+    def url(self) -> str:
+        return self.served.url
 
     def post(self, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
         headers = {"content-type": "application/json"}
@@ -100,7 +104,6 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     }
     release_file = work / "release.json"
     release_file.write_text(json.dumps(release))
-    port = free_port()
     env = project_env(work)
     env.pop("CTR_FEATURE_STORE_URL", None)
     env.update(
@@ -113,18 +116,9 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         CTR_STATE_DIR=str(work / "state"),
     )
     log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", str(port)],
-            cwd=work,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    served = Served(bento_tag, None, env, work, log_path, ready_timeout=120)
     srv = StoreServer(
-        f"http://127.0.0.1:{port}",
-        proc,
+        served,
         work,
         db,
         release_file,
@@ -135,26 +129,9 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         small_project,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"bentoml serve exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(srv.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.5)
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
+        served.stop()
         out = os.environ.get("STORE_OUTAGE_RESULTS")
         if out and RESULTS:
             Path(out).write_text(json.dumps(RESULTS, indent=2))
