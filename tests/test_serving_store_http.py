@@ -94,6 +94,9 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         store.ingest(events)
         watermark = int(store.stats()["watermark_ms"])
     release = json.loads((small_project / "build/release/release.json").read_text())
+    # The outages test the feature path: a model call slowed past the 40 ms budget by a busy
+    # test machine (the chain then answers with the baseline) must not count against it.
+    release["policy"]["latency_budget_ms"] = 3000
     release["online_store"] = {
         "url": "sqlite:///online/features.db",  # relative: resolved against MLOPS_PROJECT_ROOT
         "feature_set": "ctr_v1",
@@ -226,7 +229,10 @@ def _outage(server: StoreServer, name: str, cut: Any, restore: Any) -> dict[str,
     assert summary["non_200"] == 0, summary
     assert summary["degraded_requests"] > 0, summary
     # The snapshot covers the request time, so the prod model still answered.
-    assert summary["routes_while_degraded"] == ["prod"], summary
+    assert summary["routes_while_degraded"] == ["prod"], (
+        summary,
+        {a.degraded_reason for a in traffic.answers if a.route != "prod"},
+    )
     return summary
 
 
