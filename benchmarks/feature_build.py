@@ -319,52 +319,29 @@ def main() -> None:
                 ]
                 env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
                 print(f"  {set_name} / {impl} ...", end=" ", flush=True)
+                run = {
+                    "size": size,
+                    "events": n_events,
+                    "labels": n_labels,
+                    "features": set_name,
+                    "impl": impl,
+                }
                 try:
                     proc = subprocess.run(
                         cmd, capture_output=True, text=True, env=env, timeout=args.timeout
                     )
                 except subprocess.TimeoutExpired:
                     print("timeout", flush=True)
-                    runs.append(
-                        {
-                            "size": size,
-                            "events": n_events,
-                            "labels": n_labels,
-                            "features": set_name,
-                            "impl": impl,
-                            "status": "timeout",
-                            "timeout_s": args.timeout,
-                        }
-                    )
+                    runs.append({**run, "status": "timeout", "timeout_s": args.timeout})
                     continue
                 if proc.returncode != 0:
                     print("failed", flush=True)
-                    runs.append(
-                        {
-                            "size": size,
-                            "events": n_events,
-                            "labels": n_labels,
-                            "features": set_name,
-                            "impl": impl,
-                            "status": "failed",
-                            "error": proc.stderr[-2000:],
-                        }
-                    )
+                    runs.append({**run, "status": "failed", "error": proc.stderr[-2000:]})
                     continue
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(result, flush=True)
                 outputs[impl] = out
-                runs.append(
-                    {
-                        "size": size,
-                        "events": n_events,
-                        "labels": n_labels,
-                        "features": set_name,
-                        "impl": impl,
-                        "status": "ok",
-                        **result,
-                    }
-                )
+                runs.append({**run, "status": "ok", **result})
             # All outputs must be identical before any number counts.
             frames = {k: pd.read_parquet(v) for k, v in outputs.items()}
             ref_name = "numpy_engine" if "numpy_engine" in frames else next(iter(frames), None)

@@ -21,8 +21,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,44 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipelines.loadtest import free_port  # noqa: E402
+from tests.store_support import RedisServer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import redis
-
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def bench_backend(url: str, stream: Any, events: Any, batch: int, lookups: int) -> dict[str, Any]:
@@ -194,14 +157,16 @@ def main() -> None:
             f"sqlite:///{tmp}/online.db", stream, events, args.batch, args.lookups
         )
         print(results["sqlite"], flush=True)
-        proc, url = start_redis(Path(tmp))
+        redis_server = RedisServer(Path(tmp) / "redis", persistent=False)
+        redis_server.start()
         try:
             print("redis ...", flush=True)
-            results["redis"] = bench_backend(url, stream, events, args.batch, args.lookups)
+            results["redis"] = bench_backend(
+                redis_server.url, stream, events, args.batch, args.lookups
+            )
             print(results["redis"], flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            redis_server.stop()
     report = {
         "machine": machine(),
         "command": "python benchmarks/online_store.py " + " ".join(sys.argv[1:]),

@@ -374,8 +374,6 @@ class Registry:
         so the missing step is exactly the staging tag; it is added with a message that
         says it completes an interrupted registration. Returns what was repaired.
         """
-        import gto.api
-
         events = self.events()
         todo = self.incomplete(events)
         if not todo:
@@ -386,28 +384,37 @@ class Registry:
         for item in todo:
             version = item["version"]
             self._after_last_event(self.events())
-            gate_report = registrations[version].fields.get("gate_report")
-            staged = gto.api.assign(
-                str(self.root),
-                self.artifact,
-                "staging",
-                version=version,
-                force=True,
-                message=format_message(
-                    f"Stage {self.artifact} {version} to staging",
-                    {
-                        "action": "stage",
-                        "stage": "staging",
-                        "version": version,
-                        "reason": "passed every quality gate on registration; completes a "
-                        "registration interrupted before its staging tag",
-                        "repaired": True,
-                        "gate_report": gate_report,
-                    },
-                ),
+            tag = self._stage_registered(
+                version,
+                registrations[version].fields.get("gate_report"),
+                repaired=True,
             )
-            done.append({"version": version, "tag": staged.tag})
+            done.append({"version": version, "tag": tag})
         return done
+
+    def _stage_registered(self, version: str, gate_report: Any, repaired: bool = False) -> str:
+        """The staging tag that ends a registration (or completes an interrupted one)."""
+        import gto.api
+
+        fields: dict[str, Any] = {
+            "action": "stage",
+            "stage": "staging",
+            "version": version,
+            "reason": "passed every quality gate on registration",
+        }
+        if repaired:
+            fields["reason"] += "; completes a registration interrupted before its staging tag"
+            fields["repaired"] = True
+        fields["gate_report"] = gate_report
+        staged = gto.api.assign(
+            str(self.root),
+            self.artifact,
+            "staging",
+            version=version,
+            force=True,
+            message=format_message(f"Stage {self.artifact} {version} to staging", fields),
+        )
+        return str(staged.tag)
 
     # -- writing: common guards
 
@@ -624,24 +631,7 @@ class Registry:
                 message=format_message(f"Register {self.artifact} {version}", fields),
             )
             created.append(event.tag)
-            staged = gto.api.assign(
-                str(self.root),
-                self.artifact,
-                "staging",
-                version=version,
-                force=True,
-                message=format_message(
-                    f"Stage {self.artifact} {version} to staging",
-                    {
-                        "action": "stage",
-                        "stage": "staging",
-                        "version": version,
-                        "reason": "passed every quality gate on registration",
-                        "gate_report": rel_json,
-                    },
-                ),
-            )
-            created.append(staged.tag)
+            created.append(self._stage_registered(version, rel_json))
         except Exception as exc:
             self._delete_tags(created)
             _git(self.root, "reset", "-q", "--soft", "HEAD~1", check=False)

@@ -1,9 +1,10 @@
 """Helpers for the online-store serving tests and benchmarks: a real redis-server, steady traffic.
 
-``RedisServer`` starts ``redis-server`` on a loopback port with an append-only file,
-so a stop and restart keeps the data (as a production Redis with persistence
-would). ``Traffic`` sends /predict calls back to back from a thread and records
-every answer, so an outage can be measured from the client's side.
+``RedisServer`` starts ``redis-server`` on a loopback port, by default with an
+append-only file, so a stop and restart keeps the data (as a production Redis with
+persistence would); ``persistent=False`` keeps everything in memory (faster).
+``Traffic`` sends /predict calls back to back from a thread and records every answer,
+so an outage can be measured from the client's side.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.conftest import free_port
 class RedisServer:
     """A redis-server on 127.0.0.1 that can be stopped and restarted on the same port and data."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persistent: bool = True) -> None:
         binary = shutil.which("redis-server")
         assert binary, (
             "redis-server is not installed; run .ci/run or `apt-get install redis-server`"
@@ -34,6 +35,7 @@ class RedisServer:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,10 +54,11 @@ class RedisServer:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
+                *(
+                    ["--appendonly", "yes", "--appendfsync", "always"]
+                    if self.persistent
+                    else ["--appendonly", "no"]
+                ),
                 "--dir",
                 str(self.folder),
             ],
