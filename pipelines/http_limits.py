@@ -56,16 +56,15 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > self.max_bytes:
-                    await self._refuse(send, f"{declared:,} bytes")
-                    return
-        if any(name == b"content-length" for name, _ in scope.get("headers", [])):
+        length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared > self.max_bytes:
+                await self._refuse(send, f"{declared:,} bytes")
+                return
             await self.app(scope, receive, send)
             return
         # No Content-Length (chunked): read the body here, up to the limit, then replay it.
