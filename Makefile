@@ -51,7 +51,7 @@ check: setup ## ruff (format + lint), mypy on pipelines/, notebooks carry no out
 	$(BIN)/mypy pipelines
 	$(BIN)/mlops notebooks check
 	$(PIP_AUDIT_RUN)
-	$(BIN)/python -m pipelines.audit $(AUDIT_REPORT)
+	$(BIN)/python -m pipelines.cli.audit $(AUDIT_REPORT)
 
 lock: ## re-resolve requirements.lock from pyproject.toml (every dependency pinned, with hashes)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
@@ -80,8 +80,8 @@ AUDIT_IGNORE :=
 # project's lock (pip-audit >= 2.10 needs platformdirs >= 4, whylogs 1.6.4 caps it below 4).
 PIP_AUDIT := pip-audit==2.10.1
 AUDIT_REPORT := build/audit/pip-audit.json
-# pip-audit exits 1 on a finding; pipelines.audit reads its report and gives the verdict.
+# pip-audit exits 1 on a finding; pipelines.cli.audit reads its report and gives the verdict.
 PIP_AUDIT_RUN = mkdir -p $(dir $(AUDIT_REPORT)) && rm -f $(AUDIT_REPORT) && { $(BIN)/uv tool run --quiet --from $(PIP_AUDIT) pip-audit --requirement requirements.lock --require-hashes --disable-pip --vulnerability-service pypi --progress-spinner off --format json --output $(AUDIT_REPORT) $(foreach id,$(AUDIT_IGNORE),--ignore-vuln $(id)) || true; }
 audit: setup ## pip-audit of requirements.lock (hash-checked); fails on a vulnerability or an unaudited package
 	$(PIP_AUDIT_RUN)
-	$(BIN)/python -m pipelines.audit $(AUDIT_REPORT) --require-audited
+	$(BIN)/python -m pipelines.cli.audit $(AUDIT_REPORT) --require-audited

@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import machine  # noqa: E402
 
-from pipelines import whylogs_adapter as wl  # noqa: E402
-from pipelines.drift import DriftPolicy, bin_sketches, compare, judge, psi  # noqa: E402
-from pipelines.features import CTR_V1, point_in_time_features  # noqa: E402
-from pipelines.generate import generate_events  # noqa: E402
+from pipelines.core import profiles as wl  # noqa: E402
+from pipelines.features.definitions import CTR_V1, point_in_time_features  # noqa: E402
+from pipelines.monitoring.drift import DriftPolicy, bin_sketches, compare, judge, psi  # noqa: E402
+from pipelines.simulation.generate import generate_events  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["surface", "device", *CTR_V1.names]

@@ -44,7 +44,7 @@ STRING_COLUMNS = ["user_id", "item_id", "surface", "device"]
 
 
 def feature_sets() -> dict[str, Any]:
-    from pipelines.features import CTR_V1, FeatureSet
+    from pipelines.features.definitions import CTR_V1, FeatureSet
 
     user_windows = FeatureSet(
         name="user_windows",
@@ -63,7 +63,7 @@ def make_inputs(size: str) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.generate import Preset, generate_events
+    from pipelines.simulation.generate import Preset, generate_events
 
     DATA.mkdir(parents=True, exist_ok=True)
     events_path, labels_path = DATA / f"events_{size}.parquet", DATA / f"labels_{size}.parquet"
@@ -118,7 +118,7 @@ def read_inputs(events_path: Path, labels_path: Path) -> tuple[Any, Any]:
 
 
 def run_engine(engine: str, events: Any, labels: Any, fs: Any) -> Any:
-    from pipelines.offline import build_point_in_time
+    from pipelines.features.offline import build_point_in_time
 
     return build_point_in_time(events, labels, fs, engine=engine)
 
@@ -156,7 +156,7 @@ def run_pandas(events: Any, labels: Any, fs: Any) -> Any:
     import numpy as np
     import pandas as pd
 
-    from pipelines.features import CONTEXT, ENTITY_KEYS, to_ms
+    from pipelines.features.definitions import CONTEXT, ENTITY_KEYS, to_ms
 
     ev = events.to_pandas()
     lab = labels.to_pandas()

@@ -86,8 +86,8 @@ def main() -> None:
     project = args.project.resolve()
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-    from pipelines.online_store import OnlineStore
-    from tests.store_support import RedisServer, Traffic, outage_summary
+    from pipelines.features.online_store import OnlineStore
+    from tests.support.store import RedisServer, Traffic, outage_summary
 
     work = Path(tempfile.mkdtemp(prefix="online_serving_"))
     home = work / "home"

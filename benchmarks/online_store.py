@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.store_support import RedisServer  # noqa: E402
+from tests.support.store import RedisServer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,8 +41,8 @@ def bench_backend(url: str, stream: Any, events: Any, batch: int, lookups: int) 
     import numpy as np
     import pandas as pd
 
-    from pipelines.features import to_ms
-    from pipelines.online_store import OnlineStore
+    from pipelines.features.definitions import to_ms
+    from pipelines.features.online_store import OnlineStore
 
     cols = [c for c in stream.columns if c != "arrival_ms"]
     store = OnlineStore.open(url, "ctr_v1", allowed_lateness_seconds=3600)
@@ -144,7 +144,7 @@ def main() -> None:
     import pandas as pd
     from _machine import machine
 
-    from pipelines.online_store import arrivals
+    from pipelines.features.online_store import arrivals
 
     events = pd.read_parquet(args.events)
     if args.limit:

@@ -27,14 +27,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 
-from pipelines.faults import (  # noqa: E402
+from tests.support.faults import (  # noqa: E402
     dvc_status,
     kill_repro_during,
     snapshot,
     stage_outputs,
     stray_temporaries,
 )
-from tests.conftest import init_project, project_env, run, set_param  # noqa: E402
+from tests.support.project import init_project, project_env, run, set_param  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # A param per stage that reruns it (and what follows); values alternate so each run changes it.

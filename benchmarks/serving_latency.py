@@ -50,7 +50,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.loadtest import free_port  # noqa: E402
+from tests.support.loadtest import free_port  # noqa: E402
 
 
 def machine() -> dict[str, Any]:
@@ -77,7 +77,9 @@ def machine() -> dict[str, Any]:
 
 def build_bento(project: Path, work: Path) -> tuple[str, dict[str, Any]]:
     """Package the project's model and events with this repository's code; returns the tag."""
-    from pipelines import config, lineage, packaging, release
+    from pipelines.core import config, lineage
+    from pipelines.modeling import release
+    from pipelines.stages import packaging
 
     root = work / "src"
     for folder in ("bentos", "pipelines"):
@@ -158,7 +160,7 @@ def full_bodies(rows: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def bare_bodies(rows: pd.DataFrame, raw_dir: Path) -> list[list[float]]:
-    from pipelines.features import CTR_V1, EventIndex, to_ms
+    from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
 
     events = pd.read_parquet(
         raw_dir / "events.parquet",
@@ -336,7 +338,7 @@ def main() -> None:
         started_at = dt.datetime.now(dt.UTC)
         load_before = os.getloadavg()
         if args.bento:
-            from pipelines.packaging import import_bento
+            from pipelines.stages.packaging import import_bento
 
             tag = import_bento(args.bento.resolve(), home).split('"')[1]
             built: dict[str, Any] = {"bento_tag": tag, "archive": str(args.bento)}
@@ -424,7 +426,7 @@ def main() -> None:
         }
         for p in procs:
             stop(p)
-        from pipelines.request_log import read_request_log
+        from pipelines.serving.request_log import read_request_log
 
         results["full_counters"]["logged_rows_after_shutdown"] = len(
             read_request_log(work / "requests")

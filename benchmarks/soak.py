@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import machine  # noqa: E402
-from pipelines.loadtest import (  # noqa: E402
+from tests.support.loadtest import (  # noqa: E402
     MemorySampler,
     Outcome,
     Served,
@@ -114,7 +114,7 @@ def main() -> None:
     home = work / "home"
     os.environ["BENTOML_HOME"] = str(home)
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    from pipelines.packaging import import_bento
+    from pipelines.stages.packaging import import_bento
 
     tag = import_bento(bento, home).split('"')[1]
     import tarfile

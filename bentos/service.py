@@ -1,4 +1,4 @@
-"""The click-through BentoML service: HTTP wiring only; logic is in ``pipelines.serving``.
+"""The click-through BentoML service: HTTP wiring only; logic is in ``pipelines.serving.predictor``.
 
 Environment (all optional):
 
@@ -7,7 +7,7 @@ Environment (all optional):
   the ``/admin/*`` endpoints; unset means they refuse every call;
 * ``CTR_ENABLE_FAULT_INJECTION=1``: allow ``/admin/fault`` (chaos tests only);
 * ``CTR_FEATURE_STORE_URL``: online feature store to read (overrides the release's
-  ``online_store``; ``none``: the packaged snapshot only). See pipelines/store_source.py;
+  ``online_store``; ``none``: the packaged snapshot only). See pipelines/serving/store_source.py;
 * ``CTR_REQUEST_LOG_DIR``, ``CTR_PROFILE_DIR``, ``CTR_STATE_DIR``: override the
   ``serving.*_dir`` paths, which are otherwise relative to ``MLOPS_PROJECT_ROOT``
   (or the working directory).
@@ -34,11 +34,10 @@ import bentoml  # noqa: E402
 from pydantic import Field  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
-from pipelines.contracts import ContractViolation  # noqa: E402
-from pipelines.http_limits import BodySizeLimit  # noqa: E402
-from pipelines.release import load_release  # noqa: E402
-from pipelines.request_log import RequestLog  # noqa: E402
-from pipelines.serving import (  # noqa: E402
+from pipelines.features.contracts import ContractViolation  # noqa: E402
+from pipelines.modeling.release import load_release  # noqa: E402
+from pipelines.serving.http_limits import BodySizeLimit  # noqa: E402
+from pipelines.serving.predictor import (  # noqa: E402
     Fault,
     NoTierAvailable,
     Predictor,
@@ -46,7 +45,8 @@ from pipelines.serving import (  # noqa: E402
     PredictResponse,
     Runtime,
 )
-from pipelines.store_source import (  # noqa: E402
+from pipelines.serving.request_log import RequestLog  # noqa: E402
+from pipelines.serving.store_source import (  # noqa: E402
     STORE_ERRORS,
     OnlineStoreFeatureSource,
     events_from_json,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.alerts import Alert, AlertPolicy, AlertSink
-from pipelines.config import ConfigError
-from tests.conftest import free_port
-from tests.http_receiver import http_receiver
+from pipelines.core.config import ConfigError
+from pipelines.monitoring.alerts import Alert, AlertPolicy, AlertSink
+from tests.support.http_receiver import http_receiver
+from tests.support.loadtest import free_port
 
 
 def _alert(key: str = "drift:user_ctr_7d", **kw: object) -> Alert:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.audit import main, read_report
+from pipelines.cli.audit import main, read_report
 
 SKIPPED = {"name": "a2wsgi", "skip_reason": "Dependency not found on PyPI: a2wsgi (1.10.10)"}
 CLEAN = {"name": "numpy", "version": "2.4.0", "vulns": []}

@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.alerts import AlertSink
-from pipelines.canary import CanaryPolicy, KillSwitchError, evaluate, guard, kill_switch
-from pipelines.registry import Registry, RegistryError, parse_message
-from pipelines.registry_hooks import version_in_stage
-from pipelines.replay import user_bucket
-from tests.conftest import REPO, project_env, run
-from tests.http_receiver import http_receiver
+from pipelines.monitoring.alerts import AlertSink
+from pipelines.monitoring.canary import CanaryPolicy, KillSwitchError, evaluate, guard, kill_switch
+from pipelines.registry.hooks import version_in_stage
+from pipelines.registry.registry import Registry, RegistryError, parse_message
+from pipelines.simulation.replay import user_bucket
+from tests.support.http_receiver import http_receiver
+from tests.support.project import REPO, project_env, run
 
 TOKEN = "s3cret-admin-token"
 T0 = pd.Timestamp("2026-10-07T00:00:00Z")

@@ -16,8 +16,8 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.contracts import RAW_EVENTS, ContractViolation, validate
-from pipelines.online_store import OnlineStore
+from pipelines.features.contracts import RAW_EVENTS, ContractViolation, validate
+from pipelines.features.online_store import OnlineStore
 
 COLUMNS = list(RAW_EVENTS.columns)
 BASE_MS = 1_790_000_000_000  # 2026-09-21

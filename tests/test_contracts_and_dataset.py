@@ -9,17 +9,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import ConfigError
-from pipelines.contracts import (
+from pipelines.core.config import ConfigError
+from pipelines.features.contracts import (
     RAW_EVENTS,
     SERVING_REQUEST,
     ContractViolation,
     feature_table_schema,
     validate,
 )
-from pipelines.dataset import SplitPolicy, build_training_set, load_raw_events, write_training_set
-from pipelines.features import CTR_V1
-from pipelines.generate import Preset, generate_events, write_events
+from pipelines.features.definitions import CTR_V1
+from pipelines.simulation.generate import Preset, generate_events, write_events
+from pipelines.stages.dataset import (
+    SplitPolicy,
+    build_training_set,
+    load_raw_events,
+    write_training_set,
+)
 
 TINY = Preset(n_users=200, n_items=60, days=6, events=15_000)
 

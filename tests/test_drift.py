@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import whylogs_adapter as wl
-from pipelines.config import ConfigError
-from pipelines.drift import (
+from pipelines.core import profiles as wl
+from pipelines.core.config import ConfigError
+from pipelines.features.definitions import CTR_V1, EventIndex, point_in_time_features, to_ms
+from pipelines.monitoring.drift import (
     DriftPolicy,
     bin_samples,
     compare_frames,
@@ -17,8 +18,7 @@ from pipelines.drift import (
     psi,
     value_skew,
 )
-from pipelines.features import CTR_V1, EventIndex, point_in_time_features, to_ms
-from pipelines.generate import generate_events
+from pipelines.simulation.generate import generate_events
 
 COLUMNS = ["surface", "device", *CTR_V1.names]
 

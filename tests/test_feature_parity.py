@@ -15,10 +15,10 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.features import EventIndex, to_ms
-from pipelines.offline import build_point_in_time
-from pipelines.online_store import OnlineStore, arrivals
-from tests.feature_strategies import (
+from pipelines.features.definitions import EventIndex, to_ms
+from pipelines.features.offline import build_point_in_time
+from pipelines.features.online_store import OnlineStore, arrivals
+from tests.support.strategies import (
     BASE_MS,
     FEATURE_SETS,
     assert_frames_identical,
@@ -263,9 +263,9 @@ def test_numpy_index_rejects_times_outside_its_range() -> None:
 
 def test_build_dataset_engines_give_the_same_training_set() -> None:
     """`features.engine` may be switched without changing a single training row."""
-    from pipelines.dataset import SplitPolicy, build_training_set
-    from pipelines.features import CTR_V1
-    from pipelines.generate import Preset, generate_events
+    from pipelines.features.definitions import CTR_V1
+    from pipelines.simulation.generate import Preset, generate_events
+    from pipelines.stages.dataset import SplitPolicy, build_training_set
 
     events = generate_events(Preset(n_users=50, n_items=20, days=4, events=3000), seed=5)
     policy = SplitPolicy(warmup_hours=12, valid_days=1, test_days=1)

@@ -6,8 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.features import CTR_V1, WINDOWS_MS, EventIndex, point_in_time_features, to_ms
-from pipelines.generate import Preset, generate_events
+from pipelines.features.definitions import (
+    CTR_V1,
+    WINDOWS_MS,
+    EventIndex,
+    point_in_time_features,
+    to_ms,
+)
+from pipelines.simulation.generate import Preset, generate_events
 
 TINY = Preset(n_users=40, n_items=15, days=3, events=2_500)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.contracts import RAW_EVENTS, validate
-from pipelines.generate import PRESETS, SCENARIOS, Preset, generate_events, write_events
-from pipelines.io import md5_file
+from pipelines.core.io import md5_file
+from pipelines.features.contracts import RAW_EVENTS, validate
+from pipelines.simulation.generate import PRESETS, SCENARIOS, Preset, generate_events, write_events
 
 TINY = Preset(n_users=300, n_items=80, days=4, events=12_000)
 
@@ -64,9 +64,9 @@ def test_full_preset_reproduces_data_dvc(tmp_path: Path) -> None:
     """`make data` regenerates data/ when the remote is empty: it must hash to data.dvc."""
     import yaml
 
-    from pipelines.config import load_params
-    from pipelines.lineage import dvc_dir_md5
-    from tests.conftest import REPO
+    from pipelines.core.config import load_params
+    from pipelines.core.lineage import dvc_dir_md5
+    from tests.support.project import REPO
 
     params = load_params(REPO / "params.yaml")
     events = generate_events(

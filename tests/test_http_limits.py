@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from pipelines.http_limits import BodySizeLimit
+from pipelines.serving.http_limits import BodySizeLimit
 
 
 async def _echo(scope: Any, receive: Any, send: Any) -> None:

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipelines.config import ConfigError
-from pipelines.dataset import SplitPolicy, build_training_set
-from pipelines.evaluation import curves, evaluate, expected_calibration_error
-from pipelines.features import CTR_V1
-from pipelines.generate import Preset, generate_events
-from pipelines.model import RuleBaseline, TrainParams, load_model, predict, train_stage
+from pipelines.core.config import ConfigError
+from pipelines.features.definitions import CTR_V1
+from pipelines.modeling.evaluation import curves, evaluate, expected_calibration_error
+from pipelines.modeling.model import RuleBaseline, TrainParams, load_model, predict, train_stage
+from pipelines.simulation.generate import Preset, generate_events
+from pipelines.stages.dataset import SplitPolicy, build_training_set
 
 TINY = Preset(n_users=400, n_items=100, days=6, events=40_000)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import project_env, run
-from tests.http_receiver import http_receiver
+from tests.support.http_receiver import http_receiver
+from tests.support.project import project_env, run
 
 pytestmark = pytest.mark.slow
 

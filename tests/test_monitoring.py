@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import whylogs_adapter as wl
-from pipelines.monitoring import (
+from pipelines.core import profiles as wl
+from pipelines.monitoring.requests import (
     LogReadStats,
     RequestLogError,
     SignalPolicy,
@@ -25,7 +25,7 @@ from pipelines.monitoring import (
     write_request_log_shard,
     write_window_profiles,
 )
-from pipelines.request_log import LogBatch
+from pipelines.serving.request_log import LogBatch
 
 
 def service_batches() -> list[LogBatch]:
@@ -209,7 +209,7 @@ def test_reason_codes() -> None:
 
 
 def test_report_notebook_is_thin_stripped_and_parameterized() -> None:
-    from tests.conftest import REPO
+    from tests.support.project import REPO
     from tests.test_notebooks import test_notebook_is_thin_stripped_and_parameterized as thin
 
     thin(REPO / "monitors/drift_report.ipynb")

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.conftest import REPO, run
+from tests.support.project import REPO, run
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 STAGE_ORDER = ["build_dataset", "train", "evaluate", "profile", "package"]
@@ -56,7 +56,7 @@ def test_notebooks_run_with_their_default_parameters(project_copy: Path) -> None
     for stage in STAGE_ORDER:
         out = project_copy / "reports" / "defaults" / f"{stage}.ipynb"
         run(
-            [sys.executable, "-m", "pipelines.runner", f"notebooks/{stage}.ipynb", str(out)],
+            [sys.executable, "-m", "pipelines.stages.runner", f"notebooks/{stage}.ipynb", str(out)],
             project_copy,
         )
         assert out.with_suffix(".html").is_file()

@@ -15,12 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.contracts import ContractViolation
-from pipelines.features import CTR_V1, to_ms
-from pipelines.offline import build_point_in_time
-from pipelines.online_store import OnlineStore, StoreError, arrivals
-from tests.conftest import REPO, free_port, project_env
-from tests.feature_strategies import (
+from pipelines.features.contracts import ContractViolation
+from pipelines.features.definitions import CTR_V1, to_ms
+from pipelines.features.offline import build_point_in_time
+from pipelines.features.online_store import OnlineStore, StoreError, arrivals
+from tests.support.loadtest import free_port
+from tests.support.project import REPO, project_env
+from tests.support.store import RedisServer
+from tests.support.strategies import (
     BASE_MS,
     EDGE_SET,
     assert_frames_identical,
@@ -28,7 +30,6 @@ from tests.feature_strategies import (
     labels_for,
     make_events,
 )
-from tests.store_support import RedisServer
 from tests.test_feature_parity import check_online_equals_offline
 
 
@@ -271,7 +272,7 @@ def _mlops(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_ingest_lookup_and_parity_on_generated_events(tmp_path: Path) -> None:
-    from pipelines.generate import Preset, generate_events
+    from pipelines.simulation.generate import Preset, generate_events
 
     events = generate_events(Preset(n_users=60, n_items=30, days=2, events=3000), seed=3)
     bad = events.iloc[:2].copy()
@@ -371,7 +372,7 @@ def test_cli_ingest_lookup_and_parity_on_generated_events(tmp_path: Path) -> Non
 
 
 def test_feature_catalog_is_up_to_date() -> None:
-    from pipelines.features import FEATURE_SETS, feature_catalog_markdown
+    from pipelines.features.definitions import FEATURE_SETS, feature_catalog_markdown
 
     expected = "\n".join(feature_catalog_markdown(fs) for fs in FEATURE_SETS.values())
     assert (REPO / "docs/features.md").read_text() == expected, (
@@ -380,7 +381,7 @@ def test_feature_catalog_is_up_to_date() -> None:
 
 
 def test_feature_declarations_are_checked() -> None:
-    from pipelines.features import Feature, FeatureDefinitionError
+    from pipelines.features.definitions import Feature, FeatureDefinitionError
 
     with pytest.raises(FeatureDefinitionError, match="duration"):
         Feature("x", "user", "impressions", "count", "7 days", "float64", 0.0, "d")

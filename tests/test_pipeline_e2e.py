@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.conftest import run, set_param
+from tests.support.project import run, set_param
 
 pytestmark = pytest.mark.slow
 STAGES = ["build_dataset", "train", "evaluate", "profile", "package"]

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.faults import (
+from pipelines.core.params_check import problems
+from tests.support.faults import (
     dvc_status,
     kill_repro_during,
     snapshot,
     stage_outputs,
     stray_temporaries,
 )
-from pipelines.params_check import problems
-from tests.conftest import REPO, project_env, run, set_param
+from tests.support.project import REPO, project_env, run, set_param
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, get, load_params
-from tests.conftest import REPO, run, set_param
+from pipelines.core.config import ConfigError, get, load_params
+from tests.support.project import REPO, run, set_param
 
 
 def _pins(text: str) -> dict[str, str]:

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipelines.config import ConfigError
-from pipelines.quality import (
+from pipelines.core.config import ConfigError
+from pipelines.monitoring.quality import (
     QualityPolicy,
     check_clicks,
     join_labels,
@@ -110,7 +110,7 @@ def test_bad_inputs() -> None:
 def test_auc_standard_error_matches_simulation() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from pipelines.quality import auc_standard_error
+    from pipelines.monitoring.quality import auc_standard_error
 
     rng = np.random.default_rng(3)
     aucs = []

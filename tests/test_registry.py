@@ -20,9 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.gates import floor_gates, regression_gates
-from pipelines.registry import format_message, normalize_version, parse_message
-from tests.conftest import project_env, run, set_param
+from pipelines.registry.gates import floor_gates, regression_gates
+from pipelines.registry.registry import format_message, normalize_version, parse_message
+from tests.support.project import project_env, run, set_param
 
 ART = "ctr-model"
 OWNER = "Release Owner <owner@example.com>"
@@ -49,7 +49,7 @@ class Mlops:
 
     def __call__(self, *args: str) -> str:
         """Run a command that must succeed; return its stdout."""
-        from pipelines.cli import app
+        from pipelines.cli.main import app
 
         result = self.runner.invoke(app, list(args))
         assert result.exit_code == 0, (args, result.output, result.exception)
@@ -57,7 +57,7 @@ class Mlops:
 
     def refused(self, *args: str) -> str:
         """Run a command that must fail cleanly and leave the registry unchanged."""
-        from pipelines.cli import app
+        from pipelines.cli.main import app
 
         before = registry_state(self.root)
         result = self.runner.invoke(app, list(args))
@@ -154,7 +154,7 @@ def test_tag_messages_round_trip_and_versions() -> None:
     assert title == "Promote ctr-model v1.0.0 to prod" and parsed == fields
     assert parse_message("plain gto message") == ("plain gto message", {})
     assert normalize_version("1.2.3") == normalize_version("v1.2.3") == "v1.2.3"
-    from pipelines.registry import RegistryError
+    from pipelines.registry.registry import RegistryError
 
     with pytest.raises(RegistryError, match="not a version"):
         normalize_version("banana")
@@ -264,7 +264,7 @@ def test_release_flow_register_promote_rollback_history_lineage(
     deployed = json.loads((root / "build/deploy/deployed.json").read_text())
     assert deployed["prod_before"] == "v1.1.0" and deployed["prod_after"] == "v1.0.0"
     archive = root / deployed["archive"]
-    from pipelines.io import md5_file
+    from pipelines.core.io import md5_file
 
     assert md5_file(archive) == archive_md5
     assert (store / "bento.yaml").is_file()  # imported back into the BentoML store, not rebuilt
@@ -460,7 +460,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_registry_unchanged(
 
 
 def test_every_registry_command_has_help() -> None:
-    from pipelines.cli import app
+    from pipelines.cli.main import app
 
     runner = CliRunner()
     for command in ("register", "promote", "rollback", "status", "history", "lineage"):

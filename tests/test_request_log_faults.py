@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.request_log import LogBatch, RequestLog, read_request_log
+from pipelines.serving.request_log import LogBatch, RequestLog, read_request_log
 
 
 def batch(request_id: str) -> LogBatch:

@@ -15,11 +15,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines import review as rv
-from pipelines import review_render as rr
-from pipelines.cli import app
-from tests.conftest import REPO, run, set_param
-from tests.review_scenario import BRANCH, NOTE, make_change
+from pipelines.cli.main import app
+from pipelines.review import render as rr
+from pipelines.review import review as rv
+from tests.support.project import REPO, run, set_param
+from tests.support.review_scenario import BRANCH, NOTE, make_change
 
 SETTINGS = rv.ReviewSettings.from_params(yaml.safe_load((REPO / "params.yaml").read_text()))
 

@@ -24,11 +24,11 @@ import httpx
 import pandas as pd
 import pytest
 
-from pipelines.loadtest import Served
-from pipelines.packaging import import_bento
-from pipelines.request_log import read_request_log
-from tests.conftest import project_env, run, set_param
-from tests.serving_support import last_event_time
+from pipelines.serving.request_log import read_request_log
+from pipelines.stages.packaging import import_bento
+from tests.support.loadtest import Served
+from tests.support.project import project_env, run, set_param
+from tests.support.serving import last_event_time
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token-1234"
@@ -37,9 +37,9 @@ SHARE = 0.3
 STORE_VARIANTS = """
 import json, sys
 from pathlib import Path
-from pipelines.packaging import save_model_dir, use_bentoml_home
+from pipelines.stages.packaging import save_model_dir, use_bentoml_home
 use_bentoml_home(Path(".bentoml"))
-from tests.serving_support import train_variant
+from tests.support.serving import train_variant
 root = Path.cwd()
 out = {}
 for name, it, lr in (("candidate", 25, 0.2), ("previous", 15, 0.1)):

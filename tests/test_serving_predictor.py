@@ -17,13 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import ConfigError
-from pipelines.features import CTR_V1, EventIndex, to_ms
-from pipelines.packaging import previous_prod_tag
-from pipelines.release import ServingPolicy, build_release, load_release, policy_from_params
-from pipelines.request_log import LogBatch, RequestLog, read_request_log
-from pipelines.routing import Router, unit_hash
-from pipelines.serving import (
+from pipelines.core.config import ConfigError
+from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
+from pipelines.modeling.release import (
+    ServingPolicy,
+    build_release,
+    load_release,
+    policy_from_params,
+)
+from pipelines.serving.predictor import (
     Fault,
     NoTierAvailable,
     Predictor,
@@ -31,7 +33,10 @@ from pipelines.serving import (
     PredictResponse,
     Runtime,
 )
-from tests.serving_support import (
+from pipelines.serving.request_log import LogBatch, RequestLog, read_request_log
+from pipelines.serving.routing import Router, unit_hash
+from pipelines.stages.packaging import previous_prod_tag
+from tests.support.serving import (
     feature_ref_for_dir,
     last_event_time,
     model_ref_for_dir,

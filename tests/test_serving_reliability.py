@@ -2,7 +2,7 @@
 
 One server (two workers, as a pod would run) of the small project's bento runs for
 the module; the tests run in order and the last one stops it cleanly. Load comes
-from ``pipelines.loadtest`` (the same code as ``benchmarks/soak.py``); the figures
+from ``tests.support.loadtest`` (the same code as ``benchmarks/soak.py``); the figures
 published in docs/reliability.md come from the benchmark, not from these tests.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pipelines.loadtest import (
+from pipelines.stages.packaging import import_bento
+from tests.support.loadtest import (
     MemorySampler,
     Served,
     encode,
@@ -31,8 +32,7 @@ from pipelines.loadtest import (
     summarize,
     workload,
 )
-from pipelines.packaging import import_bento
-from tests.conftest import REPO, project_env
+from tests.support.project import REPO, project_env
 
 pytestmark = pytest.mark.slow
 TOKEN = "reliability-admin-token-5f2a9c"

@@ -25,11 +25,11 @@ import httpx
 import pandas as pd
 import pytest
 
-from pipelines.loadtest import Served
-from pipelines.online_store import OnlineStore
-from pipelines.packaging import import_bento
-from tests.conftest import project_env
-from tests.store_support import RedisServer, Traffic, outage_summary
+from pipelines.features.online_store import OnlineStore
+from pipelines.stages.packaging import import_bento
+from tests.support.loadtest import Served
+from tests.support.project import project_env
+from tests.support.store import RedisServer, Traffic, outage_summary
 
 pytestmark = pytest.mark.slow
 TOKEN = "store-admin-token-5678"

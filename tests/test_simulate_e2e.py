@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.registry import parse_message
-from tests.conftest import project_env, run
-from tests.http_receiver import http_receiver
+from pipelines.registry.registry import parse_message
+from tests.support.http_receiver import http_receiver
+from tests.support.project import project_env, run
 
 pytestmark = pytest.mark.slow
 TOKEN = "simulate-admin-token"
@@ -49,7 +49,7 @@ def _tag_fields(root: Path, tag: str) -> dict[str, Any]:
 
 
 def test_closed_loop_rollback_then_promotion(project_copy: Path, tmp_path: Path) -> None:
-    from pipelines.simulate import start_service
+    from pipelines.simulation.simulate import start_service
 
     root = project_copy
     # A retrain on a drifted window is evaluated on a drifted test window, so the

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.features import CTR_V1, EventIndex, to_ms
-from pipelines.online_store import OnlineStore
-from pipelines.release import FeatureRef, OnlineStoreRef, Release
-from pipelines.serving import SnapshotFeatureSource
-from pipelines.store_source import OnlineStoreFeatureSource, events_from_json, store_ref_for
+from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
+from pipelines.features.online_store import OnlineStore
+from pipelines.modeling.release import FeatureRef, OnlineStoreRef, Release
+from pipelines.serving.predictor import SnapshotFeatureSource
+from pipelines.serving.store_source import OnlineStoreFeatureSource, events_from_json, store_ref_for
 
 T0 = int(pd.Timestamp("2026-10-01", tz="UTC").value // 1_000_000)
 

@@ -1,0 +1,311 @@
+"""``mlops`` registry commands: register, promote, rollback, status, history, lineage.
+
+Thin wiring over ``pipelines.registry.registry``; every refusal prints ``error: ...``
+(what, where, what to do) and exits 1 with the registry unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _registry() -> Any:
+    from pipelines.core.config import ConfigError
+    from pipelines.registry.registry import Registry, RegistryError
+
+    try:
+        return Registry()
+    except (RegistryError, ConfigError) as exc:
+        _fail(str(exc))
+
+
+def _guard(action: Callable[[], Any]) -> Any:
+    """Run a registry action, turning its refusals into a clean CLI error."""
+    from gto.exceptions import GTOException
+
+    from pipelines.core.config import ConfigError
+    from pipelines.core.lineage import LineageError
+    from pipelines.registry.registry import RegistryError
+
+    try:
+        return action()
+    except (RegistryError, ConfigError, LineageError, GTOException) as exc:
+        _fail(str(exc))
+
+
+def _gate_lines(report: Any) -> list[str]:
+    return [f"  {'PASS' if r.passed else 'FAIL'}  {r.gate}: {r.detail}" for r in report.results]
+
+
+def register(
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            help="Version to register, e.g. v1.2.0 "
+            "(default: v1.0.0 first, then the latest bumped by --bump).",
+        ),
+    ] = None,
+    bump: Annotated[
+        str, typer.Option(help="Part to bump when --version is not given: major, minor or patch.")
+    ] = "minor",
+    reason: Annotated[
+        str | None, typer.Option(help="Why this version is registered (kept in the tag).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only evaluate the gates; change nothing.")
+    ] = False,
+) -> None:
+    """Gate and register the model of the current commit (run after `dvc repro` + commit).
+
+    Checks a clean working tree, evaluates the quality gates from params.yaml
+    (release.gates), pushes DVC outputs so the bento is retrievable for rollback,
+    commits the gate report and tags `<model>@<version>` and `<model>#staging#N`.
+    """
+    reg = _registry()
+    if dry_run:
+        report = _guard(lambda: reg.check_gates(version, bump))
+        # The dry-run report is what `mlops review` shows as the gate verdicts of a change.
+        folder = reg.root / reg.settings.gate_reports_dir
+        written = report.write(folder)
+        for path in written:
+            path.replace(folder / f"dry-run{path.suffix}")
+        typer.echo(
+            f"gates for {report.artifact} {report.version} (dry run, registry unchanged; "
+            f"report: {reg.settings.gate_reports_dir}/dry-run.json):"
+        )
+        typer.echo("\n".join(_gate_lines(report)))
+        if not report.passed:
+            raise typer.Exit(1)
+        return
+    for item in _guard(reg.repair):
+        typer.echo(
+            f"completed an interrupted registration: {item['version']} staged ({item['tag']})"
+        )
+        if reg.versions().get(item["version"]) == reg.head():
+            typer.echo("this commit is that version; nothing else to register")
+            return
+    result = _guard(lambda: reg.register(version, bump, reason))
+    for item in result.get("repaired", []):
+        typer.echo(
+            f"completed an interrupted registration: {item['version']} staged ({item['tag']})"
+        )
+    typer.echo("\n".join(_gate_lines(result["report"])))
+    typer.echo(
+        f"registered {result['artifact']} {result['version']} at commit "
+        f"{result['commit'][:12]} (pipeline run {result['pipeline_commit'][:12]}); "
+        f"stage: staging"
+    )
+    typer.echo(f"tags: {', '.join(result['tags'])}")
+    typer.echo(
+        f"gate report: {', '.join(result['report_paths'])} | bento {result['bento_tag']} "
+        "pushed to the DVC remote"
+    )
+    typer.echo(f"next: mlops promote {result['version']} --to canary")
+
+
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version, e.g. v1.2.0.")],
+    to: Annotated[str, typer.Option("--to", help="Target stage: canary or prod.")],
+    approver: Annotated[str | None, typer.Option(help="Who approved (required for prod).")] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (required for prod and with --emergency).")
+    ] = None,
+    emergency: Annotated[
+        bool,
+        typer.Option(
+            "--emergency",
+            help="Skip canary / canary health evidence; needs --reason and is recorded "
+            "as an emergency.",
+        ),
+    ] = False,
+) -> None:
+    """Promote a version one stage forward: staging -> canary -> prod.
+
+    Promotion to prod needs --approver and --reason and canary evidence (the
+    version went through canary, and its canary health report says healthy when
+    the report exists). The annotated tag records who, when and why.
+    """
+    reg = _registry()
+    result = _guard(lambda: reg.promote(version, to, approver, reason, emergency))
+    f = result["fields"]
+    typer.echo(
+        f"promoted {result['artifact']} {result['version']} to {result['stage']} "
+        f"(tag {result['tag']})" + (" as an EMERGENCY" if emergency else "")
+    )
+    if f.get("skipped_stages"):
+        typer.echo(f"skipped: {', '.join(f['skipped_stages'])} (reason: {f['reason']})")
+    evidence = f.get("canary_evidence")
+    if evidence:
+        typer.echo(
+            "canary evidence: "
+            + (
+                f"{evidence['file']} healthy={evidence['healthy']}"
+                if evidence["present"]
+                else f"no health report at {evidence['file']}; canary since "
+                f"{evidence.get('canary_since')}"
+            )
+        )
+    if f.get("replaces"):
+        typer.echo(f"replaces {f['replaces']} in prod; `mlops rollback` returns to it")
+
+
+def rollback(
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the tag).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the bento archive (default: params.yaml release.deploy_dir)."
+        ),
+    ] = None,
+    import_bento: Annotated[
+        bool,
+        typer.Option(
+            "--import/--no-import",
+            help="Import the archive into the project's BentoML store, ready to serve.",
+        ),
+    ] = True,
+) -> None:
+    """Return prod to the previous prod version, re-deploying its stored bento (no rebuild).
+
+    Fetches the previous version's bento archive from DVC by its recorded hash,
+    verifies it, imports it into the BentoML store, then tags the previous
+    version `#prod` and the rolled-back one `#prod!`, with the reason.
+    """
+    reg = _registry()
+    record = _guard(lambda: reg.rollback(reason, out, import_bento))
+    typer.echo(
+        f"rolled back {reg.artifact} prod: {record['prod_before']} -> "
+        f"{record['prod_after']} (tags {', '.join(record['tags'])})"
+    )
+    typer.echo(
+        f"bento {record['bento_tag']}: {record['archive']} (md5 {record['archive_md5']}, "
+        f"BentoML store: {record['bentoml_store']})"
+    )
+    typer.echo(
+        f"serve it: BENTOML_HOME={reg.settings.bentoml_home} bentoml serve {record['bento_tag']}"
+    )
+
+
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Which version holds each stage, and every registered version."""
+    reg = _registry()
+    state = _guard(reg.status)
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    typer.echo(f"{state['artifact']}:")
+    for stage, held in state["stages"].items():
+        if held is None:
+            typer.echo(f"  {stage:<8} -")
+            continue
+        extra = f" approved by {held['approver']}" if held.get("approver") else ""
+        extra += " EMERGENCY" if held.get("emergency") else ""
+        typer.echo(
+            f"  {stage:<8} {held['version']:<9} since {held['since']} by {held['by']}"
+            f"{extra}: {held.get('reason') or ''}  [{held['bento_tag']}]"
+        )
+    typer.echo("versions:")
+    for v in state["versions"]:
+        typer.echo(
+            f"  {v['version']:<9} commit {v['commit'][:12]} registered {v['registered_at']}"
+            f" by {v['registered_by']}  stages: {', '.join(v['stages']) or '-'}"
+        )
+    for item in state.get("incomplete", []):
+        typer.echo(f"INCOMPLETE: {item['version']} {item['problem']}; fix: {item['fix']}")
+
+
+def repair() -> None:
+    """Complete registrations interrupted between the version tag and the staging tag.
+
+    `mlops status` lists them as INCOMPLETE; `mlops register` also completes them first.
+    """
+    reg = _registry()
+    done = _guard(reg.repair)
+    if not done:
+        typer.echo("registry consistent: nothing to repair")
+        return
+    for item in done:
+        typer.echo(
+            f"completed the registration of {reg.artifact} {item['version']}: "
+            f"staged ({item['tag']})"
+        )
+
+
+def history(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Only this version's events.")
+    ] = None,
+) -> None:
+    """Every registry change, oldest first: when, what, who, approver and why."""
+    from pipelines.registry.registry import normalize_version
+
+    reg = _registry()
+    events = [e.to_dict() for e in _guard(reg.events)]
+    if version:
+        wanted = _guard(lambda: normalize_version(version))
+        events = [e for e in events if e["version"] == wanted]
+    if as_json:
+        typer.echo(json.dumps(events, indent=2, default=str))
+        return
+    if not events:
+        typer.echo(f"no registry events for {reg.artifact} yet")
+    for e in events:
+        who = e["author"] + (f", approved by {e['approver']}" if e["approver"] else "")
+        flag = " EMERGENCY" if e["emergency"] else ""
+        typer.echo(
+            f"{e['timestamp']}  {e['action']:<17} {e['version'] or '':<9} "
+            f"{e['stage'] or '':<8} {who}{flag}: {e['reason'] or e['title']}  [{e['tag']}]"
+        )
+
+
+def lineage(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="MODEL (prod, else latest), MODEL@vX.Y.Z, MODEL@latest or MODEL#stage."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the lineage chain of a registered version, from git commit to bento tag.
+
+    git commit -> raw data hash -> dataset hash -> feature set -> params -> model
+    hash -> metrics -> executed notebooks -> registry events -> bento tag, each
+    hash read from git and DVC at the version's commit.
+    """
+    from pipelines.core.lineage import lineage_text
+
+    reg = _registry()
+    record = _guard(lambda: reg.lineage(model))
+    if as_json:
+        typer.echo(json.dumps(record, indent=2, default=str))
+    else:
+        typer.echo(lineage_text(record))
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Attach the registry commands to the ``mlops`` app."""
+    for name, func in (
+        ("register", register),
+        ("promote", promote),
+        ("rollback", rollback),
+        ("status", status),
+        ("history", history),
+        ("lineage", lineage),
+        ("repair", repair),
+    ):
+        app.command(name)(func)

@@ -1,0 +1,324 @@
+"""``mlops drift``, ``mlops monitor ...`` and ``mlops canary check``: the monitoring commands.
+
+Registered on the main typer app by ``pipelines.cli.main`` (``register(app)``), kept in
+their own module so the command line of the other parts stays untouched.
+
+Exit codes (for cron jobs and CI): 0 nothing breached / canary healthy,
+1 bad input or configuration, 2 a breach (drift, signal, quality; canary rolled
+back), 3 not enough data to judge the canary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+EXIT_BREACH = 2
+EXIT_INSUFFICIENT = 3
+
+monitor_app = typer.Typer(help="Monitoring: drift report, replayed traffic.", no_args_is_help=True)
+canary_app = typer.Typer(help="Canary guard: compare canary with prod, act.", no_args_is_help=True)
+
+
+# Options shared by the commands that read the request log (one definition, same help).
+LOG_DIR_OPTION = typer.Option(
+    None, help="Request-log shard folder (default: serving.request_log_dir)."
+)
+LOG_FILE_OPTION = typer.Option(None, help="A request log as one parquet or JSONL file instead.")
+CLICKS_OPTION = typer.Option(None, help="Click parquet file/folder (default: monitor.clicks_path).")
+SINCE_OPTION = typer.Option(None, help="Only requests at or after this UTC time.")
+UNTIL_OPTION = typer.Option(None, help="Only requests before this UTC time.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _load(log_dir: Path | None, log_file: Path | None, since: str | None, until: str | None):
+    """Config, the normalized request log and the clicks (None when there are none)."""
+    from pipelines.core.config import ConfigError
+    from pipelines.monitoring import report as monitor_report
+    from pipelines.monitoring.monitor import MonitorConfig
+    from pipelines.monitoring.requests import RequestLogError
+
+    try:
+        cfg = MonitorConfig.load()
+        log, source = monitor_report.load_log(
+            cfg, str(log_dir or ""), str(log_file or ""), since or "", until or ""
+        )
+    except (ConfigError, RequestLogError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    return cfg, log, source
+
+
+def _clicks(cfg, clicks: Path | None):
+    from pipelines.monitoring import report as monitor_report
+
+    try:
+        return monitor_report.load_clicks(cfg, str(clicks or ""))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def drift(
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
+    retrain: str | None = typer.Option(
+        None, help="On a retraining trigger run: none, repro or exp (default: monitor.retrain.run)."
+    ),
+    alerts: bool = typer.Option(True, help="Send alerts for breaches (webhook + log)."),
+    webhook: str | None = typer.Option(
+        None, help="Webhook URL (default: monitor.alerts.webhook_url)."
+    ),
+    profiles: bool = typer.Option(
+        False, help="Also write one whylogs profile per window (monitor.live_profile_dir)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Drift, skew, serving signals and online quality of a window of traffic; alert and trigger."""
+    from pipelines.monitoring.monitor import check, save_result
+    from pipelines.monitoring.requests import write_window_profiles
+
+    if retrain not in (None, "none", "repro", "exp"):
+        _fail(f"--retrain must be none, repro or exp, got {retrain!r}")
+    cfg, log, source = _load(log_dir, log_file, since, until)
+    click_table = _clicks(cfg, clicks)
+    try:
+        result = check(
+            cfg,
+            log,
+            click_table,
+            alerts=cfg.alert_sink(webhook) if alerts else None,
+            retrain_run=retrain,
+        )
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    path = save_result(cfg, result)
+    if profiles:
+        written = write_window_profiles(log, cfg.live_profile_dir, cfg.window, cfg.feature_names)
+        typer.echo(f"wrote {len(written)} window profile(s) to {cfg.live_profile_dir}")
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_result(result, source, len(log))
+    typer.echo(f"result: {path.relative_to(cfg.root)} (and latest.json)")
+    if result.breached:
+        raise typer.Exit(EXIT_BREACH)
+
+
+def _print_result(result, source: str, rows: int) -> None:
+    s = result.drift.summary()
+    typer.echo(
+        f"== drift: {rows:,} requests from {source}, {s['window']['start']} .. {s['window']['end']}"
+    )
+    import pandas as pd
+
+    table = result.drift.table()
+    if not table.empty:
+        cols = ["column", "role", "status", "psi", "threshold", "whylogs_test", "whylogs_pvalue"]
+        with pd.option_context("display.width", 160, "display.max_rows", 100):
+            typer.echo(table[cols].round(5).to_string(index=False))
+    typer.echo(
+        f"drifted {len(s['drifted_columns'])} of {s['columns_compared']} columns "
+        f"(share {s['drift_share']:.0%}; dataset drift: {s['dataset_drift']}; "
+        f"prediction drift: {s['prediction_drift']}; skew share {s['skew_share']:.0%})"
+    )
+    sig = result.signals
+    if sig.get("rows"):
+        typer.echo(
+            f"signals: fallback {sig['fallback_rate']:.2%} | stale features "
+            f"{sig['stale_share']:.2%} | latency p95 {sig['latency_p95_ms']} ms | "
+            f"feature age p95 {sig['feature_age_p95_s']} s"
+        )
+    for b in result.signal_breaches:
+        typer.echo(f"BREACH signal {b['signal']}: {b['value']} > {b['limit']}")
+    if result.quality is not None and not result.quality.empty:
+        cols = [
+            c
+            for c in (
+                "model",
+                "route",
+                "labelled",
+                "pending",
+                "auc",
+                "log_loss",
+                "calibration_error",
+            )
+            if c in result.quality.columns
+        ]
+        typer.echo("online quality:\n" + result.quality[cols].round(4).to_string(index=False))
+    for b in result.quality_breaches:
+        typer.echo(
+            f"BREACH {b['signal']} {b.get('model')}/{b.get('route')}: {b['value']} vs {b['limit']}"
+        )
+    for a in result.alerts:
+        typer.echo(f"alert {a['key']} ({a['severity']}): {a['status']}")
+    if result.trigger:
+        typer.echo(f"retraining trigger: {result.trigger}")
+    if result.retraining:
+        r = result.retraining
+        typer.echo(f"retraining: {r['command']} {r['status']} in {r['seconds']} s")
+
+
+@monitor_app.command("report")
+def monitor_report_cmd(
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
+    events: Path | None = typer.Option(
+        None, help="Raw events parquet: also compute value-level skew."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Executed notebook path (default: monitor.report_out)."
+    ),
+) -> None:
+    """Execute the drift report notebook (papermill) and render it to HTML."""
+    from pipelines.monitoring import report as monitor_report
+    from pipelines.monitoring.monitor import MonitorConfig
+
+    cfg, _, _ = _load(log_dir, log_file, since, until)  # fail fast, before starting a kernel
+    params = {
+        "log_dir": str(log_dir or ""),
+        "log_file": str(log_file or ""),
+        "clicks_path": str(clicks or ""),
+        "since": since or "",
+        "until": until or "",
+        "events_path": str(events or ""),
+    }
+    output = monitor_report.render(cfg, params, out.resolve() if out else None)
+    assert isinstance(cfg, MonitorConfig)
+    typer.echo(f"report: {output} and {output.with_suffix('.html')}")
+
+
+@monitor_app.command("replay")
+def monitor_replay(
+    scenario: str = typer.Option(
+        "none",
+        help="Drift scenario (none, surface_shift, ctr_drop, new_items).",
+    ),
+    scenario_start_day: int = typer.Option(0, help="First day the scenario applies."),
+    preset: str | None = typer.Option(None, help="Size preset (default: generate.preset)."),
+    seed: int | None = typer.Option(
+        None, help="Seed (default: base.seed: the world the model was trained on)."
+    ),
+    last_days: int = typer.Option(
+        2, help="Replay the last N days as requests; earlier days are history."
+    ),
+    model_dir: Path | None = typer.Option(None, help="Model folder (default: train.out_dir)."),
+    out: Path | None = typer.Option(None, help="Shard folder (default: serving.request_log_dir)."),
+    events_out: Path | None = typer.Option(
+        None,
+        help="Also write the generated events here (parquet), e.g. for the report's value skew.",
+    ),
+) -> None:
+    """Write the request log and clicks the service would have produced for generated traffic."""
+    import pandas as pd
+
+    from pipelines.core import config
+    from pipelines.monitoring.monitor import MonitorConfig
+    from pipelines.monitoring.quality import clicks_from_events
+    from pipelines.monitoring.requests import write_request_log_shard
+    from pipelines.simulation.generate import generate_events
+    from pipelines.simulation.replay import ReplayModel, replay
+
+    params = config.load_params()
+    cfg = MonitorConfig.load(params=params)
+    try:
+        events = generate_events(
+            preset or config.get(params, "generate.preset"),
+            seed if seed is not None else int(config.get(params, "base.seed")),
+            str(config.get(params, "generate.start")),
+            scenario,
+            scenario_start_day,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    model_path = model_dir or cfg.root / config.get(params, "train.out_dir")
+    if not (model_path / "model.joblib").is_file():
+        _fail(f"no model in {model_path}; run `dvc repro train` first")
+    start = events["ts"].max().floor("D") - pd.Timedelta(days=last_days - 1)
+    requests = events[events["ts"] >= start]
+    log = replay(events, requests, ReplayModel.load(model_path))
+    folder = out or cfg.request_log_dir
+    shard = write_request_log_shard(log, folder, f"replay-{scenario}")
+    clicks = clicks_from_events(requests)
+    cfg.clicks_path.mkdir(parents=True, exist_ok=True)
+    clicks_file = cfg.clicks_path / f"clicks-replay-{scenario}.parquet"
+    clicks.to_parquet(clicks_file, index=False)
+    typer.echo(
+        f"wrote {len(log):,} requests to {shard} and {len(clicks):,} clicks to {clicks_file}"
+    )
+    if events_out:
+        events_out.parent.mkdir(parents=True, exist_ok=True)
+        events.to_parquet(events_out, index=False)
+        typer.echo(f"wrote {len(events):,} events to {events_out}")
+
+
+@canary_app.command("check")
+def canary_check(
+    log_dir: Path | None = LOG_DIR_OPTION,
+    log_file: Path | None = LOG_FILE_OPTION,
+    clicks: Path | None = CLICKS_OPTION,
+    since: str | None = SINCE_OPTION,
+    version: str | None = typer.Option(
+        None, help="Registry version of the canary (default: the one in stage 'canary')."
+    ),
+    service_url: str | None = typer.Option(
+        None, help="Service base URL for the kill switch (default: monitor.canary.service_url)."
+    ),
+    dry_run: bool = typer.Option(
+        False, help="Judge only: no kill switch, registry record, report or alert."
+    ),
+    webhook: str | None = typer.Option(
+        None, help="Webhook URL (default: monitor.alerts.webhook_url)."
+    ),
+) -> None:
+    """Compare canary with prod; roll back a breaching canary, certify a healthy one."""
+    from pipelines.monitoring.canary import guard
+
+    cfg, log, source = _load(log_dir, log_file, since, None)
+    click_table = _clicks(cfg, clicks)
+    outcome = guard(
+        log,
+        cfg.canary,
+        cfg.root,
+        click_table,
+        version=version,
+        service_url=service_url,
+        alerts=None if dry_run else cfg.alert_sink(webhook),
+        act=not dry_run,
+    )
+    report = outcome.report
+    typer.echo(
+        f"== canary {outcome.version or report.canary_model} vs prod {report.prod_model} "
+        f"({report.rows['canary']:,} canary / {report.rows['prod']:,} prod rows from {source})"
+    )
+    for c in report.checks:
+        typer.echo(
+            f"  {c.status:8s} {c.name:16s} canary {c.canary} prod {c.prod} limit {c.limit} "
+            f"{c.detail}"
+        )
+    typer.echo(f"decision: {report.decision}")
+    for key, value in outcome.actions.items():
+        typer.echo(f"  {key}: {value if not isinstance(value, dict) else json.dumps(value)}")
+    for err in outcome.errors:
+        typer.secho(f"  problem: {err}", fg=typer.colors.YELLOW, err=True)
+    if report.decision == "breach":
+        raise typer.Exit(EXIT_BREACH)
+    if report.decision == "insufficient_data":
+        raise typer.Exit(EXIT_INSUFFICIENT)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the monitoring commands to the ``mlops`` app."""
+    app.command("drift")(drift)
+    app.add_typer(monitor_app, name="monitor")
+    app.add_typer(canary_app, name="canary")

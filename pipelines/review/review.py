@@ -1,0 +1,756 @@
+"""``mlops review``: what a change does to params, metrics, plots, data hashes and notebooks.
+
+Reviewers of a pull request should read what the change *does*, not raw
+``.ipynb`` JSON. DVC, nbdime and nbconvert already do the hard parts; this module
+collects their answers for the working tree against a base revision and renders
+them twice:
+
+* ``review.md``: a summary short enough for a pull-request comment;
+* ``review.html``: one self-contained page (inline CSS, plots as inline SVG,
+  no scripts or external resources) with every table, plot and notebook diff,
+  linking to the executed notebooks' HTML under ``reports/``.
+
+Sources, all read-only: ``dvc params diff``, ``dvc metrics diff``,
+``dvc plots diff`` and ``dvc status`` (DVC's JSON output), ``dvc.lock`` and the
+``.dvc`` files at both revisions (``git show BASE:dvc.lock``), nbdime's notebook
+diff of each changed source notebook, and the release-gate report when one
+exists at ``review.gate_report``. Paths and thresholds come from ``params.yaml``.
+Rendering lives in :mod:`pipelines.review.render`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.core import config
+from pipelines.core.io import atomic_path
+
+WORKSPACE = "workspace"  # DVC's name for the working tree in its diff output
+
+
+class ReviewError(RuntimeError):
+    """The review could not be built; the message names the cause and the fix."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """The ``review`` section of ``params.yaml`` (plus ``base.reports_dir``)."""
+
+    out_dir: str
+    notebooks_dir: str
+    reports_dir: str
+    gate_report: str
+    max_diff_lines: int
+    metric_direction: dict[str, str]
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ReviewSettings:
+        direction = config.get(params, "review.metric_direction") or {}
+        bad = {k: v for k, v in direction.items() if v not in ("higher", "lower")}
+        if bad:
+            raise config.ConfigError(
+                f"params.yaml review.metric_direction must map metric names to 'higher' or "
+                f"'lower' (which way is better); got {bad}"
+            )
+        return cls(
+            out_dir=str(config.get(params, "review.out_dir")),
+            notebooks_dir=str(config.get(params, "review.notebooks_dir")),
+            reports_dir=str(config.get(params, "base.reports_dir")),
+            gate_report=str(config.get(params, "review.gate_report")),
+            max_diff_lines=int(config.get(params, "review.max_diff_lines")),
+            metric_direction={str(k): str(v) for k, v in direction.items()},
+        )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ParamChange:
+    """One parameter whose value differs between the base and the working tree."""
+
+    file: str
+    name: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric at both revisions, with its delta and how to read it."""
+
+    file: str
+    name: str
+    old: Any
+    new: Any
+    diff: float | None
+    direction: str | None  # "higher" / "lower" is better, None when not configured
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+    @property
+    def verdict(self) -> str:
+        """``better``/``worse``, ``changed`` (no direction known), ``new``/``removed`` or ``""``."""
+        if self.old is None and self.new is not None:
+            return "new"
+        if self.new is None and self.old is not None:
+            return "removed"
+        if not self.changed:
+            return ""
+        if self.diff is None or self.direction is None:
+            return "changed"
+        up = self.diff > 0
+        return "better" if up == (self.direction == "higher") else "worse"
+
+
+@dataclass(frozen=True)
+class HashChange:
+    """One DVC-tracked output (``dvc.lock`` stage out or ``.dvc`` file) at both revisions."""
+
+    source: str  # stage name, or the .dvc file
+    path: str
+    label: str  # e.g. "artifact ctr-model (model)", "raw data"
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+
+    @property
+    def status(self) -> str:
+        if self.old is None:
+            return "added"
+        if self.new is None:
+            return "removed"
+        return "changed" if md5_of(self.old) != md5_of(self.new) else "unchanged"
+
+
+@dataclass(frozen=True)
+class PlotDiff:
+    """One ``dvc plots diff`` plot rendered to SVG, or the reason it could not be."""
+
+    name: str
+    title: str
+    svg: str | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NotebookDiff:
+    """nbdime's diff of one changed source notebook: plain text and HTML renderings."""
+
+    path: str
+    status: str  # added / modified / deleted
+    text: str
+    html: str
+
+
+@dataclass(frozen=True)
+class ExecutedNotebook:
+    """The HTML rendering of an executed stage notebook (a DVC out under ``reports/``)."""
+
+    stage: str
+    path: str
+    changed: bool
+    exists: bool
+
+
+@dataclass(frozen=True)
+class GateRow:
+    """One gate from the release-gate report, normalised for display."""
+
+    name: str
+    verdict: str
+    detail: str
+
+
+@dataclass
+class GateReport:
+    """The release-gate report at ``review.gate_report`` (no section when the file is absent)."""
+
+    path: str
+    verdict: str | None
+    rows: list[GateRow]
+    raw: Any
+
+
+@dataclass
+class Review:
+    """Everything the two renderings show."""
+
+    base: str
+    base_commit: str
+    head: str
+    head_commit: str | None
+    dirty: bool
+    created_at: str
+    stale: dict[str, str]
+    params: list[ParamChange]
+    metrics: list[MetricChange]
+    plots: list[PlotDiff]
+    hashes: list[HashChange]
+    notebooks: list[NotebookDiff]
+    executed: list[ExecutedNotebook]
+    gates: GateReport | None
+    settings: ReviewSettings
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed_hashes(self) -> list[HashChange]:
+        return [h for h in self.hashes if h.status != "unchanged"]
+
+    @property
+    def changed_metrics(self) -> list[MetricChange]:
+        return [m for m in self.metrics if m.changed]
+
+
+# --------------------------------------------------------------------------- git and dvc
+
+
+def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise ReviewError(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
+    return result
+
+
+def _git_show(root: Path, commit: str, path: str) -> str | None:
+    """A file's text at ``commit``, or None when it does not exist there."""
+    result = _git(root, "show", f"{commit}:{path}", check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def resolve_base(root: Path, base: str) -> str:
+    """The commit ``base`` names; a clear error when it does not exist here."""
+    if _git(root, "rev-parse", "--is-inside-work-tree", check=False).stdout.strip() != "true":
+        raise ReviewError(f"{root} is not a git work tree; `mlops review` compares git revisions")
+    result = _git(root, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}", check=False)
+    if result.returncode != 0:
+        raise ReviewError(
+            f"base revision '{base}' does not exist in {root}; pass an existing branch, tag or "
+            f"commit with --base (in CI, fetch it first, e.g. `git fetch origin {base}`)"
+        )
+    return result.stdout.strip()
+
+
+class _DvcJob:
+    """``dvc ARGS --json`` running in the background (stdout to a temp file, so no pipe stalls).
+
+    The review's four DVC queries are independent and only ``dvc status`` takes
+    the repo lock, so they run side by side while the notebooks are diffed.
+    """
+
+    def __init__(self, root: Path, *args: str) -> None:
+        self.root, self.args = root, args
+        self.stdout = tempfile.TemporaryFile(mode="w+")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", *args, "--json"],
+            cwd=root,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            text=True,
+        )
+
+    def result(self) -> Any:
+        code = self.proc.wait()
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        out, err = self.stdout.read(), self.stderr.read()
+        self.stdout.close()
+        self.stderr.close()
+        what = f"`dvc {' '.join(self.args)}`"
+        if code != 0:
+            raise ReviewError(
+                f"{what} failed (exit {code}) in {self.root}:\n{(err or out).strip()[-2000:]}"
+            )
+        try:
+            return json.loads(out or "{}")
+        except json.JSONDecodeError as exc:
+            raise ReviewError(f"{what} printed no JSON: {out[:500]!r}") from exc
+
+
+def stale_stages(status: dict[str, Any]) -> dict[str, str]:
+    """``{stage: what changed}`` from ``dvc status --json``: outputs not matching the work tree."""
+    out: dict[str, str] = {}
+    for stage, items in (status or {}).items():
+        parts: list[str] = []
+        for item in items if isinstance(items, list) else [items]:
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, dict):
+                for kind, detail in item.items():
+                    names = sorted(_leaf_keys(detail)) if isinstance(detail, dict) else []
+                    parts.append(f"{kind} ({', '.join(names)})" if names else kind)
+        out[stage] = "; ".join(parts) or "changed"
+    return out
+
+
+def _leaf_keys(node: dict[str, Any]) -> Iterable[str]:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value)
+        else:
+            yield key
+
+
+def param_changes(data: dict[str, Any]) -> list[ParamChange]:
+    """Changed parameters from ``dvc params diff BASE --json``."""
+    return [
+        ParamChange(file, name, v.get("old"), v.get("new"))
+        for file, params in sorted(data.items())
+        for name, v in sorted(params.items())
+    ]
+
+
+def metric_changes(data: dict[str, Any], direction: dict[str, str]) -> list[MetricChange]:
+    """Every metric at both revisions with its delta, from ``dvc metrics diff BASE --all --json``.
+
+    ``direction`` maps a metric's last name part (``auc`` for ``per_surface.feed.auc``)
+    to ``higher`` or ``lower`` is better, so a delta can be read as better or worse.
+    """
+    out = []
+    for file, metrics in sorted(data.items()):
+        for name, v in sorted(metrics.items(), key=lambda kv: (kv[0].count("."), kv[0])):
+            old, new = v.get("old"), v.get("new")
+            diff = v.get("diff")
+            if diff is None and is_number(old) and is_number(new):
+                diff = new - old
+            out.append(
+                MetricChange(
+                    file,
+                    name,
+                    old,
+                    new,
+                    diff if is_number(diff) else None,
+                    direction.get(name.rsplit(".", 1)[-1]),
+                )
+            )
+    return out
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def md5_of(entry: dict[str, Any] | None) -> str | None:
+    if not entry:
+        return None
+    return entry.get("md5") or entry.get("etag") or entry.get("checksum")
+
+
+def _lock_outs(text: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    stages = ((yaml.safe_load(text) if text else None) or {}).get("stages") or {}
+    return {
+        (name, out["path"]): out
+        for name, stage in stages.items()
+        for out in stage.get("outs") or []
+    }
+
+
+def _dvcfile_outs(name: str, text: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    data = (yaml.safe_load(text) if text else None) or {}
+    return {(name, out["path"]): out for out in data.get("outs") or []}
+
+
+def hash_changes(root: Path, base: str) -> list[HashChange]:
+    """Data, model and report hashes from ``dvc.lock`` and ``.dvc`` files, base vs working tree."""
+    old = _lock_outs(_git_show(root, base, "dvc.lock"))
+    lock = root / "dvc.lock"
+    new = _lock_outs(lock.read_text() if lock.is_file() else None)
+    tracked_now = _git(root, "ls-files", "--cached", "--others", "--exclude-standard").stdout
+    tracked_then = _git(root, "ls-tree", "-r", "--name-only", base).stdout
+    dvcfiles = sorted(
+        {
+            p
+            for p in (tracked_now + "\n" + tracked_then).splitlines()
+            if p.endswith(".dvc") and not p.startswith(".dvc/")
+        }
+    )
+    for name in dvcfiles:
+        old.update(_dvcfile_outs(name, _git_show(root, base, name)))
+        file = root / name
+        new.update(_dvcfile_outs(name, file.read_text() if file.is_file() else None))
+    labels = _artifact_labels(root)
+    rows = []
+    for source, path in sorted(old.keys() | new.keys(), key=_stage_order(root)):
+        if source.endswith(".dvc"):
+            out_path = str(Path(source).parent / path) if Path(source).parent != Path(".") else path
+            label = labels.get(out_path, "raw data" if source == "data.dvc" else "tracked data")
+        else:
+            out_path, label = path, labels.get(path, "")
+        rows.append(
+            HashChange(source, out_path, label, old.get((source, path)), new.get((source, path)))
+        )
+    return rows
+
+
+def _stage_order(root: Path) -> Any:
+    """Sort key: .dvc files first, then stages in dvc.yaml order, then path."""
+    order: dict[str, int] = {}
+    dvc_yaml = root / "dvc.yaml"
+    if dvc_yaml.is_file():
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+        order = {name: i for i, name in enumerate(stages)}
+
+    def key(item: tuple[str, str]) -> tuple[int, str, str]:
+        source, path = item
+        rank = -1 if source.endswith(".dvc") else order.get(source, len(order))
+        return rank, source, path
+
+    return key
+
+
+def _artifact_labels(root: Path) -> dict[str, str]:
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    artifacts = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("artifacts") or {}
+    return {
+        str(spec.get("path")): f"{spec.get('type') or 'artifact'} {name}"
+        for name, spec in artifacts.items()
+        if isinstance(spec, dict) and spec.get("path")
+    }
+
+
+def executed_notebooks(
+    hashes: list[HashChange], reports_dir: str, root: Path
+) -> list[ExecutedNotebook]:
+    """The executed notebooks' HTML renderings recorded in ``dvc.lock``."""
+    prefix = reports_dir.rstrip("/") + "/"
+    return [
+        ExecutedNotebook(h.source, h.path, h.status != "unchanged", (root / h.path).is_file())
+        for h in hashes
+        if h.new is not None and h.path.startswith(prefix) and h.path.endswith(".html")
+    ]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_diffs(data: dict[str, Any]) -> list[PlotDiff]:
+    """``dvc plots diff BASE --split --json`` (the data of both revisions), drawn as SVG.
+
+    DVC's own HTML loads Vega from a CDN; drawing the same data with matplotlib
+    keeps the review page self-contained and readable offline.
+    """
+    plots = data.get("data", data) if isinstance(data, dict) else {}
+    return [
+        _render_plot(name, render)
+        for name, renders in plots.items()
+        for render in (renders if isinstance(renders, list) else [renders])
+    ]
+
+
+def _find_field(node: Any, axis: str) -> str | None:
+    """The first ``encoding.<axis>.field`` in a Vega-Lite spec, breadth first."""
+    queue = [node]
+    while queue:
+        item = queue.pop(0)
+        if isinstance(item, dict):
+            enc = item.get("encoding")
+            if isinstance(enc, dict) and isinstance(enc.get(axis), dict) and enc[axis].get("field"):
+                return str(enc[axis]["field"])
+            queue.extend(item.values())
+        elif isinstance(item, list):
+            queue.extend(item)
+    return None
+
+
+def _render_plot(name: str, render: dict[str, Any]) -> PlotDiff:
+    anchors = render.get("anchor_definitions") or {}
+    title = str(anchors.get("<DVC_METRIC_TITLE>") or name)
+    if render.get("type") != "vega":
+        return PlotDiff(
+            name,
+            title,
+            None,
+            f"{render.get('type')} plots are not drawn here; see `dvc plots diff`",
+        )
+    content = render.get("content") or {}
+    x, y = _find_field(content, "x"), _find_field(content, "y")
+    rows = anchors.get("<DVC_METRIC_DATA>") or []
+    color = anchors.get("<DVC_METRIC_COLOR>") or {}
+    group_field = color.get("field", "rev") if isinstance(color, dict) else "rev"
+    scale = color.get("scale", {}) if isinstance(color, dict) else {}
+    domain = [str(d) for d in scale.get("domain", [])]
+    palette = [str(c) for c in scale.get("range", [])]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        try:
+            xv, yv = float(row[x]), float(row[y])
+        except (KeyError, TypeError, ValueError):
+            continue
+        xs, ys = series.setdefault(str(row.get(group_field, "")), ([], []))
+        xs.append(xv)
+        ys.append(yv)
+    if not series:
+        return PlotDiff(name, title, None, "no numeric x/y data to draw; see `dvc plots diff`")
+    order = [g for g in domain if g in series] + [g for g in series if g not in domain]
+    return PlotDiff(
+        name,
+        title,
+        _svg(
+            title,
+            str(anchors.get("<DVC_METRIC_X_LABEL>") or x),
+            str(anchors.get("<DVC_METRIC_Y_LABEL>") or y),
+            [(g, series[g], _color(g, domain, palette)) for g in order],
+        ),
+    )
+
+
+def _color(group: str, domain: list[str], palette: list[str]) -> str | None:
+    if group in domain and domain.index(group) < len(palette):
+        return palette[domain.index(group)]
+    return None
+
+
+def _svg(
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: list[tuple[str, tuple[list[float], list[float]], str | None]],
+) -> str:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"svg.hashsalt": "mlops-review", "svg.fonttype": "path"}):
+        fig = Figure(figsize=(4.6, 3.6), layout="constrained")
+        ax = fig.subplots()
+        # Draw the base first so the working tree's line is on top.
+        for label, (xs, ys), color in reversed(series):
+            ax.plot(xs, ys, label=label, color=color, linewidth=1.8)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=9)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def changed_notebooks(root: Path, base: str, notebooks_dir: str) -> list[tuple[str, str]]:
+    """``[(path, status)]`` of source notebooks that differ from ``base`` (incl. new files)."""
+    names = _git(
+        root, "diff", "--no-ext-diff", "--name-status", "--no-renames", base, "--", notebooks_dir
+    ).stdout
+    status_names = {"A": "added", "D": "deleted", "M": "modified", "T": "modified"}
+    out = {}
+    for line in names.splitlines():
+        code, _, path = line.partition("\t")
+        if path.endswith(".ipynb"):
+            out[path] = status_names.get(code[:1], "modified")
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", notebooks_dir).stdout
+    for path in untracked.splitlines():
+        if path.endswith(".ipynb"):
+            out[path] = "added"
+    return sorted(out.items())
+
+
+def _read_notebook(text: str | None, where: str) -> Any:
+    import nbformat
+
+    if text is None:
+        return nbformat.v4.new_notebook()
+    try:
+        nb = nbformat.reads(text, as_version=4)
+    except Exception as exc:  # nbformat raises several types for malformed JSON
+        raise ReviewError(f"{where} is not a readable notebook: {exc}") from exc
+    # Review the source as it is committed: nbstripout strips outputs on `git add`.
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    return nb
+
+
+_TRAILING = re.compile(r"(?:\s|\x1b\[[0-9;]*m)+\Z")  # blank lines and colour resets at the end
+
+
+def notebook_diff(root: Path, base: str, path: str, status: str) -> NotebookDiff:
+    """nbdime's structural diff of one notebook, as plain text and as coloured HTML."""
+    from nbconvert.filters.ansi import ansi2html
+    from nbdime import diff_notebooks
+    from nbdime.prettyprint import PrettyPrintConfig, pretty_print_diff
+
+    file = root / path
+    a = _read_notebook(_git_show(root, base, path), f"{base}:{path}")
+    b = _read_notebook(file.read_text() if file.is_file() else None, path)
+    diff = diff_notebooks(a, b)
+    rendered = []
+    for color in (False, True):
+        buf = io.StringIO()
+        # difflib instead of git/diff subprocesses: same output everywhere, no external tools.
+        pretty_print_diff(
+            a, diff, "", PrettyPrintConfig(out=buf, use_color=color, use_git=False, use_diff=False)
+        )
+        text = _TRAILING.sub("", buf.getvalue())
+        rendered.append(
+            text + ("\x1b[0m" if color else "") if text else "(no changes in cells or metadata)"
+        )
+    return NotebookDiff(path, status, rendered[0], ansi2html(rendered[1]))
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def read_gate_report(root: Path, rel_path: str) -> GateReport | None:
+    """The release-gate report at ``rel_path`` if it exists (any of the usual JSON shapes)."""
+    path = root / rel_path
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        return GateReport(rel_path, None, [], f"not valid JSON ({exc}); regenerate it")
+    return GateReport(rel_path, _verdict(raw), _gate_rows(raw), raw)
+
+
+def _verdict(node: Any) -> str | None:
+    if isinstance(node, bool):
+        return "pass" if node else "fail"
+    if not isinstance(node, dict):
+        return None
+    for key in ("passed", "ok", "pass"):
+        if isinstance(node.get(key), bool):
+            return "pass" if node[key] else "fail"
+    for key in ("verdict", "status", "result"):
+        if isinstance(node.get(key), str):
+            return str(node[key]).lower()
+    return None
+
+
+def _gate_rows(raw: Any) -> list[GateRow]:
+    if not isinstance(raw, dict):
+        return []
+    gates = next((raw[k] for k in ("gates", "checks", "results") if k in raw), None)
+    items: list[tuple[str, Any]]
+    if isinstance(gates, list):
+        items = [
+            (
+                str(g.get("name") or g.get("gate") or g.get("id") or i)
+                if isinstance(g, dict)
+                else str(i),
+                g,
+            )
+            for i, g in enumerate(gates, 1)
+        ]
+    elif isinstance(gates, dict):
+        items = [(str(k), v) for k, v in gates.items()]
+    else:
+        return []
+    rows = []
+    for name, gate in items:
+        detail = ""
+        if isinstance(gate, dict):
+            detail = str(gate.get("detail") or gate.get("message") or gate.get("reason") or "")
+            if not detail:
+                parts = [
+                    f"{k} {gate[k]}"
+                    for k in ("value", "threshold", "limit", "baseline", "tolerance")
+                    if k in gate
+                ]
+                detail = ", ".join(parts)
+        rows.append(GateRow(name, _verdict(gate) or "?", detail))
+    return rows
+
+
+# --------------------------------------------------------------------------- build + write
+
+
+def build_review(root: Path, base: str, settings: ReviewSettings) -> Review:
+    """Collect every section of the review for the working tree at ``root`` against ``base``."""
+    base_commit = resolve_base(root, base)
+    jobs = {
+        "status": _DvcJob(root, "status"),
+        "params": _DvcJob(root, "params", "diff", base),
+        "metrics": _DvcJob(root, "metrics", "diff", base, "--all"),
+        "plots": _DvcJob(root, "plots", "diff", base, "--split"),
+    }
+    try:
+        head = _git(root, "rev-parse", "--abbrev-ref", "HEAD", check=False).stdout.strip()
+        head_commit = _git(root, "rev-parse", "HEAD", check=False).stdout.strip() or None
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip())
+        hashes = hash_changes(root, base)
+        notebooks = [
+            notebook_diff(root, base, p, s)
+            for p, s in changed_notebooks(root, base, settings.notebooks_dir)
+        ]
+        results = {name: job.result() for name, job in jobs.items()}
+    finally:
+        for job in jobs.values():
+            if job.proc.poll() is None:
+                job.proc.kill()
+                job.proc.wait()
+    review = Review(
+        base=base,
+        base_commit=base_commit,
+        head=head or "HEAD",
+        head_commit=head_commit,
+        dirty=dirty,
+        created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        stale=stale_stages(results["status"]),
+        params=param_changes(results["params"]),
+        metrics=metric_changes(results["metrics"], settings.metric_direction),
+        plots=plot_diffs(results["plots"]),
+        hashes=hashes,
+        notebooks=notebooks,
+        executed=executed_notebooks(hashes, settings.reports_dir, root),
+        gates=read_gate_report(root, settings.gate_report),
+        settings=settings,
+    )
+    missing = [e.path for e in review.executed if not e.exists]
+    if missing:
+        review.warnings.append(
+            "executed notebooks recorded in dvc.lock are missing from the working tree: "
+            + ", ".join(missing)
+            + "; run `dvc pull` or `dvc repro`"
+        )
+    return review
+
+
+def write_review(
+    root: Path, base: str = "main", out_dir: Path | None = None, details_url: str | None = None
+) -> tuple[Path, Path, Review]:
+    """Build the review and write ``review.md`` and ``review.html``; returns both paths."""
+    from pipelines.review.render import render_html, render_markdown
+
+    settings = ReviewSettings.from_params(config.load_params(root / "params.yaml"))
+    review = build_review(root, base, settings)
+    out = out_dir or root / settings.out_dir
+    out = out if out.is_absolute() else root / out
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "review.md", out / "review.html"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(
+            render_markdown(review, details_url, _rel(html_path, root)), encoding="utf-8"
+        )
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(render_html(review, link_from=out, root=root), encoding="utf-8")
+    return md_path, html_path, review
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)

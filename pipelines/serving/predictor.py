@@ -1,0 +1,841 @@
+"""Request-time logic of the BentoML service: features, routing, the fallback chain, logging.
+
+The service class in ``bentos/service.py`` only wires HTTP to ``Predictor``;
+everything here is importable and tested without a server.
+
+One call to ``Predictor.predict`` (a single request or a batch):
+
+1. looks up point-in-time features for every row from the ``FeatureSource``
+   (``SnapshotFeatureSource``, the release's event snapshot, by default; the
+   online store plugs in behind the same two methods);
+2. routes each row (``pipelines.serving.routing``): prod, or the candidate for a sticky
+   share of users in canary / A-B mode;
+3. walks the fallback chain per row: [candidate ->] prod -> previous -> rule
+   baseline. A tier is skipped when it was refused at load (file hash mismatch),
+   its circuit breaker is open (after ``breaker_failures`` failures in a row), it
+   raises, or it misses the latency budget (the model runs in a helper thread and
+   is abandoned at the deadline). Rows whose
+   features are unavailable or older than the freshness SLA go straight to the
+   baseline, which needs no features. A valid row therefore always gets an answer;
+4. says in every response which model answered, by which route, whether the
+   answer is degraded and why, and how old its features were;
+5. hands the batch to the request log (background thread) and, for a sampled
+   share, to the background scorer that runs the other model (shadow, or the
+   counterfactual arm of canary/A-B) off the response path.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+import joblib
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.core.io import md5_file
+from pipelines.features.definitions import FEATURE_SETS, EventIndex
+from pipelines.modeling.model import RuleBaseline
+from pipelines.modeling.release import FeatureRef, ModelRef, Release, load_release
+from pipelines.serving.request_log import LogBatch, RequestLog
+from pipelines.serving.routing import Router
+
+logger = logging.getLogger("ctr.serving")
+
+Surface = Literal["feed", "search", "recs"]
+Device = Literal["mobile", "desktop", "tablet"]
+Route = Literal["prod", "canary", "ab-variant", "fallback", "baseline"]
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class PredictRequest(BaseModel):
+    """One scoring request; ``timestamp`` defaults to the time the request arrives.
+
+    A timestamp without a zone is read as UTC. Unknown fields are refused so a
+    typo (``surfce``) is reported instead of silently ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: Id
+    item: Id
+    surface: Surface
+    device: Device
+    timestamp: dt.datetime | None = None
+
+
+class PredictResponse(BaseModel):
+    """Click probability and how it was produced."""
+
+    request_id: str
+    probability: float
+    model_version: str
+    route: Route
+    degraded: bool
+    degraded_reason: str | None = None
+    feature_age_seconds: float | None
+    features_fresh: bool
+
+
+class ArtifactMismatch(RuntimeError):
+    """A model file does not match the hash recorded in the release."""
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """The online feature source cannot answer; the baseline answers instead."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a tier on which an operator injected an error fault (chaos testing)."""
+
+
+# --- features ------------------------------------------------------------------
+@dataclass
+class FeatureBatch:
+    """Feature vectors in the release's feature order and the time each is current as of."""
+
+    X: np.ndarray  # float64 (rows, features)
+    as_of_ms: np.ndarray  # int64 (rows,)
+    note: str | None = None  # set when a fallback source answered: why (degraded_reason)
+
+
+class FeatureSource(Protocol):
+    """What the predictor needs from an online store: vectors at given times and a status."""
+
+    name: str
+
+    def lookup(
+        self,
+        users: Sequence[str],
+        items: Sequence[str],
+        surfaces: Sequence[str],
+        devices: Sequence[str],
+        t_ms: np.ndarray,
+    ) -> FeatureBatch:
+        """Point-in-time vectors; raise FeatureStoreUnavailable when the store cannot answer."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready description (kind, as-of time, size) for /metadata."""
+        ...
+
+
+class SnapshotFeatureSource:
+    """Features computed by ``EventIndex`` from the release's event snapshot.
+
+    A vector at time t is exact for t up to the snapshot's last event; after that
+    it is as of that last event, and its age grows with t.
+    """
+
+    name = "snapshot"
+
+    def __init__(self, index: EventIndex, tag: str = "") -> None:
+        self.index = index
+        self.tag = tag
+
+    @classmethod
+    def open(cls, folder: Path, ref: FeatureRef) -> SnapshotFeatureSource:
+        """Load the snapshot after checking its md5 against the release."""
+        import pandas as pd
+
+        path = folder / "events.parquet"
+        _check_md5(path, ref.files["events.parquet"], f"feature snapshot {ref.tag}")
+        events = pd.read_parquet(
+            path, columns=["user_id", "item_id", "surface", "ts", "clicked", "click_ts"]
+        )
+        return cls(EventIndex(events, FEATURE_SETS[ref.feature_set]), ref.tag)
+
+    def lookup(
+        self,
+        users: Sequence[str],
+        items: Sequence[str],
+        surfaces: Sequence[str],
+        devices: Sequence[str],
+        t_ms: np.ndarray,
+    ) -> FeatureBatch:
+        X = self.index.lookup(users, items, surfaces, devices, t_ms).to_numpy(np.float64)
+        return FeatureBatch(X, np.minimum(t_ms, self.index.as_of_ms))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.name,
+            "tag": self.tag,
+            "events": self.index.n_events,
+            "as_of": _iso(self.index.as_of_ms),
+        }
+
+
+# --- model tiers ---------------------------------------------------------------
+@dataclass
+class Fault:
+    """An operator-injected fault on a tier: ``error`` raises, ``slow`` sleeps first."""
+
+    kind: Literal["error", "slow"]
+    delay_ms: float = 0.0
+
+    def apply(self, what: str) -> None:
+        if self.kind == "slow":
+            time.sleep(self.delay_ms / 1000.0)
+        else:
+            raise InjectedFault(f"injected fault on {what}")
+
+
+@dataclass
+class ModelTier:
+    """One loaded (or refused) model of the release, with its circuit breaker."""
+
+    role: str  # prod, candidate or previous
+    ref: ModelRef
+    model: Any | None
+    refused: str | None = None
+    fault: Fault | None = None
+    open_until: float = 0.0
+    failures: int = 0  # consecutive failures since the last success
+    last_failure: str | None = None
+
+    def unavailable(self, now: float) -> str | None:
+        """Why the tier cannot be tried now, or None."""
+        if self.model is None:
+            return f"{self.role} refused at load: {self.refused}"
+        if now < self.open_until:
+            return (
+                f"{self.role} skipped for {self.open_until - now:.1f} s after: {self.last_failure}"
+            )
+        return None
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if self.fault is not None:
+            self.fault.apply(f"{self.role} model {self.ref.label}")
+        assert self.model is not None
+        return np.asarray(self.model.predict_proba(X)[:, 1], dtype=np.float64)
+
+    def trip(self, reason: str, cooldown: float, threshold: int) -> None:
+        """Count a failure; ``threshold`` failures in a row open the breaker for ``cooldown``."""
+        self.last_failure = reason
+        self.failures += 1
+        if self.failures >= threshold:
+            self.open_until = time.monotonic() + cooldown
+            self.failures = 0
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "tag": self.ref.tag,
+            "version": self.ref.label,
+            "registry_version": self.ref.registry_version,
+            "loaded": self.model is not None,
+            "refused": self.refused,
+            "breaker_open_seconds": round(max(self.open_until - now, 0.0), 3),
+            "last_failure": self.last_failure,
+            "fault": None if self.fault is None else vars(self.fault),
+        }
+
+
+def _check_md5(path: Path, expected: str, what: str) -> None:
+    if not path.is_file():
+        raise ArtifactMismatch(f"{what}: {path} is missing")
+    actual = md5_file(path)
+    if actual != expected:
+        raise ArtifactMismatch(
+            f"{what}: {path.name} has md5 {actual}, the release records {expected}; "
+            "refusing to load it"
+        )
+
+
+def load_tier(role: str, ref: ModelRef, folder: Path) -> ModelTier:
+    """Load a model after checking its file hash; any problem refuses the tier, loudly."""
+    try:
+        _check_md5(folder / "model.joblib", ref.files["model.joblib"], f"{role} model {ref.tag}")
+        model = joblib.load(folder / "model.joblib")
+        if not hasattr(model, "predict_proba"):
+            raise TypeError(f"{type(model).__name__} has no predict_proba")
+        return ModelTier(role, ref, model)
+    except Exception as exc:  # refused, reported in /metadata and logs; never loaded silently
+        logger.error("refusing %s tier %s: %s", role, ref.tag, exc)
+        return ModelTier(role, ref, None, refused=f"{type(exc).__name__}: {exc}")
+
+
+# --- one loaded release ----------------------------------------------------------
+@dataclass
+class Runtime:
+    """Everything loaded for one release; replaced as a whole by a reload."""
+
+    release: Release
+    tiers: dict[str, ModelTier]
+    baseline: RuleBaseline | None
+    features: FeatureSource | None
+    router: Router
+    problems: list[str] = field(default_factory=list)
+    features_fault: Fault | None = None
+    loaded_at: str = field(default_factory=lambda: _iso(int(time.time() * 1000)))
+
+    @classmethod
+    def load(
+        cls,
+        release: Release,
+        model_path: Callable[[str], Path],
+        features: FeatureSource | None = None,
+    ) -> Runtime:
+        """Load every tier of ``release``; ``model_path`` maps a BentoML tag to its folder.
+
+        A tier that fails its hash check or cannot be loaded is refused and listed in
+        ``problems``; the release still serves with the tiers that loaded.
+        """
+        problems: list[str] = []
+        tiers: dict[str, ModelTier] = {}
+        for role, ref in release.tiers().items():
+            try:
+                folder = model_path(ref.tag)
+            except Exception as exc:
+                tiers[role] = ModelTier(role, ref, None, refused=f"not found: {exc}")
+            else:
+                tiers[role] = load_tier(role, ref, folder)
+            if tiers[role].refused:
+                problems.append(f"{role} ({ref.tag}): {tiers[role].refused}")
+        baseline = None
+        try:
+            folder = model_path(release.baseline.tag)
+            _check_md5(folder / release.baseline.file, release.baseline.md5, "rule baseline")
+            baseline = RuleBaseline.load(folder / release.baseline.file)
+        except Exception as exc:
+            logger.error("refusing rule baseline: %s", exc)
+            problems.append(f"baseline: {type(exc).__name__}: {exc}")
+        if features is None:
+            try:
+                features = SnapshotFeatureSource.open(
+                    model_path(release.feature_source.tag), release.feature_source
+                )
+            except Exception as exc:
+                logger.error("feature source unavailable: %s", exc)
+                problems.append(
+                    f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
+                )
+            # The online store when the release or CTR_FEATURE_STORE_URL names one, the
+            # snapshot as its fallback (pipelines.serving.store_source).
+            from pipelines.serving.store_source import feature_source_for
+
+            features = feature_source_for(release, features, problems)
+        policy = release.policy
+        router = Router(
+            policy.routing, policy.candidate_share, policy.shadow_sample_rate, policy.routing_salt
+        )
+        return cls(release, tiers, baseline, features, router, problems)
+
+    def unservable(self) -> str | None:
+        """Why this release could not answer any request (no model tier and no baseline).
+
+        A reload to such a release is refused and the running one keeps serving:
+        swapping it in would turn every valid request into a 503.
+        """
+        if self.baseline is not None or any(t.model is not None for t in self.tiers.values()):
+            return None
+        return "no tier of the release can answer: " + "; ".join(self.problems)
+
+    def lookup(
+        self,
+        users: list[str],
+        items: list[str],
+        surfaces: list[str],
+        devices: list[str],
+        t_ms: np.ndarray,
+    ) -> FeatureBatch:
+        if self.features is None:
+            raise FeatureStoreUnavailable("no feature source loaded")
+        if self.features_fault is not None:
+            self.features_fault.apply("feature source")
+        return self.features.lookup(users, items, surfaces, devices, t_ms)
+
+
+_ROLE_ROUTE = {"prod": "prod", "previous": "fallback"}
+
+
+class NoTierAvailable(RuntimeError):
+    """Every tier, the baseline included, is unavailable: the only case that is not answered."""
+
+
+class Predictor:
+    """Routes, scores with fallbacks, logs; shared by the HTTP service and the tests."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        request_log: RequestLog | None = None,
+        state_dir: Path | None = None,
+        background_queue_size: int = 1000,
+        reloader: Callable[[], Runtime] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.request_log = request_log
+        self.state_dir = state_dir
+        self.reloader = reloader
+        self._reload_thread: threading.Thread | None = None
+        self._reload_generation = self._read_generation()
+        self.counters: dict[str, Any] = {
+            "requests": 0,
+            "rows": 0,
+            "degraded_rows": 0,
+            "routes": {},
+            "degraded_reasons": {},
+            "background_scored_rows": 0,
+            "background_skipped_rows": 0,
+            "unanswered_rows": 0,
+        }
+        self._lock = threading.Lock()
+        self._pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="model")
+        self._background: queue.Queue[Any] = queue.Queue(maxsize=background_queue_size)
+        self._bg_thread = threading.Thread(
+            target=self._background_loop, name="background-scorer", daemon=True
+        )
+        self._bg_thread.start()
+        self._overrides_mtime = 0.0
+        self._overrides_checked = 0.0
+        self._apply_overrides(force=True)
+
+    # --- the request path ------------------------------------------------------
+    def predict(
+        self, requests: Sequence[PredictRequest], endpoint: str = "predict"
+    ) -> list[PredictResponse]:
+        """Answer every (validated) request; see the module docstring for the chain."""
+        # model_construct: the values are built by _answer and already valid;
+        # validating them again per row would cost more than scoring the row.
+        return [PredictResponse.model_construct(**a) for a in self._answer(requests, endpoint)]
+
+    def predict_json(
+        self, requests: Sequence[PredictRequest], endpoint: str = "predict_batch"
+    ) -> bytes:
+        """The same answers as ``predict``, already encoded as a JSON array (batch endpoint:
+        skips building and re-serializing one pydantic object per row)."""
+        return orjson.dumps(self._answer(requests, endpoint))
+
+    def _answer(self, requests: Sequence[PredictRequest], endpoint: str) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        self._apply_overrides()
+        rt = self.runtime
+        policy = rt.release.policy
+        n = len(requests)
+        now_ms = int(time.time() * 1000)
+        t_ms = np.array(
+            [now_ms if r.timestamp is None else _epoch_ms(r.timestamp) for r in requests],
+            dtype=np.int64,
+        )
+        users = [r.user for r in requests]
+        items = [r.item for r in requests]
+        surfaces: list[str] = [r.surface for r in requests]
+        devices: list[str] = [r.device for r in requests]
+        call_id = uuid.uuid4().hex[:16]
+        request_ids = [call_id] if n == 1 else [f"{call_id}-{i}" for i in range(n)]
+
+        prob = np.full(n, np.nan)
+        routes: list[str] = ["baseline"] * n
+        models: list[str] = ["rule-baseline"] * n
+        reasons: list[str | None] = [None] * n
+        codes: list[str | None] = [None] * n
+        scores: dict[str, np.ndarray] = {}
+
+        X: np.ndarray | None = None
+        age = np.full(n, np.nan)
+        feature_note: str | None = None
+        try:
+            batch = rt.lookup(users, items, surfaces, devices, t_ms)
+            feature_note = batch.note
+            X = batch.X
+            age = np.maximum(t_ms - batch.as_of_ms, 0) / 1000.0
+            fresh = age <= policy.freshness_sla_seconds
+            for i in np.flatnonzero(~fresh):
+                codes[i] = "features_stale"
+                reasons[i] = (
+                    f"features are {age[i]:.0f} s old, over the "
+                    f"{policy.freshness_sla_seconds:g} s freshness SLA"
+                )
+        except Exception as exc:  # an unavailable store degrades to the baseline, never a 5xx
+            fresh = np.zeros(n, dtype=bool)
+            why = f"feature store unavailable: {type(exc).__name__}: {exc}"
+            codes[:] = ["features_unavailable"] * n
+            reasons[:] = [why] * n
+
+        candidate = rt.tiers.get("candidate")
+        plan = rt.router.plan(
+            users, request_ids, candidate is not None and candidate.model is not None
+        )
+        answered = np.zeros(n, dtype=bool)
+        if X is not None:
+            for wants_candidate in (True, False):
+                rows = np.flatnonzero(fresh & (plan.candidate == wants_candidate))
+                if len(rows) == 0:
+                    continue
+                chain = (
+                    ["candidate", "prod", "previous"] if wants_candidate else ["prod", "previous"]
+                )
+                self._score_chain(
+                    rt, chain, rows, X, prob, routes, models, reasons, codes, scores, answered
+                )
+        rest = np.flatnonzero(~answered)
+        if len(rest):
+            if rt.baseline is None:
+                self._count_unanswered(len(rest))
+                raise NoTierAvailable(
+                    "no tier can answer: "
+                    + "; ".join(filter(None, (reasons[i] for i in rest[:1])))
+                    + f"; rule baseline refused ({'; '.join(rt.problems)})"
+                )
+            prob[rest] = rt.baseline.predict([items[i] for i in rest], [surfaces[i] for i in rest])
+            for i in rest:
+                if reasons[i] is None:
+                    codes[i], reasons[i] = "no_model", "no model tier could answer"
+        if feature_note is not None:  # a fallback feature source answered: say so on every row
+            for j in range(n):
+                codes[j] = "features_fallback"
+                reasons[j] = feature_note if reasons[j] is None else f"{feature_note}; {reasons[j]}"
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self._count(routes, codes)
+        probs = np.round(prob, 6).tolist()
+        ages = np.round(age, 3).tolist()
+        fresh_list = fresh.tolist()
+        answers = [
+            {
+                "request_id": request_ids[i],
+                "probability": probs[i],
+                "model_version": models[i],
+                "route": routes[i],
+                "degraded": reasons[i] is not None,
+                "degraded_reason": reasons[i],
+                "feature_age_seconds": None if ages[i] != ages[i] else ages[i],
+                "features_fresh": fresh_list[i],
+            }
+            for i in range(n)
+        ]
+        log = LogBatch(
+            endpoint=endpoint,
+            release_id=rt.release.release_id,
+            answered_at=time.time(),
+            latency_ms=latency_ms,
+            request_ids=request_ids,
+            users=users,
+            items=items,
+            surfaces=surfaces,
+            devices=devices,
+            t_ms=t_ms,
+            probability=prob,
+            routes=routes,
+            models=models,
+            reasons=reasons,
+            feature_age=age,
+            feature_names=rt.release.feature_source.names,
+            features=X,
+            scores=scores,
+        )
+        self._after(rt, log, plan.background & answered, plan.candidate, X)
+        return answers
+
+    def _score_chain(
+        self,
+        rt: Runtime,
+        chain: list[str],
+        rows: np.ndarray,
+        X: np.ndarray,
+        prob: np.ndarray,
+        routes: list[str],
+        models: list[str],
+        reasons: list[str | None],
+        codes: list[str | None],
+        scores: dict[str, np.ndarray],
+        answered: np.ndarray,
+    ) -> None:
+        policy = rt.release.policy
+        budget_s = (policy.latency_budget_ms + policy.batch_row_budget_ms * len(rows)) / 1000.0
+        failures: list[tuple[str, str]] = []
+        for role in chain:
+            tier = rt.tiers.get(role)
+            if tier is None:
+                continue
+            why = tier.unavailable(time.monotonic())
+            if why is not None:
+                failures.append(
+                    (f"{role}_{'refused' if tier.model is None else 'breaker_open'}", why)
+                )
+                continue
+            future = self._pool.submit(tier.predict, X[rows])
+            try:
+                out = future.result(timeout=budget_s)
+            except cf.TimeoutError:
+                why = f"{role} model exceeded the {budget_s * 1000:.0f} ms latency budget"
+                tier.trip(why, policy.breaker_cooldown_seconds, policy.breaker_failures)
+                failures.append((f"{role}_latency_budget", why))
+                continue
+            except Exception as exc:
+                why = f"{role} model error: {type(exc).__name__}: {exc}"
+                tier.trip(why, policy.breaker_cooldown_seconds, policy.breaker_failures)
+                failures.append((f"{role}_error", why))
+                continue
+            tier.failures = 0
+            prob[rows] = out
+            scores.setdefault(role, np.full(len(prob), np.nan))[rows] = out
+            route = rt.router.answering_route() if role == "candidate" else _ROLE_ROUTE[role]
+            reason = "; ".join(w for _, w in failures) or None
+            code = failures[0][0] if failures else None
+            for i in rows:
+                routes[i] = route
+                models[i] = tier.ref.label
+                reasons[i], codes[i] = reason, code
+            answered[rows] = True
+            return
+        reason = "; ".join(w for _, w in failures) or "no model tier loaded"
+        code = failures[0][0] if failures else "no_model"
+        for i in rows:
+            reasons[i], codes[i] = reason, code
+
+    def _count(self, routes: list[str], codes: list[str | None]) -> None:
+        with self._lock:
+            c = self.counters
+            c["requests"] += 1
+            c["rows"] += len(routes)
+            for route in routes:
+                c["routes"][route] = c["routes"].get(route, 0) + 1
+            for code in codes:
+                if code is not None:
+                    c["degraded_rows"] += 1
+                    c["degraded_reasons"][code] = c["degraded_reasons"].get(code, 0) + 1
+
+    def _count_unanswered(self, rows: int) -> None:
+        with self._lock:
+            self.counters["unanswered_rows"] += rows
+
+    # --- background scoring and logging ------------------------------------------
+    def _after(
+        self,
+        rt: Runtime,
+        log: LogBatch,
+        background: np.ndarray,
+        to_candidate: np.ndarray,
+        X: np.ndarray | None,
+    ) -> None:
+        rows = np.flatnonzero(background)
+        if X is not None and len(rows):
+            # The other model of each sampled row: the candidate for rows prod answered
+            # (shadow, control arm), prod for rows the candidate answered.
+            job = (rt, log, rows, to_candidate[rows], X[rows])
+            try:
+                self._background.put_nowait(job)
+                return
+            except queue.Full:
+                with self._lock:
+                    self.counters["background_skipped_rows"] += len(rows)
+        if self.request_log is not None:
+            self.request_log.submit(log)
+
+    def _background_loop(self) -> None:
+        while True:
+            job = self._background.get()
+            if job is None:
+                return
+            rt, log, rows, answered_by_candidate, X = job
+            try:
+                for other_role, mask in (
+                    ("candidate", ~answered_by_candidate),
+                    ("prod", answered_by_candidate),
+                ):
+                    tier = rt.tiers.get(other_role)
+                    if tier is None or not mask.any() or tier.unavailable(time.monotonic()):
+                        continue
+                    try:
+                        out = tier.predict(X[mask])
+                    except Exception as exc:
+                        logger.warning("background scoring with %s failed: %s", other_role, exc)
+                        continue
+                    target = log.scores.setdefault(other_role, np.full(len(log), np.nan))
+                    target[rows[mask]] = out
+                    with self._lock:
+                        self.counters["background_scored_rows"] += int(mask.sum())
+            finally:
+                if self.request_log is not None:
+                    self.request_log.submit(log)
+
+    # --- operations -------------------------------------------------------------
+    def reload(self, runtime: Runtime) -> None:
+        """Swap in a freshly loaded release; requests in flight finish on the old one."""
+        self.runtime = runtime
+        self._apply_overrides(force=True)
+
+    def announce_reload(self) -> int:
+        """Ask the other worker processes sharing ``state_dir`` to reload too.
+
+        Bumps the generation in ``state_dir/reload.json``; every worker polls it at most
+        once a second and reloads (with its ``reloader``) in a background thread.
+        """
+        if self.state_dir is None:
+            return 0
+        from pipelines.core.io import write_json
+
+        generation = self._read_generation() + 1
+        self._reload_generation = generation
+        write_json(
+            self.state_dir / "reload.json",
+            {
+                "generation": generation,
+                "pid": os.getpid(),
+                "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        return generation
+
+    def _read_generation(self) -> int:
+        if self.state_dir is None:
+            return 0
+        try:
+            return int(json.loads((self.state_dir / "reload.json").read_text())["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _maybe_follow_reload(self) -> None:
+        generation = self._read_generation()
+        if generation <= self._reload_generation or self.reloader is None:
+            return
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            return
+        self._reload_generation = generation
+        reloader = self.reloader
+
+        def run() -> None:
+            try:
+                runtime = reloader()
+                why = runtime.unservable()
+                if why is not None:
+                    raise RuntimeError(why)
+                self.reload(runtime)
+                logger.warning(
+                    "reloaded release (generation %d) on request of another worker", generation
+                )
+            except Exception:
+                logger.exception(
+                    "reload generation %d failed; still serving the old release", generation
+                )
+
+        self._reload_thread = threading.Thread(target=run, name="reload", daemon=True)
+        self._reload_thread.start()
+
+    def set_candidate_share(self, share: float) -> dict[str, Any]:
+        """Change the candidate's share of users now (0 = kill switch) and persist it.
+
+        The override is written to ``state_dir/overrides.json`` so every worker process
+        picks it up within a second and a restart keeps it, until a different release
+        is loaded.
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be between 0 and 1, got {share}")
+        rt = self.runtime
+        rt.router.candidate_share = share
+        state = {
+            "release_id": rt.release.release_id,
+            "candidate_share": share,
+            "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        if self.state_dir is not None:
+            from pipelines.core.io import write_json
+
+            write_json(self.state_dir / "overrides.json", state)
+        return state
+
+    def _apply_overrides(self, force: bool = False) -> None:
+        if self.state_dir is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._overrides_checked < 1.0:
+            return
+        self._overrides_checked = now
+        if not force:
+            self._maybe_follow_reload()
+        path = self.state_dir / "overrides.json"
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
+        if not force and mtime == self._overrides_mtime:
+            return
+        self._overrides_mtime = mtime
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if state.get("release_id") == self.runtime.release.release_id:
+            self.runtime.router.candidate_share = float(state["candidate_share"])
+
+    def set_fault(self, target: str, fault: Fault | None) -> None:
+        """Inject or clear a fault on a tier or on the feature source (chaos testing)."""
+        rt = self.runtime
+        if target == "features":
+            rt.features_fault = fault
+            return
+        if target not in rt.tiers:
+            raise KeyError(f"no {target!r} tier in this release (tiers: {sorted(rt.tiers)})")
+        rt.tiers[target].fault = fault
+        if fault is None:  # clearing a fault also closes its breaker
+            rt.tiers[target].open_until = 0.0
+            rt.tiers[target].failures = 0
+
+    def metadata(self) -> dict[str, Any]:
+        """The release, its lineage, what loaded, and the counters; returned by /metadata."""
+        rt = self.runtime
+        return {
+            "release": rt.release.to_json_dict(),
+            "loaded_at": rt.loaded_at,
+            "routing": {
+                "mode": rt.router.mode,
+                "candidate_share": rt.router.candidate_share,
+                "background_sample_rate": rt.router.sample_rate,
+            },
+            "tiers": {role: tier.status() for role, tier in rt.tiers.items()},
+            "baseline_loaded": rt.baseline is not None,
+            "features": rt.features.status() if rt.features is not None else None,
+            "features_fault": None if rt.features_fault is None else vars(rt.features_fault),
+            "problems": rt.problems,
+            "counters": json.loads(json.dumps(self.counters)),
+            "request_log": None if self.request_log is None else dict(self.request_log.counters),
+            "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        """Finish background scoring, then flush the request log (clean shutdown)."""
+        self._background.put(None)
+        self._bg_thread.join(30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.request_log is not None:
+            self.request_log.close()
+
+
+def _epoch_ms(stamp: dt.datetime) -> int:
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return int(stamp.timestamp() * 1000)
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+__all__ = [
+    "ArtifactMismatch",
+    "Fault",
+    "FeatureBatch",
+    "FeatureSource",
+    "FeatureStoreUnavailable",
+    "ModelTier",
+    "NoTierAvailable",
+    "PredictRequest",
+    "PredictResponse",
+    "Predictor",
+    "Runtime",
+    "SnapshotFeatureSource",
+    "load_release",
+]

@@ -1,0 +1,501 @@
+"""The request log: every answered row in JSON-lines shards, plus a whylogs profile per window.
+
+The hot path only builds a ``LogBatch`` (arrays it already has) and puts it on a
+bounded queue; a background thread encodes each batch as one JSON line holding
+its columns (orjson serializes the NumPy arrays directly, so logging a 1000-row
+batch costs about as much as logging one row), appends it to the current shard
+and flushes + fsyncs at least every ``flush_seconds``. A full queue drops the
+batch and counts its rows in ``dropped_rows`` instead of slowing requests down.
+``read_request_log`` expands the lines back to one row per answered request.
+
+Files (one writer per server worker process, named by host and pid)::
+
+    <log_dir>/requests-<UTC start>-<host>-<pid>-<seq>.jsonl   rotated past rotate_bytes
+    <profile_dir>/profile-<UTC window start>-<host>-<pid>.bin whylogs, one per window
+
+whylogs profiles are computed by a helper process (``python -m pipelines.serving.request_log
+profile``) from the window's rows saved as parquet, so profiling does not hold the
+service's GIL.
+
+Durability: every batch is handed to the operating system (``write``) as soon as
+the writer thread takes it off the queue (a few ms after the response), and the
+shard is fsynced at least every ``flush_seconds``. ``close()`` (called on a clean
+shutdown) drains the queue, fsyncs the shard and profiles the unfinished window,
+so nothing is lost. A killed worker process (SIGKILL, OOM kill) loses only the
+batches still in its in-process queue; a machine crash or power loss loses at
+most the rows not yet fsynced (the last ``flush_seconds``). The profile of the
+current window is lost with the process (rebuildable from the JSONL rows). A crash
+mid-write can leave one partial last line; ``read_request_log`` skips it.
+
+Unwritable log directory (removed, replaced, permissions or disk full): the rows
+that could not be written stay in memory (``backlog_rows``, bounded by
+``queue_size``; beyond it the oldest are dropped and counted in ``dropped_rows``)
+and the writer retries on every flush, opening a new shard; once the directory is
+writable again the backlog is written, so acknowledged rows are not lost. A shard
+that disappears under the writer (deleted or moved) is noticed on the next flush
+and a new one is opened; the batches of that flush are written again to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+logger = logging.getLogger("ctr.request_log")
+_STOP = object()
+
+
+@dataclass
+class LogBatch:
+    """What one API call answered, column-wise (one entry per row)."""
+
+    endpoint: str
+    release_id: str
+    answered_at: float  # epoch seconds
+    latency_ms: float  # time inside the predictor for the whole call
+    request_ids: list[str]
+    users: list[str]
+    items: list[str]
+    surfaces: list[str]
+    devices: list[str]
+    t_ms: np.ndarray
+    probability: np.ndarray
+    routes: list[str]
+    models: list[str]
+    reasons: list[str | None]
+    feature_age: np.ndarray  # seconds; NaN when features were unavailable
+    feature_names: list[str]
+    features: np.ndarray | None  # (rows, features) or None when unavailable
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # tier role -> output or NaN
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def to_line(self) -> bytes:
+        """The batch as one JSON line of columns (NaN becomes null)."""
+        answered = dt.datetime.fromtimestamp(self.answered_at, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        record = {
+            "v": 1,
+            "answered_at": answered,
+            "endpoint": self.endpoint,
+            "release_id": self.release_id,
+            "latency_ms": round(self.latency_ms, 3),
+            "n": len(self.request_ids),
+            "request_id": self.request_ids,
+            "user": self.users,
+            "item": self.items,
+            "surface": self.surfaces,
+            "device": self.devices,
+            "request_time_ms": np.ascontiguousarray(self.t_ms),
+            "route": self.routes,
+            "model": self.models,
+            "probability": np.ascontiguousarray(self.probability),
+            "degraded_reason": self.reasons,
+            "feature_age_seconds": np.ascontiguousarray(self.feature_age),
+            "feature_names": self.feature_names,
+            "features": None if self.features is None else np.ascontiguousarray(self.features),
+            "scores": {k: np.ascontiguousarray(v) for k, v in self.scores.items()},
+        }
+        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+def window_frame(batches: list[LogBatch]) -> pd.DataFrame:
+    """Served rows of a window with columns named like the training reference profile."""
+    frame = pd.DataFrame(
+        {
+            "surface": [s for b in batches for s in b.surfaces],
+            "device": [d for b in batches for d in b.devices],
+        }
+    )
+    with_features = [b for b in batches if b.features is not None]
+    if len(with_features) == len(batches) and batches:
+        names = batches[0].feature_names
+        X = np.concatenate([b.features for b in with_features])  # type: ignore[misc]
+        frame = pd.concat([frame, pd.DataFrame(X, columns=names)], axis=1)
+    frame["prediction"] = np.concatenate([b.probability for b in batches])
+    frame["route"] = [r for b in batches for r in b.routes]
+    return frame
+
+
+def profile_file(frame_file: Path, out: Path) -> None:
+    """Profile a window saved as parquet and write the whylogs profile (helper process)."""
+    from pipelines.core import profiles as wl
+
+    wl.write_profile(wl.profile(pd.read_parquet(frame_file)), out)
+
+
+class RequestLog:
+    """Background writer of request-log shards and windowed whylogs profiles."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        profile_dir: Path | None,
+        flush_seconds: float = 1.0,
+        rotate_bytes: int = 64 << 20,
+        queue_size: int = 100_000,
+        profile_window_seconds: float = 300.0,
+    ) -> None:
+        self.log_dir = log_dir
+        self.profile_dir = profile_dir
+        self.flush_seconds = flush_seconds
+        self.rotate_bytes = rotate_bytes
+        self.profile_window_seconds = profile_window_seconds
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self.counters: dict[str, int] = {
+            "queued_rows": 0,
+            "written_rows": 0,
+            "dropped_rows": 0,
+            "shards": 0,
+            "profiles": 0,
+            "write_errors": 0,
+            "profile_errors": 0,
+            "backlog_rows": 0,
+        }
+        self.last_write_error: str | None = None
+        self._backlog: list[tuple[bytes, int]] = []  # (line, rows) not yet written
+        self._backlog_limit = queue_size
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._file: Any = None
+        self._path = log_dir
+        self._file_bytes = 0
+        self._unsynced: list[tuple[bytes, int]] = []  # written since the last fsync
+        self._seq = 0
+        self._window_start: float | None = None
+        self._window: list[LogBatch] = []
+        self._profiles: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+        self._closed = False
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: LogBatch) -> bool:
+        """Queue a batch without blocking; a full queue drops it and counts its rows."""
+        if self._closed:
+            self.counters["dropped_rows"] += len(batch)
+            return False
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            self.counters["dropped_rows"] += len(batch)
+            return False
+        self.counters["queued_rows"] += len(batch)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain everything queued, fsync the shard and profile the open window."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # --- writer thread -------------------------------------------------------
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            wait = deadline - time.monotonic()
+            if self._backlog:  # an unwritable directory: retry at least twice a second
+                wait = min(wait, 0.5)
+            try:
+                item = self._queue.get(timeout=max(wait, 0.001))
+            except queue.Empty:
+                item = None
+            if item is not None and item is not _STOP:
+                self._take(item)
+                if self._drain_nowait():
+                    item = _STOP
+            if item is _STOP:
+                self._drain_nowait()
+                self._flush(sync=True)
+                for _ in range(
+                    int(2 / min(self.flush_seconds, 0.5)) + 1
+                ):  # unwritable: a last chance
+                    if not self._backlog:
+                        break
+                    time.sleep(min(self.flush_seconds, 0.5))
+                    self._flush(sync=True)
+                if self._backlog:
+                    lost = self.counters["backlog_rows"]
+                    self.counters["dropped_rows"] += lost
+                    self.counters["backlog_rows"] = 0
+                    logger.error(
+                        "request log: %d rows could not be written to %s before shutdown (%s)",
+                        lost,
+                        self.log_dir,
+                        self.last_write_error,
+                    )
+                try:
+                    self._close_shard()
+                except OSError:
+                    logger.exception("request log: closing the shard failed")
+                self._profile_window(force=True)
+                self._finish_profiles(wait=True)
+                return
+            # Hand the lines to the OS at once: a killed process then loses only what is
+            # still queued; fsync (power-loss durability) waits for the deadline.
+            self._flush(sync=False)
+            if time.monotonic() >= deadline:
+                self._flush(sync=True)
+                deadline = time.monotonic() + self.flush_seconds
+                self._profile_window(force=False)
+                self._finish_profiles(wait=False)
+
+    def _drain_nowait(self) -> bool:
+        """Take everything queued now; True when the stop marker was among it."""
+        stop = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return stop
+            if item is _STOP:
+                stop = True
+            else:
+                self._take(item)
+
+    def _take(self, batch: LogBatch) -> None:
+        try:
+            self._backlog.append((batch.to_line(), len(batch)))
+            self.counters["backlog_rows"] += len(batch)
+            if self.profile_dir is not None:
+                window = batch.answered_at - batch.answered_at % self.profile_window_seconds
+                if self._window_start is not None and window != self._window_start:
+                    self._profile_window(force=True)
+                self._window_start = window
+                self._window.append(batch)
+        except Exception:  # a bad batch must not stop the writer; its rows count as dropped
+            self.counters["write_errors"] += 1
+            self.counters["dropped_rows"] += len(batch)
+            logger.exception("request log: could not encode a batch of %d rows", len(batch))
+
+    def _flush(self, sync: bool = True) -> None:
+        """Write the backlog to the current shard (``sync``: and fsync it).
+
+        Lines stay in ``self._backlog`` until a write succeeded, so a failed write
+        keeps them for the next attempt instead of dropping them.
+        """
+        if not self._backlog and not (sync and self._file is not None):
+            return
+        try:
+            if self._file is not None and not self._shard_in_place():
+                # Deleted or moved under us. A moved shard keeps its lines; a deleted one
+                # takes the lines written since the last fsync with it (the writer
+                # cannot tell them safe), so those go back into the backlog.
+                deleted = os.fstat(self._file.fileno()).st_nlink == 0
+                self._file.close()
+                self._file = None
+                if deleted:
+                    again = sum(n for _, n in self._unsynced)
+                    self._backlog[:0] = self._unsynced
+                    self.counters["backlog_rows"] += again
+                    self.counters["written_rows"] -= again
+                self._unsynced = []
+                raise OSError(f"shard {self._path} was {'deleted' if deleted else 'moved'}")
+            if self._file is None or self._file_bytes >= self.rotate_bytes:
+                self._close_shard()
+                self._open_shard()
+            if self._backlog:
+                data = b"".join(line for line, _ in self._backlog)
+                rows = sum(n for _, n in self._backlog)
+                self._file.write(data)
+                self._file.flush()
+                self._file_bytes += len(data)
+                self.counters["written_rows"] += rows
+                self.counters["backlog_rows"] -= rows
+                self._unsynced.extend(self._backlog)
+                self._backlog = []
+            if sync:
+                os.fsync(self._file.fileno())
+                self._unsynced = []
+        except OSError as exc:  # unwritable: keep the rows (bounded) and retry next flush
+            self.counters["write_errors"] += 1
+            first = self.last_write_error is None
+            self.last_write_error = f"{type(exc).__name__}: {exc}"
+            self._abandon_shard()
+            self._bound_backlog()
+            if first or self.counters["write_errors"] % 60 == 0:
+                logger.error(
+                    "request log: cannot write to %s (%s); %d rows kept in memory, retrying",
+                    self.log_dir,
+                    self.last_write_error,
+                    self.counters["backlog_rows"],
+                )
+        else:
+            if self.last_write_error is not None and not self._backlog:
+                logger.warning("request log: writing to %s again, backlog written", self.log_dir)
+                self.last_write_error = None
+
+    def _shard_in_place(self) -> bool:
+        """The open shard is still the file at its path (not deleted, moved or replaced)."""
+        try:
+            return os.stat(self._path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except OSError:
+            return False
+
+    def _abandon_shard(self) -> None:
+        """Drop a shard a write failed on; cut a partly written tail so it is not repeated."""
+        if self._file is None:
+            return
+        try:
+            self._file.truncate(self._file_bytes)
+        except (OSError, ValueError):
+            pass
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._file = None
+
+    def _bound_backlog(self) -> None:
+        while self._backlog and self.counters["backlog_rows"] > self._backlog_limit:
+            _, rows = self._backlog.pop(0)
+            self.counters["backlog_rows"] -= rows
+            self.counters["dropped_rows"] += rows
+
+    def _open_shard(self) -> None:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        self._seq += 1
+        path = self.log_dir / f"requests-{stamp}-{self.worker}-{self._seq:04d}.jsonl"
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
+        self._file = path.open("ab")
+        self._path = path
+        self._file_bytes = path.stat().st_size
+        self.counters["shards"] += 1
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self._unsynced = []
+
+    def _profile_window(self, force: bool) -> None:
+        """Hand a finished window to a helper process (its own session: stop signals sent to
+        the server's process group do not cut it short; the writer waits for it on close)."""
+        if self.profile_dir is None or not self._window or self._window_start is None:
+            return
+        if not force and time.time() < self._window_start + self.profile_window_seconds:
+            return
+        batches, self._window = self._window, []
+        stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
+        out = self.profile_dir / f"profile-{stamp}-{self.worker}.bin"
+        frame_file = self.profile_dir / f".window-{stamp}-{self.worker}.parquet"
+        try:
+            window_frame(batches).to_parquet(frame_file, index=False)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.serving.request_log",
+                    "profile",
+                    str(frame_file),
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": _package_root()},
+            )
+            self._profiles.append((proc, frame_file, out))
+        except Exception:
+            self.counters["profile_errors"] += 1
+            logger.exception("request log: could not profile window %s", stamp)
+
+    def _finish_profiles(self, wait: bool) -> None:
+        still = []
+        for proc, frame_file, out in self._profiles:
+            if not wait and proc.poll() is None:
+                still.append((proc, frame_file, out))
+                continue
+            try:
+                _, err = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode == 0:
+                self.counters["profiles"] += 1
+            else:
+                self.counters["profile_errors"] += 1
+                logger.error("request log: profiling %s failed: %s", out, err.decode()[-2000:])
+            frame_file.unlink(missing_ok=True)
+        self._profiles = still
+
+
+def _package_root() -> str:
+    """The folder holding the ``pipelines`` package, so the helper imports this very code."""
+    here = str(Path(__file__).resolve().parents[2])
+    extra = os.environ.get("PYTHONPATH")
+    return here if not extra else f"{here}{os.pathsep}{extra}"
+
+
+def read_request_log(log_dir: Path) -> pd.DataFrame:
+    """One row per answered request from all shards; a partial last line is skipped."""
+    keys = (
+        "request_id",
+        "user",
+        "item",
+        "surface",
+        "device",
+        "route",
+        "model",
+        "probability",
+        "degraded_reason",
+        "feature_age_seconds",
+    )
+    rows: list[dict[str, Any]] = []
+    for shard in sorted(log_dir.glob("requests-*.jsonl")):
+        for line in shard.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            names = rec["feature_names"]
+            for i in range(rec["n"]):
+                row = {k: rec[k][i] for k in keys}
+                row.update(
+                    answered_at=rec["answered_at"],
+                    endpoint=rec["endpoint"],
+                    release_id=rec["release_id"],
+                    latency_ms=rec["latency_ms"],
+                    request_time=pd.Timestamp(rec["request_time_ms"][i], unit="ms", tz="UTC"),
+                    degraded=rec["degraded_reason"][i] is not None,
+                )
+                row["features"] = (
+                    dict(zip(names, rec["features"][i], strict=True))
+                    if rec["features"] is not None
+                    else None
+                )
+                row["scores"] = {k: v[i] for k, v in rec["scores"].items() if v[i] is not None}
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+if (
+    __name__ == "__main__"
+):  # the profiling helper: python -m pipelines.serving.request_log profile IN OUT
+    if len(sys.argv) != 4 or sys.argv[1] != "profile":
+        sys.exit("usage: python -m pipelines.serving.request_log profile WINDOW.parquet OUT.bin")
+    os.nice(10)  # yield the CPU to the service it profiles for
+    profile_file(Path(sys.argv[2]), Path(sys.argv[3]))

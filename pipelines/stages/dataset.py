@@ -1,0 +1,161 @@
+"""The ``build_dataset`` stage: raw events -> point-in-time training set, split by time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.core.config import ConfigError
+from pipelines.core.io import atomic_dir, write_json
+from pipelines.features.contracts import (
+    RAW_EVENTS,
+    feature_table_schema,
+    training_set_schema,
+    validate,
+)
+from pipelines.features.definitions import FEATURE_SETS, FeatureSet, point_in_time_features
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """Time-based split: warm-up dropped, then train, valid and test windows in time order."""
+
+    warmup_hours: int
+    valid_days: int
+    test_days: int
+
+    def __post_init__(self) -> None:
+        if self.warmup_hours < 0:
+            raise ConfigError(
+                f"build_dataset.warmup_hours must be >= 0, got {self.warmup_hours}; "
+                "it is how many hours at the start only feed history"
+            )
+        for key in ("valid_days", "test_days"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"build_dataset.{key} must be a whole number >= 1, got {value!r}")
+
+
+def get_feature_set(name: str) -> FeatureSet:
+    """Look up a declared feature set by name."""
+    if name not in FEATURE_SETS:
+        raise ConfigError(
+            f"features.feature_set {name!r} is not declared; known: {sorted(FEATURE_SETS)}"
+        )
+    return FEATURE_SETS[name]
+
+
+class RawDataError(ValueError):
+    """A raw event file cannot be read (truncated, not parquet, unreadable)."""
+
+
+def read_raw_file(path: Path) -> pd.DataFrame:
+    """Read one raw parquet file, naming the file and the fix when it is corrupt.
+
+    A truncated download or a file overwritten with something else otherwise
+    surfaces as a bare Arrow error without the file name.
+    """
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        raise RawDataError(
+            f"raw event file {path} ({path.stat().st_size:,} bytes) is not readable parquet: "
+            f"{type(exc).__name__}: {exc}. It is corrupt or truncated; restore it with "
+            "`git checkout data.dvc && dvc checkout --force data.dvc` (`dvc repro` records a "
+            "changed data/ in data.dvc before this stage runs, so data.dvc comes from git "
+            "first), then rerun. Outputs of the previous "
+            "run were left untouched."
+        ) from None
+
+
+def load_raw_events(raw_dir: Path) -> pd.DataFrame:
+    """Read every ``*.parquet`` in ``raw_dir`` and check it against the RawEvents contract."""
+    files = sorted(raw_dir.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no raw event files (*.parquet) in {raw_dir}; "
+            "run `make data` to pull or regenerate them"
+        )
+    frames = [read_raw_file(path) for path in files]
+    events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    where = str(files[0]) if len(files) == 1 else f"{raw_dir}/*.parquet"
+    events = validate(RAW_EVENTS, events, where)
+    return events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+
+
+def split_boundaries(ts: pd.Series, policy: SplitPolicy) -> dict[str, pd.Timestamp]:
+    """Start of train, valid and test and the end of data, on whole days from the end."""
+    end = ts.max().ceil("D")
+    test_start = end - pd.Timedelta(days=policy.test_days)
+    valid_start = test_start - pd.Timedelta(days=policy.valid_days)
+    train_start = ts.min().floor("D") + pd.Timedelta(hours=policy.warmup_hours)
+    if train_start >= valid_start:
+        days = (end - ts.min().floor("D")).days
+        raise ConfigError(
+            f"no training window left: the data covers {days} day(s), warm-up is "
+            f"{policy.warmup_hours} h, valid {policy.valid_days} d and test {policy.test_days} d; "
+            "lower build_dataset.valid_days/test_days/warmup_hours or generate more days"
+        )
+    return {
+        "train_start": train_start,
+        "valid_start": valid_start,
+        "test_start": test_start,
+        "end": end,
+    }
+
+
+def build_training_set(
+    events: pd.DataFrame, feature_set: FeatureSet, policy: SplitPolicy, engine: str = "numpy"
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Point-in-time features for every impression, labelled and split by time.
+
+    Each row's features use only events strictly before its own timestamp (see
+    ``pipelines.features.definitions``). Rows in the warm-up window are dropped because their
+    history is still filling; the rest are assigned to train/valid/test by time.
+    ``engine`` (``features.engine``) picks the offline engine; both give identical rows.
+    """
+    bounds = split_boundaries(events["ts"], policy)
+    table = point_in_time_features(events, feature_set, engine=engine)
+    validate(feature_table_schema(feature_set), table, "the point-in-time feature table")
+    ts = table["ts"]
+    split = pd.Series("train", index=table.index, dtype="str")
+    split[ts >= bounds["valid_start"]] = "valid"
+    split[ts >= bounds["test_start"]] = "test"
+    table["split"] = split
+    table = table[ts >= bounds["train_start"]].reset_index(drop=True)
+    table = validate(training_set_schema(feature_set), table, "the training set")
+    counts = table["split"].value_counts()
+    rates = table.groupby("split")["clicked"].mean()
+    meta = {
+        "feature_set": feature_set.name,
+        "feature_set_fingerprint": feature_set.fingerprint,
+        "feature_engine": engine,
+        "features": feature_set.names,
+        "rows": {s: int(counts.get(s, 0)) for s in ("train", "valid", "test")},
+        "click_rate": {
+            s: round(float(rates.get(s, float("nan"))), 6) for s in ("train", "valid", "test")
+        },
+        "windows": {k: v.isoformat() for k, v in bounds.items()},
+        "raw_events": len(events),
+        "warmup_rows_dropped": int(len(events) - len(table)),
+    }
+    return table, meta
+
+
+def write_training_set(table: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> None:
+    """Write ``train/valid/test.parquet`` and ``meta.json``, replacing ``out_dir`` atomically."""
+    with atomic_dir(out_dir) as tmp:
+        for name, part in table.groupby("split", sort=False):
+            part.drop(columns=["split"]).to_parquet(tmp / f"{name}.parquet", index=False)
+        write_json(tmp / "meta.json", meta)
+
+
+def load_split(out_dir: Path, split: str) -> pd.DataFrame:
+    """Read one split of a written training set."""
+    path = out_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `dvc repro build_dataset`")
+    return pd.read_parquet(path)

@@ -1,0 +1,315 @@
+"""The ``package`` stage: BentoML models + release file + bento, exported as one archive.
+
+The release (``pipelines.modeling.release``) names the prod model (this run's ``build/model``),
+an optional candidate and the previous prod model, each stored in BentoML as
+``ctr_model:m<md5[:12]>`` with its file hashes, metrics and lineage in the metadata;
+every model of the release ships in the bento.
+
+BentoML keeps models and bentos under ``BENTOML_HOME``; the project pins it to
+``.bentoml/`` in the repository (``base.bentoml_home``) so runs are isolated and
+reproducible. The exported ``.bento`` archive is the DVC-tracked artifact: it can
+be imported and served on any machine without rebuilding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipelines.core.config import ConfigError
+from pipelines.core.io import atomic_dir, atomic_path, md5_file, write_json
+from pipelines.modeling.release import (
+    FeatureRef,
+    ModelRef,
+    OnlineStoreRef,
+    ServingPolicy,
+    build_release,
+    read_release_dict,
+)
+
+
+def use_bentoml_home(path: Path) -> None:
+    """Point BentoML at the project's store; must run before ``import bentoml``."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(path.resolve())
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+
+MODEL_NAME = "ctr_model"
+FEATURES_NAME = "ctr_features"
+MODEL_FILES = ("model.joblib", "baseline.json", "model_card.json")
+
+
+def _save_model(name: str, version: str, files: dict[str, Path], metadata: dict[str, Any]) -> str:
+    import bentoml
+
+    tag = f"{name}:{version}"
+    try:
+        bentoml.models.get(tag)
+        return tag  # content-addressed version: identical files are already stored
+    except bentoml.exceptions.NotFound:
+        pass
+    with bentoml.models.create(tag, labels={"project": "mlops-notebooks"}, metadata=metadata) as m:
+        for target, source in files.items():
+            shutil.copyfile(source, m.path_of(target))
+    return tag
+
+
+def save_model_dir(
+    model_dir: Path,
+    metrics: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+    registry_version: str | None = None,
+) -> ModelRef:
+    """Store a ``train`` output folder as a BentoML model (version = md5 of model.joblib).
+
+    The metadata keeps the file hashes, metrics and lineage, so a later release can
+    use this version as candidate or previous without its original folder.
+    """
+    files = {name: md5_file(model_dir / name) for name in MODEL_FILES}
+    card = json.loads((model_dir / "model_card.json").read_text())
+    tag = _save_model(
+        MODEL_NAME,
+        f"m{files['model.joblib'][:12]}",
+        {name: model_dir / name for name in MODEL_FILES},
+        {
+            "model_md5": files["model.joblib"],
+            "feature_set": card["feature_set"],
+            "files": files,
+            # BentoML metadata takes no None values: nested records travel as JSON text
+            "metrics_json": json.dumps(metrics or {}, default=str),
+            "lineage_json": json.dumps(lineage or {}, default=str),
+            **({"registry_version": registry_version} if registry_version else {}),
+        },
+    )
+    return model_ref(tag)
+
+
+def model_ref(tag: str) -> ModelRef:
+    """Describe a stored model for a release, checking its files against the recorded md5."""
+    import bentoml
+
+    try:
+        stored = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise ConfigError(
+            f"model {tag} is not in the BentoML store {os.environ.get('BENTOML_HOME')}; "
+            "store it with pipelines.stages.packaging.save_model_dir or fix the tag in params.yaml"
+        ) from exc
+    meta: dict[str, Any] = dict(stored.info.metadata)
+    folder = Path(stored.path)
+    actual = {name: md5_file(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
+    recorded = meta.get("files") or {"model.joblib": meta.get("model_md5")}
+    for name, md5 in recorded.items():
+        if md5 and actual.get(name) != md5:
+            raise ConfigError(
+                f"model {tag}: {folder / name} has md5 {actual.get(name)}, stored as {md5}; "
+                "the stored copy is damaged, delete it (`bentoml models delete`) and store it again"
+            )
+    if "model.joblib" not in actual or "baseline.json" not in actual:
+        raise ConfigError(f"model {tag} lacks model.joblib or baseline.json in {folder}")
+    return ModelRef(
+        tag=str(stored.tag),
+        version=str(stored.tag.version),
+        registry_version=meta.get("registry_version"),
+        feature_set=meta["feature_set"],
+        files=actual,
+        metrics=json.loads(meta.get("metrics_json", "{}")),
+        lineage=json.loads(meta.get("lineage_json", "{}")),
+    )
+
+
+def _resolve(setting: str, key: str) -> ModelRef | None:
+    if setting in ("", "none", None):
+        return None
+    if ":" not in setting:
+        raise ConfigError(
+            f"serving.{key} must be a model tag like {MODEL_NAME}:m1234abcd5678 "
+            f"or none, got {setting!r}"
+        )
+    return model_ref(setting)
+
+
+def previous_prod_tag(old: dict[str, Any] | None, new_prod: str) -> str | None:
+    """The prod of the release being replaced, or its own previous when prod is unchanged."""
+    if not old:
+        return None
+    old_prod = (old.get("prod") or {}).get("tag") or old.get("model_tag")
+    if old_prod and old_prod != new_prod:
+        return str(old_prod)
+    return (old.get("previous") or {}).get("tag")
+
+
+def resolve_tiers(
+    policy: ServingPolicy, prod_tag: str, old_release: dict[str, Any] | None
+) -> tuple[ModelRef | None, ModelRef | None]:
+    """Candidate and previous model for a release from params and the release it replaces.
+
+    ``previous_model: auto`` takes the prod of the old release (when it is still in
+    the store; otherwise the release has no previous tier and says so).
+    """
+    candidate = _resolve(policy.candidate_model, "candidate_model")
+    if policy.previous_model == "auto":
+        tag = previous_prod_tag(old_release, prod_tag)
+        try:
+            previous = model_ref(tag) if tag else None
+        except ConfigError as exc:
+            print(f"note: no previous tier: {exc}")
+            previous = None
+    else:
+        previous = _resolve(policy.previous_model, "previous_model")
+    return candidate, previous
+
+
+def package_stage(
+    root: Path,
+    model_dir: Path,
+    raw_dir: Path,
+    metrics_file: Path,
+    release_file: Path,
+    bento_dir: Path,
+    service_name: str,
+    bentoml_home: Path,
+    policy: ServingPolicy,
+    lineage: dict[str, Any],
+    online_store: OnlineStoreRef | None = None,
+) -> dict[str, Any]:
+    """Store models and feature snapshot in BentoML, write the release, build and export a bento.
+
+    ``online_store`` (from ``features.online`` when ``serve: true``) is recorded in the
+    release: the service then reads features from it, with the snapshot as fallback.
+    """
+    use_bentoml_home(bentoml_home)
+    import bentoml
+
+    metrics = json.loads(metrics_file.read_text())
+    metrics = {k: metrics.get(k) for k in ("auc", "log_loss", "calibration_error", "n")}
+    prod = save_model_dir(model_dir, metrics, lineage)
+    candidate, previous = resolve_tiers(policy, prod.tag, read_release_dict(release_file))
+    events_file = raw_dir / "events.parquet"
+    events_md5 = md5_file(events_file)
+    features_tag = _save_model(
+        FEATURES_NAME,
+        f"f{events_md5[:12]}",
+        {"events.parquet": events_file},
+        {"events_md5": events_md5, "feature_set": prod.feature_set},
+    )
+    card = json.loads((model_dir / "model_card.json").read_text())
+    features = FeatureRef(
+        tag=features_tag,
+        feature_set=prod.feature_set,
+        names=card["features"],
+        files={"events.parquet": events_md5},
+    )
+    release = build_release(
+        service_name, policy, features, prod, candidate, previous, online_store=online_store
+    )
+    # The bento ships the release file, so it is written before the build and put
+    # back as it was if the build fails (a failed stage leaves its outputs intact).
+    old_text = release_file.read_text() if release_file.is_file() else None
+    write_json(release_file, release.to_json_dict())
+    try:
+        bento_tag, bento = _build_bento(root, service_name, release.release_id)
+    except Exception:
+        if old_text is None:
+            release_file.unlink(missing_ok=True)
+        else:
+            with atomic_path(release_file) as tmp:
+                tmp.write_text(old_text)
+        raise
+    print(
+        f"built bento {bento_tag} (release {release.release_id}: "
+        + ", ".join(f"{role} {ref.tag}" for role, ref in release.tiers().items())
+        + ")"
+    )
+    with atomic_dir(bento_dir) as tmp:
+        archive = Path(
+            bentoml.export_bento(bento_tag, str(tmp.resolve() / f"{service_name}.bento"))
+        )
+        summary = {
+            "bento_tag": bento_tag,
+            "archive": str(bento_dir / archive.name),
+            "archive_md5": md5_file(archive),
+            "archive_bytes": archive.stat().st_size,
+            "release_id": release.release_id,
+            "routing": policy.routing,
+            "model_tag": prod.tag,
+            "tiers": {role: ref.tag for role, ref in release.tiers().items()},
+            "features_tag": features_tag,
+            "bento_path": str(bento.path),
+        }
+        write_json(tmp / "bento.json", summary)
+        dockerfile = Path(bento.path) / "env" / "docker" / "Dockerfile"
+        if dockerfile.is_file():
+            shutil.copyfile(dockerfile, tmp / "Dockerfile")
+    return summary
+
+
+def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, Any]:
+    """``bentoml build`` from the repository root; the version hashes code and release."""
+    import bentoml
+
+    code = hashlib.md5()
+    for path in sorted([root / "bentos/service.py", *(root / "pipelines").glob("*.py")]):
+        code.update(path.read_bytes())
+    code.update(release_id.encode())
+    version = f"b{code.hexdigest()[:12]}"
+    bento_tag = f"{service_name}:{version}"
+    try:
+        bentoml.bentos.delete(bento_tag)  # rebuilding the same inputs replaces the old build
+    except bentoml.exceptions.NotFound:
+        pass
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "build",
+            "-f",
+            "bentos/bentofile.yaml",
+            "--version",
+            version,
+            ".",
+        ],
+        cwd=root,
+        env={**os.environ, "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode != 0:
+        raise RuntimeError(
+            f"`bentoml build` failed for {bento_tag}:\n{build.stdout[-3000:]}\n"
+            f"{build.stderr[-3000:]}"
+        )
+    return bento_tag, bentoml.get(bento_tag)
+
+
+def import_bento(archive: Path, bentoml_home: Path) -> str:
+    """Import an exported bento archive into a BentoML store; returns its tag."""
+    with tempfile.TemporaryDirectory():
+        env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+        out = subprocess.run(
+            [sys.executable, "-m", "bentoml", "import", str(archive)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return out.stdout.strip()
+
+
+__all__ = [
+    "atomic_path",
+    "import_bento",
+    "model_ref",
+    "package_stage",
+    "save_model_dir",
+    "use_bentoml_home",
+]

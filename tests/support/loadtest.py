@@ -1,0 +1,372 @@
+"""Load, soak and fault measurement against a real ``bentoml serve`` over loopback HTTP.
+
+Shared by ``benchmarks/soak.py``, ``benchmarks/serving_faults.py`` and the short
+versions in ``tests/test_serving_reliability.py``, so the way requests are sent
+and results are counted is written once:
+
+* ``Served`` starts ``bentoml serve`` of a bento (one BLAS thread per worker,
+  loopback, on a free port; started again when a port it picked was taken meanwhile),
+  waits for ``/readyz``, lists its worker processes, samples their
+  resident memory and stops it cleanly (SIGTERM: the request log is flushed);
+* ``fixed_rate`` sends requests at a fixed rate for a fixed time (an open loop:
+  latency counts from the scheduled send time, so client-side queueing is not
+  hidden) and records every outcome: HTTP status or transport error, latency,
+  the ``request_id`` the service answered with;
+* ``summarize`` and ``timeline`` turn outcomes into the published figures
+  (sent, answered, 5xx, transport errors, percentiles, per-second errors, the
+  time until answers were all good again after a fault);
+* ``log_accounting`` compares the answered request ids with the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Outcome:
+    """One request: when it was due (s from the start), what came back, how long it took."""
+
+    due: float
+    status: int | str  # HTTP status, or the transport error's class name
+    latency: float  # seconds from the scheduled send time
+    request_ids: list[str] = field(default_factory=list)
+    route: str | None = None
+
+
+def workload(raw_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` /predict bodies from the snapshot's last day, timed in its last hour (fresh)."""
+    events = pd.read_parquet(
+        raw_dir / "events.parquet", columns=["user_id", "item_id", "surface", "device", "ts"]
+    )
+    last = events["ts"].max()
+    recent = events[events["ts"] > last - pd.Timedelta(days=1)]
+    rng = np.random.default_rng(seed)
+    rows = recent.iloc[rng.integers(0, len(recent), n)].reset_index(drop=True)
+    stamps = last - pd.to_timedelta(rng.uniform(0, 3600, n), unit="s")
+    return [
+        {"user": u, "item": i, "surface": s, "device": d, "timestamp": t.isoformat()}
+        for u, i, s, d, t in zip(
+            rows.user_id, rows.item_id, rows.surface, rows.device, stamps, strict=True
+        )
+    ]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (another process may take it before use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    """A running ``bentoml serve`` (arbiter + workers) started in its own process group.
+
+    ``port=None`` picks a free loopback port. Between picking a port and binding it,
+    another process can take it; so can the arbiter's own control port, which BentoML
+    picks the same way. Such a start fails at once with "Address already in use" and
+    is retried (``attempts`` times in all) rather than failing the caller.
+    """
+
+    def __init__(
+        self,
+        bento_tag: str,
+        port: int | None,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        ready_timeout: float = 180.0,
+        attempts: int = 3,
+    ) -> None:
+        self.log_path = log_path
+        env = {**env, "OMP_NUM_THREADS": "1"}
+        for attempt in range(1, attempts + 1):
+            self.url = f"http://127.0.0.1:{port or free_port()}"
+            with log_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", self.port],
+                    cwd=cwd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self._wait_ready(ready_timeout):
+                return
+            if "Address already in use" not in self.tail() or attempt == attempts:
+                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
+
+    @property
+    def port(self) -> str:
+        return self.url.rsplit(":", 1)[1]
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """True once /readyz answers 200; False if the process exited first."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.3)
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def worker_pids(self) -> list[int]:
+        """The service worker processes (children of the arbiter running the service)."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        pids = []
+        for child in children:
+            try:
+                if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return sorted(pids)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the arbiter and every process under it, in MiB."""
+        import psutil
+
+        total = 0
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0.0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total / (1 << 20)
+
+    def wait_workers(
+        self, count: int, timeout: float = 120.0, exclude: Sequence[int] = ()
+    ) -> float:
+        """Seconds until ``count`` workers (none of ``exclude``) run and answer /readyz."""
+        import httpx
+
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            pids = [p for p in self.worker_pids() if p not in exclude]
+            if len(pids) >= count:
+                try:
+                    if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                        return time.monotonic() - started
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{count} workers not running after {timeout:.0f} s:\n{self.tail()}")
+
+    def stop(self) -> int | None:
+        """SIGTERM to the arbiter (clean shutdown, request log flushed); SIGKILL if stuck."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+class MemorySampler:
+    """Samples ``Served.rss_mb`` every ``interval`` seconds on a thread: (t, MiB) pairs."""
+
+    def __init__(self, served: Served, interval: float = 1.0) -> None:
+        self.served = served
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t0 = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - self._t0, self.served.rss_mb()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def summary(self) -> dict[str, Any]:
+        """First, peak and last RSS, and the growth over the second half of the run."""
+        mib = [m for _, m in self.samples]
+        if not mib:
+            return {}
+        half = mib[len(mib) // 2 :]
+        return {
+            "samples": len(mib),
+            "first_mib": round(mib[0], 1),
+            "peak_mib": round(max(mib), 1),
+            "last_mib": round(mib[-1], 1),
+            "second_half_growth_mib": round(half[-1] - half[0], 1),
+        }
+
+
+def fixed_rate(
+    url: str,
+    bodies: Sequence[bytes],
+    rate: float,
+    seconds: float,
+    path: str = "/predict",
+    events: dict[float, Callable[[], None]] | None = None,
+    timeout: float = 30.0,
+) -> list[Outcome]:
+    """Send ``rate`` requests per second for ``seconds`` (bodies reused in a cycle).
+
+    ``events`` maps a time (s from the start) to a callable run then in a thread,
+    e.g. a fault injection; the load goes on meanwhile.
+    """
+    return asyncio.run(_fixed_rate(url, bodies, rate, seconds, path, events or {}, timeout))
+
+
+async def _fixed_rate(
+    url: str,
+    bodies: Sequence[bytes],
+    rate: float,
+    seconds: float,
+    path: str,
+    events: dict[float, Callable[[], None]],
+    timeout: float,
+) -> list[Outcome]:
+    import httpx
+
+    outcomes: list[Outcome] = []
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        t0 = time.perf_counter() + 0.2
+
+        async def one(k: int) -> None:
+            due = k / rate
+            delay = t0 + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                response = await client.post(path, content=bodies[k % len(bodies)], headers=headers)
+            except httpx.TransportError as exc:
+                outcomes.append(Outcome(due, type(exc).__name__, time.perf_counter() - t0 - due))
+                return
+            latency = time.perf_counter() - t0 - due
+            ids: list[str] = []
+            route = None
+            if response.status_code == 200:
+                data = response.json()
+                answers = data if isinstance(data, list) else [data]
+                ids = [a["request_id"] for a in answers]
+                route = answers[0]["route"]
+            outcomes.append(Outcome(due, response.status_code, latency, ids, route))
+
+        async def at(when: float, action: Callable[[], None]) -> None:
+            delay = t0 + when - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await asyncio.to_thread(action)
+
+        await asyncio.gather(
+            *(one(k) for k in range(int(rate * seconds))),
+            *(at(when, action) for when, action in events.items()),
+        )
+    outcomes.sort(key=lambda o: o.due)
+    return outcomes
+
+
+def summarize(outcomes: Sequence[Outcome], seconds: float | None = None) -> dict[str, Any]:
+    """Counts by status, 5xx and transport errors, latency percentiles of the answered."""
+    statuses = Counter(str(o.status) for o in outcomes)
+    ok = np.array([o.latency for o in outcomes if o.status == 200]) * 1000.0
+    span = seconds or (max(o.due for o in outcomes) if outcomes else 0.0)
+    out: dict[str, Any] = {
+        "sent": len(outcomes),
+        "answered_200": int(statuses.get("200", 0)),
+        "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+        "transport_errors": sum(v for k, v in statuses.items() if not k.isdigit()),
+        "statuses": dict(statuses),
+        "rate_per_s": round(len(outcomes) / span, 1) if span else None,
+        "routes": dict(Counter(o.route for o in outcomes if o.route)),
+    }
+    if len(ok):
+        out.update({f"p{q}_ms": round(float(np.percentile(ok, q)), 1) for q in (50, 95, 99)})
+        out["max_ms"] = round(float(ok.max()), 1)
+    return out
+
+
+def timeline(outcomes: Sequence[Outcome], fault_at: float) -> dict[str, Any]:
+    """Non-200 answers per second and how long after ``fault_at`` the last one was due."""
+    bad = [o for o in outcomes if o.status != 200]
+    per_second = Counter(int(o.due) for o in bad)
+    after = [o.due - fault_at for o in bad if o.due >= fault_at - 1.0]
+    return {
+        "non_200_per_second": {str(k): v for k, v in sorted(per_second.items())},
+        "last_non_200_after_fault_s": round(max(after), 2) if after else None,
+    }
+
+
+def log_accounting(log_dir: Path, answered: Sequence[Outcome]) -> dict[str, Any]:
+    """Which answered request ids are in the request log (rows logged vs rows answered)."""
+    from pipelines.serving.request_log import read_request_log
+
+    ids = {i for o in answered for i in o.request_ids}
+    log = read_request_log(log_dir) if log_dir.is_dir() else pd.DataFrame()
+    logged = set(log["request_id"]) if len(log) else set()
+    return {
+        "answered_rows": len(ids),
+        "logged_rows_of_these": len(ids & logged),
+        "missing_rows": len(ids - logged),
+        "duplicate_rows": int(log["request_id"].duplicated().sum()) if len(log) else 0,
+    }
+
+
+def encode(bodies: Sequence[dict[str, Any]]) -> list[bytes]:
+    return [json.dumps(b).encode() for b in bodies]
+
+
+__all__ = [
+    "MemorySampler",
+    "Outcome",
+    "Served",
+    "encode",
+    "fixed_rate",
+    "free_port",
+    "log_accounting",
+    "summarize",
+    "timeline",
+    "workload",
+]
