@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import machine  # noqa: E402
 
 from pipelines.core import profiles as wl  # noqa: E402
-from pipelines.features.definitions import CTR_V1, point_in_time_features  # noqa: E402
+from pipelines.features.definitions import CTR_V1  # noqa: E402
+from pipelines.features.offline import point_in_time_features
 from pipelines.monitoring.drift import DriftPolicy, bin_sketches, compare, judge, psi  # noqa: E402
 from pipelines.simulation.generate import generate_events  # noqa: E402
 

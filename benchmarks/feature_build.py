@@ -63,7 +63,8 @@ def make_inputs(size: str) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.simulation.generate import Preset, generate_events
+    from pipelines.core.domain import Preset
+    from pipelines.simulation.generate import generate_events
 
     DATA.mkdir(parents=True, exist_ok=True)
     events_path, labels_path = DATA / f"events_{size}.parquet", DATA / f"labels_{size}.parquet"

@@ -77,14 +77,14 @@ def machine() -> dict[str, Any]:
 
 def build_bento(project: Path, work: Path) -> tuple[str, dict[str, Any]]:
     """Package the project's model and events with this repository's code; returns the tag."""
-    from pipelines.core import config, lineage
-    from pipelines.modeling import release
+    from pipelines.core import lineage
+    from pipelines.core.settings import load_settings
     from pipelines.stages import packaging
 
     root = work / "src"
     for folder in ("bentos", "pipelines"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    policy = release.policy_from_params(config.load_params(REPO / "params.yaml"))
+    policy = load_settings(REPO).serving
     card = json.loads((project / "build/model/model_card.json").read_text())
     record = lineage.collect(project, project / "build/model/model.joblib", card["feature_set"])
     summary = packaging.package_stage(

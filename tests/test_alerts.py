@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.config import ConfigError
-from pipelines.monitoring.alerts import Alert, AlertPolicy, AlertSink
+from pipelines.monitoring.alerts import Alert, AlertSettings, AlertSink
 from tests.support.http_receiver import http_receiver
 from tests.support.loadtest import free_port
 
@@ -99,5 +99,5 @@ def test_alert_and_policy_validation() -> None:
     with pytest.raises(ValueError, match="key"):
         Alert(kind="drift", key="", severity="info", summary="x")
     with pytest.raises(ConfigError, match="webhook_url"):
-        AlertPolicy.from_params({"monitor": {"alerts": {"webhook_url": "ftp://x"}}})
-    assert AlertPolicy.from_params({"monitor": {"alerts": {"webhook_url": None}}}).webhook_url == ""
+        AlertSettings(webhook_url="ftp://x")
+    assert AlertSettings(webhook_url=None).webhook_url == ""

@@ -18,7 +18,13 @@ import pandas as pd
 import pytest
 
 from pipelines.monitoring.alerts import AlertSink
-from pipelines.monitoring.canary import CanaryPolicy, KillSwitchError, evaluate, guard, kill_switch
+from pipelines.monitoring.canary import (
+    CanarySettings,
+    KillSwitchError,
+    evaluate,
+    guard,
+    kill_switch,
+)
 from pipelines.registry.hooks import version_in_stage
 from pipelines.registry.registry import Registry, RegistryError, parse_message
 from pipelines.simulation.replay import user_bucket
@@ -142,7 +148,7 @@ def _tag_messages(root: Path) -> dict[str, str]:
 
 def test_healthy_canary_gets_the_health_report(registry: Path) -> None:
     log, clicks = make_log()
-    policy = CanaryPolicy()
+    policy = CanarySettings()
     with http_receiver(token=TOKEN) as service:
         outcome = guard(log, policy, registry, clicks, service_url=service.url)
         assert service.requests == []  # no kill switch for a healthy canary
@@ -175,7 +181,7 @@ def test_breaching_canary_is_rolled_back_with_evidence(
 ) -> None:
     log, clicks = make_log(canary_error_rate=0.08)
     monkeypatch.setenv("CTR_ADMIN_TOKEN", TOKEN)
-    policy = CanaryPolicy()
+    policy = CanarySettings()
     with http_receiver(token=TOKEN) as service, http_receiver() as hook:
         sink = AlertSink(hook.url, registry / "monitors/alerts.sqlite")
         outcome = guard(log, policy, registry, clicks, service_url=service.url, alerts=sink)
@@ -214,7 +220,7 @@ def test_breaching_canary_is_rolled_back_with_evidence(
 
 
 def test_quality_and_latency_breaches(registry: Path) -> None:
-    policy = CanaryPolicy()
+    policy = CanarySettings()
     log, clicks = make_log(canary_random=True)
     report = evaluate(log, policy, clicks)
     statuses = {c.name: c.status for c in report.checks}
@@ -231,7 +237,7 @@ def test_quality_and_latency_breaches(registry: Path) -> None:
 
 def test_too_little_canary_traffic_does_nothing(registry: Path) -> None:
     log, clicks = make_log(n=1500, canary_share=0.05)
-    policy = CanaryPolicy()
+    policy = CanarySettings()
     with http_receiver(token=TOKEN) as service:
         outcome = guard(log, policy, registry, clicks, service_url=service.url)
         assert service.requests == []
@@ -248,7 +254,9 @@ def test_failed_kill_switch_still_records_and_alerts(
     monkeypatch.setenv("CTR_ADMIN_TOKEN", "wrong-token")
     with http_receiver(token=TOKEN) as service, http_receiver() as hook:
         sink = AlertSink(hook.url, registry / "monitors/alerts.sqlite")
-        outcome = guard(log, CanaryPolicy(), registry, clicks, service_url=service.url, alerts=sink)
+        outcome = guard(
+            log, CanarySettings(), registry, clicks, service_url=service.url, alerts=sink
+        )
         assert len(service.requests) == 1
         assert "kill switch FAILED" in hook.bodies()[0]["summary"]
     assert any("HTTP 403" in e for e in outcome.errors)

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from pipelines.core.config import ConfigError
+from pipelines.core.domain import Preset
+from pipelines.core.settings import BuildDatasetSettings
 from pipelines.features.contracts import (
     RAW_EVENTS,
     SERVING_REQUEST,
@@ -18,9 +20,8 @@ from pipelines.features.contracts import (
     validate,
 )
 from pipelines.features.definitions import CTR_V1
-from pipelines.simulation.generate import Preset, generate_events, write_events
+from pipelines.simulation.generate import generate_events, write_events
 from pipelines.stages.dataset import (
-    SplitPolicy,
     build_training_set,
     load_raw_events,
     write_training_set,
@@ -64,7 +65,9 @@ def test_duplicate_event_ids_and_bad_types_are_reported(events: pd.DataFrame) ->
 
 
 def test_feature_table_contract_catches_out_of_range_values(events: pd.DataFrame) -> None:
-    table = build_training_set(events, CTR_V1, SplitPolicy(24, 1, 1))[0]
+    table = build_training_set(
+        events, CTR_V1, BuildDatasetSettings(warmup_hours=24, valid_days=1, test_days=1)
+    )[0]
     broken = table.copy()
     broken.loc[0, "user_ctr_24h"] = 1.5
     broken.loc[1, "item_impr_24h"] = np.nan
@@ -89,7 +92,9 @@ def test_serving_request_contract() -> None:
 
 
 def test_split_is_by_time_with_warmup_dropped(events: pd.DataFrame) -> None:
-    table, meta = build_training_set(events, CTR_V1, SplitPolicy(24, 1, 2))
+    table, meta = build_training_set(
+        events, CTR_V1, BuildDatasetSettings(warmup_hours=24, valid_days=1, test_days=2)
+    )
     first = events["ts"].min().floor("D")
     assert table["ts"].min() >= first + pd.Timedelta(hours=24)
     spans = table.groupby("split")["ts"].agg(["min", "max"])
@@ -102,23 +107,27 @@ def test_split_is_by_time_with_warmup_dropped(events: pd.DataFrame) -> None:
 @pytest.mark.parametrize(
     ("policy", "message"),
     [
-        (dict(warmup_hours=-1, valid_days=1, test_days=1), "warmup_hours must be >= 0"),
-        (dict(warmup_hours=0, valid_days=0, test_days=1), "valid_days must be a whole number >= 1"),
-        (dict(warmup_hours=0, valid_days=1, test_days=1.5), "test_days must be a whole number"),
+        (dict(warmup_hours=-1, valid_days=1, test_days=1), "warmup_hours: must be >= 0"),
+        (dict(warmup_hours=0, valid_days=0, test_days=1), "valid_days: must be >= 1"),
+        (dict(warmup_hours=0, valid_days=1, test_days=1.5), "test_days: must be a whole number"),
     ],
 )
 def test_invalid_split_params_are_refused(policy: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        SplitPolicy(**policy)  # type: ignore[arg-type]
+        BuildDatasetSettings(**policy)  # type: ignore[arg-type]
 
 
 def test_split_leaving_no_training_window_is_refused(events: pd.DataFrame) -> None:
     with pytest.raises(ConfigError, match="no training window left"):
-        build_training_set(events, CTR_V1, SplitPolicy(24, 3, 3))
+        build_training_set(
+            events, CTR_V1, BuildDatasetSettings(warmup_hours=24, valid_days=3, test_days=3)
+        )
 
 
 def test_write_is_atomic_and_load_validates(events: pd.DataFrame, tmp_path: Path) -> None:
-    table, meta = build_training_set(events, CTR_V1, SplitPolicy(24, 1, 1))
+    table, meta = build_training_set(
+        events, CTR_V1, BuildDatasetSettings(warmup_hours=24, valid_days=1, test_days=1)
+    )
     out = tmp_path / "dataset"
     write_training_set(table, meta, out)
     assert sorted(p.name for p in out.iterdir()) == [

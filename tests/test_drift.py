@@ -8,7 +8,8 @@ import pytest
 
 from pipelines.core import profiles as wl
 from pipelines.core.config import ConfigError
-from pipelines.features.definitions import CTR_V1, EventIndex, point_in_time_features, to_ms
+from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
+from pipelines.features.offline import point_in_time_features
 from pipelines.monitoring.drift import (
     DriftPolicy,
     bin_samples,

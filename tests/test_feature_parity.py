@@ -15,6 +15,7 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipelines.core.settings import BuildDatasetSettings
 from pipelines.features.definitions import EventIndex, to_ms
 from pipelines.features.offline import build_point_in_time
 from pipelines.features.online_store import OnlineStore, arrivals
@@ -263,12 +264,13 @@ def test_numpy_index_rejects_times_outside_its_range() -> None:
 
 def test_build_dataset_engines_give_the_same_training_set() -> None:
     """`features.engine` may be switched without changing a single training row."""
+    from pipelines.core.domain import Preset
     from pipelines.features.definitions import CTR_V1
-    from pipelines.simulation.generate import Preset, generate_events
-    from pipelines.stages.dataset import SplitPolicy, build_training_set
+    from pipelines.simulation.generate import generate_events
+    from pipelines.stages.dataset import build_training_set
 
     events = generate_events(Preset(n_users=50, n_items=20, days=4, events=3000), seed=5)
-    policy = SplitPolicy(warmup_hours=12, valid_days=1, test_days=1)
+    policy = BuildDatasetSettings(warmup_hours=12, valid_days=1, test_days=1)
     a, meta_a = build_training_set(events, CTR_V1, policy, engine="numpy")
     b, meta_b = build_training_set(events, CTR_V1, policy, engine="duckdb")
     assert_frames_identical(a[CTR_V1.names], b[CTR_V1.names])

@@ -6,14 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.core.domain import Preset
 from pipelines.features.definitions import (
     CTR_V1,
     WINDOWS_MS,
     EventIndex,
-    point_in_time_features,
     to_ms,
 )
-from pipelines.simulation.generate import Preset, generate_events
+from pipelines.features.offline import point_in_time_features
+from pipelines.simulation.generate import generate_events
 
 TINY = Preset(n_users=40, n_items=15, days=3, events=2_500)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.core.domain import PRESETS, SCENARIOS, Preset
 from pipelines.core.io import md5_file
 from pipelines.features.contracts import RAW_EVENTS, validate
-from pipelines.simulation.generate import PRESETS, SCENARIOS, Preset, generate_events, write_events
+from pipelines.simulation.generate import generate_events, write_events
 
 TINY = Preset(n_users=300, n_items=80, days=4, events=12_000)
 

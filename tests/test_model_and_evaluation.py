@@ -10,25 +10,31 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from pipelines.core.config import ConfigError
+from pipelines.core.domain import Preset
+from pipelines.core.settings import BuildDatasetSettings, TrainSettings
 from pipelines.features.definitions import CTR_V1
 from pipelines.modeling.evaluation import curves, evaluate, expected_calibration_error
-from pipelines.modeling.model import RuleBaseline, TrainParams, load_model, predict, train_stage
-from pipelines.simulation.generate import Preset, generate_events
-from pipelines.stages.dataset import SplitPolicy, build_training_set
+from pipelines.modeling.model import RuleBaseline, load_model, predict, train_stage
+from pipelines.simulation.generate import generate_events
+from pipelines.stages.dataset import build_training_set
 
 TINY = Preset(n_users=400, n_items=100, days=6, events=40_000)
 
 
 @pytest.fixture(scope="module")
 def table() -> pd.DataFrame:
-    return build_training_set(generate_events(TINY, seed=31), CTR_V1, SplitPolicy(24, 1, 1))[0]
+    return build_training_set(
+        generate_events(TINY, seed=31),
+        CTR_V1,
+        BuildDatasetSettings(warmup_hours=24, valid_days=1, test_days=1),
+    )[0]
 
 
 def test_model_beats_chance_and_card_records_lineage(table: pd.DataFrame, tmp_path: Path) -> None:
     train, valid = table[table.split == "train"], table[table.split == "valid"]
     meta = {"windows": {"train_start": "a", "valid_start": "b", "test_start": "c"}}
     card = train_stage(
-        train, valid, CTR_V1, TrainParams(max_iter=40), meta, {"raw": "abc"}, tmp_path / "m"
+        train, valid, CTR_V1, TrainSettings(max_iter=40), 42, meta, {"raw": "abc"}, tmp_path / "m"
     )
     assert card["valid_metrics"]["auc"] > 0.6
     assert card["data_hashes"] == {"raw": "abc"} and card["features"] == CTR_V1.names
@@ -41,8 +47,8 @@ def test_model_beats_chance_and_card_records_lineage(table: pd.DataFrame, tmp_pa
 def test_training_is_deterministic(table: pd.DataFrame, tmp_path: Path) -> None:
     train, valid = table[table.split == "train"], table[table.split == "valid"]
     meta = {"windows": {"train_start": "a", "valid_start": "b", "test_start": "c"}}
-    a = train_stage(train, valid, CTR_V1, TrainParams(max_iter=20), meta, {}, tmp_path / "a")
-    b = train_stage(train, valid, CTR_V1, TrainParams(max_iter=20), meta, {}, tmp_path / "b")
+    a = train_stage(train, valid, CTR_V1, TrainSettings(max_iter=20), 42, meta, {}, tmp_path / "a")
+    b = train_stage(train, valid, CTR_V1, TrainSettings(max_iter=20), 42, meta, {}, tmp_path / "b")
     assert a["valid_metrics"] == b["valid_metrics"]
 
 
@@ -58,7 +64,7 @@ def test_training_is_deterministic(table: pd.DataFrame, tmp_path: Path) -> None:
 )
 def test_invalid_hyperparameters_are_refused(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"train.{field}"):
-        TrainParams(**{field: value})  # type: ignore[arg-type]
+        TrainSettings(**{field: value})  # type: ignore[arg-type]
 
 
 def test_baseline_shrinks_towards_surface_rate_and_round_trips(

@@ -12,7 +12,7 @@ from pipelines.core import profiles as wl
 from pipelines.monitoring.requests import (
     LogReadStats,
     RequestLogError,
-    SignalPolicy,
+    SignalSettings,
     live_frame,
     normalize_request_log,
     read_request_log,
@@ -191,9 +191,11 @@ def test_serving_signals_and_breaches() -> None:
     assert signals["latency_p95_ms"] == pytest.approx(
         np.quantile(log["latency_ms"], 0.95), abs=1e-3
     )
-    breaches = signal_breaches(signals, SignalPolicy(max_fallback_rate=0.05, max_stale_share=0.05))
+    breaches = signal_breaches(
+        signals, SignalSettings(max_fallback_rate=0.05, max_stale_share=0.05)
+    )
     assert {b["signal"] for b in breaches} == {"fallback_rate", "stale_share"}
-    assert signal_breaches(signals, SignalPolicy(min_rows=10_000)) == []  # too few rows to judge
+    assert signal_breaches(signals, SignalSettings(min_rows=10_000)) == []  # too few rows to judge
     timeline = signal_timeline(log, "1h", 300)
     assert len(timeline) == 3 and timeline["rows"].sum() == len(log)
     assert {"fallback_rate", "stale_share", "latency_p95_ms", "feature_age_p95_s"} <= set(timeline)

@@ -272,7 +272,8 @@ def _mlops(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_ingest_lookup_and_parity_on_generated_events(tmp_path: Path) -> None:
-    from pipelines.simulation.generate import Preset, generate_events
+    from pipelines.core.domain import Preset
+    from pipelines.simulation.generate import generate_events
 
     events = generate_events(Preset(n_users=60, n_items=30, days=2, events=3000), seed=3)
     bad = events.iloc[:2].copy()

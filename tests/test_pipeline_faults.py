@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core.params_check import problems
+from pipelines.core.settings import problems
 from tests.support.faults import (
     dvc_status,
     kill_repro_during,
@@ -63,11 +63,11 @@ def test_missing_key_surface_and_type_problems_are_all_named() -> None:
     params["base"]["seed"] = True
     params["release"]["approval_required_for"] = ["production"]
     params["monitor"] = {"surfaces": ["feed", "homepage"], "drift": {"bins": 0}}
-    found = dict(problems(params))
+    found = dict(problems(params, REPO))  # with the project's dvc.yaml: keys it reads are required
     assert found["train.max_leaf_nodes"].startswith("is missing")
     assert "whole number" in found["base.seed"]
     assert "unknown stage 'production'" in found["release.approval_required_for"]
-    assert "unknown surface(s) ['homepage']" in found["monitor.surfaces"]
+    assert "is not a known key" in found["monitor.surfaces"]
     assert "must be >= 2" in found["monitor.drift.bins"]
 
 

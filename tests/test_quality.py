@@ -9,7 +9,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from pipelines.core.config import ConfigError
 from pipelines.monitoring.quality import (
-    QualityPolicy,
+    QualitySettings,
     check_clicks,
     join_labels,
     online_quality,
@@ -87,24 +87,24 @@ def test_metrics_per_model_and_route_match_sklearn() -> None:
     # a model whose probabilities are three times too high breaches the calibration limit
     log["probability"] = np.clip(p * 3, 0, 0.99)
     joined = join_labels(log, clicks, 30, as_of=T0 + pd.Timedelta(days=1))
-    breaches = quality_breaches(online_quality(joined), QualityPolicy(min_labels=500), 0.7)
+    breaches = quality_breaches(online_quality(joined), QualitySettings(min_labels=500), 0.7)
     assert {(b["model"], b["signal"]) for b in breaches} >= {
         ("m1", "online_calibration_error"),
         ("m2", "online_calibration_error"),
     }
     # AUC below the offline reference by more than max_auc_drop
-    auc_breaches = quality_breaches(online_quality(joined), QualityPolicy(min_labels=500), 0.9)
+    auc_breaches = quality_breaches(online_quality(joined), QualitySettings(min_labels=500), 0.9)
     assert any(b["signal"] == "online_auc" for b in auc_breaches)
-    assert quality_breaches(online_quality(joined), QualityPolicy(min_labels=10**6), 0.9) == []
+    assert quality_breaches(online_quality(joined), QualitySettings(min_labels=10**6), 0.9) == []
 
 
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['click_ts'\]"):
         check_clicks(pd.DataFrame({"request_id": ["a"]}))
     with pytest.raises(ConfigError, match="label_delay_minutes"):
-        QualityPolicy.from_params({"monitor": {"quality": {"label_delay_minutes": 0}}})
-    with pytest.raises(ConfigError, match="unknown key"):
-        QualityPolicy.from_params({"monitor": {"quality": {"delay": 5}}})
+        QualitySettings(label_delay_minutes=0)
+    with pytest.raises(ConfigError, match="monitor.quality.delay: is not a known key"):
+        QualitySettings(delay=5)
 
 
 def test_auc_standard_error_matches_simulation() -> None:

@@ -16,12 +16,13 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli.main import app
+from pipelines.core.settings import load_settings
 from pipelines.review import render as rr
 from pipelines.review import review as rv
 from tests.support.project import REPO, run, set_param
 from tests.support.review_scenario import BRANCH, NOTE, make_change
 
-SETTINGS = rv.ReviewSettings.from_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+SETTINGS = load_settings(REPO).review
 
 
 def _with_outputs(src: Path, dest: Path) -> Path:

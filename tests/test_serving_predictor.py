@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 
 from pipelines.core.config import ConfigError
+from pipelines.core.settings import settings_from
 from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
 from pipelines.modeling.release import (
-    ServingPolicy,
+    ServingSettings,
     build_release,
     load_release,
-    policy_from_params,
 )
 from pipelines.serving.predictor import (
     Fault,
@@ -36,6 +36,7 @@ from pipelines.serving.predictor import (
 from pipelines.serving.request_log import LogBatch, RequestLog, read_request_log
 from pipelines.serving.routing import Router, unit_hash
 from pipelines.stages.packaging import previous_prod_tag
+from tests.support.project import REPO
 from tests.support.serving import (
     feature_ref_for_dir,
     last_event_time,
@@ -92,7 +93,7 @@ def make(
 ) -> Predictor:
     policy.setdefault("latency_budget_ms", 5000)  # a busy test machine must not trip it
     release, model_path = release_for(
-        ServingPolicy(**policy),
+        ServingSettings(**policy),
         raw_dir,
         models["prod"],
         models["candidate"] if "candidate" in tiers else None,
@@ -132,17 +133,17 @@ def direct(model_dir: Path, raw_dir: Path, reqs: list[PredictRequest]) -> np.nda
 # --- release file -------------------------------------------------------------------
 def test_serving_params_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"serving\.candidate_share"):
-        policy_from_params({"serving": {"candidate_share": 2}})
+        settings_from({"serving": {"candidate_share": 2}})
     with pytest.raises(ConfigError, match=r"serving\.routng"):
-        policy_from_params({"serving": {"routng": "canary"}})
-    with pytest.raises(ConfigError, match="no 'serving' section"):
-        policy_from_params({})
+        settings_from({"serving": {"routng": "canary"}})
+    with pytest.raises(ConfigError, match="serving: is missing"):
+        settings_from({}, root=REPO)
 
 
 def test_release_round_trip_stable_id_and_candidate_rule(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path
 ) -> None:
-    policy = ServingPolicy(routing="canary", candidate_share=0.25)
+    policy = ServingSettings(routing="canary", candidate_share=0.25)
     first, _ = release_for(policy, raw_dir, models["prod"], models["candidate"], models["previous"])
     again, _ = release_for(policy, raw_dir, models["prod"], models["candidate"], models["previous"])
     assert first.release_id == again.release_id
@@ -291,7 +292,7 @@ def test_corrupt_model_file_is_refused_and_reported(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
     release, model_path = release_for(
-        ServingPolicy(latency_budget_ms=5000), raw_dir, models["prod"], None, models["previous"]
+        ServingSettings(latency_budget_ms=5000), raw_dir, models["prod"], None, models["previous"]
     )
     broken = tmp_path / "broken"
     shutil.copytree(models["prod"], broken)
@@ -448,7 +449,7 @@ def test_kill_switch_is_shared_through_the_state_dir(
 def test_reload_announced_by_one_worker_is_followed_by_the_others(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    policy = ServingPolicy(routing="canary", candidate_share=1.0, latency_budget_ms=5000)
+    policy = ServingSettings(routing="canary", candidate_share=1.0, latency_budget_ms=5000)
     new_release, model_path = release_for(policy, raw_dir, models["prod"], models["candidate"])
 
     def reloader() -> Runtime:

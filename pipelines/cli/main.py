@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pipelines.core import config
+from pipelines.core.settings import load_settings
 
 app = typer.Typer(
     help="Notebook-first research-to-production toolkit.",
@@ -183,7 +184,7 @@ def _open_store(store: str | None) -> Any:
 
     root = config.project_root()
     try:
-        return OnlineStore.from_params(config.load_params(), root, url=store)
+        return OnlineStore.from_settings(load_settings(root), root, url=store)
     except StoreError as exc:
         _fail(str(exc))
 
@@ -371,7 +372,8 @@ def review(
 
     Writes review.md (a pull-request comment) and review.html (self-contained page).
     """
-    from pipelines.review.review import ReviewError, write_review
+    from pipelines.review.render import write_review
+    from pipelines.review.review import ReviewError
 
     try:
         md, page, result = write_review(config.project_root(), base, out, details_url)
@@ -406,13 +408,29 @@ def params_check(
 
     `make run` calls it before `dvc repro`; every stage runs the same check at start.
     """
-    from pipelines.core.params_check import check_params
+    from pipelines.core.settings import settings_from
 
     try:
-        check_params(path)
+        if path is None:
+            load_settings()
+        else:
+            settings_from(config.load_params(path), path, path.resolve().parent)
     except config.ConfigError as exc:
         _fail(str(exc))
     typer.echo(f"{path or 'params.yaml'}: every value is valid")
+
+
+@params_app.command("docs")
+def params_docs(
+    out: Annotated[Path, typer.Option(help="where to write the table.")] = Path("docs/settings.md"),
+) -> None:
+    """Write the settings reference (every key, type, default, limits) from the settings model."""
+    from pipelines.core.io import atomic_path
+    from pipelines.core.settings import settings_markdown
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(settings_markdown())
+    typer.echo(f"wrote {out}")
 
 
 # Model registry commands (register, promote, rollback, status, history, lineage).

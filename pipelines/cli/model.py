@@ -193,7 +193,8 @@ def rollback(
         f"BentoML store: {record['bentoml_store']})"
     )
     typer.echo(
-        f"serve it: BENTOML_HOME={reg.settings.bentoml_home} bentoml serve {record['bento_tag']}"
+        f"serve it: BENTOML_HOME={reg.project.base.bentoml_home} "
+        f"bentoml serve {record['bento_tag']}"
     )
 
 

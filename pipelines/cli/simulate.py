@@ -61,18 +61,20 @@ def simulate(
     repository: run it on a branch or a copy when that is not wanted.
     """
     from pipelines.core import config
-    from pipelines.simulation.simulate import SimulateSettings, Simulation, render_summary
+    from pipelines.core.settings import SimulateSettings, load_settings
+    from pipelines.simulation.simulate import Simulation, render_summary
 
     try:
         root = config.project_root()
-        params = config.load_params(root / "params.yaml")
-        settings = SimulateSettings.from_params(
-            params,
-            scenario_start_day=scenario_start_day,
-            requests=requests,
-            canary_requests=canary_requests,
-            canary_share=canary_share,
-        )
+        overrides = {
+            "scenario_start_day": scenario_start_day,
+            "requests": requests,
+            "canary_requests": canary_requests,
+            "canary_share": canary_share,
+        }
+        section = load_settings(root).simulate.model_dump()
+        section.update({k: v for k, v in overrides.items() if v is not None})
+        settings = SimulateSettings(**section)
         sim = Simulation(
             root,
             scenario,

@@ -11,8 +11,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
+from pipelines.core.domain import DEVICES, SURFACES
 from pipelines.features.definitions import CTR_V1, FeatureSet
-from pipelines.simulation.generate import DEVICES, SURFACES
 
 SPLITS = ("train", "valid", "test")
 _TS = pd.DatetimeTZDtype("ms", "UTC")

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.simulation.generate import DEVICES, SURFACES
+from pipelines.core.domain import DEVICES, SURFACES
 
 EPOCH_MS = int(pd.Timestamp("2020-01-01", tz="UTC").value // 1_000_000)
 STRIDE = 1 << 40  # ms; event times must lie in [2020-01-01, 2054-11-04)
@@ -314,7 +314,7 @@ def _since(entity: str, source: str, window: str) -> Feature:
     )
 
 
-def _context(name: str) -> Feature:
+def context_feature(name: str) -> Feature:
     return Feature(name, "request", "request", "context", None, "int64", 0, CONTEXT[name][0])
 
 
@@ -338,12 +338,21 @@ CTR_V1 = FeatureSet(
         _count("user_surface", "impressions", "7d", "impr"),
         _ctr("user_surface", "7d", _PRIOR),
         _ctr("item_surface", None, _PRIOR),
-        _context("surface_code"),
-        _context("device_code"),
-        _context("hour_of_day"),
+        context_feature("surface_code"),
+        context_feature("device_code"),
+        context_feature("hour_of_day"),
     ),
 )
 FEATURE_SETS: dict[str, FeatureSet] = {CTR_V1.name: CTR_V1}
+
+
+def get_feature_set(name: str) -> FeatureSet:
+    """Look up a declared feature set by name."""
+    if name not in FEATURE_SETS:
+        raise FeatureDefinitionError(
+            f"features.feature_set {name!r} is not declared; known: {sorted(FEATURE_SETS)}"
+        )
+    return FEATURE_SETS[name]
 
 
 def to_ms(values: pd.Series | pd.DatetimeIndex | Sequence[object] | np.ndarray) -> np.ndarray:
@@ -352,7 +361,7 @@ def to_ms(values: pd.Series | pd.DatetimeIndex | Sequence[object] | np.ndarray) 
     return stamps.dt.as_unit("ms").astype("int64").to_numpy()
 
 
-def _check_times(times: np.ndarray, what: str) -> None:
+def check_times(times: np.ndarray, what: str) -> None:
     if len(times) and (times.min() < EPOCH_MS or times.max() >= EPOCH_MS + STRIDE):
         raise ValueError(
             f"{what} must lie between 2020-01-01 and 2054-11-04 (UTC), got "
@@ -555,8 +564,8 @@ class EventIndex:
         click_ts = (
             to_ms(_values(events, "click_ts"))[clicked] if clicked.any() else np.empty(0, np.int64)
         )
-        _check_times(ts, "impression times (ts)")
-        _check_times(click_ts, "click times (click_ts)")
+        check_times(ts, "impression times (ts)")
+        check_times(click_ts, "click times (click_ts)")
         self.as_of_ms = int(max(ts.max(initial=0), click_ts.max(initial=0))) if len(ts) else 0
         self._vocab: dict[str, pd.Index] = {}
         column_codes: dict[str, np.ndarray] = {}
@@ -631,25 +640,6 @@ class EventIndex:
     ) -> pd.DataFrame:
         """Feature rows for queries at times ``t_ms`` (epoch ms), in declared order and dtypes."""
         return as_frame(self.feature_set, self.compute(user_id, item_id, surface, device, t_ms))
-
-
-LABEL_KEYS = ("event_id", "ts", "user_id", "item_id", "surface", "device", "clicked")
-
-
-def point_in_time_features(
-    events: pd.DataFrame, feature_set: FeatureSet = CTR_V1, engine: str = "numpy"
-) -> pd.DataFrame:
-    """Features for every impression in ``events`` at its own time, from strictly earlier events.
-
-    Returns the event keys (event_id, ts, user_id, item_id, surface, device, clicked)
-    followed by the declared features, one row per impression in input order.
-    ``engine`` is ``numpy`` (``EventIndex``) or ``duckdb`` (``pipelines.features.offline``).
-    """
-    from pipelines.features.offline import build_point_in_time
-
-    keys = events[list(LABEL_KEYS)].reset_index(drop=True)
-    feats = build_point_in_time(events, keys, feature_set, engine=engine)
-    return pd.concat([keys, feats[feature_set.names]], axis=1)
 
 
 def feature_catalog_markdown(feature_set: FeatureSet = CTR_V1) -> str:

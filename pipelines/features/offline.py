@@ -34,8 +34,8 @@ from pipelines.features.definitions import (
     ENTITY_KEYS,
     EventIndex,
     FeatureSet,
-    _check_times,
     as_frame,
+    check_times,
     to_ms,
 )
 
@@ -323,7 +323,7 @@ def build_point_in_time(
     label_ts = to_ms(
         labels["ts"] if isinstance(labels, pd.DataFrame) else labels.column("ts").to_pandas()
     )
-    _check_times(label_ts, "label times (ts)")
+    check_times(label_ts, "label times (ts)")
     if engine == "numpy":
         index = EventIndex(events, feature_set)
 
@@ -339,3 +339,20 @@ def build_point_in_time(
         )
         return as_frame(feature_set, matrix)
     return _duckdb_build(events, labels, feature_set, threads, range_join)
+
+
+LABEL_KEYS = ("event_id", "ts", "user_id", "item_id", "surface", "device", "clicked")
+
+
+def point_in_time_features(
+    events: pd.DataFrame, feature_set: FeatureSet = CTR_V1, engine: str = "numpy"
+) -> pd.DataFrame:
+    """Features for every impression in ``events`` at its own time, from strictly earlier events.
+
+    Returns the event keys (event_id, ts, user_id, item_id, surface, device, clicked)
+    followed by the declared features, one row per impression in input order.
+    ``engine`` is ``numpy`` (``EventIndex``) or ``duckdb`` (``pipelines.features.offline``).
+    """
+    keys = events[list(LABEL_KEYS)].reset_index(drop=True)
+    feats = build_point_in_time(events, keys, feature_set, engine=engine)
+    return pd.concat([keys, feats[feature_set.names]], axis=1)

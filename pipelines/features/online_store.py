@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 from pandera.errors import SchemaErrors
 
+from pipelines.core.settings import Settings
 from pipelines.features.contracts import RAW_EVENTS, ContractViolation, validate
 from pipelines.features.definitions import (
     ENTITY_KEYS,
@@ -580,20 +581,18 @@ class OnlineStore:
         )
 
     @classmethod
-    def from_params(
-        cls, params: Mapping[str, Any], root: Path | None = None, url: str | None = None
+    def from_settings(
+        cls, settings: Settings, root: Path | None = None, url: str | None = None
     ) -> OnlineStore:
         """Open the store configured in ``params.yaml`` (``features.online``, ``serving``)."""
-        from pipelines.core import config
-
-        url = url or str(config.get(dict(params), "features.online.url"))
+        url = url or settings.features.online.url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and root is not None:
             url = f"sqlite:///{(root / url[len('sqlite:///') :]).resolve()}"
         return cls.open(
             url,
-            str(config.get(dict(params), "features.feature_set")),
-            float(config.get(dict(params), "features.online.allowed_lateness_seconds")),
-            float(config.get(dict(params), "serving.freshness_sla_seconds")),
+            settings.features.feature_set,
+            settings.features.online.allowed_lateness_seconds,
+            settings.serving.freshness_sla_seconds,
         )
 
     def close(self) -> None:

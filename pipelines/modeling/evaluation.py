@@ -16,7 +16,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipelines.simulation.generate import SURFACES
+from pipelines.core.domain import SURFACES
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
@@ -97,27 +97,3 @@ def write_plots(plots: dict[str, pd.DataFrame], plots_dir: Path) -> None:
     for name, frame in plots.items():
         with atomic_path(plots_dir / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
-
-
-def evaluate_stage(
-    dataset_dir: Path, model_dir: Path, metrics_file: Path, plots_dir: Path, n_bins: int
-) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """Score the test split with the model and the baseline; write metrics and curves."""
-    from pipelines.core.config import ConfigError
-    from pipelines.core.io import write_json
-    from pipelines.modeling.model import load_model, predict
-    from pipelines.stages.dataset import get_feature_set, load_split
-
-    if not isinstance(n_bins, int) or n_bins < 2:
-        raise ConfigError(f"evaluate.calibration_bins must be a whole number >= 2, got {n_bins!r}")
-    model, baseline, card = load_model(model_dir)
-    feature_set = get_feature_set(card["feature_set"])
-    test = load_split(dataset_dir, "test")
-    y = test["clicked"].to_numpy()
-    p = predict(model, test[feature_set.names].to_numpy(dtype=np.float64))
-    p_base = baseline.predict(test["item_id"].to_numpy(), test["surface"].to_numpy())
-    metrics = evaluate(y, p, test["surface"].to_numpy(), p_base, n_bins)
-    plots = curves(y, p, n_bins)
-    write_plots(plots, plots_dir)
-    write_json(metrics_file, metrics)
-    return metrics, plots

@@ -15,37 +15,13 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipelines.core.config import ConfigError
+from pipelines.core.domain import SURFACES
+from pipelines.core.settings import TrainSettings
 from pipelines.features.definitions import FeatureSet
-from pipelines.simulation.generate import SURFACES
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Hyperparameters from ``params.yaml`` (section ``train``)."""
-
-    max_iter: int = 200
-    learning_rate: float = 0.1
-    max_leaf_nodes: int = 31
-    min_samples_leaf: int = 100
-    l2_regularization: float = 1.0
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if self.max_iter < 1:
-            raise ConfigError(f"train.max_iter must be >= 1, got {self.max_iter}")
-        if not 0 < self.learning_rate <= 1:
-            raise ConfigError(f"train.learning_rate must be in (0, 1], got {self.learning_rate}")
-        if self.max_leaf_nodes < 2:
-            raise ConfigError(f"train.max_leaf_nodes must be >= 2, got {self.max_leaf_nodes}")
-        if self.min_samples_leaf < 1:
-            raise ConfigError(f"train.min_samples_leaf must be >= 1, got {self.min_samples_leaf}")
-        if self.l2_regularization < 0:
-            raise ConfigError(f"train.l2_regularization must be >= 0, got {self.l2_regularization}")
 
 
 def fit_model(
-    train: pd.DataFrame, feature_set: FeatureSet, params: TrainParams
+    train: pd.DataFrame, feature_set: FeatureSet, params: TrainSettings, seed: int
 ) -> HistGradientBoostingClassifier:
     """Fit the click model on the training split (categorical request features native)."""
     X = train[feature_set.names]
@@ -57,7 +33,7 @@ def fit_model(
         l2_regularization=params.l2_regularization,
         categorical_features=[feature_set.names.index(c) for c in feature_set.categorical],
         early_stopping=False,
-        random_state=params.seed,
+        random_state=seed,
     )
     model.fit(X.to_numpy(dtype=np.float64), train["clicked"].to_numpy())
     return model
@@ -126,16 +102,17 @@ def train_stage(
     train: pd.DataFrame,
     valid: pd.DataFrame,
     feature_set: FeatureSet,
-    params: TrainParams,
+    params: TrainSettings,
+    seed: int,
     dataset_meta: dict[str, Any],
-    data_hashes: dict[str, str],
+    data_hashes: dict[str, str | None],
     out_dir: Path,
 ) -> dict[str, Any]:
     """Fit model and baseline, write ``model.joblib``, ``baseline.json`` and the model card."""
     from pipelines.core.io import atomic_dir, write_json
 
     started = time.perf_counter()
-    model = fit_model(train, feature_set, params)
+    model = fit_model(train, feature_set, params, seed)
     fit_seconds = time.perf_counter() - started
     baseline = RuleBaseline.fit(train)
     p_valid = predict(model, valid[feature_set.names].to_numpy(dtype=np.float64))
@@ -159,7 +136,7 @@ def train_stage(
         "feature_set": feature_set.name,
         "features": feature_set.names,
         "categorical_features": list(feature_set.categorical),
-        "params": asdict(params),
+        "params": {**params.model_dump(exclude={"out_dir"}), "seed": seed},
         "training_window": {
             "start": dataset_meta["windows"]["train_start"],
             "end": dataset_meta["windows"]["valid_start"],

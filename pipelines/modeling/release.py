@@ -34,40 +34,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.core.config import ConfigError
+from pipelines.core.settings import FeaturesSettings, ServingSettings
 
 SCHEMA_VERSION = 2
-RoutingMode = Literal["none", "canary", "shadow", "ab"]
 TierRole = Literal["prod", "candidate", "previous"]
-
-
-class ServingPolicy(BaseModel):
-    """How the service routes, degrades and logs; the ``serving`` section of params.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    routing: RoutingMode = "none"
-    candidate_share: float = Field(0.1, ge=0.0, le=1.0)
-    shadow_sample_rate: float = Field(0.2, ge=0.0, le=1.0)
-    routing_salt: str = Field("ctr", min_length=1)
-    candidate_model: str = "none"
-    previous_model: str = "auto"
-    latency_budget_ms: float = Field(40.0, gt=0)
-    batch_row_budget_ms: float = Field(0.2, ge=0)
-    breaker_cooldown_seconds: float = Field(10.0, ge=0)
-    breaker_failures: int = Field(3, ge=1)
-    freshness_sla_seconds: float = Field(300.0, gt=0)
-    max_batch_size: int = Field(5000, ge=1)
-    max_body_mb: float = Field(4.0, gt=0)
-    workers: int = Field(1, ge=1)
-    admin_token_env: str = "CTR_ADMIN_TOKEN"
-    request_log_dir: str = "monitors/requests"
-    profile_dir: str = "monitors/live"
-    state_dir: str = "monitors/serving_state"
-    log_flush_seconds: float = Field(1.0, gt=0)
-    log_rotate_mb: float = Field(64.0, gt=0)
-    log_queue_size: int = Field(100_000, ge=1)
-    profile_window_seconds: float = Field(300.0, gt=0)
-    shadow_queue_size: int = Field(1000, ge=1)
 
 
 class ModelRef(BaseModel):
@@ -114,22 +84,19 @@ class OnlineStoreRef(BaseModel):
     max_ingest_rows: int = Field(10_000, ge=1)  # largest batch the service's /admin/ingest takes
 
 
-def online_store_from_params(params: dict[str, Any], feature_set: str) -> OnlineStoreRef | None:
+def online_store_ref(features: FeaturesSettings, feature_set: str) -> OnlineStoreRef | None:
     """The release's online store from ``features.online`` (None unless ``serve: true``)."""
-    online = (params.get("features") or {}).get("online") or {}
-    if not online.get("serve", False):
+    online = features.online
+    if not online.serve:
         return None
-    try:
-        return OnlineStoreRef(
-            url=str(online["url"]),
-            feature_set=feature_set,
-            allowed_lateness_seconds=float(online.get("allowed_lateness_seconds", 3600.0)),
-            timeout_ms=float(online.get("serving_timeout_ms", 50.0)),
-            retry_seconds=float(online.get("retry_seconds", 1.0)),
-            max_ingest_rows=int(online.get("max_ingest_rows", 10_000)),
-        )
-    except (KeyError, ValidationError) as exc:
-        raise ConfigError(f"params.yaml features.online is invalid for serving: {exc}") from exc
+    return OnlineStoreRef(
+        url=online.url,
+        feature_set=feature_set,
+        allowed_lateness_seconds=online.allowed_lateness_seconds,
+        timeout_ms=online.serving_timeout_ms,
+        retry_seconds=online.retry_seconds,
+        max_ingest_rows=online.max_ingest_rows,
+    )
 
 
 class BaselineRef(BaseModel):
@@ -150,7 +117,7 @@ class Release(BaseModel):
     release_id: str
     created_at: str
     source: str = "package"
-    policy: ServingPolicy
+    policy: ServingSettings
     feature_source: FeatureRef
     prod: ModelRef
     candidate: ModelRef | None = None
@@ -201,20 +168,6 @@ class Release(BaseModel):
         return data
 
 
-def policy_from_params(params: dict[str, Any]) -> ServingPolicy:
-    """Validate the ``serving`` section of params.yaml; errors name the key and the fix."""
-    section = params.get("serving")
-    if not isinstance(section, dict):
-        raise ConfigError("params.yaml has no 'serving' section; restore it from git")
-    try:
-        return ServingPolicy.model_validate(section)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"serving.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"params.yaml serving section is invalid: {problems}") from exc
-
-
 def release_id(release: dict[str, Any]) -> str:
     """Content id of a release: same tiers and policy give the same id, whatever the time."""
     stable = {k: release[k] for k in ("policy", "feature_source", "prod", "candidate", "previous")}
@@ -229,7 +182,7 @@ def release_id(release: dict[str, Any]) -> str:
 
 def build_release(
     service_name: str,
-    policy: ServingPolicy,
+    policy: ServingSettings,
     features: FeatureRef,
     prod: ModelRef,
     candidate: ModelRef | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from pipelines.core.config import ConfigError
+from pipelines.core.settings import AlertSettings
 
 logger = logging.getLogger("mlops.alerts")
 SEVERITIES = ("info", "warning", "critical")
@@ -52,38 +52,6 @@ class Alert:
             raise ValueError(f"alert severity must be one of {SEVERITIES}, got {self.severity!r}")
         if not self.key:
             raise ValueError("an alert needs a non-empty key (used to de-duplicate repeats)")
-
-
-@dataclass(frozen=True)
-class AlertPolicy:
-    """Where alerts go and how repeats are folded (``monitor.alerts`` in params.yaml)."""
-
-    webhook_url: str = ""
-    cooldown_minutes: float = 60.0
-    timeout_seconds: float = 5.0
-    state_db: str = "monitors/alerts.sqlite"
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> AlertPolicy:
-        section = dict((params.get("monitor") or {}).get("alerts") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.alerts has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        section["webhook_url"] = section.get("webhook_url") or ""
-        policy = cls(**section)
-        if policy.webhook_url and not policy.webhook_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"monitor.alerts.webhook_url must be an http(s) URL or empty, got "
-                f"{policy.webhook_url!r}"
-            )
-        if policy.cooldown_minutes < 0:
-            raise ConfigError(
-                f"monitor.alerts.cooldown_minutes must be >= 0, got {policy.cooldown_minutes}"
-            )
-        return policy
 
 
 @dataclass
@@ -130,7 +98,7 @@ class AlertSink:
             db.execute(_SCHEMA)
 
     @classmethod
-    def from_policy(cls, policy: AlertPolicy, root: Path) -> AlertSink:
+    def from_policy(cls, policy: AlertSettings, root: Path) -> AlertSink:
         return cls(
             policy.webhook_url,
             root / policy.state_db,

@@ -38,71 +38,13 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from pipelines.core.config import ConfigError
+from pipelines.core.settings import CanarySettings
 from pipelines.monitoring.drift import bin_samples, critical_psi, psi
 from pipelines.monitoring.requests import CANDIDATE_ROUTES, to_jsonable
 
 HEALTH_SCHEMA = "canary-health/1"
 _CANDIDATE_FAILED = re.compile(r"(?:^|; )candidate (?:model|refused|skipped)")
 _PROD_FAILED = re.compile(r"(?:^|; )prod (?:model|refused|skipped)")
-
-
-@dataclass(frozen=True)
-class CanaryPolicy:
-    """Canary guard settings and limits (``monitor.canary`` in params.yaml).
-
-    ``artifact`` and ``health_report`` default to the registry's ``release.artifact``
-    and ``release.canary_health_file`` (a path template with ``{version}``), the file
-    ``mlops promote --to prod`` reads.
-    """
-
-    service_url: str = "http://127.0.0.1:3000"
-    kill_switch_path: str = "/admin/canary"
-    admin_token_env: str = "CTR_ADMIN_TOKEN"
-    artifact: str = "ctr-model"
-    min_rows: int = 300
-    max_error_rate_increase: float = 0.01
-    max_latency_p95_ratio: float = 1.5
-    min_latency_p95_gap_ms: float = 5.0
-    prediction_bins: int = 10
-    max_prediction_psi: float = 0.1
-    min_labels: int = 300
-    max_auc_drop: float = 0.03
-    max_log_loss_increase: float = 0.05
-    confidence_z: float = 2.33
-    require_labels: bool = False
-    label_delay_minutes: float = 30.0
-    health_report: str = "monitors/canary/health_{version}.json"
-    evidence_dir: str = "monitors/canary/rollbacks"
-    timeout_seconds: float = 5.0
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> CanaryPolicy:
-        monitor = params.get("monitor") or {}
-        section = dict(monitor.get("canary") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.canary has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        quality = monitor.get("quality") or {}
-        if "label_delay_minutes" not in section and "label_delay_minutes" in quality:
-            section["label_delay_minutes"] = quality["label_delay_minutes"]
-        serving = params.get("serving") or {}
-        if "admin_token_env" not in section and "admin_token_env" in serving:
-            section["admin_token_env"] = serving["admin_token_env"]
-        release = params.get("release") or {}
-        for key, source in (("artifact", "artifact"), ("health_report", "canary_health_file")):
-            if key not in section and source in release:
-                section[key] = release[source]
-        return cls(**section)
-
-    def health_path(self, root: Path, version: str | None) -> Path:
-        """Where the health report of ``version`` goes (``health_report`` filled in)."""
-        return root / self.health_report.format(
-            version=version or "unknown", artifact=self.artifact
-        )
 
 
 @dataclass
@@ -158,7 +100,7 @@ def split_arms(log: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series, pd.S
 
 def evaluate(
     log: pd.DataFrame,
-    policy: CanaryPolicy,
+    policy: CanarySettings,
     clicks: pd.DataFrame | None = None,
     as_of: pd.Timestamp | None = None,
 ) -> CanaryReport:
@@ -293,7 +235,7 @@ def _quality_checks(
     log: pd.DataFrame,
     answered_c: pd.Series,
     answered_p: pd.Series,
-    policy: CanaryPolicy,
+    policy: CanarySettings,
     clicks: pd.DataFrame | None,
     as_of: pd.Timestamp | None,
 ) -> list[Check]:
@@ -403,7 +345,7 @@ def kill_switch(
 
 
 def write_health_report(
-    path: Path, report: CanaryReport, policy: CanaryPolicy, version: str | None
+    path: Path, report: CanaryReport, policy: CanarySettings, version: str | None
 ) -> dict[str, Any]:
     """The canary health report promotion to prod reads (schema ``canary-health/1``).
 
@@ -434,7 +376,7 @@ def write_health_report(
         "window": report.window,
         "rows": report.rows,
         "checks": [asdict(c) for c in report.checks],
-        "policy": asdict(policy),
+        "policy": policy.model_dump(mode="json"),
     }
     write_json(path, to_jsonable(document))
     return document
@@ -463,7 +405,7 @@ class GuardOutcome:
 
 def guard(
     log: pd.DataFrame,
-    policy: CanaryPolicy,
+    policy: CanarySettings,
     root: Path,
     clicks: pd.DataFrame | None = None,
     version: str | None = None,

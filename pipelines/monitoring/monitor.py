@@ -19,23 +19,24 @@ import pandas as pd
 
 from pipelines.core import config
 from pipelines.core.io import write_json
-from pipelines.monitoring.alerts import Alert, AlertPolicy, AlertSink
-from pipelines.monitoring.canary import CanaryPolicy
+from pipelines.core.settings import load_settings, settings_from
+from pipelines.monitoring.alerts import Alert, AlertSettings, AlertSink
+from pipelines.monitoring.canary import CanarySettings
 from pipelines.monitoring.drift import DriftPolicy, DriftReport, compare
 from pipelines.monitoring.quality import (
-    QualityPolicy,
+    QualitySettings,
     join_labels,
     online_quality,
     quality_breaches,
 )
 from pipelines.monitoring.requests import (
-    SignalPolicy,
+    SignalSettings,
     live_profile,
     serving_signals,
     signal_breaches,
     to_jsonable,
 )
-from pipelines.monitoring.retrain import RetrainPolicy, reasons, run_retraining, write_trigger
+from pipelines.monitoring.retrain import RetrainSettings, reasons, run_retraining, write_trigger
 
 logger = logging.getLogger("mlops.monitor")
 
@@ -54,46 +55,39 @@ class MonitorConfig:
     report_notebook: Path
     report_out: Path
     drift: DriftPolicy
-    signals: SignalPolicy
-    quality: QualityPolicy
-    canary: CanaryPolicy
-    alerts: AlertPolicy
-    retrain: RetrainPolicy
+    signals: SignalSettings
+    quality: QualitySettings
+    canary: CanarySettings
+    alerts: AlertSettings
+    retrain: RetrainSettings
     feature_set: str
 
     @classmethod
     def load(cls, root: Path | None = None, params: dict[str, Any] | None = None) -> MonitorConfig:
         root = root or config.project_root()
-        params = params if params is not None else config.load_params(root / "params.yaml")
-        if "monitor" not in params:
-            raise config.ConfigError(
-                "params.yaml has no 'monitor' section; restore it from git (docs/monitoring.md)"
-            )
-
-        def path(key: str) -> Path:
-            return root / str(config.get(params, f"monitor.{key}"))
-
+        settings = (
+            settings_from(params, root / "params.yaml")
+            if params is not None
+            else load_settings(root)
+        )
+        m = settings.monitor
         return cls(
             root=root,
-            reference_profile=path("reference_profile"),
-            request_log_dir=root
-            / str(
-                (params["monitor"].get("request_log_dir"))
-                or config.get(params, "serving.request_log_dir")
-            ),
-            clicks_path=path("clicks_path"),
-            out_dir=path("out_dir"),
-            live_profile_dir=path("live_profile_dir"),
-            window=str(config.get(params, "monitor.window")),
-            report_notebook=path("report_notebook"),
-            report_out=path("report_out"),
-            drift=DriftPolicy.from_params(params),
-            signals=SignalPolicy.from_params(params),
-            quality=QualityPolicy.from_params(params),
-            canary=CanaryPolicy.from_params(params),
-            alerts=AlertPolicy.from_params(params),
-            retrain=RetrainPolicy.from_params(params),
-            feature_set=str(config.get(params, "features.feature_set")),
+            reference_profile=root / settings.reference_profile,
+            request_log_dir=root / settings.serving.request_log_dir,
+            clicks_path=root / m.clicks_path,
+            out_dir=root / m.out_dir,
+            live_profile_dir=root / m.live_profile_dir,
+            window=m.window,
+            report_notebook=root / m.report_notebook,
+            report_out=root / m.report_out,
+            drift=DriftPolicy.from_params(settings.model_dump()),
+            signals=m.signals,
+            quality=m.quality,
+            canary=m.canary,
+            alerts=m.alerts,
+            retrain=m.retrain,
+            feature_set=settings.features.feature_set,
         )
 
     @property

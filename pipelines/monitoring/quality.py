@@ -14,49 +14,19 @@ keyed by the request id the service returned with the prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.core.config import ConfigError
+from pipelines.core.settings import QualitySettings
 from pipelines.modeling.evaluation import score
 
 CLICK_FIELDS: dict[str, str] = {
     "request_id": "the request id the service returned with the prediction",
     "click_ts": "UTC time of the click",
 }
-
-
-@dataclass(frozen=True)
-class QualityPolicy:
-    """Online-quality settings and limits (``monitor.quality`` in params.yaml)."""
-
-    label_delay_minutes: float = 30.0
-    min_labels: int = 2000
-    calibration_bins: int = 10
-    max_auc_drop: float = 0.05
-    max_calibration_error: float = 0.05
-    confidence_z: float = 2.33
-    reference_metrics: str = "build/eval/metrics.json"
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> QualityPolicy:
-        section = dict((params.get("monitor") or {}).get("quality") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.quality has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        policy = cls(**section)
-        if policy.label_delay_minutes <= 0:
-            raise ConfigError(
-                f"monitor.quality.label_delay_minutes must be > 0, got {policy.label_delay_minutes}"
-            )
-        return policy
 
 
 def read_clicks(path: Path) -> pd.DataFrame:
@@ -182,7 +152,7 @@ def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
 
 
 def quality_breaches(
-    quality: pd.DataFrame, policy: QualityPolicy, reference_auc: float | None
+    quality: pd.DataFrame, policy: QualitySettings, reference_auc: float | None
 ) -> list[dict[str, Any]]:
     """Groups with enough labels whose AUC fell too far below offline, or calibration broke.
 

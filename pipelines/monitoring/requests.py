@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.config import ConfigError
+from pipelines.core.settings import SignalSettings
 
 # What one request-log row holds once the service's reader has expanded a shard line.
 REQUEST_LOG_FIELDS: dict[str, str] = {
@@ -325,32 +325,6 @@ def read_window_profiles(profile_dir: Path) -> Any:
 # --- serving signals: fallback rate, freshness, latency ------------------------------------
 
 
-@dataclass(frozen=True)
-class SignalPolicy:
-    """Limits on what the service itself reports (``monitor.signals`` in params.yaml)."""
-
-    freshness_sla_seconds: float = 300.0
-    max_fallback_rate: float = 0.05
-    max_stale_share: float = 0.05
-    max_latency_p95_ms: float = 150.0
-    min_rows: int = 100
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SignalPolicy:
-        section = dict((params.get("monitor") or {}).get("signals") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.signals has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        if "freshness_sla_seconds" not in section:
-            serving = params.get("serving") or {}
-            if "freshness_sla_seconds" in serving:
-                section["freshness_sla_seconds"] = serving["freshness_sla_seconds"]
-        return cls(**section)
-
-
 def reason_code(reason: object) -> str | None:
     """A short code for a degraded reason: features_stale, features_unavailable, <role>_error..."""
     if not isinstance(reason, str) or not reason:
@@ -403,7 +377,7 @@ def _q(values: np.ndarray, q: float) -> float | None:
     return round(float(np.quantile(values, q)), 3) if len(values) else None
 
 
-def signal_breaches(signals: dict[str, Any], policy: SignalPolicy) -> list[dict[str, Any]]:
+def signal_breaches(signals: dict[str, Any], policy: SignalSettings) -> list[dict[str, Any]]:
     """Each signal over its limit, as {signal, value, limit}; none below ``min_rows``."""
     if signals.get("rows", 0) < policy.min_rows:
         return []

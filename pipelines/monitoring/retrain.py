@@ -17,47 +17,18 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.core.config import ConfigError
 from pipelines.core.io import write_json
+from pipelines.core.settings import RetrainSettings
 from pipelines.monitoring.requests import to_jsonable
-
-RUN_MODES = ("none", "repro", "exp")
-
-
-@dataclass(frozen=True)
-class RetrainPolicy:
-    """When a breach triggers retraining and what runs (``monitor.retrain`` in params.yaml)."""
-
-    trigger_dir: str = "monitors/triggers"
-    run: str = "none"
-    on_dataset_drift: bool = True
-    on_prediction_drift: bool = True
-    on_quality_breach: bool = True
-    timeout_minutes: float = 120.0
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> RetrainPolicy:
-        section = dict((params.get("monitor") or {}).get("retrain") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.retrain has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        policy = cls(**section)
-        if policy.run not in RUN_MODES:
-            raise ConfigError(f"monitor.retrain.run must be one of {RUN_MODES}, got {policy.run!r}")
-        return policy
 
 
 def reasons(
     drift_summary: dict[str, Any] | None,
     quality_breaches: list[dict[str, Any]],
-    policy: RetrainPolicy,
+    policy: RetrainSettings,
 ) -> list[dict[str, Any]]:
     """The breaches that call for retraining under ``policy`` (empty: no trigger)."""
     out: list[dict[str, Any]] = []
@@ -79,7 +50,7 @@ def reasons(
 
 def write_trigger(
     root: Path,
-    policy: RetrainPolicy,
+    policy: RetrainSettings,
     breaches: list[dict[str, Any]],
     evidence: dict[str, Any],
     window: dict[str, Any],

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from pipelines.core.config import ConfigError
+from pipelines.core.settings import settings_from
 
 FLOOR_BOUNDS = ("min", "max")
 REGRESSION_BOUNDS = ("max_drop", "max_rise")
@@ -358,10 +359,9 @@ def evaluate_gates(
     ``prod`` is ``{"version", "commit", "metrics"}`` of the current prod version
     (metrics as stored in git at its commit), or None when nothing is in prod.
     """
-    from pipelines.core import config
-
-    gates = config.get(params, "release.gates")
-    metrics_file = root / config.get(params, "evaluate.metrics_file")
+    settings = settings_from(params)
+    gates = settings.release.gates.model_dump(exclude_none=True)
+    metrics_file = root / settings.evaluate.metrics_file
     results: list[GateResult] = []
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -381,11 +381,9 @@ def evaluate_gates(
             )
         )
     results.append(contracts_gate(root))
-    results.append(
-        reference_profile_gate(root, config.get(params, "release.gates.reference_profile"))
-    )
+    results.append(reference_profile_gate(root, settings.reference_profile))
     stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
-    results.append(notebooks_gate(root, config.get(params, "base.reports_dir"), stages))
+    results.append(notebooks_gate(root, settings.base.reports_dir, stages))
     prod_info = {k: prod[k] for k in ("version", "commit")} if prod else None
     return GateReport(
         artifact, version, commit, prod_info, results, {k: v for k, v in gates.items()}

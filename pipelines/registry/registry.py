@@ -48,6 +48,7 @@ from pipelines.core.lineage import (
     read_dvc_json,
     version_lineage,
 )
+from pipelines.core.settings import settings_from
 from pipelines.registry.gates import GateReport, evaluate_gates
 
 STAGES = ("staging", "canary", "prod")
@@ -150,33 +151,6 @@ class Event:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The ``release`` section of ``params.yaml`` plus the paths the registry reads."""
-
-    artifact: str
-    gate_reports_dir: str
-    deploy_dir: str
-    canary_health_file: str
-    require_canary_health: bool
-    approval_required_for: tuple[str, ...]
-    metrics_file: str
-    bentoml_home: str
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> Settings:
-        return cls(
-            artifact=str(config.get(params, "release.artifact")),
-            gate_reports_dir=str(config.get(params, "release.gate_reports_dir")),
-            deploy_dir=str(config.get(params, "release.deploy_dir")),
-            canary_health_file=str(config.get(params, "release.canary_health_file")),
-            require_canary_health=bool(config.get(params, "release.require_canary_health")),
-            approval_required_for=tuple(config.get(params, "release.approval_required_for") or ()),
-            metrics_file=str(config.get(params, "evaluate.metrics_file")),
-            bentoml_home=str(config.get(params, "base.bentoml_home")),
-        )
-
-
 # --- the registry ----------------------------------------------------------------------------
 
 
@@ -186,7 +160,8 @@ class Registry:
     def __init__(self, root: Path | None = None):
         self.root = (root or config.project_root()).resolve()
         self.params = config.load_params(self.root / "params.yaml")
-        self.settings = Settings.from_params(self.params)
+        self.project = settings_from(self.params, self.root / "params.yaml")
+        self.settings = self.project.release
         self.artifact = self.settings.artifact
         top = _git(self.root, "rev-parse", "--show-toplevel", check=False)
         if not top or Path(top).resolve() != self.root:
@@ -479,10 +454,11 @@ class Registry:
         if prod is None:
             return None
         _, commit = self.resolve(prod)
-        raw = git_show(self.root, commit, self.settings.metrics_file)
+        raw = git_show(self.root, commit, self.project.evaluate.metrics_file)
         if raw is None:
             raise RegistryError(
-                f"prod version {prod} (commit {commit[:12]}) has no {self.settings.metrics_file} "
+                f"prod version {prod} (commit {commit[:12]}) has no "
+                f"{self.project.evaluate.metrics_file} "
                 "in git, so the regression gate cannot compare against it"
             )
         return {"version": prod, "commit": commit, "metrics": json.loads(raw)}
@@ -653,7 +629,7 @@ class Registry:
         }
 
     def _bento_summary(self) -> dict[str, Any]:
-        bento_dir = self.root / config.get(self.params, "package.bento_dir")
+        bento_dir = self.root / self.project.package.bento_dir
         summary_file = bento_dir / "bento.json"
         if not summary_file.is_file():
             raise RegistryError(
@@ -684,7 +660,7 @@ class Registry:
                 "remote (`dvc remote add -d NAME URL`) and retry. Registry unchanged."
             )
         outs = lock_outs((self.root / "dvc.lock").read_text())
-        bento_dir = str(config.get(self.params, "package.bento_dir"))
+        bento_dir = self.project.package.bento_dir
         bento_dir_md5 = next((p[bento_dir] for p in outs.values() if bento_dir in p), None)
         needed = [h for h in (bento_dir_md5, bento["archive_md5"], model_md5) if h]
         found = object_locations(self.root, needed)
@@ -942,7 +918,7 @@ class Registry:
 
     def import_bento(self, archive: Path, bento_tag: str) -> str:
         """Import a materialized archive into the project's BentoML store (no rebuild)."""
-        home = (self.root / self.settings.bentoml_home).resolve()
+        home = (self.root / self.project.base.bentoml_home).resolve()
         env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
         result = subprocess.run(
             [sys.executable, "-m", "bentoml", "import", str(archive.resolve())],

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.core.io import atomic_path
+from pipelines.core.settings import load_settings
 from pipelines.review.review import (
     WORKSPACE,
     GateReport,
     MetricChange,
     Review,
+    build_review,
     is_number,
     md5_of,
 )
@@ -585,3 +588,30 @@ def _md_code_to_html(text: str) -> str:
     """Turn the `code` spans of a one-line markdown string into <code> elements."""
     pieces = _e(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+
+
+def write_review(
+    root: Path, base: str = "main", out_dir: Path | None = None, details_url: str | None = None
+) -> tuple[Path, Path, Review]:
+    """Build the review and write ``review.md`` and ``review.html``; returns both paths."""
+    project = load_settings(root)
+    settings = project.review
+    review = build_review(root, base, settings, project.base.reports_dir)
+    out = out_dir or root / settings.out_dir
+    out = out if out.is_absolute() else root / out
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "review.md", out / "review.html"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(
+            render_markdown(review, details_url, _rel(html_path, root)), encoding="utf-8"
+        )
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(render_html(review, link_from=out, root=root), encoding="utf-8")
+    return md_path, html_path, review
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)

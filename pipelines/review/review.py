@@ -27,15 +27,14 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipelines.core import config
-from pipelines.core.io import atomic_path
+from pipelines.core.settings import ReviewSettings
 
 WORKSPACE = "workspace"  # DVC's name for the working tree in its diff output
 
@@ -45,36 +44,6 @@ class ReviewError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class ReviewSettings:
-    """The ``review`` section of ``params.yaml`` (plus ``base.reports_dir``)."""
-
-    out_dir: str
-    notebooks_dir: str
-    reports_dir: str
-    gate_report: str
-    max_diff_lines: int
-    metric_direction: dict[str, str]
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> ReviewSettings:
-        direction = config.get(params, "review.metric_direction") or {}
-        bad = {k: v for k, v in direction.items() if v not in ("higher", "lower")}
-        if bad:
-            raise config.ConfigError(
-                f"params.yaml review.metric_direction must map metric names to 'higher' or "
-                f"'lower' (which way is better); got {bad}"
-            )
-        return cls(
-            out_dir=str(config.get(params, "review.out_dir")),
-            notebooks_dir=str(config.get(params, "review.notebooks_dir")),
-            reports_dir=str(config.get(params, "base.reports_dir")),
-            gate_report=str(config.get(params, "review.gate_report")),
-            max_diff_lines=int(config.get(params, "review.max_diff_lines")),
-            metric_direction={str(k): str(v) for k, v in direction.items()},
-        )
 
 
 # --------------------------------------------------------------------------- the model
@@ -317,7 +286,7 @@ def param_changes(data: dict[str, Any]) -> list[ParamChange]:
     ]
 
 
-def metric_changes(data: dict[str, Any], direction: dict[str, str]) -> list[MetricChange]:
+def metric_changes(data: dict[str, Any], direction: Mapping[str, str]) -> list[MetricChange]:
     """Every metric at both revisions with its delta, from ``dvc metrics diff BASE --all --json``.
 
     ``direction`` maps a metric's last name part (``auc`` for ``per_surface.feed.auc``)
@@ -677,7 +646,7 @@ def _gate_rows(raw: Any) -> list[GateRow]:
 # --------------------------------------------------------------------------- build + write
 
 
-def build_review(root: Path, base: str, settings: ReviewSettings) -> Review:
+def build_review(root: Path, base: str, settings: ReviewSettings, reports_dir: str) -> Review:
     """Collect every section of the review for the working tree at ``root`` against ``base``."""
     base_commit = resolve_base(root, base)
     jobs = {
@@ -714,7 +683,7 @@ def build_review(root: Path, base: str, settings: ReviewSettings) -> Review:
         plots=plot_diffs(results["plots"]),
         hashes=hashes,
         notebooks=notebooks,
-        executed=executed_notebooks(hashes, settings.reports_dir, root),
+        executed=executed_notebooks(hashes, reports_dir, root),
         gates=read_gate_report(root, settings.gate_report),
         settings=settings,
     )
@@ -726,31 +695,3 @@ def build_review(root: Path, base: str, settings: ReviewSettings) -> Review:
             + "; run `dvc pull` or `dvc repro`"
         )
     return review
-
-
-def write_review(
-    root: Path, base: str = "main", out_dir: Path | None = None, details_url: str | None = None
-) -> tuple[Path, Path, Review]:
-    """Build the review and write ``review.md`` and ``review.html``; returns both paths."""
-    from pipelines.review.render import render_html, render_markdown
-
-    settings = ReviewSettings.from_params(config.load_params(root / "params.yaml"))
-    review = build_review(root, base, settings)
-    out = out_dir or root / settings.out_dir
-    out = out if out.is_absolute() else root / out
-    out.mkdir(parents=True, exist_ok=True)
-    md_path, html_path = out / "review.md", out / "review.html"
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(
-            render_markdown(review, details_url, _rel(html_path, root)), encoding="utf-8"
-        )
-    with atomic_path(html_path) as tmp:
-        tmp.write_text(render_html(review, link_from=out, root=root), encoding="utf-8")
-    return md_path, html_path, review
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)

@@ -38,19 +38,27 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import joblib
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.core.io import md5_file
-from pipelines.features.definitions import FEATURE_SETS, EventIndex
 from pipelines.modeling.model import RuleBaseline
-from pipelines.modeling.release import FeatureRef, ModelRef, Release, load_release
+from pipelines.modeling.release import ModelRef, Release, load_release
 from pipelines.serving.request_log import LogBatch, RequestLog
 from pipelines.serving.routing import Router
+from pipelines.serving.sources import (
+    ArtifactMismatch,
+    FeatureBatch,
+    FeatureSource,
+    FeatureStoreUnavailable,
+    SnapshotFeatureSource,
+    check_md5,
+    iso_ms,
+)
+from pipelines.serving.store_source import feature_source_for
 
 logger = logging.getLogger("ctr.serving")
 
@@ -89,92 +97,8 @@ class PredictResponse(BaseModel):
     features_fresh: bool
 
 
-class ArtifactMismatch(RuntimeError):
-    """A model file does not match the hash recorded in the release."""
-
-
-class FeatureStoreUnavailable(RuntimeError):
-    """The online feature source cannot answer; the baseline answers instead."""
-
-
 class InjectedFault(RuntimeError):
     """Raised by a tier on which an operator injected an error fault (chaos testing)."""
-
-
-# --- features ------------------------------------------------------------------
-@dataclass
-class FeatureBatch:
-    """Feature vectors in the release's feature order and the time each is current as of."""
-
-    X: np.ndarray  # float64 (rows, features)
-    as_of_ms: np.ndarray  # int64 (rows,)
-    note: str | None = None  # set when a fallback source answered: why (degraded_reason)
-
-
-class FeatureSource(Protocol):
-    """What the predictor needs from an online store: vectors at given times and a status."""
-
-    name: str
-
-    def lookup(
-        self,
-        users: Sequence[str],
-        items: Sequence[str],
-        surfaces: Sequence[str],
-        devices: Sequence[str],
-        t_ms: np.ndarray,
-    ) -> FeatureBatch:
-        """Point-in-time vectors; raise FeatureStoreUnavailable when the store cannot answer."""
-        ...
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready description (kind, as-of time, size) for /metadata."""
-        ...
-
-
-class SnapshotFeatureSource:
-    """Features computed by ``EventIndex`` from the release's event snapshot.
-
-    A vector at time t is exact for t up to the snapshot's last event; after that
-    it is as of that last event, and its age grows with t.
-    """
-
-    name = "snapshot"
-
-    def __init__(self, index: EventIndex, tag: str = "") -> None:
-        self.index = index
-        self.tag = tag
-
-    @classmethod
-    def open(cls, folder: Path, ref: FeatureRef) -> SnapshotFeatureSource:
-        """Load the snapshot after checking its md5 against the release."""
-        import pandas as pd
-
-        path = folder / "events.parquet"
-        _check_md5(path, ref.files["events.parquet"], f"feature snapshot {ref.tag}")
-        events = pd.read_parquet(
-            path, columns=["user_id", "item_id", "surface", "ts", "clicked", "click_ts"]
-        )
-        return cls(EventIndex(events, FEATURE_SETS[ref.feature_set]), ref.tag)
-
-    def lookup(
-        self,
-        users: Sequence[str],
-        items: Sequence[str],
-        surfaces: Sequence[str],
-        devices: Sequence[str],
-        t_ms: np.ndarray,
-    ) -> FeatureBatch:
-        X = self.index.lookup(users, items, surfaces, devices, t_ms).to_numpy(np.float64)
-        return FeatureBatch(X, np.minimum(t_ms, self.index.as_of_ms))
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "kind": self.name,
-            "tag": self.tag,
-            "events": self.index.n_events,
-            "as_of": _iso(self.index.as_of_ms),
-        }
 
 
 # --- model tiers ---------------------------------------------------------------
@@ -243,21 +167,10 @@ class ModelTier:
         }
 
 
-def _check_md5(path: Path, expected: str, what: str) -> None:
-    if not path.is_file():
-        raise ArtifactMismatch(f"{what}: {path} is missing")
-    actual = md5_file(path)
-    if actual != expected:
-        raise ArtifactMismatch(
-            f"{what}: {path.name} has md5 {actual}, the release records {expected}; "
-            "refusing to load it"
-        )
-
-
 def load_tier(role: str, ref: ModelRef, folder: Path) -> ModelTier:
     """Load a model after checking its file hash; any problem refuses the tier, loudly."""
     try:
-        _check_md5(folder / "model.joblib", ref.files["model.joblib"], f"{role} model {ref.tag}")
+        check_md5(folder / "model.joblib", ref.files["model.joblib"], f"{role} model {ref.tag}")
         model = joblib.load(folder / "model.joblib")
         if not hasattr(model, "predict_proba"):
             raise TypeError(f"{type(model).__name__} has no predict_proba")
@@ -279,7 +192,7 @@ class Runtime:
     router: Router
     problems: list[str] = field(default_factory=list)
     features_fault: Fault | None = None
-    loaded_at: str = field(default_factory=lambda: _iso(int(time.time() * 1000)))
+    loaded_at: str = field(default_factory=lambda: iso_ms(int(time.time() * 1000)))
 
     @classmethod
     def load(
@@ -307,7 +220,7 @@ class Runtime:
         baseline = None
         try:
             folder = model_path(release.baseline.tag)
-            _check_md5(folder / release.baseline.file, release.baseline.md5, "rule baseline")
+            check_md5(folder / release.baseline.file, release.baseline.md5, "rule baseline")
             baseline = RuleBaseline.load(folder / release.baseline.file)
         except Exception as exc:
             logger.error("refusing rule baseline: %s", exc)
@@ -324,8 +237,6 @@ class Runtime:
                 )
             # The online store when the release or CTR_FEATURE_STORE_URL names one, the
             # snapshot as its fallback (pipelines.serving.store_source).
-            from pipelines.serving.store_source import feature_source_for
-
             features = feature_source_for(release, features, problems)
         policy = release.policy
         router = Router(
@@ -818,10 +729,6 @@ def _epoch_ms(stamp: dt.datetime) -> int:
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.UTC)
     return int(stamp.timestamp() * 1000)
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
 __all__ = [

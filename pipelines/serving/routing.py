@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipelines.modeling.release import RoutingMode
+from pipelines.core.settings import RoutingMode
 
 Arm = Literal["prod", "candidate"]
 _SCALE = float(1 << 64)

@@ -38,7 +38,7 @@ import pandas as pd
 
 from pipelines.features.online_store import IngestReport, OnlineStore, StoreError
 from pipelines.modeling.release import OnlineStoreRef, Release
-from pipelines.serving.predictor import FeatureBatch, FeatureSource, FeatureStoreUnavailable
+from pipelines.serving.sources import FeatureBatch, FeatureSource, FeatureStoreUnavailable
 
 logger = logging.getLogger("ctr.features")
 

@@ -61,8 +61,9 @@ import pandas as pd
 
 from pipelines.core import config
 from pipelines.core.io import md5_file, write_json
+from pipelines.core.settings import SimulateSettings, settings_from
 from pipelines.monitoring.requests import to_jsonable
-from tests.support.loadtest import free_port
+from pipelines.simulation.launcher import Served
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -76,42 +77,6 @@ class SimulationError(RuntimeError):
 
 class SimulationStopped(RuntimeError):
     """The loop ended early for a reason that is not an error (no drift, canary undecided)."""
-
-
-@dataclass(frozen=True)
-class SimulateSettings:
-    """The ``simulate`` section of params.yaml, with command-line overrides applied."""
-
-    out_dir: str = "monitors/simulate"
-    scenario_start_day: int = 2
-    requests: int = 3000
-    canary_requests: int = 3000
-    canary_share: float = 0.3
-    batch_size: int = 500
-    approver: str = "mlops simulate (automatic)"
-    startup_timeout_seconds: float = 120.0
-    log_wait_seconds: float = 30.0
-    confirm_requests: int = 200
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], **overrides: Any) -> SimulateSettings:
-        section = dict(params.get("simulate") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise config.ConfigError(
-                f"params.yaml simulate has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        section.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**section)
-        if not 0.0 < settings.canary_share < 1.0:
-            raise config.ConfigError(
-                f"canary share must be between 0 and 1 (exclusive), got {settings.canary_share}"
-            )
-        for name in ("requests", "canary_requests", "batch_size"):
-            if int(getattr(settings, name)) < 1:
-                raise config.ConfigError(f"simulate.{name} must be at least 1")
-        return settings
 
 
 @dataclass
@@ -264,7 +229,6 @@ def start_service(
     ``/admin/reload`` can switch to any model version the store holds, which is what
     a registry-driven canary and promotion need.
     """
-    port = port or free_port()
     if not os.environ.get(token_env):
         os.environ[token_env] = secrets.token_urlsafe(24)
     env = {
@@ -283,34 +247,11 @@ def start_service(
     else:
         env.pop("CTR_ENABLE_FAULT_INJECTION", None)
     output = run_dir / "service.log"
-    with output.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "bentos.service:CtrService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=root,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = Service(
-        f"http://127.0.0.1:{port}", release_file, run_dir / "requests", token_env, proc, output
-    )
     try:
-        service.wait_ready(timeout)
-    except BaseException:
-        service.stop()
-        raise
-    return service
+        served = Served("bentos.service:CtrService", port, env, root, output, timeout)
+    except RuntimeError as exc:
+        raise SimulationError(f"bentoml serve did not start: {exc}") from None
+    return Service(served.url, release_file, run_dir / "requests", token_env, served.proc, output)
 
 
 # --- traffic -------------------------------------------------------------------------------
@@ -441,7 +382,7 @@ class Simulation:
         webhook: str | None = None,
         echo: Callable[[str], None] = print,
     ):
-        from pipelines.simulation.generate import SCENARIOS
+        from pipelines.core.domain import SCENARIOS
 
         if scenario not in SCENARIOS or scenario == "none":
             drifts = sorted(s for s in SCENARIOS if s != "none")
@@ -462,6 +403,7 @@ class Simulation:
         self.webhook = webhook
         self.echo = echo
         self.params = config.load_params(self.root / "params.yaml")
+        self.project = settings_from(self.params, self.root / "params.yaml")
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         self.run_dir = self.root / settings.out_dir / f"{stamp}-{scenario}"
         self.external_release = release_file
@@ -540,7 +482,7 @@ class Simulation:
         from pipelines.monitoring.monitor import MonitorConfig
         from pipelines.stages.packaging import use_bentoml_home
 
-        self.bentoml_home = self.root / str(config.get(self.params, "base.bentoml_home"))
+        self.bentoml_home = self.root / str(self.project.base.bentoml_home)
         use_bentoml_home(self.bentoml_home)
         self.cfg = MonitorConfig.load(self.root, self.params)
         self.alerts: AlertSink = self.cfg.alert_sink(self.webhook)
@@ -626,9 +568,10 @@ class Simulation:
             )
 
     def _scenario(self) -> tuple[str, dict[str, Any]]:
-        from pipelines.simulation.generate import PRESETS, generate_events, write_events
+        from pipelines.core.domain import PRESETS
+        from pipelines.simulation.generate import generate_events, write_events
 
-        preset = str(config.get(self.params, "generate.preset"))
+        preset = str(self.project.generate.preset)
         start_day = int(self.settings.scenario_start_day)
         days = PRESETS[preset].days if preset in PRESETS else None
         if days is not None and not 0 <= start_day < days:
@@ -637,8 +580,8 @@ class Simulation:
             )
         events = generate_events(
             preset,
-            int(config.get(self.params, "base.seed")),
-            str(config.get(self.params, "generate.start")),
+            int(self.project.base.seed),
+            str(self.project.generate.start),
             self.scenario,
             start_day,
         )
@@ -654,11 +597,11 @@ class Simulation:
 
     def _save_snapshot(self, events_file: Path) -> str:
         """Store the events as the release's feature snapshot (what ``package`` stores)."""
-        from pipelines.stages.packaging import FEATURES_NAME, _save_model
+        from pipelines.stages.packaging import FEATURES_NAME, save_bento_model
 
         md5 = md5_file(events_file)
-        feature_set = str(config.get(self.params, "features.feature_set"))
-        self.snapshot_tag = _save_model(
+        feature_set = str(self.project.features.feature_set)
+        self.snapshot_tag = save_bento_model(
             FEATURES_NAME,
             f"f{md5[:12]}",
             {"events.parquet": events_file},
@@ -673,7 +616,7 @@ class Simulation:
         from pipelines.modeling.release import Release
         from pipelines.stages.packaging import model_ref
 
-        path = str(config.get(self.params, "package.release_file"))
+        path = str(self.project.package.release_file)
         data, why = read_dvc_json(dvc_filesystem(self.root, commit), path)
         if data is None:
             raise SimulationError(
@@ -685,9 +628,9 @@ class Simulation:
 
     def _release(self, prod: Any, candidate: Any = None, previous: Any = None) -> Any:
         """A release over this run's feature snapshot; canary routing when there is a candidate."""
-        from pipelines.modeling.release import FeatureRef, build_release, policy_from_params
+        from pipelines.modeling.release import FeatureRef, build_release
 
-        policy = policy_from_params(self.params).model_copy(
+        policy = self.project.serving.model_copy(
             update={
                 "routing": "canary" if candidate is not None else "none",
                 "candidate_share": self.settings.canary_share,
@@ -701,7 +644,7 @@ class Simulation:
             files={"events.parquet": self.snapshot_md5},
         )
         return build_release(
-            str(config.get(self.params, "package.service_name")),
+            str(self.project.package.service_name),
             policy,
             features,
             prod,
@@ -725,11 +668,9 @@ class Simulation:
         )
         release = self._release(self.prod_ref)
         release_file = self._write_release(release, "1-prod")
-        token_env = str(config.get(self.params, "serving.admin_token_env"))
+        token_env = str(self.project.serving.admin_token_env)
         if self.url:
-            log_dir = self.external_log_dir or self.root / str(
-                config.get(self.params, "serving.request_log_dir")
-            )
+            log_dir = self.external_log_dir or self.root / str(self.project.serving.request_log_dir)
             self.service = Service(self.url.rstrip("/"), release_file, log_dir, token_env)
             self.service.wait_ready(10)
             answer = self.service.reload()
@@ -776,7 +717,7 @@ class Simulation:
             self.events,
             int(self.settings.scenario_start_day),
             (self.settings.requests, self.settings.canary_requests),
-            int(config.get(self.params, "base.seed")),
+            int(self.project.base.seed),
         )
         self.canary_rows = phases[1]
         answers, clicks, log = self._send(phases[0], "traffic")
@@ -852,8 +793,8 @@ class Simulation:
         from pipelines.monitoring.retrain import run_retraining
 
         self._require_clean("commit the retrained outputs")
-        raw_dir = self.root / str(config.get(self.params, "base.raw_dir"))
-        model_dir = self.root / str(config.get(self.params, "train.out_dir"))
+        raw_dir = self.root / str(self.project.base.raw_dir)
+        model_dir = self.root / str(self.project.train.out_dir)
         old_md5 = str(self.prod_ref.files["model.joblib"])  # the model in prod
         raw_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.events_file, raw_dir / "events.parquet")
@@ -922,7 +863,7 @@ class Simulation:
         except RegistryError as exc:
             raise SimulationError(str(exc)) from exc
         version = reg["version"]
-        release_file = self.root / str(config.get(self.params, "package.release_file"))
+        release_file = self.root / str(self.project.package.release_file)
         ref = model_ref(load_release(release_file).prod.tag)
         self.candidate_ref = ref.model_copy(update={"registry_version": version})
         report = reg["report"]

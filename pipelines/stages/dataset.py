@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,42 +9,15 @@ import pandas as pd
 
 from pipelines.core.config import ConfigError
 from pipelines.core.io import atomic_dir, write_json
+from pipelines.core.settings import BuildDatasetSettings
 from pipelines.features.contracts import (
     RAW_EVENTS,
     feature_table_schema,
     training_set_schema,
     validate,
 )
-from pipelines.features.definitions import FEATURE_SETS, FeatureSet, point_in_time_features
-
-
-@dataclass(frozen=True)
-class SplitPolicy:
-    """Time-based split: warm-up dropped, then train, valid and test windows in time order."""
-
-    warmup_hours: int
-    valid_days: int
-    test_days: int
-
-    def __post_init__(self) -> None:
-        if self.warmup_hours < 0:
-            raise ConfigError(
-                f"build_dataset.warmup_hours must be >= 0, got {self.warmup_hours}; "
-                "it is how many hours at the start only feed history"
-            )
-        for key in ("valid_days", "test_days"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"build_dataset.{key} must be a whole number >= 1, got {value!r}")
-
-
-def get_feature_set(name: str) -> FeatureSet:
-    """Look up a declared feature set by name."""
-    if name not in FEATURE_SETS:
-        raise ConfigError(
-            f"features.feature_set {name!r} is not declared; known: {sorted(FEATURE_SETS)}"
-        )
-    return FEATURE_SETS[name]
+from pipelines.features.definitions import FeatureSet, get_feature_set
+from pipelines.features.offline import point_in_time_features
 
 
 class RawDataError(ValueError):
@@ -86,7 +58,7 @@ def load_raw_events(raw_dir: Path) -> pd.DataFrame:
     return events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
 
 
-def split_boundaries(ts: pd.Series, policy: SplitPolicy) -> dict[str, pd.Timestamp]:
+def split_boundaries(ts: pd.Series, policy: BuildDatasetSettings) -> dict[str, pd.Timestamp]:
     """Start of train, valid and test and the end of data, on whole days from the end."""
     end = ts.max().ceil("D")
     test_start = end - pd.Timedelta(days=policy.test_days)
@@ -108,7 +80,10 @@ def split_boundaries(ts: pd.Series, policy: SplitPolicy) -> dict[str, pd.Timesta
 
 
 def build_training_set(
-    events: pd.DataFrame, feature_set: FeatureSet, policy: SplitPolicy, engine: str = "numpy"
+    events: pd.DataFrame,
+    feature_set: FeatureSet,
+    policy: BuildDatasetSettings,
+    engine: str = "numpy",
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Point-in-time features for every impression, labelled and split by time.
 
@@ -159,3 +134,13 @@ def load_split(out_dir: Path, split: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `dvc repro build_dataset`")
     return pd.read_parquet(path)
+
+
+def run(
+    raw_dir: Path, out_dir: Path, feature_set: str, policy: BuildDatasetSettings, engine: str
+) -> tuple[pd.DataFrame, dict[str, Any], FeatureSet]:
+    """The ``build_dataset`` stage: raw events -> point-in-time training set in ``out_dir``."""
+    fs = get_feature_set(feature_set)
+    table, meta = build_training_set(load_raw_events(raw_dir), fs, policy, engine)
+    write_training_set(table, meta, out_dir)
+    return table, meta, fs

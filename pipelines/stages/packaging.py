@@ -23,14 +23,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.core.config import ConfigError
+from pipelines.core import lineage
+from pipelines.core.config import ConfigError, load_params
 from pipelines.core.io import atomic_dir, atomic_path, md5_file, write_json
+from pipelines.core.settings import settings_from
 from pipelines.modeling.release import (
     FeatureRef,
     ModelRef,
     OnlineStoreRef,
-    ServingPolicy,
+    ServingSettings,
     build_release,
+    online_store_ref,
     read_release_dict,
 )
 
@@ -47,7 +50,9 @@ FEATURES_NAME = "ctr_features"
 MODEL_FILES = ("model.joblib", "baseline.json", "model_card.json")
 
 
-def _save_model(name: str, version: str, files: dict[str, Path], metadata: dict[str, Any]) -> str:
+def save_bento_model(
+    name: str, version: str, files: dict[str, Path], metadata: dict[str, Any]
+) -> str:
     import bentoml
 
     tag = f"{name}:{version}"
@@ -75,7 +80,7 @@ def save_model_dir(
     """
     files = {name: md5_file(model_dir / name) for name in MODEL_FILES}
     card = json.loads((model_dir / "model_card.json").read_text())
-    tag = _save_model(
+    tag = save_bento_model(
         MODEL_NAME,
         f"m{files['model.joblib'][:12]}",
         {name: model_dir / name for name in MODEL_FILES},
@@ -148,7 +153,7 @@ def previous_prod_tag(old: dict[str, Any] | None, new_prod: str) -> str | None:
 
 
 def resolve_tiers(
-    policy: ServingPolicy, prod_tag: str, old_release: dict[str, Any] | None
+    policy: ServingSettings, prod_tag: str, old_release: dict[str, Any] | None
 ) -> tuple[ModelRef | None, ModelRef | None]:
     """Candidate and previous model for a release from params and the release it replaces.
 
@@ -177,7 +182,7 @@ def package_stage(
     bento_dir: Path,
     service_name: str,
     bentoml_home: Path,
-    policy: ServingPolicy,
+    policy: ServingSettings,
     lineage: dict[str, Any],
     online_store: OnlineStoreRef | None = None,
 ) -> dict[str, Any]:
@@ -195,7 +200,7 @@ def package_stage(
     candidate, previous = resolve_tiers(policy, prod.tag, read_release_dict(release_file))
     events_file = raw_dir / "events.parquet"
     events_md5 = md5_file(events_file)
-    features_tag = _save_model(
+    features_tag = save_bento_model(
         FEATURES_NAME,
         f"f{events_md5[:12]}",
         {"events.parquet": events_file},
@@ -250,6 +255,41 @@ def package_stage(
         if dockerfile.is_file():
             shutil.copyfile(dockerfile, tmp / "Dockerfile")
     return summary
+
+
+def run(
+    root: Path,
+    model_dir: Path,
+    raw_dir: Path,
+    metrics_file: Path,
+    release_file: Path,
+    bento_dir: Path,
+    service_name: str,
+    bentoml_home: Path,
+    params_file: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``package`` stage: serving settings and lineage from the project, then package.
+
+    Returns the bento summary and the lineage record embedded in the release.
+    """
+    card = json.loads((model_dir / "model_card.json").read_text())
+    settings = settings_from(load_params(params_file), params_file)
+    online = online_store_ref(settings.features, card["feature_set"])
+    record = lineage.collect(root, model_dir / "model.joblib", card["feature_set"])
+    bento = package_stage(
+        root,
+        model_dir,
+        raw_dir,
+        metrics_file,
+        release_file,
+        bento_dir,
+        service_name,
+        bentoml_home,
+        settings.serving,
+        record,
+        online_store=online,
+    )
+    return bento, record
 
 
 def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, Any]:

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines.core.io import atomic_dir, write_json
+from pipelines.features.definitions import get_feature_set
 from pipelines.modeling.model import load_model, predict
-from pipelines.stages.dataset import get_feature_set, load_split
+from pipelines.stages.dataset import load_split
 
 
 def reference_frame(dataset_dir: Path, model_dir: Path, split: str = "train") -> pd.DataFrame:

@@ -87,13 +87,12 @@ def check_project_params(cwd: Path) -> None:
     nothing to check: the notebook's own parameter defaults apply.
     """
     from pipelines.core.config import ConfigError
-    from pipelines.core.params_check import check_params
+    from pipelines.core.settings import load_settings
 
-    path = cwd / "params.yaml"
-    if not path.is_file():
+    if not (cwd / "params.yaml").is_file():
         return
     try:
-        check_params(path)
+        load_settings(cwd)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,9 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.core.io import md5_file
-from pipelines.modeling.model import TrainParams, train_stage
-from pipelines.modeling.release import FeatureRef, ModelRef, ServingPolicy, build_release
-from pipelines.stages.dataset import get_feature_set, load_split
+from pipelines.core.settings import ServingSettings, TrainSettings
+from pipelines.features.definitions import get_feature_set
+from pipelines.modeling.model import train_stage
+from pipelines.modeling.release import FeatureRef, ModelRef, build_release
+from pipelines.stages.dataset import load_split
 
 
 def train_variant(root: Path, out_dir: Path, max_iter: int, learning_rate: float) -> Path:
@@ -21,7 +23,8 @@ def train_variant(root: Path, out_dir: Path, max_iter: int, learning_rate: float
         load_split(dataset, "train"),
         load_split(dataset, "valid"),
         get_feature_set(meta["feature_set"]),
-        TrainParams(max_iter=max_iter, learning_rate=learning_rate, seed=7),
+        TrainSettings(max_iter=max_iter, learning_rate=learning_rate),
+        7,
         meta,
         {"dataset": "test variant"},
         out_dir,
@@ -61,7 +64,7 @@ def last_event_time(raw_dir: Path) -> pd.Timestamp:
 
 
 def release_for(
-    policy: ServingPolicy,
+    policy: ServingSettings,
     raw_dir: Path,
     prod: Path,
     candidate: Path | None = None,

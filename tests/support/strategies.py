@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from hypothesis import strategies as st
 
-from pipelines.features.definitions import CTR_V1, Feature, FeatureSet, _context, to_ms
-from pipelines.simulation.generate import DEVICES, SURFACES
+from pipelines.core.domain import DEVICES, SURFACES
+from pipelines.features.definitions import CTR_V1, Feature, FeatureSet, context_feature, to_ms
 
 BASE_MS = int(pd.Timestamp("2026-03-01", tz="UTC").value // 1_000_000)
 
@@ -58,9 +58,9 @@ EDGE_SET = FeatureSet(
             "t",
             ttl="1s",
         ),
-        _context("surface_code"),
-        _context("device_code"),
-        _context("hour_of_day"),
+        context_feature("surface_code"),
+        context_feature("device_code"),
+        context_feature("hour_of_day"),
     ),
 )
 FEATURE_SETS = {"edge": EDGE_SET, "ctr_v1": CTR_V1}
