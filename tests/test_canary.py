@@ -25,7 +25,6 @@ from pipelines.monitoring.canary import (
     guard,
     kill_switch,
 )
-from pipelines.registry.hooks import version_in_stage
 from pipelines.registry.registry import Registry, RegistryError, parse_message
 from pipelines.simulation.replay import user_bucket
 from tests.support.http_receiver import http_receiver
@@ -169,11 +168,11 @@ def test_healthy_canary_gets_the_health_report(registry: Path) -> None:
     assert health["artifact"] == "ctr-model" and health["version"] == "v0.2.0"
     assert health["canary_model"] == "v0.2.0" and health["prod_model"] == "v0.1.0"
     assert health["rows"]["canary"] > 300 and health["window"]["start"].startswith("2026-10-07")
-    assert version_in_stage(registry, "canary") == "v0.2.0"  # registry untouched
+    assert Registry(registry).holders().get("canary") == "v0.2.0"  # registry untouched
     # the registry accepts the promotion to prod with this report as its canary evidence
     promoted = Registry(registry).promote("v0.2.0", "prod", approver="Ana", reason="canary ok")
     assert promoted["fields"]["canary_evidence"]["healthy"] is True
-    assert version_in_stage(registry, "prod") == "v0.2.0"
+    assert Registry(registry).holders().get("prod") == "v0.2.0"
 
 
 def test_breaching_canary_is_rolled_back_with_evidence(
@@ -204,10 +203,10 @@ def test_breaching_canary_is_rolled_back_with_evidence(
     assert fields["action"] == "canary-rollback" and fields["kill_switch"] == "canary share 0"
     assert fields["breached"]["error_rate"]["canary"] > 0.05
     assert fields["evidence"] == outcome.actions["evidence"]
-    assert version_in_stage(registry, "canary") is None
+    assert Registry(registry).holders().get("canary") is None
     last = Registry(registry).events()[-1]  # what `mlops history` shows
     assert (last.tag, last.action, last.version) == (tag, "canary-rollback", "v0.2.0")
-    assert version_in_stage(registry, "prod") == "v0.1.0"
+    assert Registry(registry).holders().get("prod") == "v0.1.0"
     history = run([sys.executable, "-m", "gto.cli", "history", "ctr-model"], registry).stdout
     assert "unassignment" in history
     evidence = json.loads((registry / outcome.actions["evidence"]).read_text())
@@ -244,7 +243,7 @@ def test_too_little_canary_traffic_does_nothing(registry: Path) -> None:
     assert outcome.report.decision == "insufficient_data"
     assert outcome.actions == {}
     assert not (registry / "monitors/canary").exists()
-    assert version_in_stage(registry, "canary") == "v0.2.0"
+    assert Registry(registry).holders().get("canary") == "v0.2.0"
 
 
 def test_failed_kill_switch_still_records_and_alerts(
@@ -289,12 +288,12 @@ def test_cli_canary_check(registry: Path, tmp_path: Path) -> None:
         dry = run([*base, "--dry-run"], registry, check=False, env=env)
         assert dry.returncode == 2, dry.stderr
         assert "decision: breach" in dry.stdout and service.requests == []
-        assert version_in_stage(registry, "canary") == "v0.2.0"
+        assert Registry(registry).holders().get("canary") == "v0.2.0"
         real = run(base, registry, check=False, env=env)
         assert real.returncode == 2, real.stderr
         assert "kill_switch:" in real.stdout and "registry_tag: ctr-model#canary!#" in real.stdout
         assert len(service.requests) == 1
-    assert version_in_stage(registry, "canary") is None
+    assert Registry(registry).holders().get("canary") is None
     bad = run(
         [*base[:5], "--log-file", str(tmp_path / "missing.parquet")], registry, check=False, env=env
     )

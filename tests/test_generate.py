@@ -66,7 +66,7 @@ def test_full_preset_reproduces_data_dvc(tmp_path: Path) -> None:
     import yaml
 
     from pipelines.core.config import load_params
-    from pipelines.core.lineage import dvc_dir_md5
+    from pipelines.core.dvcfiles import dvc_dir_md5
     from tests.support.project import REPO
 
     params = load_params(REPO / "params.yaml")

@@ -64,7 +64,7 @@ def data_generate(
 @data_app.command("obtain")
 def data_obtain() -> None:
     """Pull data/ from the DVC remote; if the remote is empty, regenerate it and verify data.dvc."""
-    from pipelines.core.lineage import dvc_dir_md5, dvc_file_hash
+    from pipelines.core.dvcfiles import dvc_dir_md5, dvc_file_hash
 
     root = config.project_root()
     dvc = [sys.executable, "-m", "dvc"]

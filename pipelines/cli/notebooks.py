@@ -19,13 +19,19 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from pipelines.core.vcs import git
 
 ATTRIBUTES = ".gitattributes"
 
 
 class GitSetupError(RuntimeError):
     """The repository could not be configured; the message says what failed and what to do."""
+
+
+_git = partial(git, error=GitSetupError)
 
 
 @dataclass(frozen=True)
@@ -36,13 +42,6 @@ class GitNotebookSetup:
     filter_clean: str
     diff_command: str
     merge_driver: str
-
-
-def _git(root: Path, *args: str, check: bool = True) -> str:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise GitSetupError(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
-    return result.stdout.strip()
 
 
 def _tool(root: Path, *args: str) -> None:

@@ -15,97 +15,21 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.core.dvcfiles import (
+    dvc_file_hash,
+    dvc_lock_outs,
+    dvc_lock_params,
+    lock_deps,
+    lock_outs,
+    lock_params,
+)
 from pipelines.core.io import md5_file
-
-
-def git_info(root: Path) -> dict[str, Any]:
-    """Current commit, branch and whether the work tree has uncommitted changes."""
-
-    def run(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = run("rev-parse", "HEAD")
-    return {
-        "commit": commit or None,
-        "branch": run("rev-parse", "--abbrev-ref", "HEAD") or None,
-        "dirty": bool(run("status", "--porcelain", "--untracked-files=no")) if commit else None,
-    }
-
-
-def dvc_file_hash(dvc_file: Path) -> str | None:
-    """The md5 that a ``.dvc`` file records for its (first) output."""
-    if not dvc_file.is_file():
-        return None
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
-    return outs[0].get("md5") if outs else None
-
-
-def dvc_dir_md5(folder: Path) -> str:
-    """The hash DVC records for a folder: md5 of its sorted JSON listing, plus ``.dir``.
-
-    Computed here so a regenerated ``data/`` can be checked against ``data.dvc``
-    before anything is written to the DVC cache (the test suite checks the formula
-    against the hash DVC itself recorded).
-    """
-    entries = [
-        {"md5": md5_file(path), "relpath": path.relative_to(folder).as_posix()}
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
-def _lock_stages(lock_text: str | None) -> dict[str, Any]:
-    return ((yaml.safe_load(lock_text) if lock_text else None) or {}).get("stages") or {}
-
-
-def lock_outs(lock_text: str | None) -> dict[str, dict[str, str]]:
-    """``{stage: {out path: md5}}`` from the text of a ``dvc.lock``."""
-    return {
-        name: {o["path"]: o.get("md5", "") for o in stage.get("outs") or []}
-        for name, stage in _lock_stages(lock_text).items()
-    }
-
-
-def lock_deps(lock_text: str | None) -> dict[str, dict[str, str]]:
-    """``{stage: {dep path: md5}}`` from the text of a ``dvc.lock``."""
-    return {
-        name: {d["path"]: d.get("md5", "") for d in stage.get("deps") or []}
-        for name, stage in _lock_stages(lock_text).items()
-    }
-
-
-def lock_params(lock_text: str | None) -> dict[str, dict[str, Any]]:
-    """``{stage: {param: value}}`` from the text of a ``dvc.lock``."""
-    result: dict[str, dict[str, Any]] = {}
-    for name, stage in _lock_stages(lock_text).items():
-        merged: dict[str, Any] = {}
-        for values in (stage.get("params") or {}).values():
-            merged.update(values)
-        result[name] = merged
-    return result
-
-
-def _read(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
-def dvc_lock_outs(root: Path) -> dict[str, dict[str, str]]:
-    """``{stage: {out path: md5}}`` from ``dvc.lock`` (stages recorded so far)."""
-    return lock_outs(_read(root / "dvc.lock"))
-
-
-def dvc_lock_params(root: Path) -> dict[str, dict[str, Any]]:
-    """``{stage: {param: value}}`` as recorded by DVC when each stage last ran."""
-    return lock_params(_read(root / "dvc.lock"))
+from pipelines.core.vcs import git_info, git_show
 
 
 def collect(root: Path, model_file: Path, feature_set: str) -> dict[str, Any]:
@@ -136,12 +60,6 @@ FEATURE_DEFINITION = (
 
 class LineageError(RuntimeError):
     """A revision lacks what lineage needs; the message says what and how to fix it."""
-
-
-def git_show(root: Path, rev: str, path: str) -> bytes | None:
-    """Bytes of ``path`` at git revision ``rev``, or None when it is not there."""
-    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
-    return result.stdout if result.returncode == 0 else None
 
 
 def _yaml_at(root: Path, rev: str, path: str) -> dict[str, Any]:
@@ -196,7 +114,6 @@ def dvc_filesystem(root: Path, rev: str) -> Any:
 
 def read_dvc_json(fs: Any, path: str) -> tuple[dict[str, Any] | None, str | None]:
     """Read a DVC-tracked JSON file through ``fs``: ``(data, None)`` or ``(None, why not)``."""
-    import json
 
     try:
         return json.loads(fs.read_bytes(path)), None
@@ -215,7 +132,6 @@ def version_lineage(
     whether the record embedded in the bento agrees, and ``locations`` where DVC
     can fetch each object from.
     """
-    import hashlib
     import json
 
     lock_text = (git_show(root, commit, "dvc.lock") or b"").decode() or None

@@ -423,15 +423,15 @@ def guard(
     that asks a human to act.
     """
     from pipelines.monitoring.alerts import Alert
-    from pipelines.registry.hooks import RegistryError, record_canary_rollback, version_in_stage
+    from pipelines.registry.registry import Registry, RegistryError
 
     report = evaluate(log, policy, clicks, as_of)
     outcome = GuardOutcome(report, version)
     if version is None:
         try:
-            outcome.version = version_in_stage(root, "canary")
-        except RegistryError as exc:
-            outcome.errors.append(str(exc))
+            outcome.version = Registry(root).holders().get("canary")
+        except (RegistryError, OSError, ValueError) as exc:
+            outcome.errors.append(f"cannot read the canary version from the registry: {exc}")
     if not act:
         return outcome
     if report.decision == "healthy":
@@ -492,9 +492,9 @@ def guard(
         }
         title = f"Automatic canary rollback of {policy.artifact} {outcome.version}: {names}"
         try:
-            tag = record_canary_rollback(root, outcome.version, title, fields)
+            tag = Registry(root).unassign(outcome.version, "canary", title, fields)
             outcome.actions["registry_tag"] = tag
-        except RegistryError as exc:
+        except (RegistryError, OSError, ValueError) as exc:
             outcome.errors.append(str(exc))
     else:
         outcome.errors.append(

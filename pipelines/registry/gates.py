@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.core.config import ConfigError
+from pipelines.core.dvcfiles import stage_names
 from pipelines.core.settings import settings_from
 
 FLOOR_BOUNDS = ("min", "max")
@@ -382,7 +381,7 @@ def evaluate_gates(
         )
     results.append(contracts_gate(root))
     results.append(reference_profile_gate(root, settings.reference_profile))
-    stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
+    stages = stage_names(root)
     results.append(notebooks_gate(root, settings.base.reports_dir, stages))
     prod_info = {k: prod[k] for k in ("version", "commit")} if prod else None
     return GateReport(

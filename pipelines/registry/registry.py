@@ -33,22 +33,23 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipelines.core import config
+from pipelines.core.dvcfiles import artifacts, lock_outs
 from pipelines.core.io import atomic_path, md5_file, write_json
 from pipelines.core.lineage import (
     dvc_filesystem,
-    git_show,
-    lock_outs,
     object_locations,
     read_dvc_json,
     version_lineage,
 )
 from pipelines.core.settings import settings_from
+from pipelines.core.vcs import git, git_show
 from pipelines.registry.gates import GateReport, evaluate_gates
 
 STAGES = ("staging", "canary", "prod")
@@ -58,6 +59,9 @@ BUMPS = ("major", "minor", "patch")
 
 class RegistryError(RuntimeError):
     """A registry operation was refused; the registry is unchanged. The message says why."""
+
+
+_git = partial(git, error=RegistryError)  # git failures surface as registry errors
 
 
 class GateFailure(RegistryError):
@@ -70,13 +74,6 @@ class GateFailure(RegistryError):
 
 
 # --- small helpers ---------------------------------------------------------------------------
-
-
-def _git(root: Path, *args: str, check: bool = True) -> str:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise RegistryError(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
-    return result.stdout.rstrip()  # not strip(): `status --porcelain` lines start with a space
 
 
 def normalize_version(version: str) -> str:
@@ -186,8 +183,7 @@ class Registry:
 
     def artifact_path(self) -> str:
         """The model path declared for the artifact under ``artifacts:`` in dvc.yaml."""
-        dvc_yaml = yaml.safe_load((self.root / "dvc.yaml").read_text()) or {}
-        declared = (dvc_yaml.get("artifacts") or {}).get(self.artifact)
+        declared = artifacts(self.root).get(self.artifact)
         if not declared or not declared.get("path"):
             raise RegistryError(
                 f"artifact '{self.artifact}' (params.yaml release.artifact) is not declared under "
@@ -417,6 +413,29 @@ class Registry:
         newest = max(e.timestamp for e in events).timestamp()
         while time.time() < int(newest) + 1:
             time.sleep(0.05)
+
+    def unassign(self, version: str, stage: str, title: str, fields: dict[str, Any]) -> str:
+        """Take ``version`` out of ``stage`` with an annotated tag; returns the tag name.
+
+        The message is a title line and YAML fields (``mlops history`` parses them back).
+        The tag is created locally; pushing tags is left to whoever pushes the repository.
+        """
+        import gto.api
+
+        self._after_last_event(self.events())
+        try:
+            event = gto.api.unassign(
+                str(self.root),
+                self.artifact,
+                stage=stage,
+                version=version,
+                message=format_message(title, fields),
+            )
+        except Exception as exc:  # GTO raises several types; one clear error is enough here
+            raise RegistryError(
+                f"could not take {self.artifact} {version} out of {stage} in {self.root}: {exc}"
+            ) from exc
+        return str(event.tag)
 
     def _delete_tags(self, tags: list[str]) -> None:
         for tag in tags:

@@ -29,12 +29,13 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipelines.core.dvcfiles import artifacts, dvcfile_outs, lock_out_entries, stage_names
 from pipelines.core.settings import ReviewSettings
+from pipelines.core.vcs import git, git_run, git_show
 
 WORKSPACE = "workspace"  # DVC's name for the working tree in its diff output
 
@@ -190,24 +191,20 @@ class Review:
 # --------------------------------------------------------------------------- git and dvc
 
 
-def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise ReviewError(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
-    return result
+_git = partial(git, error=ReviewError)
 
 
 def _git_show(root: Path, commit: str, path: str) -> str | None:
     """A file's text at ``commit``, or None when it does not exist there."""
-    result = _git(root, "show", f"{commit}:{path}", check=False)
-    return result.stdout if result.returncode == 0 else None
+    raw = git_show(root, commit, path)
+    return None if raw is None else raw.decode()
 
 
 def resolve_base(root: Path, base: str) -> str:
     """The commit ``base`` names; a clear error when it does not exist here."""
-    if _git(root, "rev-parse", "--is-inside-work-tree", check=False).stdout.strip() != "true":
+    if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != "true":
         raise ReviewError(f"{root} is not a git work tree; `mlops review` compares git revisions")
-    result = _git(root, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}", check=False)
+    result = git_run(root, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
     if result.returncode != 0:
         raise ReviewError(
             f"base revision '{base}' does not exist in {root}; pass an existing branch, tag or "
@@ -322,27 +319,13 @@ def md5_of(entry: dict[str, Any] | None) -> str | None:
     return entry.get("md5") or entry.get("etag") or entry.get("checksum")
 
 
-def _lock_outs(text: str | None) -> dict[tuple[str, str], dict[str, Any]]:
-    stages = ((yaml.safe_load(text) if text else None) or {}).get("stages") or {}
-    return {
-        (name, out["path"]): out
-        for name, stage in stages.items()
-        for out in stage.get("outs") or []
-    }
-
-
-def _dvcfile_outs(name: str, text: str | None) -> dict[tuple[str, str], dict[str, Any]]:
-    data = (yaml.safe_load(text) if text else None) or {}
-    return {(name, out["path"]): out for out in data.get("outs") or []}
-
-
 def hash_changes(root: Path, base: str) -> list[HashChange]:
     """Data, model and report hashes from ``dvc.lock`` and ``.dvc`` files, base vs working tree."""
-    old = _lock_outs(_git_show(root, base, "dvc.lock"))
+    old = lock_out_entries(_git_show(root, base, "dvc.lock"))
     lock = root / "dvc.lock"
-    new = _lock_outs(lock.read_text() if lock.is_file() else None)
-    tracked_now = _git(root, "ls-files", "--cached", "--others", "--exclude-standard").stdout
-    tracked_then = _git(root, "ls-tree", "-r", "--name-only", base).stdout
+    new = lock_out_entries(lock.read_text() if lock.is_file() else None)
+    tracked_now = _git(root, "ls-files", "--cached", "--others", "--exclude-standard")
+    tracked_then = _git(root, "ls-tree", "-r", "--name-only", base)
     dvcfiles = sorted(
         {
             p
@@ -351,9 +334,9 @@ def hash_changes(root: Path, base: str) -> list[HashChange]:
         }
     )
     for name in dvcfiles:
-        old.update(_dvcfile_outs(name, _git_show(root, base, name)))
+        old.update(dvcfile_outs(name, _git_show(root, base, name)))
         file = root / name
-        new.update(_dvcfile_outs(name, file.read_text() if file.is_file() else None))
+        new.update(dvcfile_outs(name, file.read_text() if file.is_file() else None))
     labels = _artifact_labels(root)
     rows = []
     for source, path in sorted(old.keys() | new.keys(), key=_stage_order(root)):
@@ -370,11 +353,7 @@ def hash_changes(root: Path, base: str) -> list[HashChange]:
 
 def _stage_order(root: Path) -> Any:
     """Sort key: .dvc files first, then stages in dvc.yaml order, then path."""
-    order: dict[str, int] = {}
-    dvc_yaml = root / "dvc.yaml"
-    if dvc_yaml.is_file():
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-        order = {name: i for i, name in enumerate(stages)}
+    order = {name: i for i, name in enumerate(stage_names(root))}
 
     def key(item: tuple[str, str]) -> tuple[int, str, str]:
         source, path = item
@@ -385,13 +364,9 @@ def _stage_order(root: Path) -> Any:
 
 
 def _artifact_labels(root: Path) -> dict[str, str]:
-    dvc_yaml = root / "dvc.yaml"
-    if not dvc_yaml.is_file():
-        return {}
-    artifacts = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("artifacts") or {}
     return {
         str(spec.get("path")): f"{spec.get('type') or 'artifact'} {name}"
-        for name, spec in artifacts.items()
+        for name, spec in artifacts(root).items()
         if isinstance(spec, dict) and spec.get("path")
     }
 
@@ -521,14 +496,14 @@ def changed_notebooks(root: Path, base: str, notebooks_dir: str) -> list[tuple[s
     """``[(path, status)]`` of source notebooks that differ from ``base`` (incl. new files)."""
     names = _git(
         root, "diff", "--no-ext-diff", "--name-status", "--no-renames", base, "--", notebooks_dir
-    ).stdout
+    )
     status_names = {"A": "added", "D": "deleted", "M": "modified", "T": "modified"}
     out = {}
     for line in names.splitlines():
         code, _, path = line.partition("\t")
         if path.endswith(".ipynb"):
             out[path] = status_names.get(code[:1], "modified")
-    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", notebooks_dir).stdout
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", notebooks_dir)
     for path in untracked.splitlines():
         if path.endswith(".ipynb"):
             out[path] = "added"
@@ -656,9 +631,9 @@ def build_review(root: Path, base: str, settings: ReviewSettings, reports_dir: s
         "plots": _DvcJob(root, "plots", "diff", base, "--split"),
     }
     try:
-        head = _git(root, "rev-parse", "--abbrev-ref", "HEAD", check=False).stdout.strip()
-        head_commit = _git(root, "rev-parse", "HEAD", check=False).stdout.strip() or None
-        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip())
+        head = _git(root, "rev-parse", "--abbrev-ref", "HEAD", check=False)
+        head_commit = _git(root, "rev-parse", "HEAD", check=False) or None
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").strip())
         hashes = hash_changes(root, base)
         notebooks = [
             notebook_diff(root, base, p, s)

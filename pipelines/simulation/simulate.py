@@ -53,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ import pandas as pd
 from pipelines.core import config
 from pipelines.core.io import md5_file, write_json
 from pipelines.core.settings import SimulateSettings, settings_from
+from pipelines.core.vcs import git
 from pipelines.monitoring.requests import to_jsonable
 from pipelines.simulation.launcher import Served
 
@@ -73,6 +75,9 @@ EXIT_STOPPED = 3  # nothing to act on: no drift, or too little canary traffic to
 
 class SimulationError(RuntimeError):
     """A step of the loop failed; the message says which, why and what to do."""
+
+
+_git = partial(git, error=SimulationError)
 
 
 class SimulationStopped(RuntimeError):
@@ -357,13 +362,6 @@ def wait_for_log(log_dir: Path, request_ids: set[str], timeout: float) -> pd.Dat
 
 
 # --- the loop ------------------------------------------------------------------------------
-
-
-def _git(root: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SimulationError(f"`git {' '.join(args)}` failed: {result.stderr.strip()}")
-    return result.stdout.strip()
 
 
 class Simulation:

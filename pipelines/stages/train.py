@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.core import lineage
+from pipelines.core.dvcfiles import dvc_file_hash, dvc_lock_outs
 from pipelines.core.settings import TrainSettings
 from pipelines.features.definitions import get_feature_set
 from pipelines.modeling.model import train_stage
@@ -23,9 +23,9 @@ def run(
     """
     meta = json.loads((dataset_dir / "meta.json").read_text())
     hashes: dict[str, str | None] = {
-        "raw_data (data.dvc)": lineage.dvc_file_hash(root / "data.dvc"),
+        "raw_data (data.dvc)": dvc_file_hash(root / "data.dvc"),
         "dataset (dvc.lock)": next(
-            iter(lineage.dvc_lock_outs(root).get("build_dataset", {}).values()), None
+            iter(dvc_lock_outs(root).get("build_dataset", {}).values()), None
         ),
     }
     return train_stage(

@@ -19,18 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipelines.core.dvcfiles import dvc_lock_outs
 from pipelines.core.io import md5_file
 
 
 def stage_outputs(root: Path) -> dict[str, list[str]]:
     """Output paths of every stage, as DVC resolved them into ``dvc.lock``."""
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    return {
-        name: [out["path"] for out in stage.get("outs", [])]
-        for name, stage in (lock.get("stages") or {}).items()
-    }
+    return {name: list(outs) for name, outs in dvc_lock_outs(root).items()}
 
 
 def snapshot(root: Path, paths: list[str]) -> dict[str, str]:
