@@ -426,11 +426,9 @@ def main() -> None:
         }
         for p in procs:
             stop(p)
-        from pipelines.serving.request_log import read_request_log
+        from pipelines.serving.request_log import read_shards
 
-        results["full_counters"]["logged_rows_after_shutdown"] = len(
-            read_request_log(work / "requests")
-        )
+        results["full_counters"]["logged_rows_after_shutdown"] = len(read_shards(work / "requests"))
         report = {
             "benchmark": "serving_latency",
             "date": started_at.date().isoformat(),

@@ -14,7 +14,6 @@ from pipelines.core.domain import Preset
 from pipelines.core.settings import BuildDatasetSettings
 from pipelines.features.contracts import (
     RAW_EVENTS,
-    SERVING_REQUEST,
     ContractViolation,
     feature_table_schema,
     validate,
@@ -74,21 +73,6 @@ def test_feature_table_contract_catches_out_of_range_values(events: pd.DataFrame
     with pytest.raises(ContractViolation, match="user_ctr_24h") as info:
         validate(feature_table_schema(), broken, "features")
     assert "item_impr_24h" in str(info.value)
-
-
-def test_serving_request_contract() -> None:
-    ok = pd.DataFrame(
-        {
-            "user_id": ["u1"],
-            "item_id": ["i1"],
-            "surface": ["feed"],
-            "device": ["mobile"],
-            "ts": [pd.Timestamp("2026-10-01", tz="UTC")],
-        }
-    )
-    validate(SERVING_REQUEST, ok, "request")
-    with pytest.raises(ContractViolation, match="surface"):
-        validate(SERVING_REQUEST, ok.assign(surface="email"), "request")
 
 
 def test_split_is_by_time_with_warmup_dropped(events: pd.DataFrame) -> None:

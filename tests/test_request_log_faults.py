@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.serving.request_log import LogBatch, RequestLog, read_request_log
+from pipelines.serving.request_log import LogBatch, RequestLog, read_shards
 
 
 def batch(request_id: str) -> LogBatch:
@@ -65,7 +65,7 @@ def test_unwritable_directory_keeps_rows_in_memory_and_writes_them_later(tmp_pat
     log_dir.unlink()  # writable again
     wait_for(lambda: log.counters["backlog_rows"] == 0)
     log.close()
-    ids = set(read_request_log(log_dir)["request_id"])
+    ids = set(read_shards(log_dir)["request_id"])
     kept = {f"during-{k}" for k in range(10, 20)} | {f"over-{k}" for k in range(40)}
     assert ids == kept  # the 5 rows before were deleted with the old directory
     assert log.last_write_error is None
@@ -83,7 +83,7 @@ def test_a_deleted_shard_is_replaced_and_its_unsynced_rows_written_again(tmp_pat
     log.submit(batch("b-0"))
     wait_for(lambda: log.counters["written_rows"] == 4 and log.counters["backlog_rows"] == 0)
     log.close()
-    assert set(read_request_log(log_dir)["request_id"]) == {"a-0", "a-1", "a-2", "b-0"}
+    assert set(read_shards(log_dir)["request_id"]) == {"a-0", "a-1", "a-2", "b-0"}
 
 
 def test_close_with_an_unwritable_directory_counts_what_is_lost(tmp_path: Path) -> None:

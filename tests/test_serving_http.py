@@ -24,7 +24,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from pipelines.serving.request_log import read_request_log
+from pipelines.serving.request_log import read_shards
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import Served
 from tests.support.project import project_env, run, set_param
@@ -438,7 +438,7 @@ def test_clean_shutdown_keeps_every_answered_row(server: Server) -> None:
     assert server.stop() is not None
     log_text = server.server_log.read_text()
     assert "Completed cleanup hook: shutdown" in log_text
-    log = read_request_log(server.log_dir)
+    log = read_shards(server.log_dir)
     assert len(log) == server.answered_rows > 0
     assert meta["request_log"]["written_rows"] <= len(log)  # written before the last flush
     assert log["request_id"].is_unique

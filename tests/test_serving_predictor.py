@@ -33,7 +33,7 @@ from pipelines.serving.predictor import (
     PredictResponse,
     Runtime,
 )
-from pipelines.serving.request_log import LogBatch, RequestLog, read_request_log
+from pipelines.serving.request_log import LogBatch, RequestLog, read_shards
 from pipelines.serving.routing import Router, unit_hash
 from pipelines.stages.packaging import previous_prod_tag
 from tests.support.project import REPO
@@ -369,7 +369,7 @@ def test_shadow_scores_candidate_in_background_without_changing_answers(
     )
     assert [(r.route, r.probability) for r in shadow.predict(reqs)] == expected
     shadow.close()
-    log = read_request_log(tmp_path / "shadow/requests")
+    log = read_shards(tmp_path / "shadow/requests")
     assert len(log) == 300
     candidate = log["scores"].map(lambda s: s.get("candidate"))
     np.testing.assert_allclose(
@@ -394,7 +394,7 @@ def test_ab_logs_both_arms(models: dict[str, Path], raw_dir: Path, tmp_path: Pat
     out = predictor.predict(requests_for(400, at))
     assert {r.route for r in out} == {"prod", "ab-variant"}
     predictor.close()
-    log = read_request_log(tmp_path / "requests")
+    log = read_shards(tmp_path / "requests")
     assert len(log) == 400
     assert log["scores"].map(lambda s: set(s) == {"prod", "candidate"}).all()
     variant = log["route"] == "ab-variant"
@@ -492,7 +492,7 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     for k in range(30):
         answered += len(predictor.predict(requests_for(1 + k % 7, at, offset=k)))
     predictor.close()
-    log = read_request_log(tmp_path / "requests")
+    log = read_shards(tmp_path / "requests")
     assert len(log) == answered and log["request_id"].is_unique
     assert predictor.request_log is not None
     assert predictor.request_log.counters["written_rows"] == answered
@@ -502,7 +502,7 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     shard = sorted((tmp_path / "requests").glob("requests-*.jsonl"))[-1]
     with shard.open("ab") as handle:
         handle.write(b'{"request_id": "cut-of')
-    assert len(read_request_log(tmp_path / "requests")) == answered
+    assert len(read_shards(tmp_path / "requests")) == answered
     # A full queue drops (and counts) instead of blocking the request path
     tiny = RequestLog(tmp_path / "tiny", None, flush_seconds=5, queue_size=1)
     batch = LogBatch(
@@ -527,4 +527,4 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     accepted = sum(tiny.submit(batch) for _ in range(2000))
     tiny.close()
     assert tiny.counters["dropped_rows"] == 2000 - accepted > 0
-    assert len(read_request_log(tmp_path / "tiny")) == accepted == tiny.counters["written_rows"]
+    assert len(read_shards(tmp_path / "tiny")) == accepted == tiny.counters["written_rows"]

@@ -95,19 +95,6 @@ def training_set_schema(feature_set: FeatureSet = CTR_V1) -> pa.DataFrameSchema:
     ).set_name(f"TrainingSet[{feature_set.name}]")  # type: ignore[attr-defined]
 
 
-SERVING_REQUEST = pa.DataFrameSchema(
-    name="ServingRequest",
-    columns={
-        "user_id": pa.Column(str, pa.Check.str_length(1, 128)),
-        "item_id": pa.Column(str, pa.Check.str_length(1, 128)),
-        "surface": pa.Column(str, pa.Check.isin(SURFACES)),
-        "device": pa.Column(str, pa.Check.isin(DEVICES)),
-        "ts": pa.Column(_TS, nullable=True, coerce=True),
-    },
-    strict=True,
-)
-
-
 def _format(contract: str, where: str, cases: pd.DataFrame, n_rows: int, examples: int) -> str:
     lines = [f"Contract {contract} violated by {where} ({n_rows} rows checked):"]
     cases = cases.copy()

@@ -69,7 +69,6 @@ from pipelines.features.definitions import (
 
 SEP = "\x1f"  # separates the values of a composite entity key
 FORMAT = 1  # version of the state encoding
-_META_KEYS = ("feature_set", "fingerprint", "watermark_ms", "allowed_lateness_ms")
 COUNTERS = (
     "batches",
     "rows",

@@ -37,7 +37,6 @@ from pipelines.core.config import ConfigError
 from pipelines.core.settings import FeaturesSettings, ServingSettings
 
 SCHEMA_VERSION = 2
-TierRole = Literal["prod", "candidate", "previous"]
 
 
 class ModelRef(BaseModel):

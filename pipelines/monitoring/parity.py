@@ -146,9 +146,9 @@ def served_from_request_log(log_dir: Path) -> pd.DataFrame:
     down, are left out): the query columns, ``ts`` (the request time), ``as_of_ms``
     (request time minus the reported feature age) and the feature columns.
     """
-    from pipelines.serving.request_log import read_request_log
+    from pipelines.serving.request_log import read_shards
 
-    log = read_request_log(log_dir)
+    log = read_shards(log_dir)
     if log.empty:
         raise ValueError(f"no answered requests in the request log {log_dir}")
     fallback = log["degraded_reason"].fillna("").str.contains("online store unavailable")

@@ -8,7 +8,6 @@ here, which return matplotlib figures, and ``render`` runs it with papermill
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,6 @@ import pandas as pd
 from pipelines.monitoring.drift import DriftReport
 from pipelines.monitoring.monitor import MonitorConfig
 from pipelines.monitoring.requests import RequestLogError, normalize_request_log, read_request_log
-
-
-@dataclass
-class ReportInputs:
-    """The window of traffic and labels a report is about."""
-
-    log: pd.DataFrame
-    clicks: pd.DataFrame | None
-    source: str
 
 
 def load_log(

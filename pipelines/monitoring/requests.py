@@ -83,12 +83,12 @@ def read_request_log(
 ) -> pd.DataFrame:
     """Read every ``requests-*.jsonl`` shard in ``log_dir`` and normalize the rows.
 
-    Parsing is the service's own (``pipelines.serving.request_log.read_request_log``: one JSON
+    Parsing is the service's own (``pipelines.serving.request_log.read_shards``: one JSON
     line of columns per answered batch; a partial last line left by a crash is
     skipped), so the format is defined in one place. ``since``/``until`` keep rows
     with ``since <= request_time < until``.
     """
-    from pipelines.serving.request_log import read_request_log as read_shards
+    from pipelines.serving.request_log import read_shards
 
     stats = stats if stats is not None else LogReadStats()
     if not log_dir.is_dir():

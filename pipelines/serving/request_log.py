@@ -6,7 +6,7 @@ its columns (orjson serializes the NumPy arrays directly, so logging a 1000-row
 batch costs about as much as logging one row), appends it to the current shard
 and flushes + fsyncs at least every ``flush_seconds``. A full queue drops the
 batch and counts its rows in ``dropped_rows`` instead of slowing requests down.
-``read_request_log`` expands the lines back to one row per answered request.
+``read_shards`` expands the lines back to one row per answered request.
 
 Files (one writer per server worker process, named by host and pid)::
 
@@ -25,7 +25,7 @@ so nothing is lost. A killed worker process (SIGKILL, OOM kill) loses only the
 batches still in its in-process queue; a machine crash or power loss loses at
 most the rows not yet fsynced (the last ``flush_seconds``). The profile of the
 current window is lost with the process (rebuildable from the JSONL rows). A crash
-mid-write can leave one partial last line; ``read_request_log`` skips it.
+mid-write can leave one partial last line; ``read_shards`` skips it.
 
 Unwritable log directory (removed, replaced, permissions or disk full): the rows
 that could not be written stay in memory (``backlog_rows``, bounded by
@@ -448,7 +448,7 @@ def _package_root() -> str:
     return here if not extra else f"{here}{os.pathsep}{extra}"
 
 
-def read_request_log(log_dir: Path) -> pd.DataFrame:
+def read_shards(log_dir: Path) -> pd.DataFrame:
     """One row per answered request from all shards; a partial last line is skipped."""
     keys = (
         "request_id",

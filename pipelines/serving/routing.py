@@ -15,13 +15,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from pipelines.core.settings import RoutingMode
 
-Arm = Literal["prod", "candidate"]
 _SCALE = float(1 << 64)
 
 

@@ -205,10 +205,10 @@ def timeline(outcomes: Sequence[Outcome], fault_at: float) -> dict[str, Any]:
 
 def log_accounting(log_dir: Path, answered: Sequence[Outcome]) -> dict[str, Any]:
     """Which answered request ids are in the request log (rows logged vs rows answered)."""
-    from pipelines.serving.request_log import read_request_log
+    from pipelines.serving.request_log import read_shards
 
     ids = {i for o in answered for i in o.request_ids}
-    log = read_request_log(log_dir) if log_dir.is_dir() else pd.DataFrame()
+    log = read_shards(log_dir) if log_dir.is_dir() else pd.DataFrame()
     logged = set(log["request_id"]) if len(log) else set()
     return {
         "answered_rows": len(ids),
