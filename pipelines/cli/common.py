@@ -90,7 +90,7 @@ def parse_version_name(text: str, model: str) -> VersionName:
     else:
         return VersionName(text, model)
     raise VersionNameError(
-        f"'{text}' does not name a version: {why}. Name one as {forms(model)} "
+        f"'{text}' is not a version name: {why}. Name a version as {forms(model)} "
         "(`mlops model status` lists the registered ones)"
     )
 

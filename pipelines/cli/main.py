@@ -48,9 +48,7 @@ class MlopsGroup(TyperGroup):
     """The root group: command-line usage errors exit 1 like every other error (2 and 3
     are monitor verdicts), and a moved command names its new place."""
 
-    def resolve_command(
-        self, ctx: Any, args: list[str]
-    ) -> tuple[str | None, Any, list[str]]:
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
         if args and args[0] in MOVED and args[0] not in self.commands:
             raise UsageError(
                 f"`mlops {args[0]}` is now `mlops {MOVED[args[0]]}` (see docs/cli.md)", ctx

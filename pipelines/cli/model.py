@@ -234,7 +234,7 @@ def status(
 def repair() -> None:
     """Complete registrations interrupted between the version tag and the staging tag.
 
-    `mlops status` lists them as INCOMPLETE; `mlops register` also completes them first.
+    `mlops model status` lists them as INCOMPLETE; `mlops model register` also completes them first.
     """
     reg = open_registry()
     done = _guard(reg.repair)

@@ -308,4 +308,3 @@ def canary_check(
         raise typer.Exit(EXIT_BREACH)
     if report.decision == "insufficient_data":
         raise typer.Exit(EXIT_INSUFFICIENT)
-

@@ -53,7 +53,7 @@ class CanaryPolicy:
 
     ``artifact`` and ``health_report`` default to the registry's ``release.artifact``
     and ``release.canary_health_file`` (a path template with ``{version}``), the file
-    ``mlops promote --to prod`` reads.
+    ``mlops model promote --to prod`` reads.
     """
 
     service_url: str = "http://127.0.0.1:3000"
@@ -537,7 +537,7 @@ def guard(
             "stage": "canary",
             "version": outcome.version,
             "reason": f"canary guard breach: {names}",
-            "requested_by": "canary guard (mlops canary check), automatic",
+            "requested_by": "canary guard (mlops monitor canary), automatic",
             "breached": {
                 c.name: {"canary": c.canary, "prod": c.prod, "limit": c.limit}
                 for c in report.breaches

@@ -1,10 +1,10 @@
 """The two registry calls the canary guard makes, through the project's GTO registry.
 
 ``version_in_stage`` asks ``pipelines.registry.registry.Registry`` which version holds a
-stage (GTO's "latest assignment wins", as ``mlops status`` shows it);
+stage (GTO's "latest assignment wins", as ``mlops model status`` shows it);
 ``record_canary_rollback`` takes the canary version out of the ``canary`` stage
 with an annotated GTO tag in the registry's message format (a title line, then
-YAML fields that ``mlops history`` parses back). Kept in one small module so the
+YAML fields that ``mlops model history`` parses back). Kept in one small module so the
 guard depends on the registry through exactly these two calls.
 """
 
