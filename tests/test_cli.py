@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+
 import pytest
 from typer.testing import CliRunner
 

@@ -76,7 +76,7 @@ def parse_version_name(text: str, model: str) -> VersionName:
     if not _MODEL.match(name):
         why = "not a version number or a model name"
     elif name != model:
-        why = f"unknown model '{name}' (this project registers '{model}', params.yaml release.artifact)"
+        why = f"unknown model '{name}' (this project registers '{model}': release.artifact)"
     elif sep == "@" and rest == "latest":
         return VersionName(text, model, latest=True)
     elif sep == "@" and _SEMVER.match(rest):

@@ -753,8 +753,9 @@ class Registry:
                 if not emergency:
                     raise RegistryError(
                         f"out of order: {version} has not been in canary (stages go staging -> "
-                        f"canary -> prod). Run `mlops model promote {version} --to canary` first, or "
-                        "skip canary with --emergency --reason '...' (recorded in the registry)"
+                        f"canary -> prod). Run `mlops model promote {version} --to canary` "
+                        "first, or skip canary with --emergency --reason '...' "
+                        "(recorded in the registry)"
                     )
                 skipped.append("canary")
             evidence = self.canary_evidence(version, canary[-1].timestamp if canary else None)
