@@ -50,7 +50,6 @@ def mlops(monkeypatch: pytest.MonkeyPatch):
 
 def _commands(help_text: str) -> set[str]:
     """Command names listed in a --help page (rich boxes or plain text)."""
-
     section = help_text[help_text.index("Commands") :]
     return {m.group(1) for m in re.finditer(r"^(?:│ |  )([a-z][\w-]*) ", section, re.MULTILINE)}
 
@@ -60,7 +59,7 @@ def test_each_group_help_lists_its_commands(mlops, group: str) -> None:
     result = mlops(group, "--help")
     assert result.exit_code == 0, result.output
     listed = _commands(result.stdout)
-    assert GROUP_COMMANDS[group] <= listed, (group, listed)
+    assert listed == GROUP_COMMANDS[group], (group, listed)
     for command in GROUP_COMMANDS[group]:
         sub = mlops(group, command, "--help")
         assert sub.exit_code == 0 and "Usage" in sub.stdout, (group, command)
@@ -69,9 +68,7 @@ def test_each_group_help_lists_its_commands(mlops, group: str) -> None:
 def test_top_level_help_lists_groups_and_commands_only(mlops) -> None:
     result = mlops("--help")
     assert result.exit_code == 0
-    assert _commands(result.stdout) >= set(GROUP_COMMANDS) | TOP_LEVEL
-    # the old top-level spellings are gone (each now lives in one group)
-    assert not _commands(result.stdout) & set(MOVED)
+    assert _commands(result.stdout) == set(GROUP_COMMANDS) | TOP_LEVEL
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
