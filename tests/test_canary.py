@@ -204,7 +204,7 @@ def test_breaching_canary_is_rolled_back_with_evidence(
     assert fields["breached"]["error_rate"]["canary"] > 0.05
     assert fields["evidence"] == outcome.actions["evidence"]
     assert Registry(registry).holders().get("canary") is None
-    last = Registry(registry).events()[-1]  # what `mlops history` shows
+    last = Registry(registry).events()[-1]  # what `mlops model history` shows
     assert (last.tag, last.action, last.version) == (tag, "canary-rollback", "v0.2.0")
     assert Registry(registry).holders().get("prod") == "v0.1.0"
     history = run([sys.executable, "-m", "gto.cli", "history", "ctr-model"], registry).stdout
@@ -276,8 +276,8 @@ def test_cli_canary_check(registry: Path, tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pipelines.cli",
+            "monitor",
             "canary",
-            "check",
             "--log-file",
             str(tmp_path / "log.parquet"),
             "--clicks",

@@ -46,7 +46,7 @@ def test_drift_quality_alerts_retraining_and_report(project_copy: Path, tmp_path
     with http_receiver() as hook:
         _set_monitor(root, "alerts", "webhook_url", hook.url + "/alerts")
         _set_monitor(root, "quality", "max_calibration_error", 0.03)
-        result = run([*mlops, "drift", "--retrain", "exp"], root, check=False, env=env)
+        result = run([*mlops, "monitor", "drift", "--retrain", "exp"], root, check=False, env=env)
         assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
         keys = {body["key"] for body in hook.bodies("/alerts")}
     out = result.stdout

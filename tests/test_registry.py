@@ -172,7 +172,7 @@ def test_release_flow_register_promote_rollback_history_lineage(
     (root / "monitors/canary").mkdir(parents=True, exist_ok=True)
 
     # 1. register v1.0.0: gates pass, report committed and referenced, bento on the remote
-    out = mlops("register", "--reason", "first model")
+    out = mlops("model", "register", "--reason", "first model")
     assert "registered ctr-model v1.0.0" in out and "FAIL" not in out
     assert tags(root) == {f"{ART}@v1.0.0", f"{ART}#staging#1"}
     reg = tag_fields(root, f"{ART}@v1.0.0")
@@ -186,18 +186,32 @@ def test_release_flow_register_promote_rollback_history_lineage(
     assert cache_object(root, ".dvc-remote", bento_v1["archive_md5"]).is_file()
 
     # 2. stage order: prod before canary is refused; canary health must say healthy
-    err = mlops.refused("promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "go")
+    err = mlops.refused(
+        "model", "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "go"
+    )
     assert "out of order" in err and "--to canary" in err
-    mlops("promote", "v1.0.0", "--to", "canary", "--reason", "5% canary")
+    mlops("model", "promote", "v1.0.0", "--to", "canary", "--reason", "5% canary")
     health = root / "monitors/canary/health_v1.0.0.json"
     health.write_text(
         json.dumps({"version": "v1.0.0", "healthy": False, "reasons": ["p99 latency above guard"]})
     )
-    err = mlops.refused("promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "go")
+    err = mlops.refused(
+        "model", "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "go"
+    )
     assert "NOT healthy" in err and "p99 latency above guard" in err
     health.write_text(json.dumps({"version": "v1.0.0", "healthy": True, "requests": 5000}))
-    mlops("promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "canary healthy")
-    state = json.loads(mlops("status", "--json"))
+    mlops(
+        "model",
+        "promote",
+        "v1.0.0",
+        "--to",
+        "prod",
+        "--approver",
+        OWNER,
+        "--reason",
+        "canary healthy",
+    )
+    state = json.loads(mlops("model", "status", "--json"))
     assert state["stages"]["prod"]["version"] == "v1.0.0"
     assert state["stages"]["prod"]["approver"] == OWNER
 
@@ -230,7 +244,7 @@ def test_release_flow_register_promote_rollback_history_lineage(
                     f"regression: {metric} {'overall' if scope is None else 'on ' + scope}"
                 )
     assert worse, "the two models should differ somewhere; the test needs a regression"
-    err = mlops.refused("register")
+    err = mlops.refused("model", "register")
     assert f"failed {len(worse)} of" in err and "Registry unchanged" in err
     for gate in worse:
         assert gate in err
@@ -239,14 +253,16 @@ def test_release_flow_register_promote_rollback_history_lineage(
     commit_all(root, "accept small regressions")
 
     # 5. register v1.1.0 against prod v1.0.0, then canary and prod
-    mlops("register", "--reason", "learning rate 0.03")
+    mlops("model", "register", "--reason", "learning rate 0.03")
     reg2 = tag_fields(root, f"{ART}@v1.1.0")
     assert reg2["compared_with_prod"] == "v1.0.0"
     assert reg2["bento_tag"] != bento_v1["bento_tag"]
-    mlops("promote", "v1.1.0", "--to", "canary")
-    out = mlops("promote", "1.1.0", "--to", "prod", "--approver", OWNER, "--reason", "better AUC")
+    mlops("model", "promote", "v1.1.0", "--to", "canary")
+    out = mlops(
+        "model", "promote", "1.1.0", "--to", "prod", "--approver", OWNER, "--reason", "better AUC"
+    )
     assert "replaces v1.0.0" in out
-    assert json.loads(mlops("status", "--json"))["stages"]["prod"]["version"] == "v1.1.0"
+    assert json.loads(mlops("model", "status", "--json"))["stages"]["prod"]["version"] == "v1.1.0"
 
     # 6. rollback must fetch v1.0.0's archive from the DVC remote: drop the local copies
     archive_md5 = reg["bento_archive_md5"]
@@ -256,10 +272,10 @@ def test_release_flow_register_promote_rollback_history_lineage(
     remote_obj = cache_object(root, ".dvc-remote", archive_md5)
     hidden = remote_obj.with_name("hidden")
     remote_obj.rename(hidden)
-    err = mlops.refused("rollback", "--reason", "calibration worse")
+    err = mlops.refused("model", "rollback", "--reason", "calibration worse")
     assert "neither the DVC cache nor the remote" in err and "Registry unchanged" in err
     hidden.rename(remote_obj)
-    out = mlops("rollback", "--reason", "calibration worse")
+    out = mlops("model", "rollback", "--reason", "calibration worse")
     assert "v1.1.0 -> v1.0.0" in out and "imported" in out
     deployed = json.loads((root / "build/deploy/deployed.json").read_text())
     assert deployed["prod_before"] == "v1.1.0" and deployed["prod_after"] == "v1.0.0"
@@ -268,14 +284,14 @@ def test_release_flow_register_promote_rollback_history_lineage(
 
     assert md5_file(archive) == archive_md5
     assert (store / "bento.yaml").is_file()  # imported back into the BentoML store, not rebuilt
-    state = json.loads(mlops("status", "--json"))
+    state = json.loads(mlops("model", "status", "--json"))
     assert state["stages"]["prod"]["version"] == "v1.0.0"
     assert state["stages"]["prod"]["reason"] == "calibration worse"
     # no earlier good prod version is left to return to
-    assert "no earlier prod version" in mlops.refused("rollback")
+    assert "no earlier prod version" in mlops.refused("model", "rollback")
 
     # 7. history: every step, with who and why
-    history = json.loads(mlops("history", "--json"))
+    history = json.loads(mlops("model", "history", "--json"))
     steps = [(e["action"], e["version"], e["stage"]) for e in history]
     assert steps == [
         ("register", "v1.0.0", None),
@@ -297,11 +313,11 @@ def test_release_flow_register_promote_rollback_history_lineage(
     assert history[7]["fields"]["canary_evidence"]["present"] is False
     assert history[9]["reason"] == "calibration worse"
     assert history[9]["fields"]["effect"]["archive_md5"] == archive_md5
-    text = mlops("history")
+    text = mlops("model", "history")
     assert text.count("approved by Release Owner") == 2 and "calibration worse" in text
 
     # 8. lineage of v1.0.0 matches git + dvc.lock at its tag, and every hash resolves
-    record = json.loads(mlops("lineage", f"{ART}@v1.0.0", "--json"))
+    record = json.loads(mlops("model", "lineage", f"{ART}@v1.0.0", "--json"))
     lock = yaml.safe_load(git(root, "show", f"{ART}@v1.0.0:dvc.lock"))["stages"]
     outs = {o["path"]: o["md5"] for s in lock.values() for o in s["outs"]}
     data_dvc = yaml.safe_load(git(root, "show", f"{ART}@v1.0.0:data.dvc"))
@@ -329,7 +345,13 @@ def test_release_flow_register_promote_rollback_history_lineage(
         f"{ART}#staging#1",
     ]
     assert record["stages"] == ["prod"]
-    text = mlops("lineage", ART)  # MODEL alone means the prod version
+    # every command names a version the same ways: the bare number is the same record
+    assert json.loads(mlops("model", "lineage", "v1.0.0", "--json")) == record
+    assert json.loads(mlops("model", "lineage", f"{ART}#prod", "--json"))["version"] == "v1.0.0"
+    assert json.loads(mlops("model", "history", "--version", f"{ART}@v1.0.0", "--json")) == [
+        e for e in history if e["version"] == "v1.0.0"
+    ]
+    text = mlops("model", "lineage", ART)  # MODEL alone means the prod version
     labels = [
         "git commit",
         "raw data",
@@ -366,7 +388,7 @@ def test_release_flow_register_promote_rollback_history_lineage(
     )
     assert md5_file(got / "model.joblib") == record["model"]["model_file_md5"]
     # the module entry point (what the `mlops` console script runs) sees the same registry
-    shown = run([sys.executable, "-m", "pipelines.cli", "status", "--json"], root).stdout
+    shown = run([sys.executable, "-m", "pipelines.cli", "model", "status", "--json"], root).stdout
     assert json.loads(shown)["stages"]["prod"]["version"] == "v1.0.0"
     # the release record embedded in the bento (served at /metadata) is the same lineage
     release = json.loads((root / "build/release/release.json").read_text())
@@ -385,21 +407,21 @@ def test_bad_input_is_a_clear_error_and_leaves_the_registry_unchanged(
     refused, ok = mlops.refused, mlops
 
     # empty registry
-    assert "nothing is in prod" in refused("rollback")
-    assert "unknown version v1.0.0" in refused("promote", "v1.0.0", "--to", "canary")
-    assert "no version of ctr-model is registered yet" in refused("lineage", ART)
+    assert "nothing is in prod" in refused("model", "rollback")
+    assert "unknown version v1.0.0" in refused("model", "promote", "v1.0.0", "--to", "canary")
+    assert "no version of ctr-model is registered yet" in refused("model", "lineage", ART)
 
     # a dirty working tree
     readme = root / "README.md"
     readme.write_text(readme.read_text() + "\nlocal edit\n")
-    assert "uncommitted changes (README.md)" in refused("register")
+    assert "uncommitted changes (README.md)" in refused("model", "register")
     git(root, "checkout", "--", "README.md")
 
     # a missing DVC output (the reference profile) fails two gates, naming it
     reference = root / "monitors/reference"
     aside = root / "reference.aside"
     reference.rename(aside)
-    err = refused("register")
+    err = refused("model", "register")
     assert "missing DVC outputs: monitors/reference (output of profile: deleted)" in err
     assert "reference profile present: monitors/reference/profile.bin is missing" in err
     aside.rename(reference)
@@ -411,7 +433,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_registry_unchanged(
     edit_params(root, floor(0.99))
     commit_all(root, "impossible AUC floor")
     auc = json.loads((root / "build/eval/metrics.json").read_text())["auc"]
-    err = refused("register")
+    err = refused("model", "register")
     assert "failed 1 of" in err and "floor: auc >= 0.99" in err
     assert f"is below the minimum 0.99 by {0.99 - auc:.4f}" in err
     assert json.loads((root / "reports/gates/ctr-model@v1.0.0.json").read_text())["passed"] is False
@@ -420,24 +442,27 @@ def test_bad_input_is_a_clear_error_and_leaves_the_registry_unchanged(
     commit_all(root, "restore AUC floor")
 
     # register works; the same commit or model cannot be registered twice
-    ok("register", "--version", "1.0.0")
-    assert "already registered as v1.0.0" in refused("register")
-    assert "already registered" in refused("register", "--version", "v1.0.0")
+    ok("model", "register", "--version", "1.0.0")
+    assert "already registered as v1.0.0" in refused("model", "register")
+    assert "already registered" in refused("model", "register", "--version", "v1.0.0")
 
     # promotion input
-    assert "not a version" in refused("promote", "banana", "--to", "canary")
-    assert "--to must be one of canary, prod" in refused("promote", "v1.0.0", "--to", "staging")
-    assert "needs --approver and --reason" in refused("promote", "v1.0.0", "--to", "prod")
+    assert "not a version" in refused("model", "promote", "banana", "--to", "canary")
+    assert "--to must be one of canary, prod" in refused(
+        "model", "promote", "v1.0.0", "--to", "staging"
+    )
+    assert "needs --approver and --reason" in refused("model", "promote", "v1.0.0", "--to", "prod")
     assert "out of order" in refused(
-        "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "ship it"
+        "model", "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "ship it"
     )
     assert "--emergency needs --reason" in refused(
-        "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--emergency"
+        "model", "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--emergency"
     )
-    assert "unknown model 'other-model'" in refused("lineage", "other-model@v1.0.0")
+    assert "unknown model 'other-model'" in refused("model", "lineage", "other-model@v1.0.0")
 
     # the emergency path skips canary, and says so in the registry
     out = ok(
+        "model",
         "promote",
         "v1.0.0",
         "--to",
@@ -449,14 +474,14 @@ def test_bad_input_is_a_clear_error_and_leaves_the_registry_unchanged(
         "hotfix for broken prod",
     )
     assert "EMERGENCY" in out and "skipped: canary" in out
-    last = json.loads(ok("history", "--json"))[-1]
+    last = json.loads(ok("model", "history", "--json"))[-1]
     assert last["emergency"] is True and last["fields"]["skipped_stages"] == ["canary"]
     assert last["reason"] == "hotfix for broken prod" and last["approver"] == OWNER
     assert "ctr-model v1.0.0 is already in prod" in refused(
-        "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "again"
+        "model", "promote", "v1.0.0", "--to", "prod", "--approver", OWNER, "--reason", "again"
     )
-    assert "already been in prod" in refused("promote", "v1.0.0", "--to", "canary")
-    assert "no earlier prod version" in refused("rollback")
+    assert "already been in prod" in refused("model", "promote", "v1.0.0", "--to", "canary")
+    assert "no earlier prod version" in refused("model", "rollback")
 
 
 def test_every_registry_command_has_help() -> None:
@@ -464,7 +489,7 @@ def test_every_registry_command_has_help() -> None:
 
     runner = CliRunner()
     for command in ("register", "promote", "rollback", "status", "history", "lineage"):
-        result = runner.invoke(app, [command, "--help"])
+        result = runner.invoke(app, ["model", command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.stdout, command
 
 
@@ -474,24 +499,24 @@ def test_register_interrupted_before_its_staging_tag_is_detected_and_completed(
 ) -> None:
     root = project_copy
     mlops = Mlops(root, monkeypatch)
-    mlops("register", "--reason", "first model")
+    mlops("model", "register", "--reason", "first model")
     # The state a kill between the two GTO tags leaves: version tag, no staging tag.
     git(root, "tag", "-d", f"{ART}#staging#1")
-    state = json.loads(mlops("status", "--json"))
+    state = json.loads(mlops("model", "status", "--json"))
     assert [i["version"] for i in state["incomplete"]] == ["v1.0.0"]
     assert state["stages"]["staging"] is None
-    assert "INCOMPLETE: v1.0.0 registered but never staged" in mlops("status")
-    out = mlops("repair")
+    assert "INCOMPLETE: v1.0.0 registered but never staged" in mlops("model", "status")
+    out = mlops("model", "repair")
     assert "completed the registration of ctr-model v1.0.0" in out
-    state = json.loads(mlops("status", "--json"))
+    state = json.loads(mlops("model", "status", "--json"))
     assert state["incomplete"] == [] and state["stages"]["staging"]["version"] == "v1.0.0"
     assert "repaired" in tag_fields(root, state["stages"]["staging"]["tag"])
-    assert "nothing to repair" in mlops("repair")
-    mlops("promote", "v1.0.0", "--to", "canary")  # the release flow goes on from staging
-    # The next `mlops register` completes an interrupted registration by itself too.
+    assert "nothing to repair" in mlops("model", "repair")
+    mlops("model", "promote", "v1.0.0", "--to", "canary")  # the release flow goes on from staging
+    # The next `mlops model register` completes an interrupted registration by itself too.
     for tag in [t for t in tags(root) if "#" in t]:  # back to: version tag only
         git(root, "tag", "-d", tag)
-    out = mlops("register")
+    out = mlops("model", "register")
     assert "completed an interrupted registration: v1.0.0" in out
     assert "nothing else to register" in out
-    assert json.loads(mlops("status", "--json"))["incomplete"] == []
+    assert json.loads(mlops("model", "status", "--json"))["incomplete"] == []

@@ -1,12 +1,6 @@
 """Verdict on a pip-audit JSON report: vulnerable, clean, or not audited.
 
-pip-audit prints "No known vulnerabilities found" and exits 0 even when it could not
-audit a single package (its advisory service unreachable: every dependency is *skipped*).
-This module reads its JSON report (``pip-audit -f json``) and says which case it is, so
-``make check`` fails on a known vulnerability, passes on a clean audit and says loudly
-that nothing was audited instead of passing silently. ``--require-audited`` (``make
-audit``) also fails when a package could not be audited.
-"""
+Run by ``make check`` and ``make audit``; see docs/reliability.md "Supply chain"."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""``mlops`` registry commands: register, promote, rollback, status, history, lineage.
-
-Thin wiring over ``pipelines.registry.registry``; every refusal prints ``error: ...``
-(what, where, what to do) and exits 1 with the registry unchanged.
-"""
+"""``mlops model ...``: the release commands over the git-tag registry (docs/registry.md)."""
 
 from __future__ import annotations
 
@@ -13,20 +9,20 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines.cli.common import (
+    fail,
+    forms,
+    open_registry,
+    resolve_version,
+    version_name,
+    version_number,
+)
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-def _registry() -> Any:
-    from pipelines.core.config import ConfigError
-    from pipelines.registry.registry import Registry, RegistryError
-
-    try:
-        return Registry()
-    except (RegistryError, ConfigError) as exc:
-        _fail(str(exc))
+app = typer.Typer(
+    help="Model releases: register, promote, roll back, inspect (git-tag registry).",
+    no_args_is_help=True,
+)
+VERSION_HELP = f"The version: {forms('MODEL')}."
 
 
 def _guard(action: Callable[[], Any]) -> Any:
@@ -40,19 +36,20 @@ def _guard(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except (RegistryError, ConfigError, LineageError, GTOException) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _gate_lines(report: Any) -> list[str]:
     return [f"  {'PASS' if r.passed else 'FAIL'}  {r.gate}: {r.detail}" for r in report.results]
 
 
+@app.command("register")
 def register(
     version: Annotated[
         str | None,
         typer.Option(
             "--version",
-            help="Version to register, e.g. v1.2.0 "
+            help="Version to register, e.g. v1.2.0 or ctr-model@v1.2.0 "
             "(default: v1.0.0 first, then the latest bumped by --bump).",
         ),
     ] = None,
@@ -72,7 +69,8 @@ def register(
     (release.gates), pushes DVC outputs so the bento is retrievable for rollback,
     commits the gate report and tags `<model>@<version>` and `<model>#staging#N`.
     """
-    reg = _registry()
+    version = version_number(version) if version else None
+    reg = open_registry()
     if dry_run:
         report = _guard(lambda: reg.check_gates(version, bump))
         # The dry-run report is what `mlops review` shows as the gate verdicts of a change.
@@ -111,11 +109,12 @@ def register(
         f"gate report: {', '.join(result['report_paths'])} | bento {result['bento_tag']} "
         "pushed to the DVC remote"
     )
-    typer.echo(f"next: mlops promote {result['version']} --to canary")
+    typer.echo(f"next: mlops model promote {result['version']} --to canary")
 
 
+@app.command("promote")
 def promote(
-    version: Annotated[str, typer.Argument(help="Registered version, e.g. v1.2.0.")],
+    version: Annotated[str, typer.Argument(help=VERSION_HELP)],
     to: Annotated[str, typer.Option("--to", help="Target stage: canary or prod.")],
     approver: Annotated[str | None, typer.Option(help="Who approved (required for prod).")] = None,
     reason: Annotated[
@@ -136,7 +135,9 @@ def promote(
     version went through canary, and its canary health report says healthy when
     the report exists). The annotated tag records who, when and why.
     """
-    reg = _registry()
+    name = version_name(version)
+    reg = open_registry()
+    version = resolve_version(reg, name)
     result = _guard(lambda: reg.promote(version, to, approver, reason, emergency))
     f = result["fields"]
     typer.echo(
@@ -157,9 +158,10 @@ def promote(
             )
         )
     if f.get("replaces"):
-        typer.echo(f"replaces {f['replaces']} in prod; `mlops rollback` returns to it")
+        typer.echo(f"replaces {f['replaces']} in prod; `mlops model rollback` returns to it")
 
 
+@app.command("rollback")
 def rollback(
     reason: Annotated[str | None, typer.Option(help="Why (recorded in the tag).")] = None,
     out: Annotated[
@@ -182,7 +184,7 @@ def rollback(
     verifies it, imports it into the BentoML store, then tags the previous
     version `#prod` and the rolled-back one `#prod!`, with the reason.
     """
-    reg = _registry()
+    reg = open_registry()
     record = _guard(lambda: reg.rollback(reason, out, import_bento))
     typer.echo(
         f"rolled back {reg.artifact} prod: {record['prod_before']} -> "
@@ -198,11 +200,12 @@ def rollback(
     )
 
 
+@app.command("status")
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Which version holds each stage, and every registered version."""
-    reg = _registry()
+    reg = open_registry()
     state = _guard(reg.status)
     if as_json:
         typer.echo(json.dumps(state, indent=2))
@@ -228,12 +231,13 @@ def status(
         typer.echo(f"INCOMPLETE: {item['version']} {item['problem']}; fix: {item['fix']}")
 
 
+@app.command("repair")
 def repair() -> None:
     """Complete registrations interrupted between the version tag and the staging tag.
 
-    `mlops status` lists them as INCOMPLETE; `mlops register` also completes them first.
+    `mlops model status` lists them as INCOMPLETE; `mlops model register` also completes them first.
     """
-    reg = _registry()
+    reg = open_registry()
     done = _guard(reg.repair)
     if not done:
         typer.echo("registry consistent: nothing to repair")
@@ -245,19 +249,20 @@ def repair() -> None:
         )
 
 
+@app.command("history")
 def history(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     version: Annotated[
-        str | None, typer.Option("--version", help="Only this version's events.")
+        str | None, typer.Option("--version", help="Only this version's events: " + VERSION_HELP)
     ] = None,
 ) -> None:
     """Every registry change, oldest first: when, what, who, approver and why."""
-    from pipelines.registry.registry import normalize_version
-
-    reg = _registry()
+    name = version_name(version) if version else None
+    reg = open_registry()
     events = [e.to_dict() for e in _guard(reg.events)]
-    if version:
-        wanted = _guard(lambda: normalize_version(version))
+    if name:
+        # A number needs no lookup (a deregistered version still has its history).
+        wanted = name.version or resolve_version(reg, name)
         events = [e for e in events if e["version"] == wanted]
     if as_json:
         typer.echo(json.dumps(events, indent=2, default=str))
@@ -273,13 +278,12 @@ def history(
         )
 
 
+@app.command("lineage")
 def lineage(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="MODEL (prod, else latest), MODEL@vX.Y.Z, MODEL@latest or MODEL#stage."
-        ),
-    ],
+    version: Annotated[
+        str | None,
+        typer.Argument(help=VERSION_HELP + " Default: the model, i.e. prod, else the latest."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print the lineage chain of a registered version, from git commit to bento tag.
@@ -290,23 +294,10 @@ def lineage(
     """
     from pipelines.core.lineage import lineage_text
 
-    reg = _registry()
-    record = _guard(lambda: reg.lineage(model))
+    name = version_name(version) if version else None
+    reg = open_registry()
+    record = _guard(lambda: reg.lineage(name.spec if name else reg.artifact))
     if as_json:
         typer.echo(json.dumps(record, indent=2, default=str))
     else:
         typer.echo(lineage_text(record))
-
-
-def add_commands(app: typer.Typer) -> None:
-    """Attach the registry commands to the ``mlops`` app."""
-    for name, func in (
-        ("register", register),
-        ("promote", promote),
-        ("rollback", rollback),
-        ("status", status),
-        ("history", history),
-        ("lineage", lineage),
-        ("repair", repair),
-    ):
-        app.command(name)(func)

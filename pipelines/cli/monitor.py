@@ -1,12 +1,5 @@
-"""``mlops drift``, ``mlops monitor ...`` and ``mlops canary check``: the monitoring commands.
-
-Registered on the main typer app by ``pipelines.cli.main`` (``register(app)``), kept in
-their own module so the command line of the other parts stays untouched.
-
-Exit codes (for cron jobs and CI): 0 nothing breached / canary healthy,
-1 bad input or configuration, 2 a breach (drift, signal, quality; canary rolled
-back), 3 not enough data to judge the canary.
-"""
+"""``mlops monitor ...``: drift, the drift report, replayed traffic, the canary guard
+(docs/monitoring.md; exit codes in docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -15,11 +8,12 @@ from pathlib import Path
 
 import typer
 
-EXIT_BREACH = 2
-EXIT_INSUFFICIENT = 3
+from pipelines.cli.common import EXIT_BREACH, EXIT_INSUFFICIENT, fail, registered_version
 
-monitor_app = typer.Typer(help="Monitoring: drift report, replayed traffic.", no_args_is_help=True)
-canary_app = typer.Typer(help="Canary guard: compare canary with prod, act.", no_args_is_help=True)
+app = typer.Typer(
+    help="Monitoring: drift and alerts, the drift report, replayed traffic, the canary guard.",
+    no_args_is_help=True,
+)
 
 
 # Options shared by the commands that read the request log (one definition, same help).
@@ -30,11 +24,6 @@ LOG_FILE_OPTION = typer.Option(None, help="A request log as one parquet or JSONL
 CLICKS_OPTION = typer.Option(None, help="Click parquet file/folder (default: monitor.clicks_path).")
 SINCE_OPTION = typer.Option(None, help="Only requests at or after this UTC time.")
 UNTIL_OPTION = typer.Option(None, help="Only requests before this UTC time.")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 def _load(log_dir: Path | None, log_file: Path | None, since: str | None, until: str | None):
@@ -50,7 +39,7 @@ def _load(log_dir: Path | None, log_file: Path | None, since: str | None, until:
             cfg, str(log_dir or ""), str(log_file or ""), since or "", until or ""
         )
     except (ConfigError, RequestLogError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return cfg, log, source
 
 
@@ -60,9 +49,10 @@ def _clicks(cfg, clicks: Path | None):
     try:
         return monitor_report.load_clicks(cfg, str(clicks or ""))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
+@app.command("drift")
 def drift(
     log_dir: Path | None = LOG_DIR_OPTION,
     log_file: Path | None = LOG_FILE_OPTION,
@@ -86,7 +76,7 @@ def drift(
     from pipelines.monitoring.requests import write_window_profiles
 
     if retrain not in (None, "none", "repro", "exp"):
-        _fail(f"--retrain must be none, repro or exp, got {retrain!r}")
+        fail(f"--retrain must be none, repro or exp, got {retrain!r}")
     cfg, log, source = _load(log_dir, log_file, since, until)
     click_table = _clicks(cfg, clicks)
     try:
@@ -98,7 +88,7 @@ def drift(
             retrain_run=retrain,
         )
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     path = save_result(cfg, result)
     if profiles:
         written = write_window_profiles(log, cfg.live_profile_dir, cfg.window, cfg.feature_names)
@@ -166,7 +156,7 @@ def _print_result(result, source: str, rows: int) -> None:
         typer.echo(f"retraining: {r['command']} {r['status']} in {r['seconds']} s")
 
 
-@monitor_app.command("report")
+@app.command("report")
 def monitor_report_cmd(
     log_dir: Path | None = LOG_DIR_OPTION,
     log_file: Path | None = LOG_FILE_OPTION,
@@ -198,7 +188,7 @@ def monitor_report_cmd(
     typer.echo(f"report: {output} and {output.with_suffix('.html')}")
 
 
-@monitor_app.command("replay")
+@app.command("replay")
 def monitor_replay(
     scenario: str = typer.Option(
         "none",
@@ -223,27 +213,31 @@ def monitor_replay(
     import pandas as pd
 
     from pipelines.core import config
+    from pipelines.core.settings import load_settings
     from pipelines.monitoring.monitor import MonitorConfig
     from pipelines.monitoring.quality import clicks_from_events
     from pipelines.monitoring.requests import write_request_log_shard
     from pipelines.simulation.generate import generate_events
     from pipelines.simulation.replay import ReplayModel, replay
 
-    params = config.load_params()
-    cfg = MonitorConfig.load(params=params)
+    try:
+        settings = load_settings()
+    except config.ConfigError as exc:
+        fail(str(exc))
+    cfg = MonitorConfig.load(params=settings.model_dump(mode="json"))
     try:
         events = generate_events(
-            preset or config.get(params, "generate.preset"),
-            seed if seed is not None else int(config.get(params, "base.seed")),
-            str(config.get(params, "generate.start")),
+            preset or settings.generate.preset,
+            seed if seed is not None else settings.base.seed,
+            settings.generate.start.isoformat(),
             scenario,
             scenario_start_day,
         )
     except ValueError as exc:
-        _fail(str(exc))
-    model_path = model_dir or cfg.root / config.get(params, "train.out_dir")
+        fail(str(exc))
+    model_path = model_dir or cfg.root / settings.train.out_dir
     if not (model_path / "model.joblib").is_file():
-        _fail(f"no model in {model_path}; run `dvc repro train` first")
+        fail(f"no model in {model_path}; run `dvc repro train` first")
     start = events["ts"].max().floor("D") - pd.Timedelta(days=last_days - 1)
     requests = events[events["ts"] >= start]
     log = replay(events, requests, ReplayModel.load(model_path))
@@ -262,14 +256,16 @@ def monitor_replay(
         typer.echo(f"wrote {len(events):,} events to {events_out}")
 
 
-@canary_app.command("check")
+@app.command("canary")
 def canary_check(
     log_dir: Path | None = LOG_DIR_OPTION,
     log_file: Path | None = LOG_FILE_OPTION,
     clicks: Path | None = CLICKS_OPTION,
     since: str | None = SINCE_OPTION,
     version: str | None = typer.Option(
-        None, help="Registry version of the canary (default: the one in stage 'canary')."
+        None,
+        help="Registry version of the canary, e.g. v1.2.0 or ctr-model@v1.2.0 "
+        "(default: the one in stage 'canary').",
     ),
     service_url: str | None = typer.Option(
         None, help="Service base URL for the kill switch (default: monitor.canary.service_url)."
@@ -284,6 +280,7 @@ def canary_check(
     """Compare canary with prod; roll back a breaching canary, certify a healthy one."""
     from pipelines.monitoring.canary import guard
 
+    version = registered_version(version)
     cfg, log, source = _load(log_dir, log_file, since, None)
     click_table = _clicks(cfg, clicks)
     outcome = guard(
@@ -315,10 +312,3 @@ def canary_check(
         raise typer.Exit(EXIT_BREACH)
     if report.decision == "insufficient_data":
         raise typer.Exit(EXIT_INSUFFICIENT)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the monitoring commands to the ``mlops`` app."""
-    app.command("drift")(drift)
-    app.add_typer(monitor_app, name="monitor")
-    app.add_typer(canary_app, name="canary")

@@ -1,17 +1,5 @@
-"""Git set-up for notebooks: nbstripout strips outputs on commit, nbdime diffs and merges them.
-
-Source notebooks are committed without outputs (the executed copies are stage
-outputs under ``reports/``), and a raw ``.ipynb`` diff is JSON noise. Both tools
-ship their own installers; this module runs them for one repository and makes
-the result independent of the shell's ``PATH``:
-
-* the attributes go into the committed ``.gitattributes`` (not
-  ``.git/info/attributes``, which outranks it and would let nbstripout's
-  ``diff=ipynb`` shadow nbdime's ``diff=jupyternotebook``);
-* nbdime's drivers and difftool/mergetool commands call this environment's
-  Python by absolute path, as nbstripout's filter already does, so ``git diff``
-  works in a shell where ``.venv`` is not activated.
-"""
+"""``mlops notebooks ...``: notebook hygiene and the git set-up for notebooks
+(nbstripout, nbdime; docs/review.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +10,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import typer
+
+from pipelines.cli.common import fail
+from pipelines.core import config
 from pipelines.core.vcs import git
+
+app = typer.Typer(help="Stage notebook hygiene.", no_args_is_help=True)
 
 ATTRIBUTES = ".gitattributes"
 
@@ -102,4 +96,40 @@ def configure(root: Path) -> GitNotebookSetup:
         filter_clean=filter_clean,
         diff_command=diff_command,
         merge_driver=merge_driver,
+    )
+
+
+@app.command("check")
+def notebooks_check(paths: list[Path] | None = typer.Argument(None)) -> None:
+    """Fail if a source notebook carries outputs or execution counts (commit them stripped)."""
+    import nbformat
+
+    root = config.project_root()
+    files = paths or sorted((root / "notebooks").rglob("*.ipynb"))
+    dirty = []
+    for path in files:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count")):
+                dirty.append(path)
+                break
+    if dirty:
+        fail(
+            "source notebooks carry outputs: "
+            + ", ".join(map(str, dirty))
+            + "; strip them with `nbstripout <file>` (installed by `make setup` as a git filter)"
+        )
+    typer.echo(f"{len(files)} source notebook(s) have no outputs")
+
+
+@app.command("git-setup")
+def notebooks_git_setup() -> None:
+    """Configure this repo's git: nbstripout strips outputs on commit, nbdime diffs and merges."""
+    try:
+        done = configure(config.project_root())
+    except GitSetupError as exc:
+        fail(str(exc))
+    typer.echo(
+        f"git configured for notebooks in {done.git_dir}: nbstripout filter, nbdime diff "
+        "and merge drivers (see .gitattributes)"
     )

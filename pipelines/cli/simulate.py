@@ -1,10 +1,4 @@
-"""``mlops simulate``: the closed loop end to end (logic in ``pipelines.simulation.simulate``).
-
-Exit codes: 0 the loop closed (promoted, or rolled back with ``--bad-canary``),
-1 a step failed (the message says which and why), 2 the canary was rolled back
-although it was not forced to fail, 3 the loop stopped early (no drift trigger, or
-too little canary traffic to judge).
-"""
+"""``mlops simulate``: the closed loop end to end (docs/monitoring.md "Closed loop")."""
 
 from __future__ import annotations
 
@@ -12,7 +6,12 @@ from pathlib import Path
 
 import typer
 
+from pipelines.cli.common import fail, registered_version
 
+app = typer.Typer()
+
+
+@app.command("simulate")
 def simulate(
     scenario: str = typer.Option(
         "surface_shift",
@@ -37,7 +36,8 @@ def simulate(
     ),
     candidate: str | None = typer.Option(
         None,
-        help="Canary this already registered version instead of retraining and registering one.",
+        help="Canary this already registered version (e.g. v1.1.0 or ctr-model@v1.1.0) "
+        "instead of retraining and registering one.",
     ),
     url: str | None = typer.Option(
         None,
@@ -58,12 +58,15 @@ def simulate(
     traffic -> drift -> alert -> retrain (dvc repro) -> register (gates) -> canary ->
     canary check -> promote to prod, or automatic rollback of a bad canary.
     The command commits the retrained outputs and writes registry tags in this
-    repository: run it on a branch or a copy when that is not wanted.
+    repository: run it on a branch or a copy when that is not wanted. Exit codes: 0 the
+    loop closed (promoted, or rolled back with --bad-canary), 1 a step failed, 2 the
+    canary was rolled back although not forced to fail, 3 the loop stopped early.
     """
     from pipelines.core import config
     from pipelines.core.settings import SimulateSettings, load_settings
     from pipelines.simulation.simulate import Simulation, render_summary
 
+    candidate = registered_version(candidate)
     try:
         root = config.project_root()
         overrides = {
@@ -88,13 +91,12 @@ def simulate(
             echo=typer.echo,
         )
     except (config.ConfigError, ValueError, FileNotFoundError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
     result = sim.run()
     for line in render_summary(result):
         typer.echo(line)
     if result.exit_code == 1:
-        typer.secho(f"error: {result.message}", fg=typer.colors.RED, err=True)
-    elif result.exit_code:
+        fail(result.message)
+    if result.exit_code:
         typer.secho(f"note: {result.message}", fg=typer.colors.YELLOW, err=True)
     raise typer.Exit(result.exit_code)

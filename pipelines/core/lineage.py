@@ -7,7 +7,7 @@ Two views of the same record:
 * ``version_lineage`` rebuilds the chain for any git revision (a registered
   model version) from what git and DVC stored at that revision: ``data.dvc``,
   ``dvc.lock``, ``params.yaml``, the metrics file and the DVC-tracked release
-  and bento files, adding the registry events. ``mlops lineage`` prints it.
+  and bento files, adding the registry events. ``mlops model lineage`` prints it.
 """
 
 from __future__ import annotations

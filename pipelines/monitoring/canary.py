@@ -479,7 +479,7 @@ def guard(
             "stage": "canary",
             "version": outcome.version,
             "reason": f"canary guard breach: {names}",
-            "requested_by": "canary guard (mlops canary check), automatic",
+            "requested_by": "canary guard (mlops monitor canary), automatic",
             "breached": {
                 c.name: {"canary": c.canary, "prod": c.prod, "limit": c.limit}
                 for c in report.breaches

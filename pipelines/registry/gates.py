@@ -1,4 +1,4 @@
-"""Quality gates a model version must pass before ``mlops register`` records it.
+"""Quality gates a model version must pass before ``mlops model register`` records it.
 
 Gates are configured in ``params.yaml`` under ``release.gates``:
 

@@ -11,7 +11,7 @@ travels with the repository and needs no server:
 The tagger is who made the change and the tag time is when; the tag message
 says why. It is a title line followed by YAML fields (``action``, ``reason``,
 ``approver``, ``emergency``, ``gate_report``, ``bento_tag`` ...), so ``git show``
-reads well and ``mlops history`` parses it back.
+reads well and ``mlops model history`` parses it back.
 
 Rules GTO itself does not enforce live here: versions enter ``staging`` on
 registration only after every quality gate passed; promotion goes staging ->
@@ -85,7 +85,7 @@ def normalize_version(version: str) -> str:
     if not SemVer.is_valid(value):
         raise RegistryError(
             f"'{version}' is not a version: use semantic versions like v1.2.0 "
-            "(see `mlops status` for the registered ones)"
+            "(see `mlops model status` for the registered ones)"
         )
     return value
 
@@ -257,7 +257,7 @@ class Registry:
             known = ", ".join(sorted(versions, key=_semver_key)) or "none yet"
             raise RegistryError(
                 f"unknown version {version} of {self.artifact}; registered versions: {known}. "
-                "Register one with `mlops register`."
+                "Register one with `mlops model register`."
             )
         return version, versions[version]
 
@@ -333,7 +333,7 @@ class Registry:
                     "registered_at": e.timestamp.isoformat(),
                     "problem": "registered but never staged (registration interrupted "
                     "between its version tag and its staging tag)",
-                    "fix": "`mlops repair` (or the next `mlops register`) stages it",
+                    "fix": "`mlops model repair` (or the next `mlops model register`) stages it",
                 }
             )
         return found
@@ -417,7 +417,7 @@ class Registry:
     def unassign(self, version: str, stage: str, title: str, fields: dict[str, Any]) -> str:
         """Take ``version`` out of ``stage`` with an annotated tag; returns the tag name.
 
-        The message is a title line and YAML fields (``mlops history`` parses them back).
+        The message is a title line and YAML fields (``mlops model history`` parses them back).
         The tag is created locally; pushing tags is left to whoever pushes the repository.
         """
         import gto.api
@@ -706,7 +706,7 @@ class Registry:
         if to not in PROMOTABLE:
             raise RegistryError(
                 f"--to must be one of {', '.join(PROMOTABLE)} (got '{to}'); versions enter "
-                "staging when `mlops register` accepts them"
+                "staging when `mlops model register` accepts them"
             )
         author = self._check_identity()
         version, commit = self.resolve(version)
@@ -734,7 +734,7 @@ class Registry:
         if to == "canary":
             if "staging" not in reached:
                 raise RegistryError(
-                    f"{version} was never in staging; register it with `mlops register` first"
+                    f"{version} was never in staging; register it with `mlops model register` first"
                 )
             if "prod" in reached:
                 raise RegistryError(
@@ -748,8 +748,9 @@ class Registry:
                 if not emergency:
                     raise RegistryError(
                         f"out of order: {version} has not been in canary (stages go staging -> "
-                        f"canary -> prod). Run `mlops promote {version} --to canary` first, or "
-                        "skip canary with --emergency --reason '...' (recorded in the registry)"
+                        f"canary -> prod). Run `mlops model promote {version} --to canary` "
+                        "first, or skip canary with --emergency --reason '...' "
+                        "(recorded in the registry)"
                     )
                 skipped.append("canary")
             evidence = self.canary_evidence(version, canary[-1].timestamp if canary else None)
@@ -884,7 +885,7 @@ class Registry:
         raise RegistryError(
             f"{current} is in prod and no earlier prod version is available to roll back to "
             "(none before it, or all were rolled back themselves); promote a known-good version "
-            "with `mlops promote VERSION --to prod --emergency --reason ...`"
+            "with `mlops model promote VERSION --to prod --emergency --reason ...`"
         )
 
     def materialize_bento(self, version: str, dest_dir: Path) -> dict[str, Any]:
@@ -1061,7 +1062,7 @@ class Registry:
         versions = self.versions()
         if not versions:
             raise RegistryError(
-                f"no version of {self.artifact} is registered yet; run `mlops register`"
+                f"no version of {self.artifact} is registered yet; run `mlops model register`"
             )
         prod = self.holders().get("prod")
         return self.resolve(

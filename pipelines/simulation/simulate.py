@@ -619,7 +619,7 @@ class Simulation:
         if data is None:
             raise SimulationError(
                 f"cannot read the release of {version} at commit {commit[:12]} ({why}); "
-                "run `dvc pull` or `mlops rollback` to fetch it"
+                "run `dvc pull` or `mlops model rollback` to fetch it"
             )
         tag = Release.model_validate(data).prod.tag
         return model_ref(tag)

@@ -1,0 +1,205 @@
+"""``mlops features ...``: feature catalog, online store, offline/online parity
+(docs/feature_store.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipelines.cli.common import fail
+from pipelines.core import config
+from pipelines.core.settings import load_settings
+
+app = typer.Typer(
+    help="Feature definitions, the online store and offline/online parity.", no_args_is_help=True
+)
+
+
+@app.command("catalog")
+def features_catalog(
+    out: Path = typer.Option(None, help="Write markdown here instead of stdout."),
+) -> None:
+    """Print (or write) the markdown catalog of the declared feature sets."""
+    from pipelines.features.definitions import FEATURE_SETS, feature_catalog_markdown
+
+    text = "\n".join(feature_catalog_markdown(fs) for fs in FEATURE_SETS.values())
+    if out:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(text)
+
+
+def _open_store(store: str | None) -> Any:
+    from pipelines.features.online_store import OnlineStore, StoreError
+
+    root = config.project_root()
+    try:
+        return OnlineStore.from_settings(load_settings(root), root, url=store)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+@app.command("ingest")
+def features_ingest(
+    file: Path = typer.Argument(
+        ..., help="Events: .parquet, .csv, .jsonl, or a folder of .parquet."
+    ),
+    store: str | None = typer.Option(None, help="Store URL (default: features.online.url)."),
+    batch_size: int = typer.Option(50_000, help="Rows per atomic batch."),
+    rejected_out: Path | None = typer.Option(
+        None, help="Where rejected rows go (default: <FILE>.rejected.parquet beside the input)."
+    ),
+    fail_on_reject: bool = typer.Option(False, help="Exit 1 if any row was rejected."),
+) -> None:
+    """Ingest a batch of raw events into the online store (incremental materialization)."""
+    import pandas as pd
+
+    from pipelines.features.contracts import ContractViolation
+    from pipelines.features.online_store import read_events_file
+
+    if not file.exists():
+        fail(f"{file} does not exist")
+    events = read_events_file(file)
+    online = _open_store(store)
+    rejected = []
+    totals: dict[str, float] = {}
+    try:
+        for start in range(0, max(len(events), 1), batch_size):
+            chunk = events.iloc[start : start + batch_size]
+            try:
+                report = online.ingest(
+                    chunk, where=f"{file} rows {start}..{start + len(chunk) - 1}"
+                )
+            except ContractViolation as exc:
+                fail(f"{exc.report}\nNothing from {file} was ingested from this batch on.")
+            typer.echo(report.summary())
+            if report.rejected:
+                rejected.append(report.rejected_rows)
+            for key in ("rows", "impressions", "clicks", "duplicates", "rejected", "late"):
+                totals[key] = totals.get(key, 0) + getattr(report, key)
+        stats = online.stats()
+    finally:
+        online.close()
+    if rejected:
+        target = rejected_out or file.with_name(f"{file.stem}.rejected.parquet")
+        frame = pd.concat(rejected, ignore_index=True)
+        frame.astype({c: "str" for c in frame.columns if frame[c].dtype == object}).to_parquet(
+            target, index=False
+        )
+        typer.secho(
+            f"{len(frame):,} rejected row(s) with their reasons written to {target}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"done: {int(totals.get('rows', 0)):,} row(s), "
+        f"{int(totals.get('rejected', 0)):,} rejected, "
+        f"{int(totals.get('late', 0)):,} late; store {stats['url']} watermark {stats['watermark']}"
+    )
+    if rejected and fail_on_reject:
+        raise typer.Exit(1)
+
+
+@app.command("lookup")
+def features_lookup(
+    user: str,
+    item: str,
+    surface: str,
+    device: str,
+    at: str | None = typer.Option(None, help="Query time (ISO 8601, default: now)."),
+    store: str | None = typer.Option(None, help="Store URL (default: features.online.url)."),
+) -> None:
+    """Print one online feature vector with its as-of time, age and staleness."""
+    import pandas as pd
+
+    from pipelines.monitoring.parity import parse_time_ms
+
+    online = _open_store(store)
+    try:
+        result = online.lookup(
+            user, item, surface, device, None if at is None else parse_time_ms(at)
+        )
+    finally:
+        online.close()
+    row = result.features.iloc[0].to_dict()
+    as_of = pd.Timestamp(result.as_of_ms, unit="ms", tz="UTC") if result.as_of_ms else None
+    typer.echo(
+        json.dumps(
+            {
+                "features": row,
+                "as_of": str(as_of),
+                "age_seconds": float(result.age_seconds[0]),
+                "stale": bool(result.stale[0]),
+                "exact": bool(result.exact[0]),
+                "feature_set": result.feature_set,
+                "fingerprint": result.fingerprint,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+
+
+@app.command("parity")
+def features_parity(
+    store: str | None = typer.Option(None, help="Store URL (default: features.online.url)."),
+    events: Path | None = typer.Option(None, help="The ingested events (default: base.raw_dir)."),
+    served: Path | None = typer.Option(
+        None,
+        help="Served vectors to check instead of sampling the store: the service's request "
+        "log folder (serving.request_log_dir), or parquet/jsonl with user_id, item_id, "
+        "surface, device, ts and the feature columns.",
+    ),
+    sample: int = typer.Option(1000, help="Vectors to sample."),
+    at: str | None = typer.Option(
+        None, help="Query time for store samples (default: watermark + 1 ms)."
+    ),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    engine: str | None = typer.Option(None, help="Offline engine (default: features.engine)."),
+    json_out: Path | None = typer.Option(None, help="Also write the report as JSON here."),
+    max_mismatch_rate: float = typer.Option(0.0, help="Exit 1 if any feature mismatches more."),
+) -> None:
+    """Recompute sampled online vectors offline and report the mismatch rate per feature."""
+    from pipelines.features.contracts import RAW_EVENTS, ContractViolation, validate
+    from pipelines.features.online_store import read_events_file
+    from pipelines.monitoring.parity import load_served, parity_report
+
+    root = config.project_root()
+    settings = load_settings(root)
+    events_path = events or root / settings.base.raw_dir
+    for path in (events_path, served):
+        if path is not None and not path.exists():
+            fail(f"{path} does not exist")
+    try:  # recompute from the log exactly as the training pipeline would read it
+        log = validate(RAW_EVENTS, read_events_file(events_path), str(events_path))
+    except ContractViolation as exc:
+        fail(exc.report)
+    online = _open_store(store)
+    try:
+        report = parity_report(
+            online,
+            log,
+            served=None if served is None else load_served(served),
+            sample=sample,
+            at=at,
+            seed=seed,
+            engine=engine or settings.features.engine,
+        )
+    finally:
+        online.close()
+    typer.echo(report.table())
+    if json_out:
+        from pipelines.core.io import write_json
+
+        write_json(json_out, report.to_dict())
+        typer.echo(f"wrote {json_out}")
+    worst = max(report.mismatch_rate.values(), default=0.0)
+    if worst > max_mismatch_rate:
+        fail(
+            f"offline/online parity broken: worst feature mismatch rate {worst:.4%} > "
+            f"{max_mismatch_rate:.4%}; see the table above"
+        )
