@@ -45,10 +45,11 @@ run: data ## run the whole pipeline (dvc repro), push outputs to the DVC remote,
 test: setup ## run the whole test suite
 	$(BIN)/python -m pytest
 
-check: setup ## ruff (format + lint), mypy on pipelines/, notebooks carry no outputs, dependency audit
+check: setup ## ruff (format + lint), mypy on pipelines/, the layer contract, notebooks carry no outputs, dependency audit
 	$(BIN)/ruff format --check pipelines bentos tests benchmarks
 	$(BIN)/ruff check pipelines bentos tests benchmarks
 	$(BIN)/mypy pipelines
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/mlops notebooks check
 	$(PIP_AUDIT_RUN)
 	$(BIN)/python -m pipelines.cli.audit $(AUDIT_REPORT)
