@@ -236,6 +236,15 @@ class DriftReport:
         return [c for c in self.columns if DISTRIBUTION in c.reasons]
 
     @property
+    def severe_drift(self) -> list[ColumnDrift]:
+        """Distribution drift with PSI at or above ``psi_severe`` (a large shift of one input)."""
+        return [
+            c
+            for c in self.distribution_drifted
+            if c.psi is not None and c.psi >= self.policy.psi_severe
+        ]
+
+    @property
     def data_problems(self) -> list[ColumnDrift]:
         return [c for c in self.columns if any(r in DATA_PROBLEMS for r in c.reasons)]
 
@@ -277,6 +286,7 @@ class DriftReport:
             },
             "not_monitored": dict(self.not_monitored),
             "drifted_columns": [c.column for c in self.distribution_drifted],
+            "severe_drift_columns": [c.column for c in self.severe_drift],
             "data_problems": {c.column: c.reasons for c in self.data_problems},
             "drift_share": round(self.drift_share, 4),
             "dataset_drift": self.dataset_drift,
