@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.core.config import ConfigError
-from pipelines.stages.drift_reference import build_reference, numeric_bin
+from pipelines.stages.drift_reference import build_reference, category_codes, numeric_bin
 
 REQUEST_COLUMNS: tuple[str, ...] = ("surface", "device")
 PREDICTION_COLUMN = "prediction"
@@ -403,8 +403,7 @@ def _live_bins(
     ref = np.asarray(entry["counts"], dtype=np.float64)
     if entry["kind"] == "categorical":
         cats = entry["categories"]
-        lookup = {c: i for i, c in enumerate(cats)}
-        idx = values.astype(str).map(lookup).fillna(len(cats)).to_numpy(np.int64)
+        idx = category_codes(values, cats)
         live = np.bincount(idx, minlength=len(cats) + 1).astype(np.float64)
         labels = [*cats, "<other>"]
         if entry.get("other_bin"):

@@ -40,6 +40,13 @@ def numeric_bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="left")
 
 
+def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """Index of each value in ``categories``; ``len(categories)`` for any other value."""
+    codes = pd.Categorical(values.astype(str), categories=categories).codes.astype(np.int64)
+    codes[codes < 0] = len(categories)
+    return codes
+
+
 def build_reference(
     frame: pd.DataFrame,
     times: pd.Series,
@@ -69,9 +76,8 @@ def build_reference(
     stamps = pd.to_datetime(pd.Series(times), utc=True).reset_index(drop=True)
     if len(stamps) != len(frame):
         raise ValueError(f"{len(stamps)} times for {len(frame)} rows")
-    starts = stamps.dt.floor(window)
-    labels = np.sort(starts.unique())
-    codes = np.searchsorted(labels, starts.to_numpy())
+    starts = stamps.dt.floor(window).dt.tz_localize(None).to_numpy("datetime64[ns]")
+    labels, codes = np.unique(starts.view("int64"), return_inverse=True)
     n_windows = len(labels)
     columns: dict[str, Any] = {}
     for name in frame.columns:
@@ -91,8 +97,7 @@ def build_reference(
             counts = values.astype(str).value_counts()
             ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             categories = [str(k) for k, _ in ordered[:max_categories]]
-            lookup = {c: i for i, c in enumerate(categories)}
-            idx = values.astype(str).map(lookup).fillna(len(categories)).to_numpy(np.int64)
+            idx = category_codes(values, categories)
             has_other = bool((idx == len(categories)).any())
             k = len(categories) + (1 if has_other else 0)
             entry.update(kind="categorical", categories=categories, other_bin=has_other)
@@ -118,7 +123,7 @@ def build_reference(
         "rows": int(len(frame)),
         "window": window,
         "bins": bins,
-        "windows": [pd.Timestamp(t).isoformat() for t in labels],
+        "windows": [pd.Timestamp(int(t), unit="ns", tz="UTC").isoformat() for t in labels],
         "columns": columns,
     }
 
