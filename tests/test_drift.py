@@ -284,3 +284,14 @@ def test_value_skew_finds_the_feature_served_wrong() -> None:
     skew = value_skew(log, events, CTR_V1.names, "ctr_v1", sample=None).set_index("feature")
     assert skew.loc["user_ctr_7d", "mismatch_rate"] == pytest.approx(0.1, abs=0.001)
     assert skew.drop(index="user_ctr_7d")["mismatches"].sum() == 0
+
+
+def test_all_history_counts_must_be_declared_growing() -> None:
+    from pipelines.features.definitions import FeatureDefinitionError, FeatureSet
+
+    assert CTR_V1.growing == ("item_impr_all",)
+    counts = tuple(f for f in CTR_V1.features if f.name != "surface_code")
+    with pytest.raises(FeatureDefinitionError, match="must be listed in growing"):
+        FeatureSet("t", counts, categorical=("device_code",))
+    with pytest.raises(FeatureDefinitionError, match="not declared"):
+        FeatureSet("t", counts, categorical=("device_code",), growing=("item_impr_all", "nope"))

@@ -535,7 +535,7 @@ def compare_reference(
             example = live[name].dropna()
             base.note = f"numeric in the reference, live values such as {example.iloc[0]!r} are not"
             continue
-        series: pd.Series = plan["series"]
+        series = plan["series"]
         if entry.get("not_judged"):
             base.status, base.note = "not_judged", f"not judged: {entry['not_judged']}"
             continue
