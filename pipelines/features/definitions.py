@@ -216,16 +216,10 @@ class FeatureSet:
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
-        undeclared = [
-            f.name
-            for f in self.features
-            if f.agg == "count" and f.window is None and f.name not in self.growing
-        ]
         unknown = [g for g in self.growing if g not in names]
-        if undeclared or unknown:
+        if unknown:
             raise FeatureDefinitionError(
-                f"feature set {self.name}: all-history counts {undeclared} must be listed in "
-                f"growing; growing names {unknown} are not declared"
+                f"feature set {self.name}: growing features {unknown} are not declared"
             )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
