@@ -1,27 +1,28 @@
-"""Calibration and accuracy of the drift decision rule, and what drift monitoring costs.
+"""False alarms and detection of the drift rule on time-disjoint windows of the generator.
 
-Three parts, written to benchmarks/results/drift_calibration.{json,md}:
+Point-in-time features of the ``full`` preset (seed 42, 14 days, ~1.5M rows) are
+judged the way the monitor judges live traffic: a reference built from one period
+(exact bins, hourly windows: ``pipelines.stages.drift_reference``) and a later,
+disjoint window (``pipelines.monitoring.drift.compare_reference``). Written to
+benchmarks/results/drift_calibration.{json,md}:
 
-1. **Calibration on the generator's scenarios.** Point-in-time features of one
-   stationary stream (scenario ``none``, preset ``full``, seed 42) are split at
-   random into a reference half and a live half. Live samples of 1k, 10k, 100k and
-   all rows of the unchanged half are judged by the project's rule (PSI above
-   ``max(psi_threshold, critical_psi)``), by whylogs' own sketch-based tests
-   (KS / chi-square p < 0.05) and by the exact tests on the raw values (scipy
-   two-sample KS / chi-square contingency, p < 0.05). Then samples of the same
-   stream generated under ``surface_shift``, ``ctr_drop`` and ``new_items`` (same
-   seed, scenario from day 0) are judged by the rule.
-2. **Detector accuracy** over repeated trials: mean shifts of 0.05, 0.1, 0.25 and
-   0.5 standard deviations in one numeric feature (``user_ctr_7d``), a category-mix
-   change (5 percentage points of traffic moved from feed to recs) and no change,
-   at 1k, 10k and 100k live rows. Shifted conditions profile the one column and
-   judge it with the per-column alpha of a full run (family_alpha / 20 columns);
-   "no change" profiles every column and counts a false positive when any column
-   is flagged (the dataset-level false-positive rate).
-3. **Cost**: whylogs profiling throughput (rows/s) and drift computation time for
-   one million live rows of all 20 columns.
+1. **Undrifted time windows** (scenario ``none``): every consecutive day pair of days
+   8-13 (reference day d, live day d+1) and every hour of days 9-13 against the
+   previous day's reference; next to them, the same days split **at random by row**
+   (the iid view that hides clustered variation).
+2. **Named scenarios** starting on day 10: reference day 9, live = day 10 (the first
+   day) and each of its hours.
+3. **Detection against shift size** over repeated trials: mean shifts of 0.05-0.5 SD in
+   the served feature ``user_ctr_7d`` (reference: day 8 with its hours; live: rows of
+   day 9) and in an iid N(0, 1) column (reference: 100k rows in 24 windows); null-rate
+   increases of 2, 5 and 10 percentage points in ``user_ctr_7d``; no change in 20 iid
+   N(0, 1) columns (false positives).
+4. **Determinism**: the same inputs judged twice give identical JSON.
+5. **Cost**: building a reference and judging a window.
 
-    python benchmarks/drift_calibration.py [--preset full] [--trials 30]
+    python benchmarks/drift_calibration.py [--trials 30] [--cache DIR]
+
+``--cache DIR`` keeps the generated feature tables as parquet (same rows either way).
 """
 
 from __future__ import annotations
@@ -35,339 +36,331 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import machine  # noqa: E402
 
-from pipelines.core import profiles as wl  # noqa: E402
 from pipelines.features.definitions import CTR_V1  # noqa: E402
-from pipelines.features.offline import point_in_time_features
-from pipelines.monitoring.drift import DriftPolicy, bin_sketches, compare, judge, psi  # noqa: E402
+from pipelines.features.offline import point_in_time_features  # noqa: E402
+from pipelines.monitoring.drift import DriftSettings, compare_reference  # noqa: E402
 from pipelines.simulation.generate import generate_events  # noqa: E402
+from pipelines.stages.drift_reference import build_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["surface", "device", *CTR_V1.names]
-CATEGORICAL = {"surface", "device"}
+GROWING = {g: "grows by construction (count over all history)" for g in CTR_V1.growing}
+SCENARIO_DAY = 10
 SHIFT_COLUMN = "user_ctr_7d"
 SIZES = (1_000, 10_000, 100_000)
+SHIFTS = (0.05, 0.1, 0.25, 0.5)
+NULL_STEPS = (0.02, 0.05, 0.1)
 
 
-def features(preset: str, scenario: str, seed: int = 42) -> pd.DataFrame:
-    """Point-in-time feature rows after the 24 h warm-up, as the training set has them."""
-    events = generate_events(preset, seed, scenario=scenario)
-    table = point_in_time_features(events)
-    table = table[table["ts"] >= table["ts"].min().floor("D") + pd.Timedelta(hours=24)]
-    return table[COLUMNS].reset_index(drop=True)
+def features(scenario: str, start_day: int, cache: Path | None) -> pd.DataFrame:
+    """Point-in-time features of the full preset with ``ts`` and ``day`` (0 = first day)."""
+    path = cache / f"{scenario}_{start_day}.parquet" if cache else None
+    if path is not None and path.is_file():
+        table = pd.read_parquet(path)
+    else:
+        events = generate_events("full", 42, scenario=scenario, scenario_start_day=start_day)
+        table = point_in_time_features(events)[["ts", *COLUMNS]]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.to_parquet(path)
+    day0 = table["ts"].min().floor("D")
+    table = table.copy()
+    table["day"] = ((table["ts"] - day0) // pd.Timedelta(days=1)).astype(int)
+    return table
 
 
-def exact_pvalue(ref: pd.Series, live: pd.Series) -> float:
-    """Two-sample KS (numeric) or chi-square contingency (categorical) on raw values."""
-    if ref.name in CATEGORICAL:
-        cats = sorted(set(ref) | set(live))
-        table = np.array(
-            [[int((ref == c).sum()) for c in cats], [int((live == c).sum()) for c in cats]]
+def reference(rows: pd.DataFrame, policy: DriftSettings) -> dict[str, Any]:
+    return build_reference(rows[COLUMNS], rows["ts"], "1h", policy.bins, growing=GROWING)
+
+
+def judge(ref: dict[str, Any], rows: pd.DataFrame, policy: DriftSettings, times: bool = True):
+    return compare_reference(
+        ref, rows[COLUMNS], rows["ts"] if times else None, policy, CTR_V1.names
+    )
+
+
+def part_time_windows(base: pd.DataFrame, policy: DriftSettings) -> dict[str, Any]:
+    print("[1/5] undrifted day pairs and hours, time-disjoint and random splits", flush=True)
+    days, hours, random_days, random_hours = [], [], [], []
+    for d in range(8, 13):
+        ref_rows, live_rows = base[base.day == d], base[base.day == d + 1]
+        ref = reference(ref_rows, policy)
+        rep = judge(ref, live_rows, policy)
+        top = sorted(rep.decided, key=lambda c: -(c.psi or 0) / (c.threshold or 1))[:3]
+        days.append(
+            {
+                "reference_day": d,
+                "live_day": d + 1,
+                "live_rows": len(live_rows),
+                "flagged": [c.column for c in rep.drifted],
+                "dataset_drift": rep.dataset_drift,
+                "closest": [
+                    {"column": c.column, "psi": c.psi, "threshold": c.threshold} for c in top
+                ],
+            }
         )
-        return float(stats.chi2_contingency(table)[1])
-    return float(stats.ks_2samp(ref.to_numpy(), live.to_numpy()).pvalue)
+        for start, part in live_rows.groupby(live_rows["ts"].dt.floor("1h")):
+            r = judge(ref, part, policy)
+            hours.append({"hour": start.isoformat(), "rows": len(part), "flagged": _cols(r)})
+        # the iid view: the two days' rows shuffled into a reference half and a live half
+        both = pd.concat([ref_rows, live_rows])
+        mask = np.random.default_rng(d).random(len(both)) < len(ref_rows) / len(both)
+        r_ref, r_live = both[mask], both[~mask]
+        ref_iid = reference(r_ref, policy)
+        random_days.append({"live_day": d + 1, "flagged": _cols(judge(ref_iid, r_live, policy))})
+        for _, part in r_live.groupby(np.arange(len(r_live)) % 24):
+            random_hours.append(_cols(judge(ref_iid, part, policy, times=False)))
+        print(f"  day {d}->{d + 1}: flagged {days[-1]['flagged']}", flush=True)
+    return {
+        "day_pairs": days,
+        "day_alarms": sum(bool(x["flagged"]) for x in days),
+        "hours": hours,
+        "hour_alarms": sum(bool(h["flagged"]) for h in hours),
+        "hour_flag_counts": _counts([h["flagged"] for h in hours]),
+        "random_day_alarms": sum(bool(x["flagged"]) for x in random_days),
+        "random_hour_alarms": sum(bool(h) for h in random_hours),
+        "random_hours": len(random_hours),
+    }
 
 
-def exact_psi(ref_sketch: Any, ref: pd.Series, live: pd.Series, bins: int) -> float:
-    """PSI over the same reference-quantile edges, counting raw values exactly."""
-    if ref.name in CATEGORICAL:
-        cats = sorted(set(ref))
-        return psi(
-            np.array([(ref == c).sum() for c in cats], float),
-            np.array([(live == c).sum() for c in cats], float),
-        )
-    edges = np.unique(ref_sketch.quantiles([i / bins for i in range(1, bins)]))
-    count = lambda x: np.bincount(np.searchsorted(edges, x, "left"), minlength=len(edges) + 1)  # noqa: E731
-    return psi(count(ref.to_numpy()).astype(float), count(live.to_numpy()).astype(float))
-
-
-def part_calibration(preset: str, policy: DriftPolicy) -> dict[str, Any]:
-    print(f"[1/3] features for preset {preset!r}: none + 3 scenarios", flush=True)
-    base = features(preset, "none")
-    in_ref = np.random.default_rng(0).random(len(base)) < 0.5
-    ref, pool = base[in_ref].reset_index(drop=True), base[~in_ref].reset_index(drop=True)
-    ref_view = wl.profile(ref)
-    ref_sketch = wl.column_sketches(ref_view)
-    out: dict[str, Any] = {"reference_rows": len(ref), "no_change": [], "scenarios": []}
-    for n in sorted({min(n, len(pool)) for n in (*SIZES, len(pool))}):
-        live = pool.sample(n=min(n, len(pool)), random_state=1)
-        view = wl.profile(live)
-        report = compare(ref_view, view, policy, CTR_V1.names)
-        cols = {c.column: c for c in report.columns}
-        exact = {c: exact_pvalue(ref[c], live[c]) for c in COLUMNS}
-        live_sketch = wl.column_sketches(view)
-        sketch_gap = max(
-            abs(
-                psi(*_counts(bin_sketches(ref_sketch[c], live_sketch[c], policy.bins, 50)))
-                - exact_psi(ref_sketch[c], ref[c], live[c], policy.bins)
-            )
-            for c in COLUMNS
-        )
-        row = {
-            "live_rows": len(live),
-            "flagged_by_rule": [c.column for c in report.drifted],
-            "flagged_by_whylogs_p05": sorted(
-                c
-                for c, d in cols.items()
-                if d.whylogs_pvalue is not None and d.whylogs_pvalue < 0.05
-            ),
-            "flagged_by_exact_tests_p05": sorted(c for c, p in exact.items() if p < 0.05),
-            "max_psi": round(max(c.psi or 0 for c in report.columns), 6),
-            "threshold_min": round(min(c.threshold or 1 for c in report.decided), 6),
-            "max_sketch_vs_exact_psi_gap": round(sketch_gap, 6),
-            "whylogs_pvalues": {c: _r(d.whylogs_pvalue) for c, d in cols.items()},
-            "exact_pvalues": {c: _r(p) for c, p in exact.items()},
-        }
-        out["no_change"].append(row)
-        print(
-            f"  no change, {len(live):>7,} rows: rule {len(row['flagged_by_rule'])}, whylogs "
-            f"{len(row['flagged_by_whylogs_p05'])}, exact {len(row['flagged_by_exact_tests_p05'])} "
-            f"of {len(COLUMNS)} columns flagged",
-            flush=True,
-        )
+def part_scenarios(base: pd.DataFrame, cache: Path | None, policy: DriftSettings) -> list[dict]:
+    print(f"[2/5] named scenarios from day {SCENARIO_DAY}", flush=True)
+    ref = reference(base[base.day == SCENARIO_DAY - 1], policy)
+    out = []
     for scenario in ("surface_shift", "ctr_drop", "new_items"):
-        drifted = features(preset, scenario)
-        for n in (10_000, 100_000):
-            live = drifted.sample(n=min(n, len(drifted)), random_state=2)
-            report = compare(ref_view, wl.profile(live), policy, CTR_V1.names)
-            top = sorted(report.drifted, key=lambda c: -(c.psi or 0))
-            out["scenarios"].append(
-                {
-                    "scenario": scenario,
-                    "live_rows": len(live),
-                    "flagged": [c.column for c in top],
-                    "drift_share": round(report.drift_share, 3),
-                    "dataset_drift": report.dataset_drift,
-                    "top_psi": {c.column: c.psi for c in top[:5]},
-                }
-            )
-            print(
-                f"  {scenario:13s} {len(live):>7,} rows: {len(top)} columns flagged, "
-                f"share {report.drift_share:.0%}",
-                flush=True,
-            )
-    out["_pool"] = pool  # reused by part 2, dropped before writing
-    out["_ref_view"] = ref_view
+        table = features(scenario, SCENARIO_DAY, cache)
+        live = table[table.day == SCENARIO_DAY]
+        rep = judge(ref, live, policy)
+        hours = [judge(ref, p, policy) for _, p in live.groupby(live["ts"].dt.floor("1h"))]
+        top = sorted(rep.drifted, key=lambda c: -(c.psi or 0))[:3]
+        out.append(
+            {
+                "scenario": scenario,
+                "live_rows": len(live),
+                "flagged": [f"{c.column}:{'/'.join(c.reasons)}" for c in rep.drifted],
+                "drift_share": round(rep.drift_share, 3),
+                "dataset_drift": rep.dataset_drift,
+                "largest": [f"{c.column} {c.psi:.3f} (limit {c.threshold:.3f})" for c in top],
+                "first_hour_flagged": _cols(hours[0]),
+                "hours_flagged": sum(bool(h.drifted) for h in hours),
+                "hours": len(hours),
+            }
+        )
+        print(f"  {scenario}: {out[-1]['flagged']}", flush=True)
     return out
 
 
-def _counts(binned: Any) -> tuple[np.ndarray, np.ndarray]:
-    return binned.reference, binned.live
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else float(f"{x:.4g}")
-
-
-def part_accuracy(
-    pool: pd.DataFrame,
-    ref_view: Any,
-    policy: DriftPolicy,
-    trials: int,
-    null_trials: int,
-    n_ref: int,
-) -> list[dict]:
-    print(f"[2/3] detector accuracy, {trials} trials per cell", flush=True)
+def part_accuracy(base: pd.DataFrame, trials: int, policy: DriftSettings) -> list[dict]:
+    print(f"[3/5] detection against shift size ({trials} trials per cell)", flush=True)
     rng = np.random.default_rng(7)
-    ref = wl.column_sketches(ref_view)
-    # The textbook case beside the served feature: a continuous, bell-shaped column.
-    ref["N(0,1)"] = wl.column_sketches(
-        wl.profile(pd.DataFrame({"N(0,1)": rng.normal(size=n_ref)}))
-    )["N(0,1)"]
-    alpha = policy.family_alpha / len(COLUMNS)
-    sd = {SHIFT_COLUMN: float(pool[SHIFT_COLUMN].std()), "N(0,1)": 1.0}
-    conditions: list[tuple[str, str | None, float]] = [("no change (any of 20 columns)", None, 0.0)]
-    for column in (SHIFT_COLUMN, "N(0,1)"):
-        for shift in (0.05, 0.1, 0.25, 0.5):
-            conditions.append((f"mean shift {shift} SD in {column}", column, shift))
-    conditions.append(("category mix: 5 pp feed -> recs", "surface", 0.05))
-    rows = []
-    for label, column, shift in conditions:
+    ref_rows = base[base.day == 8]
+    pool = base[base.day == 9].reset_index(drop=True)
+    ref_feature = build_reference(ref_rows[[SHIFT_COLUMN]], ref_rows["ts"], "1h", policy.bins)
+    iid_times = pd.Series(
+        pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(100_000) % 24, "h")
+    )
+    iid_ref = build_reference(
+        pd.DataFrame({"x": rng.normal(size=100_000)}), iid_times, "1h", policy.bins
+    )
+    cols20 = [f"x{i}" for i in range(20)]
+    iid20_ref = build_reference(
+        pd.DataFrame(rng.normal(size=(100_000, 20)), columns=cols20), iid_times, "1h", policy.bins
+    )
+    # a full run makes 40 tests (20 columns, their null rates); one column makes 2
+    single = DriftSettings(**{**policy.model_dump(), "family_alpha": policy.family_alpha / 20})
+    sd = float(ref_rows[SHIFT_COLUMN].std())
+    rows: list[dict] = []
+
+    def cell(condition: str, run) -> None:
+        row: dict[str, Any] = {"condition": condition}
         for n in SIZES:
-            hits, seconds = 0, 0.0
-            # false positives are rare events: the no-change cells get more trials
-            cell_trials = trials if column is not None else (null_trials if n < 100_000 else trials)
-            for _ in range(cell_trials):
-                idx = rng.choice(len(pool), size=n, replace=n > len(pool))
-                live = pool.iloc[idx]
-                started = time.perf_counter()
-                if column is None:
-                    report = compare(ref_view, wl.profile(live), policy, CTR_V1.names)
-                    hit = bool(report.drifted)
-                else:
-                    if column == "surface":
-                        values = live["surface"].to_numpy().copy()
-                        feed = np.flatnonzero(values == "feed")
-                        values[rng.choice(feed, size=int(round(shift * n)), replace=False)] = "recs"
-                    elif column == "N(0,1)":
-                        values = rng.normal(size=n) + shift
-                    else:
-                        values = live[column].to_numpy() + shift * sd[column]
-                    sketch = wl.column_sketches(wl.profile(pd.DataFrame({column: values})))[column]
-                    hit = judge(ref[column], sketch, policy, alpha)["drifted"]
-                seconds += time.perf_counter() - started
-                hits += hit
-            rate = hits / cell_trials
-            rows.append(
-                {
-                    "condition": label,
-                    "live_rows": n,
-                    "trials": cell_trials,
-                    "flagged": hits,
-                    "flag_rate": round(rate, 3),
-                    "mean_seconds": round(seconds / trials, 3),
-                }
-            )
-            print(f"  {label:40s} {n:>7,} rows: flagged {hits}/{cell_trials}", flush=True)
+            hits = sum(run(n) for _ in range(trials))
+            row[str(n)] = {"flagged": hits, "trials": trials}
+        rows.append(row)
+        print(f"  {condition}: {[row[str(n)]['flagged'] for n in SIZES]}", flush=True)
+
+    def live_feature(n: int) -> pd.DataFrame:
+        return pool.iloc[rng.choice(len(pool), size=n, replace=False)][[SHIFT_COLUMN]].copy()
+
+    def flagged(ref, frame, pol) -> bool:
+        return bool(compare_reference(ref, frame, None, pol).drifted)
+
+    for k in SHIFTS:
+        cell(
+            f"mean shift {k} SD in {SHIFT_COLUMN}",
+            lambda n, k=k: flagged(ref_feature, live_feature(n) + k * sd, single),
+        )
+    for k in SHIFTS:
+        cell(
+            f"mean shift {k} SD in iid N(0,1)",
+            lambda n, k=k: flagged(iid_ref, pd.DataFrame({"x": rng.normal(size=n) + k}), single),
+        )
+
+    def with_nulls(n: int, share: float) -> pd.DataFrame:
+        frame = live_feature(n)
+        frame.loc[rng.random(n) < share, SHIFT_COLUMN] = np.nan
+        return frame
+
+    for share in NULL_STEPS:
+        cell(
+            f"null rate +{share * 100:.0f} pp in {SHIFT_COLUMN}",
+            lambda n, s=share: flagged(ref_feature, with_nulls(n, s), single),
+        )
+    cell(
+        "no change, any of 20 iid N(0,1) columns",
+        lambda n: flagged(
+            iid20_ref, pd.DataFrame(rng.normal(size=(n, 20)), columns=cols20), policy
+        ),
+    )
     return rows
 
 
-def part_cost(pool: pd.DataFrame, ref_view: Any, policy: DriftPolicy) -> dict[str, Any]:
-    print("[3/3] cost on one million live rows", flush=True)
-    reps = int(np.ceil(1_000_000 / len(pool)))
-    million = pd.concat([pool] * reps, ignore_index=True).iloc[:1_000_000]
+def part_determinism(base: pd.DataFrame, policy: DriftSettings) -> dict[str, Any]:
+    print("[4/5] determinism", flush=True)
+    rows = base[base.day == 11]
+    live = base[base.day == 12]
+    first = judge(reference(rows, policy), live, policy).to_dict()
+    second = judge(reference(rows.sample(frac=1.0, random_state=3), policy), live, policy).to_dict()
+    a, b = json.dumps(first, sort_keys=True), json.dumps(second, sort_keys=True)
+    return {"identical": a == b, "bytes": len(a)}
+
+
+def part_cost(base: pd.DataFrame, policy: DriftSettings) -> dict[str, Any]:
+    print("[5/5] cost", flush=True)
+    ref_rows = base[(base.day >= 1) & (base.day <= 9)]
     started = time.perf_counter()
-    view = wl.profile(million)
-    profile_s = time.perf_counter() - started
+    ref = reference(ref_rows, policy)
+    build_s = time.perf_counter() - started
+    live = base[base.day >= 10]
     started = time.perf_counter()
-    scores = wl.drift_scores(view, ref_view)
-    whylogs_s = time.perf_counter() - started
-    started = time.perf_counter()
-    report = compare(ref_view, view, policy, CTR_V1.names)
-    compare_s = time.perf_counter() - started
-    assert len(scores) >= len(COLUMNS) and report.columns
-    result = {
-        "rows": len(million),
-        "columns": len(COLUMNS),
-        "profile_seconds": round(profile_s, 2),
-        "profile_rows_per_second": round(len(million) / profile_s),
-        "whylogs_drift_scores_seconds": round(whylogs_s, 3),
-        "drift_compare_seconds_including_whylogs_scores": round(compare_s, 3),
+    judge(ref, live, policy)
+    judge_s = time.perf_counter() - started
+    return {
+        "reference_rows": len(ref_rows),
+        "reference_windows": len(ref["windows"]),
+        "reference_json_bytes": len(json.dumps(ref, separators=(",", ":"))),
+        "build_seconds": round(build_s, 2),
+        "live_rows": len(live),
+        "judge_seconds": round(judge_s, 2),
     }
-    print(f"  {result}", flush=True)
-    return result
+
+
+def _cols(report) -> list[str]:
+    return [c.column for c in report.drifted]
+
+
+def _counts(lists: list[list[str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for names in lists:
+        for n in names:
+            out[n] = out.get(n, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _pct(hits: int, total: int) -> str:
+    return f"{hits / total:.1%} ({hits}/{total})" if total else "-"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    m, t = result["machine"], result["time_windows"]
     lines = [
-        "# Drift detector calibration, accuracy and cost",
+        "# Drift calibration on time-disjoint windows",
         "",
-        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}; "
-        f"date {m['date']}. Command: `python benchmarks/drift_calibration.py --preset "
-        f"{result['preset']} --trials {result['trials']} --null-trials {result['null_trials']}`.",
+        f"`{result['command']}` — {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+        f"Python {m['python']}, {m['date']}; {result['seconds']:.0f} s.",
         "",
-        f"Rule: PSI over {result['policy']['bins']} reference-quantile bins above "
-        f"max(psi_threshold = {result['policy']['psi_threshold']}, critical_psi at "
-        f"family_alpha = {result['policy']['family_alpha']} / columns).",
+        "## Undrifted windows (scenario none, full preset)",
         "",
-        "## 1. No change: columns flagged (of 20)",
+        "| windows | time-disjoint (reference = previous day) | random split by row (iid view) |",
+        "|---|---:|---:|",
+        f"| consecutive day pairs, days 8-13 | {_pct(t['day_alarms'], len(t['day_pairs']))} "
+        f"| {_pct(t['random_day_alarms'], len(t['day_pairs']))} |",
+        f"| hours of days 9-13 | {_pct(t['hour_alarms'], len(t['hours']))} "
+        f"| {_pct(t['random_hour_alarms'], t['random_hours'])} |",
         "",
-        f"Reference: {result['calibration']['reference_rows']:,} rows (random half of one "
-        "stationary stream); live: samples of the other half.",
+        "Columns behind hourly alarms: "
+        + (", ".join(f"{k} {v}" for k, v in t["hour_flag_counts"].items()) or "none"),
         "",
-        "| live rows | project rule | whylogs p < 0.05 (sketch KS / chi-square) | "
-        "exact tests p < 0.05 | max PSI | smallest limit | sketch vs exact PSI gap |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| day pair | live rows | flagged | closest to its limit (PSI / limit) |",
+        "|---|---:|---|---|",
     ]
-    for row in result["calibration"]["no_change"]:
+    for d in t["day_pairs"]:
+        closest = ", ".join(
+            f"{c['column']} {c['psi']:.4f} / {c['threshold']:.4f}" for c in d["closest"]
+        )
+        flagged = ", ".join(d["flagged"]) or "none"
         lines.append(
-            f"| {row['live_rows']:,} | {len(row['flagged_by_rule'])} | "
-            f"{len(row['flagged_by_whylogs_p05'])} {_names(row['flagged_by_whylogs_p05'])} | "
-            f"{len(row['flagged_by_exact_tests_p05'])} "
-            f"{_names(row['flagged_by_exact_tests_p05'])} | "
-            f"{row['max_psi']:.5f} | {row['threshold_min']:.5f} | "
-            f"{row['max_sketch_vs_exact_psi_gap']:.5f} |"
+            f"| {d['reference_day']} -> {d['live_day']} | {d['live_rows']:,} | {flagged} | "
+            f"{closest} |"
         )
     lines += [
         "",
-        "## 1b. Named drift scenarios (scenario from day 0, same seed)",
+        f"## Named scenarios (from day {SCENARIO_DAY}; reference day {SCENARIO_DAY - 1})",
         "",
-        "| scenario | live rows | columns flagged | drift share | dataset drift | largest PSI |",
-        "|---|---:|---:|---:|---|---|",
+        "| scenario | first-day rows | flagged on the first day (reason) | drift share | "
+        "dataset drift | largest PSI | first hour flagged | hours flagged |",
+        "|---|---:|---|---:|---|---|---|---:|",
     ]
-    for row in result["calibration"]["scenarios"]:
-        top = ", ".join(f"{k} {v:.3f}" for k, v in list(row["top_psi"].items())[:3])
+    for s in result["scenarios"]:
         lines.append(
-            f"| {row['scenario']} | {row['live_rows']:,} | {len(row['flagged'])} | "
-            f"{row['drift_share']:.0%} | {row['dataset_drift']} | {top} |"
+            f"| {s['scenario']} | {s['live_rows']:,} | {', '.join(s['flagged'])} | "
+            f"{s['drift_share']:.0%} | {s['dataset_drift']} | {'; '.join(s['largest'])} | "
+            f"{', '.join(s['first_hour_flagged']) or 'none'} | {s['hours_flagged']}/{s['hours']} |"
         )
     lines += [
         "",
-        "## 2. Detector accuracy (share of trials flagged)",
-        "",
-        f"Mean shifts add k standard deviations to every live value of `{SHIFT_COLUMN}` (a "
-        "served feature: smoothed ratios, so many repeated values) or of a continuous N(0, 1) "
-        "column (the textbook case; reference of the same size as the feature reference). "
-        "Shifted columns are judged with the per-column alpha of a full run (family_alpha / 20). "
-        'For "no change" a trial is a false positive when any of the 20 columns is flagged.',
+        "## Detection against shift size (share of trials flagged)",
         "",
         "| condition | " + " | ".join(f"{n:,} rows" for n in SIZES) + " |",
         "|---|" + "---:|" * len(SIZES),
     ]
-    by_cond: dict[str, dict[int, str]] = {}
     for row in result["accuracy"]:
-        by_cond.setdefault(row["condition"], {})[row["live_rows"]] = (
-            f"{row['flag_rate']:.1%} ({row['flagged']}/{row['trials']})"
-        )
-    for cond, cells in by_cond.items():
-        lines.append(f"| {cond} | " + " | ".join(cells[n] for n in SIZES) + " |")
-    c = result["cost"]
+        cells = [_pct(row[str(n)]["flagged"], row[str(n)]["trials"]) for n in SIZES]
+        lines.append(f"| {row['condition']} | " + " | ".join(cells) + " |")
+    d, c = result["determinism"], result["cost"]
     lines += [
         "",
-        "## 3. Cost",
+        f"**Determinism**: the same rows (reference rows in another order) judged twice give "
+        f"identical JSON: {d['identical']} ({d['bytes']:,} bytes).",
         "",
-        f"Profiling {c['rows']:,} live rows x {c['columns']} columns with whylogs: "
-        f"{c['profile_seconds']} s ({c['profile_rows_per_second']:,} rows/s). whylogs' drift "
-        f"scores: {c['whylogs_drift_scores_seconds']} s; the full drift comparison (PSI, limits "
-        f"and whylogs' scores): {c['drift_compare_seconds_including_whylogs_scores']} s.",
+        f"**Cost**: reference of {c['reference_rows']:,} rows in {c['reference_windows']} hourly "
+        f"windows built in {c['build_seconds']} s ({c['reference_json_bytes']:,} bytes of JSON); "
+        f"{c['live_rows']:,} live rows judged in {c['judge_seconds']} s.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _names(cols: list[str]) -> str:
-    return f"({', '.join(cols)})" if cols else ""
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="full")
-    parser.add_argument("--trials", type=int, default=30, help="trials per shifted cell")
-    parser.add_argument(
-        "--null-trials", type=int, default=200, help="trials of the no-change cells below 100k rows"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args()
-    policy = DriftPolicy()
     started = time.perf_counter()
-    calibration = part_calibration(args.preset, policy)
-    pool, ref_view = calibration.pop("_pool"), calibration.pop("_ref_view")
-    accuracy = part_accuracy(
-        pool, ref_view, policy, args.trials, args.null_trials, calibration["reference_rows"]
-    )
-    cost = part_cost(pool, ref_view, policy)
-    result = {
+    policy = DriftSettings()
+    base = features("none", 0, args.cache)
+    result: dict[str, Any] = {
+        "command": "python benchmarks/drift_calibration.py" + f" --trials {args.trials}",
         "machine": machine(),
-        "preset": args.preset,
-        "trials": args.trials,
-        "null_trials": args.null_trials,
-        "policy": {k: v for k, v in policy.__dict__.items() if k != "ignore_columns"},
-        "calibration": calibration,
-        "accuracy": accuracy,
-        "cost": cost,
-        "seconds": round(time.perf_counter() - started, 1),
+        "policy": policy.model_dump(mode="json"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "drift_calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["time_windows"] = part_time_windows(base, policy)
+    result["scenarios"] = part_scenarios(base, args.cache, policy)
+    result["accuracy"] = part_accuracy(base, args.trials, policy)
+    result["determinism"] = part_determinism(base, policy)
+    result["cost"] = part_cost(base, policy)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "drift_calibration.json").write_text(
+        json.dumps(result, indent=2, default=str) + "\n"
+    )
     (RESULTS / "drift_calibration.md").write_text(markdown(result))
-    print(f"wrote {RESULTS / 'drift_calibration.md'} in {result['seconds']} s")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

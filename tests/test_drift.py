@@ -1,6 +1,8 @@
-"""Drift from real whylogs profiles: the adapter, the distances and the calibrated decision rule."""
+"""Drift: calibrated on time windows of the training period, null and schema drift, determinism."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -11,29 +13,43 @@ from pipelines.core.config import ConfigError
 from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
 from pipelines.features.offline import point_in_time_features
 from pipelines.monitoring.drift import (
-    DriftPolicy,
+    DriftSettings,
     bin_samples,
     compare_frames,
+    compare_reference,
     critical_psi,
     hellinger,
     psi,
     value_skew,
 )
 from pipelines.simulation.generate import generate_events
+from pipelines.stages.drift_reference import build_reference, filling_columns
 
 COLUMNS = ["surface", "device", *CTR_V1.names]
+GROWING = {"item_impr_all": "grows by construction"}
+SCENARIO_DAY = 4
 
 
 @pytest.fixture(scope="module")
 def feature_rows() -> dict[str, pd.DataFrame]:
-    """Point-in-time feature rows (warm-up day dropped) for no drift and each drift scenario."""
+    """Point-in-time rows of the small preset with ``ts`` and ``day``; scenarios from day 4."""
     out = {}
     for scenario in ("none", "surface_shift", "ctr_drop", "new_items"):
-        events = generate_events("small", 42, scenario=scenario)
+        events = generate_events("small", 42, scenario=scenario, scenario_start_day=SCENARIO_DAY)
         table = point_in_time_features(events)
-        table = table[table["ts"] >= table["ts"].min().floor("D") + pd.Timedelta(hours=24)]
-        out[scenario] = table[COLUMNS].reset_index(drop=True)
+        day0 = table["ts"].min().floor("D")
+        table["day"] = (table["ts"] - day0) // pd.Timedelta(days=1)
+        out[scenario] = table[["ts", "day", *COLUMNS]].reset_index(drop=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def train_reference(feature_rows: dict[str, pd.DataFrame]) -> dict:
+    """The reference the profile stage would write for train days 1-3 (data from day 0)."""
+    rows = feature_rows["none"]
+    train = rows[rows["day"].between(1, 3)]
+    filling = filling_columns(CTR_V1, rows["ts"].min().floor("D"), COLUMNS)
+    return build_reference(train[COLUMNS], train["ts"], "1h", growing=GROWING, filled_from=filling)
 
 
 def test_adapter_sketches_match_the_data() -> None:
@@ -67,8 +83,6 @@ def test_adapter_sketches_match_the_data() -> None:
     assert (
         merged["x"].count == 10_000 and merged["s"].items()["a"] == 2 * sketches["s"].items()["a"]
     )
-    scores = wl.drift_scores(wl.profile(frame), wl.profile(frame))
-    assert scores["x"]["algorithm"] == "ks" and scores["s"]["algorithm"] == "chi-square"
 
 
 def test_distances() -> None:
@@ -80,6 +94,8 @@ def test_distances() -> None:
     # the noise limit shrinks with the sample sizes and grows with the number of bins
     assert critical_psi(10, 10_000, 1_000, 0.01) > critical_psi(10, 10_000, 10_000, 0.01)
     assert critical_psi(10, 10_000, 10_000, 0.01) > critical_psi(4, 10_000, 10_000, 0.01)
+    # variation between reference windows raises the limit at any sample size
+    assert critical_psi(10, 10_000, 10_000, 0.01, 0.01) > critical_psi(10, 10_000, 10_000, 0.01)
     rng = np.random.default_rng(1)
     ref = rng.normal(size=50_000)
     same = bin_samples(ref, rng.normal(size=50_000), 10)
@@ -88,65 +104,159 @@ def test_distances() -> None:
     assert 0.006 < psi(shifted.reference, shifted.live) < 0.015  # 0.1 SD ~ PSI 0.01
 
 
-def test_no_shift_is_not_flagged(feature_rows: dict[str, pd.DataFrame]) -> None:
-    """Random halves of one stationary stream: no column drifts, on three different splits."""
+def test_no_drift_on_later_time_windows(
+    feature_rows: dict[str, pd.DataFrame], train_reference: dict
+) -> None:
+    """The train window against the later validation and test windows, whole and sampled."""
     rows = feature_rows["none"]
-    for seed in (0, 1, 2):
-        in_ref = np.random.default_rng(seed).random(len(rows)) < 0.5
-        report = compare_frames(rows[in_ref], rows[~in_ref], feature_names=CTR_V1.names)
-        table = report.table()
-        assert report.drifted == [], table[["column", "psi", "threshold"]].head()
-        assert len(report.decided) == len(COLUMNS)
-        assert not report.dataset_drift and report.drift_share == 0.0
+    for days in ((4, 5), (6, 7), (4, 4), (7, 7)):
+        live = rows[rows["day"].between(*days)]
+        for part in (live, live.sample(3000, random_state=1)):
+            report = compare_reference(
+                train_reference, part[COLUMNS], part["ts"], feature_names=CTR_V1.names
+            )
+            assert report.drifted == [], report.table()[["column", "psi", "threshold"]].head()
+            assert not report.dataset_drift
+    # windows still filling in the training period are not judged, and say why
+    notes = {c.column: c.note for c in report.columns if c.status == "not_judged"}
+    assert "user_ctr_7d" in notes and "7d window is full only from" in notes["user_ctr_7d"]
+    assert "user_impr_24h" not in notes
+
+
+def test_between_window_variation_widens_the_limit(feature_rows: dict[str, pd.DataFrame]) -> None:
+    """With one reference window (iid assumption) the limit is the sampling limit only."""
+    rows = feature_rows["none"]
+    ref, live = rows[rows["day"] == 2], rows[rows["day"] == 3]
+    timed = compare_frames(
+        ref[COLUMNS], live[COLUMNS], reference_times=ref["ts"], live_times=live["ts"]
+    )
+    flat = compare_frames(ref[COLUMNS], live[COLUMNS])
+    t = {c.column: c for c in timed.decided}
+    f = {c.column: c for c in flat.decided}
+    assert t["item_ctr_24h"].between_windows > 0 and f["item_ctr_24h"].between_windows == 0
+    assert t["item_ctr_24h"].threshold > f["item_ctr_24h"].threshold
 
 
 @pytest.mark.parametrize(
     ("scenario", "must_flag"),
     [
-        ("surface_shift", {"surface", "surface_code", "user_surface_impr_7d"}),
-        ("ctr_drop", {"user_ctr_7d", "item_ctr_all", "item_ctr_24h", "user_clicks_24h"}),
-        ("new_items", {"item_impr_all", "item_impr_24h", "item_ctr_all"}),
+        ("surface_shift", {"surface", "surface_code"}),
+        ("ctr_drop", {"user_ctr_24h"}),
+        ("new_items", {"item_impr_24h", "item_impr_all"}),
     ],
 )
-def test_named_drift_scenarios_are_flagged(
-    feature_rows: dict[str, pd.DataFrame], scenario: str, must_flag: set[str]
+def test_named_drift_scenarios_are_flagged_on_their_first_day(
+    feature_rows: dict[str, pd.DataFrame], train_reference: dict, scenario: str, must_flag: set
 ) -> None:
-    base = feature_rows["none"]
-    in_ref = np.random.default_rng(0).random(len(base)) < 0.5
-    drifted = feature_rows[scenario].sample(n=10_000, random_state=3)
-    report = compare_frames(base[in_ref], drifted, feature_names=CTR_V1.names)
+    rows = feature_rows[scenario]
+    live = rows[rows["day"] == SCENARIO_DAY]
+    report = compare_reference(train_reference, live[COLUMNS], live["ts"])
     flagged = {c.column for c in report.drifted}
-    assert must_flag <= flagged, report.table()[["column", "psi", "threshold"]]
-    assert report.dataset_drift
-    for col in report.drifted:
-        assert col.psi > col.threshold >= DriftPolicy().psi_threshold
-        assert col.whylogs_pvalue is not None  # reported for information
+    assert must_flag <= flagged, report.table()[["column", "psi", "threshold"]].head(8)
     if scenario == "surface_shift":
         surface = next(c for c in report.columns if c.column == "surface")
         assert surface.kind == "categorical" and surface.severity == "high"
-        assert surface.bins["labels"][:3] == ["feed", "search", "recs"]
-        assert surface.bins["live"][2] > 2 * surface.bins["reference"][2]  # recs share jumped
+        assert report.summary()["severe_drift_columns"]  # what triggers retraining
+        assert "<other>" not in surface.bins["labels"]  # no phantom bin
+    if scenario == "new_items":  # a growing feature is judged on its fall only
+        grown = next(c for c in report.columns if c.column == "item_impr_all")
+        assert grown.reasons == ["growing_fall"] and "grows by construction" in grown.note
 
 
-def test_small_windows_get_no_decision(feature_rows: dict[str, pd.DataFrame]) -> None:
+def test_growing_feature_rising_is_not_drift() -> None:
+    rng = np.random.default_rng(0)
+    times = pd.Series(
+        pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(20_000) % 48, "h")
+    )
+    ref = pd.DataFrame({"n": rng.poisson(50, 20_000).astype(float)})
+    ref_dict = build_reference(ref, times, growing={"n": "all-history count"})
+    grown = pd.DataFrame({"n": rng.poisson(80, 5000).astype(float)})
+    fell = pd.DataFrame({"n": rng.poisson(30, 5000).astype(float)})
+    assert compare_reference(ref_dict, grown).drifted == []
+    assert compare_reference(ref_dict, fell).drifted[0].reasons == ["growing_fall"]
+
+
+def _frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "x": rng.normal(size=n),
+            "y": rng.exponential(size=n),
+            "s": rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2]),
+        }
+    )
+
+
+def test_null_rate_drift() -> None:
+    ref, live = _frame(20_000, 0), _frame(10_000, 1)
+    assert compare_frames(ref, live).drifted == []
+    for share, flagged in ((0.1, True), (0.5, True), (0.005, False)):
+        hole = live.copy()
+        hole.loc[np.random.default_rng(2).random(len(hole)) < share, "y"] = np.nan
+        report = compare_frames(ref, hole)
+        y = next(c for c in report.columns if c.column == "y")
+        assert y.drifted is flagged, (share, y)
+        if flagged:
+            assert y.reasons == ["null_rate"] and y.null_rate_live == pytest.approx(share, abs=0.02)
+            assert report.summary()["data_problems"] == {"y": ["null_rate"]}
+            assert not report.dataset_drift  # data problems alert, they do not retrain
+
+
+def test_schema_drift_missing_new_and_retyped_columns() -> None:
+    ref, live = _frame(20_000, 0), _frame(5000, 1)
+    reference = build_reference(
+        ref, pd.Series(pd.Timestamp("2026-01-01", tz="UTC"), index=ref.index)
+    )
+    report = compare_reference(reference, live.drop(columns="y").assign(z=1.0), absent=["y"])
+    by = {c.column: c for c in report.columns}
+    assert by["y"].reasons == ["missing_column"] and by["y"].severity == "high"
+    assert by["z"].reasons == ["new_column"]
+    assert not by["x"].drifted and not by["s"].drifted
+    retyped = live.assign(x=live["x"].map(lambda v: f"{v:.2f}%"))
+    report = compare_reference(reference, retyped)
+    x = next(c for c in report.columns if c.column == "x")
+    assert x.reasons == ["type_change"] and "not" in x.note
+    # a new category gets its own bin and is named; without one there is no <other> bin
+    unseen = live.assign(s=np.where(np.arange(len(live)) % 5 == 0, "d", live["s"]))
+    s = next(c for c in compare_reference(reference, unseen).columns if c.column == "s")
+    assert s.reasons == ["distribution"] and "'d'" in s.note and s.bins["labels"][-1] == "<other>"
+    same = next(c for c in compare_reference(reference, live).columns if c.column == "s")
+    assert same.bins["labels"] == ["a", "b", "c"]
+
+
+def test_verdicts_are_deterministic(feature_rows: dict[str, pd.DataFrame]) -> None:
+    """Same rows (in any order) give the same reference; the same window the same verdict."""
+    rows = feature_rows["none"]
+    ref, live = rows[rows["day"] == 2], rows[rows["day"] == 3]
+    shuffled = ref.sample(frac=1.0, random_state=5)
+    a = build_reference(ref[COLUMNS], ref["ts"], growing=GROWING)
+    b = build_reference(shuffled[COLUMNS], shuffled["ts"], growing=GROWING)
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    first = compare_reference(a, live[COLUMNS], live["ts"]).to_dict()
+    second = compare_reference(b, live[COLUMNS], live["ts"]).to_dict()
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+def test_small_windows_get_no_decision(
+    feature_rows: dict[str, pd.DataFrame], train_reference: dict
+) -> None:
     rows = feature_rows["ctr_drop"]
-    report = compare_frames(feature_rows["none"], rows.head(100), feature_names=CTR_V1.names)
-    assert {c.status for c in report.columns} == {"no_data"}
+    live = rows[rows["day"] == 6].head(100)
+    report = compare_reference(train_reference, live[COLUMNS], live["ts"])
+    assert {c.status for c in report.columns} <= {"no_data", "not_judged"}
     assert report.drifted == [] and not report.dataset_drift
-    # with the default min_rows, 800 rows of a strongly drifted stream are judged and flagged
-    report = compare_frames(feature_rows["none"], rows.sample(800, random_state=0))
-    assert {"item_ctr_all", "user_ctr_7d"} <= {c.column for c in report.drifted}
-    assert all(c.threshold > DriftPolicy().psi_threshold for c in report.decided)  # noise term
 
 
 def test_policy_from_params_names_bad_keys() -> None:
-    assert DriftPolicy.from_params({"monitor": {"drift": {"bins": 20}}}).bins == 20
-    with pytest.raises(ConfigError, match="unknown key.*'binz'"):
-        DriftPolicy.from_params({"monitor": {"drift": {"binz": 20}}})
+    assert DriftSettings(bins=20).bins == 20
+    with pytest.raises(ConfigError, match="drift.binz: is not a known key"):
+        DriftSettings(binz=20)
     with pytest.raises(ConfigError, match="family_alpha"):
-        DriftPolicy.from_params({"monitor": {"drift": {"family_alpha": 1.5}}})
+        DriftSettings(family_alpha=1.5)
     with pytest.raises(ConfigError, match="psi_severe"):
-        DriftPolicy(psi_threshold=0.2, psi_severe=0.1)
+        DriftSettings(psi_threshold=0.2, psi_severe=0.1)
+    with pytest.raises(ConfigError, match="null_rate_threshold"):
+        DriftSettings(null_rate_threshold=1.5)
 
 
 def test_value_skew_finds_the_feature_served_wrong() -> None:
@@ -175,3 +285,11 @@ def test_value_skew_finds_the_feature_served_wrong() -> None:
     skew = value_skew(log, events, CTR_V1.names, "ctr_v1", sample=None).set_index("feature")
     assert skew.loc["user_ctr_7d", "mismatch_rate"] == pytest.approx(0.1, abs=0.001)
     assert skew.drop(index="user_ctr_7d")["mismatches"].sum() == 0
+
+
+def test_growing_features_are_declared_in_the_feature_set() -> None:
+    from pipelines.features.definitions import FeatureDefinitionError, FeatureSet
+
+    assert CTR_V1.growing == ("item_impr_all",)
+    with pytest.raises(FeatureDefinitionError, match="not declared"):
+        FeatureSet("t", CTR_V1.features, growing=("item_impr_all", "nope"))

@@ -215,3 +215,51 @@ def test_report_notebook_is_thin_stripped_and_parameterized() -> None:
     from tests.test_notebooks import test_notebook_is_thin_stripped_and_parameterized as thin
 
     thin(REPO / "monitors/drift_report.ipynb")
+
+
+def test_drift_report_names_schema_problems_of_the_request_log() -> None:
+    """A served feature missing, an undeclared one and a retyped one, from raw log rows."""
+    from pipelines.monitoring.monitor import MonitorConfig, drift_report
+    from pipelines.stages.drift_reference import build_reference
+    from tests.support.project import REPO
+
+    cfg = MonitorConfig.load(REPO)
+    n = 2000
+    rng = np.random.default_rng(0)
+    times = pd.Timestamp("2026-10-07", tz="UTC") + pd.to_timedelta(np.arange(n) * 5, unit="s")
+    names = cfg.feature_names
+    train = pd.DataFrame({name: rng.integers(0, 5, n).astype(float) for name in names})
+    train.insert(0, "device", rng.choice(["ios", "web"], n))
+    train.insert(0, "surface", rng.choice(["feed", "search", "recs"], n))
+    train["prediction"] = rng.uniform(0.05, 0.2, n)
+    reference = build_reference(train, pd.Series(times))
+    features = [
+        {
+            **{k: float(v) for k, v in zip(names[1:], row, strict=True)},
+            "brand_new": 1.0,
+            names[2]: "n/a" if i % 3 else float(row[1]),
+        }
+        for i, row in enumerate(rng.integers(0, 5, (n, len(names) - 1)))
+    ]
+    raw = pd.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(n)],
+            "request_time": times.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "surface": train["surface"],
+            "device": train["device"],
+            "route": "prod",
+            "model": "v1",
+            "probability": train["prediction"],
+            "latency_ms": 3.0,
+            "features": features,
+        }
+    )
+    log = normalize_request_log(raw)
+    report = drift_report(cfg, log, reference)
+    reasons = {c.column: c.reasons for c in report.columns if c.reasons}
+    assert reasons == {
+        names[0]: ["missing_column"],
+        names[2]: ["type_change"],
+        "brand_new": ["new_column"],
+    }, report.table()[["column", "status", "reasons"]]
+    assert not report.dataset_drift and report.summary()["data_problems"].keys() == reasons.keys()

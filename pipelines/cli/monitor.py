@@ -70,8 +70,14 @@ def drift(
         False, help="Also write one whylogs profile per window (monitor.live_profile_dir)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    alert_log: Path | None = typer.Option(
+        None,
+        help="File the alert JSON lines are appended to (default: <monitor.out_dir>/alerts.log).",
+    ),
+    show_alerts: bool = typer.Option(False, help="Also print the alert JSON lines (stderr)."),
 ) -> None:
-    """Drift, skew, serving signals and online quality of a window of traffic; alert and trigger."""
+    """Drift, serving signals and online quality of a window of traffic; alert and trigger."""
+    from pipelines.monitoring.console import format_result, route_alert_log
     from pipelines.monitoring.monitor import check, save_result
     from pipelines.monitoring.requests import write_window_profiles
 
@@ -79,6 +85,7 @@ def drift(
         fail(f"--retrain must be none, repro or exp, got {retrain!r}")
     cfg, log, source = _load(log_dir, log_file, since, until)
     click_table = _clicks(cfg, clicks)
+    route_alert_log(alert_log or cfg.out_dir / "alerts.log", echo=show_alerts)
     try:
         result = check(
             cfg,
@@ -87,7 +94,7 @@ def drift(
             alerts=cfg.alert_sink(webhook) if alerts else None,
             retrain_run=retrain,
         )
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     path = save_result(cfg, result)
     if profiles:
@@ -96,64 +103,10 @@ def drift(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_result(result, source, len(log))
+        typer.echo(format_result(result, source, len(log)))
     typer.echo(f"result: {path.relative_to(cfg.root)} (and latest.json)")
     if result.breached:
         raise typer.Exit(EXIT_BREACH)
-
-
-def _print_result(result, source: str, rows: int) -> None:
-    s = result.drift.summary()
-    typer.echo(
-        f"== drift: {rows:,} requests from {source}, {s['window']['start']} .. {s['window']['end']}"
-    )
-    import pandas as pd
-
-    table = result.drift.table()
-    if not table.empty:
-        cols = ["column", "role", "status", "psi", "threshold", "whylogs_test", "whylogs_pvalue"]
-        with pd.option_context("display.width", 160, "display.max_rows", 100):
-            typer.echo(table[cols].round(5).to_string(index=False))
-    typer.echo(
-        f"drifted {len(s['drifted_columns'])} of {s['columns_compared']} columns "
-        f"(share {s['drift_share']:.0%}; dataset drift: {s['dataset_drift']}; "
-        f"prediction drift: {s['prediction_drift']}; skew share {s['skew_share']:.0%})"
-    )
-    sig = result.signals
-    if sig.get("rows"):
-        typer.echo(
-            f"signals: fallback {sig['fallback_rate']:.2%} | stale features "
-            f"{sig['stale_share']:.2%} | latency p95 {sig['latency_p95_ms']} ms | "
-            f"feature age p95 {sig['feature_age_p95_s']} s"
-        )
-    for b in result.signal_breaches:
-        typer.echo(f"BREACH signal {b['signal']}: {b['value']} > {b['limit']}")
-    if result.quality is not None and not result.quality.empty:
-        cols = [
-            c
-            for c in (
-                "model",
-                "route",
-                "labelled",
-                "pending",
-                "auc",
-                "log_loss",
-                "calibration_error",
-            )
-            if c in result.quality.columns
-        ]
-        typer.echo("online quality:\n" + result.quality[cols].round(4).to_string(index=False))
-    for b in result.quality_breaches:
-        typer.echo(
-            f"BREACH {b['signal']} {b.get('model')}/{b.get('route')}: {b['value']} vs {b['limit']}"
-        )
-    for a in result.alerts:
-        typer.echo(f"alert {a['key']} ({a['severity']}): {a['status']}")
-    if result.trigger:
-        typer.echo(f"retraining trigger: {result.trigger}")
-    if result.retraining:
-        r = result.retraining
-        typer.echo(f"retraining: {r['command']} {r['status']} in {r['seconds']} s")
 
 
 @app.command("report")

@@ -163,6 +163,10 @@ class ProfileSettings(Section):
     def reference_profile(self) -> str:
         return f"{self.out_dir}/profile.bin"
 
+    @property
+    def drift_reference(self) -> str:
+        return f"{self.out_dir}/drift_reference.json"
+
 
 class PackageSettings(Section):
     path: ClassVar[str] = "package"
@@ -309,6 +313,15 @@ class DriftSettings(Section):
     min_rows: int = Field(500, ge=1, description="fewer live values: no decision")
     max_categories: int = Field(50, ge=1)
     ignore_columns: tuple[str, ...] = Field(("baseline_prediction",), strict=False)
+    null_rate_threshold: float = Field(
+        0.02, ge=0, lt=1, description="smallest null-rate change worth an alert"
+    )
+    growing_min_fall: float = Field(
+        0.05, gt=0, lt=1, description="smallest fall of a growing feature (share of mass)"
+    )
+    min_reference_blocks: int = Field(
+        4, ge=2, description="fewest blocks the training windows are grouped into"
+    )
 
     @model_validator(mode="after")
     def _severe_above_threshold(self) -> DriftSettings:
@@ -393,6 +406,7 @@ class RetrainSettings(Section):
     run: Literal["none", "repro", "exp"] = "none"
     on_dataset_drift: bool = True
     on_prediction_drift: bool = True
+    on_severe_drift: bool = Field(True, description="one column drifts with PSI >= psi_severe")
     on_quality_breach: bool = True
     timeout_minutes: float = Field(120, gt=0)
 
@@ -487,6 +501,11 @@ class Settings(Section):
     def reference_profile(self) -> str:
         """The whylogs reference profile the ``profile`` stage writes."""
         return self.profile.reference_profile
+
+    @property
+    def drift_reference(self) -> str:
+        """The exact per-window drift reference the ``profile`` stage writes."""
+        return self.profile.drift_reference
 
 
 class ParamsError(ConfigError):

@@ -210,9 +210,17 @@ class FeatureSet:
     prior_ctr: float = 0.1
     prior_strength: float = 20.0
     categorical: tuple[str, ...] = field(default=("surface_code", "device_code"))
+    # Features that grow by construction (counts over all history): their level rises
+    # while history accumulates, so drift monitoring judges only a fall (docs/monitoring.md).
+    growing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
+        unknown = [g for g in self.growing if g not in names]
+        if unknown:
+            raise FeatureDefinitionError(
+                f"feature set {self.name}: growing features {unknown} are not declared"
+            )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise FeatureDefinitionError(f"feature set {self.name}: duplicate names {dupes}")
@@ -322,6 +330,7 @@ _PRIOR = 0.1
 CTR_V1 = FeatureSet(
     name="ctr_v1",
     prior_ctr=_PRIOR,
+    growing=("item_impr_all",),
     features=(
         _count("user", "impressions", "1h", "impr"),
         _count("user", "impressions", "24h", "impr"),

@@ -1,39 +1,22 @@
-"""Input and output drift of live traffic against the training reference, from whylogs profiles.
+"""Drift of live traffic against the training period, from exact binned statistics.
 
-For every column present in both profiles (request fields, served features, the
-model's prediction) this module computes
+The reference (``pipelines.stages.drift_reference.build_reference``, written by the
+``profile`` stage) holds, per column, exact bin counts of the training period and the
+same counts per time window. A live window is judged column by column
+(docs/monitoring.md, "Drift" has the method and its assumptions):
 
-* the **population stability index** (PSI) and the **Hellinger distance** between
-  the reference and live distributions over ``bins`` reference-quantile bins
-  (numeric columns, from the KLL sketches) or over the reference's categories plus
-  "other" (string columns, from the frequent-items sketches);
-* whylogs' own test (KS on numeric sketches, chi-square on frequent items) with its
-  p-value, reported as information only.
+* **distribution**: PSI over the reference's bins, flagged above
+  ``max(psi_threshold, chi2_{1-a}(k-1) * (1/n_live + 1/n_ref + D/(k-1)))``, where ``D`` is
+  the mean PSI between blocks of training windows beyond what sampling explains (the
+  variation clustered traffic shows when nothing changed) and ``a = family_alpha / m``
+  for the ``m`` tests of the window;
+* **growing** features (``FeatureSet.growing``): only a fall counts (more mass at low
+  values than in the reference);
+* **null_rate**, **missing_column**, **new_column**, **type_change**: data problems,
+  each with its reason code.
 
-**Decision rule** (calibrated in ``benchmarks/drift_calibration.py``). whylogs'
-sketch-based p-values ignore the sketches' approximation error and treat the
-reference as exact; on large samples they flag columns that did not change, far
-more often than the exact tests on the raw values do (measured in
-``benchmarks/results/drift_calibration.md``). A column is therefore flagged when
-its PSI exceeds **both**
-
-* ``critical_psi``: the PSI that sampling noise alone exceeds with probability
-  ``family_alpha / m`` (``m`` columns compared, so a window with no change raises
-  any flag with probability at most ``family_alpha``). Under no change
-  ``PSI * n_eff`` is approximately chi-square with ``bins - 1`` degrees of freedom,
-  ``1 / n_eff = 1 / n_reference + 1 / n_live``: small live windows need a large
-  PSI before they count;
-* ``psi_threshold``: the smallest shift worth an alert (for a normal variable a mean
-  shift of 0.1 standard deviations gives PSI ~0.01, 0.05 SD ~0.0025). It also
-  absorbs the sketches' approximation error, which on large windows is as large as
-  the sampling noise (the benchmark records the gap between sketch and exact PSI).
-
-A window with fewer than ``min_rows`` live values in a column gets no decision
-for that column (``no_data``). The dataset drifts when the share of decided
-columns that drifted reaches ``share_threshold``. Training-serving skew is the
-same comparison restricted to the served feature values (role ``feature``);
-``value_skew`` additionally recomputes served features offline and compares them
-value by value.
+Everything is computed from exact counts of raw values (no randomised sketches), so
+the same inputs always give the same statistics and verdicts.
 """
 
 from __future__ import annotations
@@ -45,69 +28,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.config import ConfigError
+from pipelines.core.settings import DriftSettings
+from pipelines.stages.drift_reference import build_reference, category_codes, numeric_bin
 
 REQUEST_COLUMNS: tuple[str, ...] = ("surface", "device")
 PREDICTION_COLUMN = "prediction"
 _SMOOTH = 0.5  # pseudo-count per bin, so an empty bin gives a finite PSI
 
-
-@dataclass(frozen=True)
-class DriftPolicy:
-    """Thresholds of the drift decision (``monitor.drift`` in params.yaml)."""
-
-    bins: int = 10
-    family_alpha: float = 0.05
-    psi_threshold: float = 0.005
-    psi_severe: float = 0.1
-    share_threshold: float = 0.3
-    min_rows: int = 500
-    max_categories: int = 50
-    ignore_columns: tuple[str, ...] = ("baseline_prediction",)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.bins >= 2, f"monitor.drift.bins must be >= 2, got {self.bins}"),
-            (
-                0 < self.family_alpha < 1,
-                f"monitor.drift.family_alpha must be in (0, 1), got {self.family_alpha}",
-            ),
-            (
-                self.psi_threshold >= 0,
-                f"monitor.drift.psi_threshold must be >= 0, got {self.psi_threshold}",
-            ),
-            (
-                self.psi_severe >= self.psi_threshold,
-                "monitor.drift.psi_severe must be >= psi_threshold, got "
-                f"{self.psi_severe} < {self.psi_threshold}",
-            ),
-            (
-                0 < self.share_threshold <= 1,
-                f"monitor.drift.share_threshold must be in (0, 1], got {self.share_threshold}",
-            ),
-            (self.min_rows >= 1, f"monitor.drift.min_rows must be >= 1, got {self.min_rows}"),
-            (
-                self.max_categories >= 1,
-                f"monitor.drift.max_categories must be >= 1, got {self.max_categories}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> DriftPolicy:
-        """Read ``monitor.drift``; unknown keys are an error naming the key."""
-        section = dict((params.get("monitor") or {}).get("drift") or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"params.yaml monitor.drift has unknown key(s) {unknown}; known: {sorted(known)}"
-            )
-        if "ignore_columns" in section:
-            section["ignore_columns"] = tuple(section["ignore_columns"] or ())
-        return cls(**section)
+# Reason codes of a flagged column. Only ``distribution`` drift counts towards dataset
+# and prediction drift (retraining); the others are data problems (alert, no retrain).
+DISTRIBUTION = "distribution"
+GROWING_FALL = "growing_fall"
+NULL_RATE = "null_rate"
+MISSING_COLUMN = "missing_column"
+NEW_COLUMN = "new_column"
+TYPE_CHANGE = "type_change"
+DATA_PROBLEMS = (NULL_RATE, MISSING_COLUMN, NEW_COLUMN, TYPE_CHANGE, GROWING_FALL)
 
 
 @dataclass(frozen=True)
@@ -137,83 +73,64 @@ def hellinger(reference_counts: np.ndarray, live_counts: np.ndarray) -> float:
     return float(np.sqrt(0.5 * np.sum((np.sqrt(p) - np.sqrt(q)) ** 2)))
 
 
-def critical_psi(n_bins: int, n_reference: int, n_live: int, alpha: float) -> float:
-    """PSI that sampling noise alone exceeds with probability ``alpha`` (chi-square approx.)."""
+def critical_psi(
+    n_bins: int, n_reference: int, n_live: int, alpha: float, between: float = 0.0
+) -> float:
+    """PSI that no change exceeds with probability ``alpha``.
+
+    Under no change ``PSI`` is about ``chi2(n_bins - 1)`` times
+    ``1/n_reference + 1/n_live + between/(n_bins - 1)``: sampling noise of both samples
+    plus ``between``, the mean PSI between windows of the reference beyond sampling.
+    """
     from scipy import stats
 
     if n_bins < 2 or n_reference < 1 or n_live < 1:
         return math.inf
-    return float(stats.chi2.ppf(1.0 - alpha, n_bins - 1) * (1.0 / n_reference + 1.0 / n_live))
-
-
-def bin_sketches(reference: Any, live: Any, bins: int, max_categories: int) -> Binned:
-    """Counts of both sketches over bins defined by the reference (see module docstring).
-
-    Numeric: edges at the reference's ``1/bins .. (bins-1)/bins`` quantiles, duplicates
-    removed (a point mass such as "no clicks yet" becomes its own bin); bins are
-    ``(-inf, e1], (e1, e2], ..., (ek, inf)``. Categorical: the reference's most
-    frequent ``max_categories`` values plus ``<other>``, where unseen live values land.
-    """
-    if reference.kind == "categorical" or live.kind == "categorical":
-        if reference.kind != live.kind:
-            raise ValueError(
-                f"column {reference.name!r} is {reference.kind} in the reference but "
-                f"{live.kind} in live traffic; the request log and the reference disagree "
-                "on its type"
-            )
-        ref_items = sorted(reference.items().items(), key=lambda kv: (-kv[1], kv[0]))
-        cats = [k for k, _ in ref_items[:max_categories]]
-        live_items = live.items()
-        ref_counts = [float(reference.items()[c]) for c in cats]
-        live_counts = [float(live_items.get(c, 0)) for c in cats]
-        ref_counts.append(max(float(reference.count) - sum(ref_counts), 0.0))
-        live_counts.append(max(float(live.count) - sum(live_counts), 0.0))
-        return Binned([*cats, "<other>"], np.array(ref_counts), np.array(live_counts))
-    ranks = [i / bins for i in range(1, bins)]
-    edges = np.unique(reference.quantiles(ranks))
-    ref_cdf = np.concatenate([[0.0], reference.cdf(edges), [1.0]])
-    live_cdf = np.concatenate([[0.0], live.cdf(edges), [1.0]])
-    ref_counts = np.clip(np.diff(ref_cdf), 0, None) * reference.count
-    live_counts = np.clip(np.diff(live_cdf), 0, None) * live.count
-    labels = [f"<= {edges[0]:.6g}"]
-    labels += [f"({a:.6g}, {b:.6g}]" for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    labels.append(f"> {edges[-1]:.6g}")
-    return Binned(labels, ref_counts, live_counts)
+    scale = 1.0 / n_reference + 1.0 / n_live + between / (n_bins - 1)
+    return float(stats.chi2.ppf(1.0 - alpha, n_bins - 1) * scale)
 
 
 def bin_samples(reference: np.ndarray, live: np.ndarray, bins: int) -> Binned:
-    """Exact counts of two raw numeric samples over reference-quantile bins (same bins as above)."""
+    """Exact counts of two raw numeric samples over reference-quantile bins."""
     reference = np.asarray(reference, np.float64)
     live = np.asarray(live, np.float64)
     reference, live = reference[~np.isnan(reference)], live[~np.isnan(live)]
     if len(reference) == 0:
         raise ValueError("the reference sample is empty")
     edges = np.unique(np.quantile(reference, [i / bins for i in range(1, bins)]))
-    ref_counts = np.bincount(np.searchsorted(edges, reference, "left"), minlength=len(edges) + 1)
-    live_counts = np.bincount(np.searchsorted(edges, live, "left"), minlength=len(edges) + 1)
+    ref_counts = np.bincount(numeric_bin(reference, edges), minlength=len(edges) + 1)
+    live_counts = np.bincount(numeric_bin(live, edges), minlength=len(edges) + 1)
     labels = [f"bin {i}" for i in range(len(edges) + 1)]
     return Binned(labels, ref_counts.astype(np.float64), live_counts.astype(np.float64))
 
 
 @dataclass
 class ColumnDrift:
-    """The drift verdict and evidence for one column."""
+    """The verdict and evidence for one column.
+
+    ``status``: ``drift``, ``no_drift``, ``no_data`` (too few live values for a
+    distribution verdict) or ``not_judged`` (the reference has no valid rows; ``note``
+    says why). ``reasons`` lists the reason codes that flagged it.
+    """
 
     column: str
     role: str  # request | feature | prediction | other
-    kind: str  # numeric | categorical
+    kind: str  # numeric | categorical | missing
     n_reference: int
     n_live: int
     psi: float | None
     hellinger: float | None
-    critical_psi: float | None
+    critical_psi: float | None  # limit from sampling noise alone
+    between_windows: float | None  # mean PSI between reference blocks beyond sampling
     threshold: float | None
     drifted: bool
-    status: str  # no_drift | drift | no_data
+    status: str
     severity: str  # none | moderate | high
-    whylogs_test: str | None = None
-    whylogs_pvalue: float | None = None
-    whylogs_statistic: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    note: str = ""
+    null_rate_reference: float | None = None
+    null_rate_live: float | None = None
+    null_rate_limit: float | None = None
     reference_summary: str = ""
     live_summary: str = ""
     bins: dict[str, list[Any]] = field(default_factory=dict)
@@ -221,25 +138,46 @@ class ColumnDrift:
 
 @dataclass
 class DriftReport:
-    """Per-column drift plus the dataset-level verdict for one live window."""
+    """Per-column verdicts plus the dataset-level verdict for one live window."""
 
     columns: list[ColumnDrift]
-    policy: DriftPolicy
+    policy: DriftSettings
     n_live_rows: int
     window: dict[str, str | None] = field(default_factory=dict)
+    not_monitored: dict[str, str] = field(default_factory=dict)
+    reference_blocks: str = ""
 
     @property
     def decided(self) -> list[ColumnDrift]:
-        return [c for c in self.columns if c.status != "no_data"]
+        """Columns with a distribution verdict (the denominator of the drift share)."""
+        return [c for c in self.columns if c.status in ("drift", "no_drift") and c.psi is not None]
 
     @property
     def drifted(self) -> list[ColumnDrift]:
+        """Every flagged column, whatever the reason."""
         return [c for c in self.columns if c.drifted]
+
+    @property
+    def distribution_drifted(self) -> list[ColumnDrift]:
+        return [c for c in self.columns if DISTRIBUTION in c.reasons]
+
+    @property
+    def severe_drift(self) -> list[ColumnDrift]:
+        """Distribution drift with PSI at or above ``psi_severe`` (a large shift of one input)."""
+        return [
+            c
+            for c in self.distribution_drifted
+            if c.psi is not None and c.psi >= self.policy.psi_severe
+        ]
+
+    @property
+    def data_problems(self) -> list[ColumnDrift]:
+        return [c for c in self.columns if any(r in DATA_PROBLEMS for r in c.reasons)]
 
     @property
     def drift_share(self) -> float:
         decided = self.decided
-        return len(self.drifted) / len(decided) if decided else 0.0
+        return len(self.distribution_drifted) / len(decided) if decided else 0.0
 
     @property
     def dataset_drift(self) -> bool:
@@ -247,21 +185,21 @@ class DriftReport:
 
     @property
     def prediction_drift(self) -> bool:
-        return any(c.drifted and c.role == "prediction" for c in self.columns)
-
-    @property
-    def skew_share(self) -> float:
-        """Share of served feature columns whose distribution differs from training (skew)."""
-        feats = [c for c in self.decided if c.role == "feature"]
-        return sum(c.drifted for c in feats) / len(feats) if feats else 0.0
+        return any(DISTRIBUTION in c.reasons and c.role == "prediction" for c in self.columns)
 
     def table(self) -> pd.DataFrame:
-        """One row per column, most drifted first (the drift score table of the report)."""
+        """One row per column, flagged first, then by PSI over its limit."""
         rows = [{k: v for k, v in asdict(c).items() if k != "bins"} for c in self.columns]
         frame = pd.DataFrame(rows)
         if frame.empty:
             return frame
-        return frame.sort_values(["drifted", "psi"], ascending=[False, False], na_position="last")
+        frame["reasons"] = [",".join(r) for r in frame["reasons"]]
+        ratio = frame["psi"].astype(float) / frame["threshold"].astype(float)
+        return (
+            frame.assign(_ratio=ratio)
+            .sort_values(["drifted", "_ratio"], ascending=[False, False], na_position="last")
+            .drop(columns="_ratio")
+        )
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -269,18 +207,24 @@ class DriftReport:
             "live_rows": self.n_live_rows,
             "columns_compared": len(self.decided),
             "columns_without_data": [c.column for c in self.columns if c.status == "no_data"],
-            "drifted_columns": [c.column for c in self.drifted],
+            "columns_not_judged": {
+                c.column: c.note for c in self.columns if c.status == "not_judged"
+            },
+            "not_monitored": dict(self.not_monitored),
+            "drifted_columns": [c.column for c in self.distribution_drifted],
+            "severe_drift_columns": [c.column for c in self.severe_drift],
+            "data_problems": {c.column: c.reasons for c in self.data_problems},
             "drift_share": round(self.drift_share, 4),
             "dataset_drift": self.dataset_drift,
             "prediction_drift": self.prediction_drift,
-            "skew_share": round(self.skew_share, 4),
+            "reference_blocks": self.reference_blocks,
         }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: summary, policy and every column with its bins."""
         return {
             **self.summary(),
-            "policy": asdict(self.policy),
+            "policy": self.policy.model_dump(mode="json"),
             "columns": [_clean(asdict(c)) for c in self.columns],
         }
 
@@ -299,7 +243,7 @@ def _clean(value: Any) -> Any:
 
 
 def column_role(name: str, feature_names: list[str] | None = None) -> str:
-    """Which part of the request/response a profiled column describes."""
+    """Which part of the request/response a column describes."""
     if name == PREDICTION_COLUMN:
         return "prediction"
     if name in REQUEST_COLUMNS:
@@ -309,121 +253,339 @@ def column_role(name: str, feature_names: list[str] | None = None) -> str:
     return "other"
 
 
-def _summaries(sketch: Any) -> str:
-    if sketch.kind == "numeric":
-        q = sketch.quantiles([0.5])[0]
-        return f"median {q:.4g}"
-    if sketch.kind == "categorical":
-        items = sketch.items()
-        total = max(sketch.count, 1)
-        top = sorted(items.items(), key=lambda kv: -kv[1])[:3]
-        return ", ".join(f"{k} {v / total:.1%}" for k, v in top)
-    return "no values"
+@dataclass
+class _Blocks:
+    """Reference windows grouped into consecutive blocks as long as the live window."""
+
+    counts: np.ndarray  # blocks x bins
+    nulls: np.ndarray  # blocks
+    rows: np.ndarray  # blocks (values + nulls)
 
 
-def compare(
-    reference_view: Any,
-    live_view: Any,
-    policy: DriftPolicy | None = None,
+def _blocks(entry: dict[str, Any], size: int) -> _Blocks:
+    counts = np.asarray(entry["window_counts"], dtype=np.float64)
+    rows = np.asarray(entry["window_rows"], dtype=np.float64)
+    nulls = np.asarray(entry["window_nulls"], dtype=np.float64)
+    used = rows > 0
+    counts, rows, nulls = counts[used], rows[used], nulls[used]
+    n = len(rows) // size
+    if n == 0:
+        return _Blocks(
+            np.empty((0, counts.shape[1] if counts.ndim == 2 else 0)), rows[:0], rows[:0]
+        )
+    cut = n * size
+    return _Blocks(
+        counts[:cut].reshape(n, size, -1).sum(axis=1),
+        nulls[:cut].reshape(n, size).sum(axis=1),
+        rows[:cut].reshape(n, size).sum(axis=1),
+    )
+
+
+def between_psi(counts: np.ndarray, keep: np.ndarray) -> float:
+    """The largest PSI of a block against the rest of the reference, beyond sampling noise.
+
+    ``counts`` is blocks x bins; ``keep`` selects the bins in use. Each block's PSI has
+    expectation ``(k - 1) * (1/n_block + 1/n_rest)`` under pure sampling; what remains
+    is variation between windows (about 0 for independent rows). The largest block is
+    taken, not the mean, because that variation is uneven (night hours differ from the
+    day more than noon does).
+    """
+    counts = counts[:, keep]
+    sizes = counts.sum(axis=1)
+    counts = counts[sizes >= 1]
+    if len(counts) < 2:
+        return 0.0
+    rest = counts.sum(axis=0) - counts
+    nb, nr = counts.sum(axis=1), rest.sum(axis=1)
+    ok = nr >= 1
+    k = counts.shape[1]
+    p = (rest[ok] + _SMOOTH) / (nr[ok, None] + _SMOOTH * k)
+    q = (counts[ok] + _SMOOTH) / (nb[ok, None] + _SMOOTH * k)
+    values = np.sum((q - p) * np.log(q / p), axis=1)
+    excess = values - (k - 1) * (1.0 / nb[ok] + 1.0 / nr[ok])
+    return max(float(np.max(excess)), 0.0) if len(excess) else 0.0
+
+
+def between_null_var(blocks: _Blocks) -> float:
+    """Largest squared gap of a block's null rate from the rest, beyond binomial sampling."""
+    rows, nulls = blocks.rows, blocks.nulls
+    used = rows >= 1
+    rows, nulls = rows[used], nulls[used]
+    if len(rows) < 2:
+        return 0.0
+    total_rows, total_nulls = rows.sum(), nulls.sum()
+    rest = total_rows - rows
+    ok = rest >= 1
+    p = total_nulls / total_rows
+    gap = nulls[ok] / rows[ok] - (total_nulls - nulls[ok]) / rest[ok]
+    excess = gap * gap - p * (1 - p) * (1 / rows[ok] + 1 / rest[ok])
+    return max(float(np.max(excess)), 0.0) if len(excess) else 0.0
+
+
+def _live_bins(
+    entry: dict[str, Any], values: pd.Series
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Reference counts, live counts and bin labels; an ``<other>`` bin only when used."""
+    ref = np.asarray(entry["counts"], dtype=np.float64)
+    if entry["kind"] == "categorical":
+        cats = entry["categories"]
+        idx = category_codes(values, cats)
+        live = np.bincount(idx, minlength=len(cats) + 1).astype(np.float64)
+        labels = [*cats, "<other>"]
+        if entry.get("other_bin"):
+            return labels, ref, live
+        ref = np.append(ref, 0.0)
+        return labels, ref, live
+    edges = np.asarray(entry["edges"], dtype=np.float64)
+    live = np.bincount(
+        numeric_bin(values.to_numpy(np.float64), edges), minlength=len(edges) + 1
+    ).astype(np.float64)
+    labels = [f"<= {edges[0]:.6g}"] if len(edges) else ["all"]
+    labels += [f"({a:.6g}, {b:.6g}]" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    if len(edges):
+        labels.append(f"> {edges[-1]:.6g}")
+    return labels, ref, live
+
+
+def _summary(entry: dict[str, Any], counts: np.ndarray, labels: list[str]) -> str:
+    total = max(float(counts.sum()), 1.0)
+    if entry["kind"] == "categorical":
+        top = sorted(zip(labels, counts, strict=True), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{k} {v / total:.1%}" for k, v in top if v > 0)
+    cum = np.cumsum(counts) / total
+    i = int(np.searchsorted(cum, 0.5))
+    return f"median in {labels[min(i, len(labels) - 1)]}"
+
+
+def _non_numeric(series: pd.Series) -> bool:
+    """True when a column that should hold numbers holds values that are not numbers."""
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return False
+    present = series.dropna()
+    return bool(len(present)) and bool(pd.to_numeric(present, errors="coerce").isna().any())
+
+
+def compare_reference(
+    reference: dict[str, Any],
+    live: pd.DataFrame,
+    times: pd.Series | None = None,
+    policy: DriftSettings | None = None,
     feature_names: list[str] | None = None,
     window: dict[str, str | None] | None = None,
+    absent: tuple[str, ...] | list[str] = (),
 ) -> DriftReport:
-    """Drift of a live profile against the reference profile, column by column.
+    """Judge a live frame (one row per served request) against a drift reference.
 
-    Only columns present in both profiles are compared (``policy.ignore_columns``
-    skipped). ``feature_names`` tells which columns are served features (role
-    ``feature``); without it every non-request, non-prediction column is one.
+    ``live`` has the reference's columns (``pipelines.monitoring.requests.live_frame``);
+    ``times`` (each row's request time) sets the length of the reference blocks the
+    between-window variation is measured on (the live window's span, in reference
+    windows, at most ``windows / min_reference_blocks``). ``absent`` names columns the
+    traffic did not carry at all (``missing_column``). Columns of ``live`` that the
+    reference lacks are ``new_column``.
     """
-    from pipelines.core import profiles as wl
+    from scipy import stats
 
-    policy = policy or DriftPolicy()
-    ref = wl.column_sketches(reference_view)
-    live = wl.column_sketches(live_view)
-    names = [c for c in ref if c in live and c not in policy.ignore_columns]
-    scores = wl.drift_scores(live_view, reference_view)
-    decidable = [
-        c
-        for c in names
-        if ref[c].kind != "empty"
-        and live[c].kind != "empty"
-        and ref[c].count >= policy.min_rows
-        and live[c].count >= policy.min_rows
-    ]
-    alpha = policy.family_alpha / max(len(decidable), 1)
-    columns: list[ColumnDrift] = []
-    n_live_rows = max((s.count + s.nulls for s in live.values()), default=0)
-    for name in names:
-        r, lv = ref[name], live[name]
-        score = scores.get(name) or {}
-        kind = r.kind if r.kind != "empty" else lv.kind
-        base: dict[str, Any] = {
-            "column": name,
-            "role": column_role(name, feature_names),
-            "kind": kind,
-            "n_reference": r.count,
-            "n_live": lv.count,
-            "whylogs_test": score.get("algorithm"),
-            "whylogs_pvalue": score.get("pvalue"),
-            "whylogs_statistic": score.get("statistic"),
-            "reference_summary": _summaries(r),
-            "live_summary": _summaries(lv),
-        }
-        if name not in decidable:
-            columns.append(
-                ColumnDrift(
-                    **base,
-                    psi=None,
-                    hellinger=None,
-                    critical_psi=None,
-                    threshold=None,
-                    drifted=False,
-                    status="no_data",
-                    severity="none",
-                )
-            )
-            continue
-        columns.append(ColumnDrift(**base, **judge(r, lv, policy, alpha)))
-    return DriftReport(columns, policy, n_live_rows, window or {})
-
-
-def judge(reference: Any, live: Any, policy: DriftPolicy, alpha: float) -> dict[str, Any]:
-    """The decision for one column: PSI against ``max(psi_threshold, critical_psi(alpha))``.
-
-    ``reference``/``live`` are ``ColumnSketch`` objects; ``alpha`` is the per-column
-    false-alarm probability (``compare`` passes ``family_alpha / columns compared``).
-    """
-    binned = bin_sketches(reference, live, policy.bins, policy.max_categories)
-    value = psi(binned.reference, binned.live)
-    crit = critical_psi(len(binned.labels), reference.count, live.count, alpha)
-    threshold = max(policy.psi_threshold, crit)
-    drifted = value > threshold
-    severity = "none" if not drifted else ("high" if value >= policy.psi_severe else "moderate")
-    return {
-        "psi": round(value, 6),
-        "hellinger": round(hellinger(binned.reference, binned.live), 6),
-        "critical_psi": round(crit, 6),
-        "threshold": round(threshold, 6),
-        "drifted": bool(drifted),
-        "status": "drift" if drifted else "no_drift",
-        "severity": severity,
-        "bins": {
-            "labels": binned.labels,
-            "reference": [round(float(x) / max(reference.count, 1), 6) for x in binned.reference],
-            "live": [round(float(x) / max(live.count, 1), 6) for x in binned.live],
-        },
+    policy = policy or DriftSettings()
+    cols: dict[str, dict[str, Any]] = reference["columns"]
+    n_windows = len(reference["windows"])
+    unit = pd.Timedelta(reference["window"])
+    if times is not None and len(times):
+        stamps = pd.to_datetime(pd.Series(times), utc=True)
+        span = stamps.max().floor(reference["window"]) - stamps.min().floor(reference["window"])
+        units = int(span / unit) + 1
+    else:
+        units = n_windows
+    size = max(1, min(units, n_windows // policy.min_reference_blocks))
+    not_monitored = {
+        c: "listed in monitor.drift.ignore_columns" for c in policy.ignore_columns if c in cols
     }
+    names = [c for c in cols if c not in policy.ignore_columns]
+    n_live_rows = len(live)
+
+    # Work out which tests run first: their number sets the per-test alpha.
+    plans: dict[str, dict[str, Any]] = {}
+    tests = 0
+    for name in names:
+        entry = cols[name]
+        plan: dict[str, Any] = {"entry": entry}
+        plans[name] = plan
+        if name in absent or name not in live.columns:
+            plan["missing"] = True
+            continue
+        series = live[name]
+        if entry["kind"] == "numeric" and _non_numeric(series):
+            plan["type_change"] = True
+            continue
+        if entry["kind"] == "numeric":
+            series = pd.to_numeric(series, errors="coerce")
+        plan["series"] = series
+        if entry.get("not_judged"):
+            continue
+        n_ref = entry["rows"] - entry["nulls"]
+        plan["null_test"] = entry["rows"] >= policy.min_rows and len(series) >= policy.min_rows
+        valid = int(series.notna().sum())
+        plan["dist_test"] = n_ref >= policy.min_rows and valid >= policy.min_rows
+        tests += int(plan["null_test"]) + int(plan["dist_test"])
+    alpha = policy.family_alpha / max(tests, 1)
+    z = float(stats.norm.ppf(1 - alpha / 2))
+
+    columns: list[ColumnDrift] = []
+    for name in names:
+        plan = plans[name]
+        entry = plan["entry"]
+        base = ColumnDrift(
+            column=name,
+            role=column_role(name, feature_names),
+            kind=entry["kind"],
+            n_reference=int(entry["rows"] - entry["nulls"]),
+            n_live=0,
+            psi=None,
+            hellinger=None,
+            critical_psi=None,
+            between_windows=None,
+            threshold=None,
+            drifted=False,
+            status="no_data",
+            severity="none",
+            note=entry.get("growing") or "",
+        )
+        columns.append(base)
+        if plan.get("missing"):
+            base.kind, base.status, base.drifted, base.severity = "missing", "drift", True, "high"
+            base.reasons.append(MISSING_COLUMN)
+            base.note = "the column is in the reference but not in live traffic"
+            continue
+        if plan.get("type_change"):
+            base.status, base.drifted, base.severity = "drift", True, "high"
+            base.reasons.append(TYPE_CHANGE)
+            example = live[name].dropna()
+            base.note = f"numeric in the reference, live values such as {example.iloc[0]!r} are not"
+            continue
+        series = plan["series"]
+        if entry.get("not_judged"):
+            base.status, base.note = "not_judged", f"not judged: {entry['not_judged']}"
+            continue
+        blocks = _blocks(entry, size)
+        null = series.isna().to_numpy()
+        values = series[~null]
+        base.n_live = int(len(values))
+        if plan["null_test"]:
+            p_ref = entry["nulls"] / max(entry["rows"], 1)
+            p_live = float(null.mean())
+            pooled = (entry["nulls"] + null.sum()) / (entry["rows"] + len(null))
+            sd = math.sqrt(
+                pooled * (1 - pooled) * (1 / entry["rows"] + 1 / len(null))
+                + between_null_var(blocks)
+            )
+            limit = max(policy.null_rate_threshold, z * sd)
+            base.null_rate_reference, base.null_rate_live = round(p_ref, 6), round(p_live, 6)
+            base.null_rate_limit = round(limit, 6)
+            if abs(p_live - p_ref) > limit:
+                base.reasons.append(NULL_RATE)
+        if plan["dist_test"]:
+            labels, ref_counts, live_counts = _live_bins(entry, values)
+            keep = (ref_counts + live_counts) > 0
+            ref_k, live_k = ref_counts[keep], live_counts[keep]
+            block_counts = blocks.counts
+            if block_counts.shape[1] < len(keep):  # reference without an <other> bin
+                pad = np.zeros((len(block_counts), len(keep) - block_counts.shape[1]))
+                block_counts = np.hstack([block_counts, pad])
+            between = between_psi(block_counts, keep) if len(block_counts) >= 2 else 0.0
+            n_ref, n_live = float(ref_k.sum()), float(live_k.sum())
+            if entry.get("growing"):
+                f_ref = np.cumsum(ref_k)[:-1] / n_ref
+                f_live = np.cumsum(live_k)[:-1] / n_live
+                fall = float(np.max(f_live - f_ref, initial=0.0))
+                crit = math.sqrt(math.log(1 / alpha) / 2 * (1 / n_ref + 1 / n_live))
+                threshold = max(policy.growing_min_fall, crit)
+                base.psi = round(psi(ref_k, live_k), 6)
+                base.critical_psi, base.threshold = round(crit, 6), round(threshold, 6)
+                base.note = (
+                    f"{entry['growing']}; judged on its fall only: live share below the "
+                    f"reference's quantiles exceeds it by {fall:.4f} (limit {threshold:.4f})"
+                )
+                if fall > threshold:
+                    base.reasons.append(GROWING_FALL)
+            else:
+                value = psi(ref_k, live_k)
+                crit = critical_psi(int(keep.sum()), int(n_ref), int(n_live), alpha)
+                limit = critical_psi(int(keep.sum()), int(n_ref), int(n_live), alpha, between)
+                threshold = max(policy.psi_threshold, limit)
+                base.psi, base.critical_psi = round(value, 6), round(crit, 6)
+                base.between_windows, base.threshold = round(between, 6), round(threshold, 6)
+                if value > threshold:
+                    base.reasons.append(DISTRIBUTION)
+                if (
+                    entry["kind"] == "categorical"
+                    and not entry.get("other_bin")
+                    and live_k[-1:].size
+                ):
+                    unseen = sorted(set(values.astype(str)) - set(entry["categories"]))
+                    if unseen:
+                        base.note = f"categories unseen in training: {unseen[:5]}"
+            base.hellinger = round(hellinger(ref_k, live_k), 6)
+            base.reference_summary = _summary(entry, ref_counts, labels)
+            base.live_summary = _summary(entry, live_counts, labels)
+            base.bins = {
+                "labels": [lab for lab, k in zip(labels, keep, strict=True) if k],
+                "reference": [round(float(x) / max(n_ref, 1), 6) for x in ref_k],
+                "live": [round(float(x) / max(n_live, 1), 6) for x in live_k],
+            }
+            base.status = "no_drift"
+        if base.reasons:
+            base.status, base.drifted = "drift", True
+            high = (base.psi or 0) >= policy.psi_severe or any(
+                r in DATA_PROBLEMS for r in base.reasons
+            )
+            base.severity = "high" if high else "moderate"
+    for name in live.columns:
+        if name in cols or name in policy.ignore_columns:
+            continue
+        columns.append(
+            ColumnDrift(
+                column=name,
+                role=column_role(name, feature_names),
+                kind="categorical" if not pd.api.types.is_numeric_dtype(live[name]) else "numeric",
+                n_reference=0,
+                n_live=int(live[name].notna().sum()),
+                psi=None,
+                hellinger=None,
+                critical_psi=None,
+                between_windows=None,
+                threshold=None,
+                drifted=True,
+                status="drift",
+                severity="high",
+                reasons=[NEW_COLUMN],
+                note="in live traffic but not in the reference (retrain to monitor it)",
+            )
+        )
+    blocks_text = f"{size} x {reference['window']} ({n_windows // size} blocks)"
+    return DriftReport(columns, policy, n_live_rows, window or {}, not_monitored, blocks_text)
 
 
 def compare_frames(
     reference: pd.DataFrame,
     live: pd.DataFrame,
-    policy: DriftPolicy | None = None,
+    policy: DriftSettings | None = None,
     feature_names: list[str] | None = None,
+    reference_times: pd.Series | None = None,
+    live_times: pd.Series | None = None,
+    window: str = "1h",
+    growing: dict[str, str] | None = None,
 ) -> DriftReport:
-    """Profile two DataFrames with whylogs and ``compare`` them (tests, benchmarks, notebooks)."""
-    from pipelines.core import profiles as wl
+    """Build a reference from ``reference`` and judge ``live`` (tests, benchmarks, notebooks).
 
-    return compare(wl.profile(reference), wl.profile(live), policy, feature_names)
+    Without ``reference_times`` every reference row falls in one window (no
+    between-window variation is known: the limits assume independent rows).
+    """
+    policy = policy or DriftSettings()
+    if reference_times is None:
+        reference_times = pd.Series(pd.Timestamp("2026-01-01", tz="UTC"), index=reference.index)
+    ref = build_reference(
+        reference, reference_times, window, policy.bins, policy.max_categories, growing
+    )
+    return compare_reference(ref, live, live_times, policy, feature_names)
 
 
 def value_skew(

@@ -22,7 +22,7 @@ from pipelines.core.io import write_json
 from pipelines.core.settings import load_settings, settings_from
 from pipelines.monitoring.alerts import Alert, AlertSettings, AlertSink
 from pipelines.monitoring.canary import CanarySettings
-from pipelines.monitoring.drift import DriftPolicy, DriftReport, compare
+from pipelines.monitoring.drift import DATA_PROBLEMS, DriftReport, DriftSettings, compare_reference
 from pipelines.monitoring.quality import (
     QualitySettings,
     join_labels,
@@ -31,7 +31,8 @@ from pipelines.monitoring.quality import (
 )
 from pipelines.monitoring.requests import (
     SignalSettings,
-    live_profile,
+    feature_columns,
+    live_frame,
     serving_signals,
     signal_breaches,
     to_jsonable,
@@ -47,6 +48,7 @@ class MonitorConfig:
 
     root: Path
     reference_profile: Path
+    drift_reference: Path
     request_log_dir: Path
     clicks_path: Path
     out_dir: Path
@@ -54,7 +56,7 @@ class MonitorConfig:
     window: str
     report_notebook: Path
     report_out: Path
-    drift: DriftPolicy
+    drift: DriftSettings
     signals: SignalSettings
     quality: QualitySettings
     canary: CanarySettings
@@ -74,6 +76,7 @@ class MonitorConfig:
         return cls(
             root=root,
             reference_profile=root / settings.reference_profile,
+            drift_reference=root / settings.drift_reference,
             request_log_dir=root / settings.serving.request_log_dir,
             clicks_path=root / m.clicks_path,
             out_dir=root / m.out_dir,
@@ -81,7 +84,7 @@ class MonitorConfig:
             window=m.window,
             report_notebook=root / m.report_notebook,
             report_out=root / m.report_out,
-            drift=DriftPolicy.from_params(settings.model_dump()),
+            drift=m.drift,
             signals=m.signals,
             quality=m.quality,
             canary=m.canary,
@@ -153,15 +156,38 @@ class MonitorResult:
         )
 
 
-def load_reference(cfg: MonitorConfig) -> Any:
-    """The reference whylogs profile written by the ``profile`` stage."""
-    from pipelines.core import profiles as wl
-
-    if not cfg.reference_profile.is_file():
+def load_reference(cfg: MonitorConfig) -> dict[str, Any]:
+    """The drift reference written by the ``profile`` stage (``drift_reference.json``)."""
+    if not cfg.drift_reference.is_file():
         raise FileNotFoundError(
-            f"reference profile {cfg.reference_profile} is missing; run `dvc repro profile`"
+            f"drift reference {cfg.drift_reference} is missing; run `dvc repro profile`"
         )
-    return wl.read_profile(cfg.reference_profile)
+    reference = json.loads(cfg.drift_reference.read_text())
+    if not isinstance(reference, dict) or reference.get("format") != 1:
+        raise ValueError(
+            f"{cfg.drift_reference} is not a drift reference of format 1; rerun `dvc repro profile`"
+        )
+    return reference
+
+
+def drift_report(
+    cfg: MonitorConfig,
+    log: pd.DataFrame,
+    reference: dict[str, Any],
+    window: dict[str, str | None] | None = None,
+) -> DriftReport:
+    """Drift of a normalized request log against the drift reference (every served column).
+
+    Declared features the log does not carry are ``missing_column``; served features
+    that are not declared are ``new_column``.
+    """
+    names = cfg.feature_names
+    extra = [c for c in feature_columns(log) if c not in names]
+    absent = [n for n in names if n not in log.columns]
+    frame = live_frame(log, [*names, *extra]).drop(columns=absent)
+    return compare_reference(
+        reference, frame, log["request_time"], cfg.drift, names, window, absent
+    )
 
 
 def check(
@@ -187,9 +213,7 @@ def check(
         "start": times.min().isoformat() if len(log) else None,
         "end": times.max().isoformat() if len(log) else None,
     }
-    report = compare(
-        reference, live_profile(log, cfg.feature_names), cfg.drift, cfg.feature_names, window
-    )
+    report = drift_report(cfg, log, reference, window)
     signals = serving_signals(log, cfg.signals.freshness_sla_seconds)
     s_breaches = signal_breaches(signals, cfg.signals)
     quality = None
@@ -213,7 +237,7 @@ def check(
             "drift": report.summary(),
             "drift_columns": [
                 {k: c.__dict__[k] for k in ("column", "psi", "threshold", "severity")}
-                for c in report.drifted
+                for c in report.distribution_drifted
             ],
             "quality_breaches": q_breaches,
             "signals": signals,
@@ -243,6 +267,29 @@ def _alerts(result: MonitorResult) -> list[Alert]:
     out: list[Alert] = []
     report = result.drift
     for col in report.drifted:
+        data = [r for r in col.reasons if r in DATA_PROBLEMS]
+        if data:
+            out.append(
+                Alert(
+                    kind="data_quality",
+                    key=f"data:{col.column}",
+                    severity="critical",
+                    summary=f"{col.role} column {col.column}: {', '.join(data)} ({col.note})"
+                    if col.note
+                    else f"{col.role} column {col.column}: {', '.join(data)}",
+                    evidence={
+                        "column": col.column,
+                        "reasons": data,
+                        "null_rate_reference": col.null_rate_reference,
+                        "null_rate_live": col.null_rate_live,
+                        "null_rate_limit": col.null_rate_limit,
+                        "note": col.note,
+                        "window": report.window,
+                    },
+                )
+            )
+        if "distribution" not in col.reasons:
+            continue
         out.append(
             Alert(
                 kind="prediction_drift" if col.role == "prediction" else "drift",
@@ -258,9 +305,9 @@ def _alerts(result: MonitorResult) -> list[Alert]:
                     "psi": col.psi,
                     "hellinger": col.hellinger,
                     "threshold": col.threshold,
+                    "critical_psi": col.critical_psi,
+                    "between_windows": col.between_windows,
                     "n_live": col.n_live,
-                    "whylogs_test": col.whylogs_test,
-                    "whylogs_pvalue": col.whylogs_pvalue,
                     "window": report.window,
                 },
             )
@@ -272,7 +319,7 @@ def _alerts(result: MonitorResult) -> list[Alert]:
                 key="dataset_drift",
                 severity="critical",
                 summary=(
-                    f"{len(report.drifted)} of {len(report.decided)} columns drifted "
+                    f"{len(report.distribution_drifted)} of {len(report.decided)} columns drifted "
                     f"(share {report.drift_share:.0%} >= {report.policy.share_threshold:.0%})"
                 ),
                 evidence=report.summary(),

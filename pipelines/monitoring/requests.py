@@ -215,7 +215,7 @@ def normalize_request_log(raw: pd.DataFrame, where: str = "the request log") -> 
         flat = pd.DataFrame.from_records(
             [v if isinstance(v, dict) else {} for v in nested], index=frame.index
         )
-        frame = pd.concat([frame, flat.astype(np.float64)], axis=1)
+        frame = pd.concat([frame, _numeric_where_possible(flat)], axis=1)
     if "scores" in frame.columns:
         nested = frame.pop("scores")
         flat = pd.DataFrame.from_records(
@@ -234,6 +234,17 @@ def normalize_request_log(raw: pd.DataFrame, where: str = "the request log") -> 
             f"{frame.loc[bad_time, 'request_id'].iloc[0]!r}); fix the writer"
         )
     return frame.sort_values("request_time", kind="stable").reset_index(drop=True)
+
+
+def _numeric_where_possible(flat: pd.DataFrame) -> pd.DataFrame:
+    """Feature values as float64; a column holding non-numbers stays as it is (type drift)."""
+    out = {}
+    for col in flat.columns:
+        values = flat[col]
+        numbers = pd.to_numeric(values, errors="coerce")
+        same = int(numbers.notna().sum()) == int(values.notna().sum())
+        out[col] = numbers.astype(np.float64) if same else values.astype(object)
+    return pd.DataFrame(out, index=flat.index)
 
 
 def feature_columns(log: pd.DataFrame) -> list[str]:
@@ -272,7 +283,12 @@ def live_frame(log: pd.DataFrame, feature_names: list[str] | None = None) -> pd.
         {"surface": log["surface"].astype(str), "device": log["device"].astype(str)}
     )
     for name in names:
-        frame[name] = log[name].to_numpy(np.float64) if name in log.columns else np.nan
+        if name not in log.columns:
+            frame[name] = np.nan
+        elif pd.api.types.is_numeric_dtype(log[name]):
+            frame[name] = log[name].to_numpy(np.float64)
+        else:  # values that are not numbers: drift reports the type change
+            frame[name] = log[name].to_numpy(object)
     prod_answer = np.where(log["route"].to_numpy() == "prod", log["probability"], np.nan)
     if "score_prod" in log.columns:
         score = log["score_prod"].to_numpy(np.float64)

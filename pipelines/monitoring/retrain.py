@@ -30,7 +30,14 @@ def reasons(
     quality_breaches: list[dict[str, Any]],
     policy: RetrainSettings,
 ) -> list[dict[str, Any]]:
-    """The breaches that call for retraining under ``policy`` (empty: no trigger)."""
+    """The breaches that call for retraining under ``policy`` (empty: no trigger).
+
+    Retraining is for a world that moved: dataset drift (``share_threshold`` of the
+    judged columns), prediction drift, one input shifted severely (PSI >= ``psi_severe``)
+    or an online quality breach. Data problems (null rate, missing, new or retyped
+    columns, a growing feature that fell) alert but never retrain: a model retrained on
+    broken inputs learns the breakage.
+    """
     out: list[dict[str, Any]] = []
     if drift_summary:
         if policy.on_dataset_drift and drift_summary.get("dataset_drift"):
@@ -43,6 +50,9 @@ def reasons(
             )
         if policy.on_prediction_drift and drift_summary.get("prediction_drift"):
             out.append({"kind": "prediction_drift"})
+        severe = drift_summary.get("severe_drift_columns") or []
+        if policy.on_severe_drift and severe:
+            out.append({"kind": "severe_drift", "columns": severe})
     if policy.on_quality_breach:
         out.extend({"kind": "quality", **b} for b in quality_breaches)
     return out

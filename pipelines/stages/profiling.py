@@ -1,7 +1,13 @@
-"""The ``profile`` stage: whylogs reference profile of training features and predictions."""
+"""The ``profile`` stage: the references live traffic is compared with.
+
+``drift_reference.json`` (exact binned statistics per time window, what drift is judged
+on; ``pipelines.stages.drift_reference``) and a whylogs profile (``profile.bin``) of the
+training features, request fields and the model's predictions.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +18,62 @@ from pipelines.core.io import atomic_dir, write_json
 from pipelines.features.definitions import get_feature_set
 from pipelines.modeling.model import load_model, predict
 from pipelines.stages.dataset import load_split
+from pipelines.stages.drift_reference import build_reference, filling_columns
+
+REFERENCE_WINDOW = "1h"  # training windows the between-window variation is measured on
 
 
 def reference_frame(dataset_dir: Path, model_dir: Path, split: str = "train") -> pd.DataFrame:
-    """Features (as served), request fields and the model's prediction for one split."""
+    """Features (as served), request fields, the model's prediction and ``ts`` for one split."""
     model, baseline, card = load_model(model_dir)
     feature_set = get_feature_set(card["feature_set"])
     table = load_split(dataset_dir, split)
     frame = table[["surface", "device", *feature_set.names]].copy()
+    frame["surface"] = frame["surface"].astype(str)
+    frame["device"] = frame["device"].astype(str)
     frame["prediction"] = predict(model, table[feature_set.names].to_numpy(dtype=np.float64))
     frame["baseline_prediction"] = baseline.predict(
         table["item_id"].to_numpy(), table["surface"].to_numpy()
     )
+    frame["ts"] = table["ts"].to_numpy()
     return frame
 
 
-def profile_stage(dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write ``profile.bin`` (whylogs), ``summary.csv`` and ``meta.json`` to ``out_dir``."""
+def drift_reference(
+    frame: pd.DataFrame, feature_set_name: str, data_start: pd.Timestamp
+) -> dict[str, Any]:
+    """The drift reference of a reference frame (``reference_frame``), see drift_reference."""
+    feature_set = get_feature_set(feature_set_name)
+    columns = [c for c in frame.columns if c != "ts"]
+    filling = filling_columns(feature_set, data_start, columns)
+    if filling:  # the model reads every feature: its output settles once all are full
+        latest = max(filling.values(), key=lambda v: v[0])
+        reason = f"the model's inputs fill until {latest[0].isoformat()} ({latest[1]})"
+        filling["prediction"] = filling["baseline_prediction"] = (latest[0], reason)
+    growing = {
+        name: "grows by construction (count over all history)" for name in feature_set.growing
+    }
+    return build_reference(
+        frame[columns], frame["ts"], REFERENCE_WINDOW, growing=growing, filled_from=filling
+    )
+
+
+def profile_stage(
+    dataset_dir: Path, model_dir: Path, out_dir: Path, warmup_hours: float = 24
+) -> dict[str, Any]:
+    """Write ``drift_reference.json``, ``profile.bin`` (whylogs), ``summary.csv``, ``meta.json``.
+
+    ``warmup_hours`` (``build_dataset.warmup_hours``) places the start of the raw data
+    before the training window, so features whose window is still filling are known.
+    """
     from pipelines.core import profiles as wl
 
     frame = reference_frame(dataset_dir, model_dir)
+    card_set = load_model(model_dir)[2]["feature_set"]
+    first = pd.Timestamp(frame["ts"].min())
+    data_start = (first - pd.Timedelta(hours=warmup_hours)).floor("D")
+    reference = drift_reference(frame, card_set, data_start)
+    frame = frame.drop(columns="ts")
     view = wl.profile(frame)
     summary = wl.summary(view)
     meta = {
@@ -41,7 +83,10 @@ def profile_stage(dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict[str
         "mean_prediction": round(float(frame["prediction"].mean()), 6),
     }
     with atomic_dir(out_dir) as tmp:
+        with (tmp / "drift_reference.json").open("w") as handle:  # compact: counts per window
+            json.dump(reference, handle, sort_keys=True, separators=(",", ":"))
         wl.write_profile(view, tmp / "profile.bin")
         summary.to_csv(tmp / "summary.csv")
         write_json(tmp / "meta.json", meta)
-    return {"meta": meta, "summary": summary, "frame": frame}
+    not_judged = {c: e["not_judged"] for c, e in reference["columns"].items() if e["not_judged"]}
+    return {"meta": meta, "summary": summary, "frame": frame, "not_judged": not_judged}
