@@ -15,7 +15,17 @@ from tests.support.project import REPO
 LINT = Path(sys.executable).parent / "lint-imports"
 MAX_LINES = 600
 # Modules allowed past MAX_LINES, each with its reason (docs/architecture.md).
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES: dict[str, str] = {
+    "pipelines/registry/registry.py": "one Registry class over GTO tags; to split by action",
+    "pipelines/simulation/simulate.py": "the closed loop's steps in one Simulation; to split",
+    "pipelines/features/online_store.py": "store, two backends and ingest; backends to split out",
+    "pipelines/serving/predictor.py": "the request path and its tiers; tiers to split out",
+    "pipelines/core/settings.py": "every params.yaml section's model, kept in one file",
+    "pipelines/review/review.py": "collectors of every review section; to split by section",
+    "pipelines/features/definitions.py": "declarations plus EventIndex; EventIndex to split out",
+    "pipelines/monitoring/drift.py": "the drift decision: statistics, limits, report",
+    "pipelines/review/render.py": "markdown and HTML renderings of one review",
+}
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess[str]:

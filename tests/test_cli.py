@@ -24,7 +24,7 @@ GROUP_COMMANDS = {
     "model": {"register", "promote", "rollback", "status", "history", "lineage", "repair"},
     "monitor": {"drift", "report", "replay", "canary"},
     "notebooks": {"check", "git-setup"},
-    "params": {"check"},
+    "params": {"check", "docs"},
 }
 TOP_LEVEL = {"review", "simulate", "summary"}
 

@@ -558,7 +558,7 @@ def _problems(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
             out.extend(nested.problems)
             continue
         parts = [str(p) for p in error["loc"] if not isinstance(p, int)]  # no list positions
-        key = prefix + ".".join(parts) or "<file>"
+        key = (prefix + ".".join(parts)).rstrip(".") or "<file>"
         template = _MESSAGES.get(error["type"])
         got = error.get("input")
         if template is None:

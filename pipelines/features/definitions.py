@@ -4,44 +4,7 @@ A feature set (``CTR_V1``) declares each feature once: its entity, source events
 aggregation, window, optional TTL, dtype, default for an empty history and a
 description. Everything else is derived from these declarations:
 
-* ``evaluate`` (this module) turns per-entity sorted event times into feature
-  values. ``EventIndex`` (the numpy offline engine) and the online store
-  (``pipelines.features.online_store``) both call it, so online and offline values come
-  from the very same code;
-* ``pipelines.features.offline`` generates the DuckDB SQL of the default offline engine
-  from the same declarations; tests prove it equal to ``evaluate`` row by row;
-* ``feature_catalog_markdown`` renders the catalog (``docs/features.md``).
-
-Semantics (point-in-time correctness), for a query at time ``t`` and a feature of
-entity ``e`` (the key columns of ``ENTITY_KEYS[e]`` taken from the query):
-
-* times are integer milliseconds since the Unix epoch (the RawEvents contract
-  stores ``ts``/``click_ts`` in ms; finer query times are truncated to the ms);
-* source ``impressions`` are the impression rows at ``ts``; source ``clicks``
-  are clicked rows at their ``click_ts`` (a click is an event at the moment it
-  happens, not at the moment of its impression);
-* a query at ``t`` sees only events with time ``< t``: an event at exactly
-  ``t`` is not visible, so a row never sees its own impression;
-* a window ``w`` covers the open interval ``(t - w, t)``; ``None`` means all
-  history before ``t``;
-* the value is the declared ``default`` when the entity has no event of the
-  feature's sources in its window (an empty history), or, if the feature has a
-  ``ttl``, when the entity's latest event of those sources before ``t`` is not
-  in ``(t - ttl, t)`` (the value is too old to trust);
-* otherwise ``count`` is the number of events, ``ctr`` is
-  ``(clicks + prior_strength * prior_ctr) / (impressions + prior_strength)``
-  and ``seconds_since`` is ``(t - latest event) / 1000``;
-* ties and out-of-order input: values depend only on the multiset of event
-  times per entity, never on input order or on how equal timestamps are
-  ordered; every engine sorts, and output rows follow the query order.
-
-Implementation: per (entity, source) one sorted int64 array of
-``entity_code * 2**40 + (time_ms - EPOCH)``; a windowed count is the difference
-of two binary searches, so a query costs O(log n) and a batch is vectorized.
-The online store keeps per entity only the event times inside the retention
-horizon plus a count of older ("pruned") events; ``evaluate`` takes those
-counts into account, which keeps its results exact for every query time within
-the allowed lateness of the store's watermark (see ``docs/feature_store.md``).
+Details: docs/features.md.
 """
 
 from __future__ import annotations

@@ -3,19 +3,7 @@
 Two engines compute the same declarations (``pipelines.features.definitions``) with the
 same semantics, and tests prove them equal row by row:
 
-* ``duckdb``: SQL generated from the declarations and run by embedded DuckDB.
-  Labels and events are stacked into one time-ordered stream per entity; each
-  windowed count is a window aggregate over ``RANGE BETWEEN w-1 PRECEDING AND 1
-  PRECEDING`` (times are integer ms, so that is exactly the open interval
-  ``(t - w, t)`` and excludes events at ``t``), the latest event before ``t``
-  is a running ``max`` ending ``1 PRECEDING``. Label rows never count as events.
-* ``numpy``: ``EventIndex`` (sorted composite keys and binary searches), the
-  same ``evaluate`` function the online store calls.
-
-Both take pandas DataFrames or pyarrow Tables and return a pandas DataFrame with
-one row per label row, in label order. The generated SQL uses only standard
-window functions, so a distributed SQL engine (Spark SQL) can run the same
-statement when one machine is not enough; see ``docs/feature_store.md``.
+Details: docs/features.md.
 """
 
 from __future__ import annotations

@@ -1,41 +1,6 @@
 """Online feature store: incremental materialization and fresh lookups with the same feature code.
 
-What is stored. For every entity of the feature set (a user, an item, a user x
-surface, ...) one *state*: per source (impressions, clicks) the sorted event
-times inside the retention horizon plus a count of older events, the entity's
-latest event time and the store watermark at which the state was written. The
-horizon is the longest finite window or TTL of the feature set plus the allowed
-lateness. Feature values are not stored: a lookup fetches the states of the
-request's entities and calls ``pipelines.features.definitions.evaluate``, the very function
-the numpy offline engine uses, so online and offline values cannot drift apart.
-
-Freshness. The store keeps a watermark: the latest event time ingested. Every
-vector is current as of that watermark (an entity with no event since then has
-nothing to update: absence of events is fresh information too); its age is the
-query time minus the watermark, and it is *stale* when the age exceeds
-``serving.freshness_sla_seconds``.
-
-Exactness. A lookup at time ``t >= watermark - allowed lateness`` equals the
-offline row at ``t`` over the same events, whatever order and batching the
-events arrived in (property-tested). Older query times may need pruned event
-times, so their rows are flagged ``exact = False``.
-
-Backends: ``sqlite:///path/to/file.db`` (embedded, the default, one file, safe
-for concurrent readers) and ``redis://host:port/db`` (shared by many service
-replicas). Both hold the same bytes; writes are atomic (one SQLite transaction,
-one Redis MULTI/EXEC) and a single writer at a time is enforced (SQLite write
-lock, Redis lock).
-
-Bad input. Rows breaking the RawEvents contract are rejected, counted and
-returned with the reason (the CLI writes them to a file); the valid rows of
-the batch are still ingested. Re-sent events are idempotent (duplicates are
-counted and skipped); a re-sent event that now carries its click adds only the
-click. Events older than the watermark minus the allowed lateness are applied
-and reported as late. Event ids are remembered as long as their impression is
-inside the retention horizon; a row older than that cannot be deduplicated, so
-it is applied as new and reported as ``beyond_retention``. Hence lookups are
-exact whenever every row (and click re-send) arrives while its impression time
-is within the retention horizon of the watermark.
+Details: docs/feature_store.md.
 """
 
 from __future__ import annotations

@@ -2,25 +2,7 @@
 
 A release names up to three model tiers plus the rule baseline:
 
-* ``prod``: the model that answers by default;
-* ``candidate`` (optional): a new version that gets traffic by ``canary`` (a sticky
-  share of users), ``ab`` (a sticky share of users, both arms logged) or ``shadow``
-  (scored in the background on a sample, never answers);
-* ``previous`` (optional): the prod model of the release being replaced, the first
-  fallback when prod fails or is too slow;
-* ``baseline``: the rule-based item x surface rate shipped with the prod model, the
-  last tier, which needs no online features.
-
-Each tier records its BentoML tag, its registry version and stage when known, the
-md5 of every file the service loads (checked before loading) and its lineage. The
-serving policy (routing mode, shares, latency budget, freshness SLA, request log)
-comes from the ``serving`` section of ``params.yaml``.
-
-The file is small JSON written by the ``package`` stage (``build_release``) from
-the current model and ``params.yaml``; a registry can produce the very same file
-from its tags by calling ``build_release`` with the versions it resolved
-(``source`` tells which one wrote it). The top-level ``model_*``/``features*``/
-``lineage`` keys repeat the prod tier for readers of the first release format.
+Details: docs/serving.md.
 """
 
 from __future__ import annotations

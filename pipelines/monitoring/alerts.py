@@ -1,16 +1,6 @@
 """Structured alert events: POSTed to a webhook and written to the log, de-duplicated.
 
-An ``Alert`` has a stable ``key`` (for example ``drift:item_ctr_all``). The first
-alert with a key is delivered; the same key again within ``cooldown_minutes`` is
-suppressed (counted, logged at debug level) and the next delivery after the
-cool-down says how many repeats were suppressed. The state lives in a small
-SQLite file under ``monitors/`` so separate monitor runs (cron, CI, the canary
-guard) share it; a claim-then-send transaction keeps two concurrent runs from both
-delivering the same key.
-
-A failed delivery (connection refused, timeout, non-2xx answer) is logged with
-the reason and does not start the cool-down, so the next run tries again. Every
-alert, delivered or not, goes to the ``mlops.alerts`` logger as one JSON line.
+Details: docs/monitoring.md.
 """
 
 from __future__ import annotations

@@ -3,25 +3,7 @@
 From the request log (and delayed clicks, when they have arrived) the guard
 compares the two arms on
 
-* **error rate**: rows the candidate should have answered but could not (its
-  model failed, was too slow or was skipped) versus prod's own failures;
-* **latency p95** of rows answered by the candidate versus rows answered by prod;
-* **prediction distribution**: PSI of the candidate's predictions against prod's,
-  paired on the same rows when the log has both scores (background scoring),
-  otherwise canary rows against prod rows;
-* **online quality** (AUC, log loss) once each arm has ``min_labels`` labelled rows.
-
-Decision: ``breach`` if any evaluated check breaches; ``healthy`` if the error,
-latency and prediction checks could all be evaluated and passed (and quality too
-when ``require_labels``); otherwise ``insufficient_data`` and nothing is done.
-
-On a breach ``guard`` sets the canary share to 0 through the service's admin
-kill switch (``POST <service_url><kill_switch_path>`` with ``{"share": 0}`` and a
-bearer token read from the environment variable ``admin_token_env``), writes the
-evidence file, takes the version out of the registry's ``canary`` stage with an
-annotated tag that carries the evidence, and raises a critical alert. A healthy
-canary gets the **canary health report** (``health_report``) that promotion to
-prod requires.
+Details: docs/monitoring.md.
 """
 
 from __future__ import annotations

@@ -5,18 +5,7 @@ The reference (``pipelines.stages.drift_reference.build_reference``, written by 
 same counts per time window. A live window is judged column by column
 (docs/monitoring.md, "Drift" has the method and its assumptions):
 
-* **distribution**: PSI over the reference's bins, flagged above
-  ``max(psi_threshold, chi2_{1-a}(k-1) * (1/n_live + 1/n_ref + D/(k-1)))``, where ``D`` is
-  the mean PSI between blocks of training windows beyond what sampling explains (the
-  variation clustered traffic shows when nothing changed) and ``a = family_alpha / m``
-  for the ``m`` tests of the window;
-* **growing** features (``FeatureSet.growing``): only a fall counts (more mass at low
-  values than in the reference);
-* **null_rate**, **missing_column**, **new_column**, **type_change**: data problems,
-  each with its reason code.
-
-Everything is computed from exact counts of raw values (no randomised sketches), so
-the same inputs always give the same statistics and verdicts.
+Details: docs/monitoring.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The request log as monitors read it: schema, reader, live profiles per window, serving signals.
 
-The service appends its request log to shards ``<serving.request_log_dir>/
-requests-*.jsonl`` (``pipelines.serving.request_log``: one JSON line of columns per answered
-call), and its reader expands them to one row per answered request with the
-fields in ``REQUEST_LOG_FIELDS``. Monitors work on a **normalized** DataFrame:
-times parsed to UTC timestamps, the ``features`` object flattened into one column
-per feature, the ``scores`` object into ``score_<role>`` columns.
-``normalize_request_log`` accepts either the nested shape (as read from the
-shards) or an already flat frame with the same field names, so a log built in
-memory (``pipelines.simulation.replay``) and one read from disk go through the same checks.
-
-Time windows use ``request_time`` (the time the prediction is about, which equals
-the answer time in production and stays meaningful when traffic is replayed).
+Details: docs/monitoring.md.
 """
 
 from __future__ import annotations

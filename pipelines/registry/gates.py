@@ -2,19 +2,7 @@
 
 Gates are configured in ``params.yaml`` under ``release.gates``:
 
-* ``floors``: absolute limits on evaluate metrics (``{metric: {min|max: value}}``);
-* ``regression``: no worse than the current prod version beyond a tolerance,
-  overall and on every surface (``{metric: {max_drop|max_rise: value}}``);
-* ``contracts``: every stage ran to completion with the current inputs
-  (``dvc status`` clean, so each stage's pandera contracts passed) and every
-  stage output is present;
-* ``reference_profile``: the whylogs reference profile that monitoring compares
-  live traffic with exists;
-* ``notebooks``: every stage's executed notebook and its HTML rendering exist
-  and carry outputs without errors.
-
-Each gate yields a ``GateResult`` with the observed value, the threshold and the
-margin (negative = by how much it failed). ``GateReport`` renders JSON and markdown.
+Details: docs/registry.md.
 """
 
 from __future__ import annotations

@@ -3,25 +3,7 @@
 Every registry change is an annotated git tag written by GTO, so the registry
 travels with the repository and needs no server:
 
-* ``ctr-model@v1.2.0`` registers a version (the commit holding its pipeline
-  outputs and its gate report);
-* ``ctr-model#staging#N``, ``#canary#N``, ``#prod#N`` assign a stage;
-  ``ctr-model#prod!#N`` takes a version out of prod (rollback).
-
-The tagger is who made the change and the tag time is when; the tag message
-says why. It is a title line followed by YAML fields (``action``, ``reason``,
-``approver``, ``emergency``, ``gate_report``, ``bento_tag`` ...), so ``git show``
-reads well and ``mlops model history`` parses it back.
-
-Rules GTO itself does not enforce live here: versions enter ``staging`` on
-registration only after every quality gate passed; promotion goes staging ->
-canary -> prod (skipping canary needs ``--emergency`` and a reason); prod needs
-an approver, a reason and canary evidence; rollback returns prod to the previous
-prod version and first materializes that version's bento archive from DVC, so
-nothing is rebuilt. Any refused operation leaves the registry unchanged.
-
-Which version holds a stage follows GTO's "latest assignment wins" view
-(``gto show --sort timestamp``, the GTO CLI default).
+Details: docs/registry.md.
 """
 
 from __future__ import annotations

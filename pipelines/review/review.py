@@ -5,17 +5,7 @@ Reviewers of a pull request should read what the change *does*, not raw
 collects their answers for the working tree against a base revision and renders
 them twice:
 
-* ``review.md``: a summary short enough for a pull-request comment;
-* ``review.html``: one self-contained page (inline CSS, plots as inline SVG,
-  no scripts or external resources) with every table, plot and notebook diff,
-  linking to the executed notebooks' HTML under ``reports/``.
-
-Sources, all read-only: ``dvc params diff``, ``dvc metrics diff``,
-``dvc plots diff`` and ``dvc status`` (DVC's JSON output), ``dvc.lock`` and the
-``.dvc`` files at both revisions (``git show BASE:dvc.lock``), nbdime's notebook
-diff of each changed source notebook, and the release-gate report when one
-exists at ``review.gate_report``. Paths and thresholds come from ``params.yaml``.
-Rendering lives in :mod:`pipelines.review.render`.
+Details: docs/review.md.
 """
 
 from __future__ import annotations

@@ -3,25 +3,7 @@
 The service class in ``bentos/service.py`` only wires HTTP to ``Predictor``;
 everything here is importable and tested without a server.
 
-One call to ``Predictor.predict`` (a single request or a batch):
-
-1. looks up point-in-time features for every row from the ``FeatureSource``
-   (``SnapshotFeatureSource``, the release's event snapshot, by default; the
-   online store plugs in behind the same two methods);
-2. routes each row (``pipelines.serving.routing``): prod, or the candidate for a sticky
-   share of users in canary / A-B mode;
-3. walks the fallback chain per row: [candidate ->] prod -> previous -> rule
-   baseline. A tier is skipped when it was refused at load (file hash mismatch),
-   its circuit breaker is open (after ``breaker_failures`` failures in a row), it
-   raises, or it misses the latency budget (the model runs in a helper thread and
-   is abandoned at the deadline). Rows whose
-   features are unavailable or older than the freshness SLA go straight to the
-   baseline, which needs no features. A valid row therefore always gets an answer;
-4. says in every response which model answered, by which route, whether the
-   answer is degraded and why, and how old its features were;
-5. hands the batch to the request log (background thread) and, for a sampled
-   share, to the background scorer that runs the other model (shadow, or the
-   counterfactual arm of canary/A-B) off the response path.
+Details: docs/serving.md.
 """
 
 from __future__ import annotations

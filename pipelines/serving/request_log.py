@@ -1,39 +1,6 @@
 """The request log: every answered row in JSON-lines shards, plus a whylogs profile per window.
 
-The hot path only builds a ``LogBatch`` (arrays it already has) and puts it on a
-bounded queue; a background thread encodes each batch as one JSON line holding
-its columns (orjson serializes the NumPy arrays directly, so logging a 1000-row
-batch costs about as much as logging one row), appends it to the current shard
-and flushes + fsyncs at least every ``flush_seconds``. A full queue drops the
-batch and counts its rows in ``dropped_rows`` instead of slowing requests down.
-``read_shards`` expands the lines back to one row per answered request.
-
-Files (one writer per server worker process, named by host and pid)::
-
-    <log_dir>/requests-<UTC start>-<host>-<pid>-<seq>.jsonl   rotated past rotate_bytes
-    <profile_dir>/profile-<UTC window start>-<host>-<pid>.bin whylogs, one per window
-
-whylogs profiles are computed by a helper process (``python -m pipelines.serving.request_log
-profile``) from the window's rows saved as parquet, so profiling does not hold the
-service's GIL.
-
-Durability: every batch is handed to the operating system (``write``) as soon as
-the writer thread takes it off the queue (a few ms after the response), and the
-shard is fsynced at least every ``flush_seconds``. ``close()`` (called on a clean
-shutdown) drains the queue, fsyncs the shard and profiles the unfinished window,
-so nothing is lost. A killed worker process (SIGKILL, OOM kill) loses only the
-batches still in its in-process queue; a machine crash or power loss loses at
-most the rows not yet fsynced (the last ``flush_seconds``). The profile of the
-current window is lost with the process (rebuildable from the JSONL rows). A crash
-mid-write can leave one partial last line; ``read_shards`` skips it.
-
-Unwritable log directory (removed, replaced, permissions or disk full): the rows
-that could not be written stay in memory (``backlog_rows``, bounded by
-``queue_size``; beyond it the oldest are dropped and counted in ``dropped_rows``)
-and the writer retries on every flush, opening a new shard; once the directory is
-writable again the backlog is written, so acknowledged rows are not lost. A shard
-that disappears under the writer (deleted or moved) is noticed on the next flush
-and a new one is opened; the batches of that flush are written again to it.
+Details: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -2,24 +2,7 @@
 
 Which source the service reads (``feature_source_for``), in this order:
 
-1. ``CTR_FEATURE_STORE_URL`` in the service environment: a store URL to read
-   (``sqlite:///path``, relative paths against ``MLOPS_PROJECT_ROOT`` or the working
-   directory, or ``redis://host:port/db``); ``none`` turns the store off;
-2. else the release's ``online_store`` (written by ``package`` from
-   ``features.online`` when ``features.online.serve`` is true);
-3. else the packaged event snapshot only (``SnapshotFeatureSource``).
-
-With a store, every lookup goes to the store (one read of the request's entity
-states and the watermark, then ``features.evaluate``, the offline code). The
-vectors are current as of the store watermark, so responses report their age
-and freshness against ``serving.freshness_sla_seconds``. When the store cannot
-answer (SQLite file missing, replaced or locked past ``timeout_ms``, Redis down,
-a fingerprint mismatch, nothing ingested yet) the snapshot answers instead, the
-response says so in ``degraded_reason``, and the store is retried after
-``retry_seconds``. Each outage (start, end, duration, cause, rows served from the
-fallback) is kept for ``/metadata``. Rows asking for a time older than the
-store's exact range (watermark minus the allowed lateness) are answered from the
-snapshot when it covers them, so a backfill stays point-in-time exact.
+Details: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Deterministic sample impression events for the click-through worked example.
 
-The generator draws users, items and impressions from a seeded PCG64 stream and
-models what makes click-through data realistic: daily cycles with a weekend lift,
-heavy-tailed user activity and item popularity, user-category affinity, item
-quality, position bias that differs by surface, device effects and clicks that
-arrive with a log-normal delay.
-
-Determinism across machines matters because ``make run`` regenerates ``data/``
-when the DVC remote is empty and the result must hash to ``data.dvc``. All
-probabilities are therefore quantized to a 1e-6 grid and compared with integer
-draws, so a last-bit difference in a vectorized ``exp`` cannot flip a click.
-
-Named drift scenarios (``SCENARIOS``) change the generating process from a given
-day on, so the monitoring loop can be exercised on data with a known shift.
+Details: docs/features.md.
 """
 
 from __future__ import annotations

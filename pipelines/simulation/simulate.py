@@ -3,41 +3,7 @@
 ``mlops simulate`` walks every part of the feedback loop with the project's real
 pieces, in order, and stops at the first step that fails:
 
-1. **registry**: the version in prod is what the service starts with (with an
-   empty registry the current model is registered and put in prod, recorded as
-   an emergency promotion that skipped canary, because there is nothing to
-   compare it with);
-2. **scenario**: the data generator's world under the named scenario from
-   ``scenario_start_day`` on (identical to the baseline world before it); its
-   events become the service's feature snapshot, as an online store would hold
-   them, and later the new training window;
-3. **service**: ``bentoml serve`` of the project's service on a loopback port with
-   a release of the prod model (or an already running service given by URL,
-   reloaded through ``/admin/reload``);
-4. **traffic**: impressions from the drifted days sent to ``/predict_batch`` with
-   their event times, so the service writes its request log; the events' clicks
-   become the delayed labels, keyed by the request ids the service returned;
-5. **drift + alert**: ``pipelines.monitoring.monitor.check`` on that request log (drift,
-   skew, signals, online quality), alerts to the webhook and the log, and the
-   retraining trigger record;
-6. **retrain**: the scenario's events land in ``data/`` (``dvc add data``), the
-   trigger runs ``dvc repro`` (``pipelines.monitoring.retrain.run_retraining``) and the new
-   outputs are committed;
-7. **register**: ``pipelines.registry.registry.Registry.register`` with its quality gates;
-8. **canary**: the version is promoted to canary and the service reloaded with a
-   release that gives it ``canary_share`` of users; more traffic follows;
-9. **canary check**: ``pipelines.monitoring.canary.guard`` compares canary with prod on the
-   service's request log and clicks, then either promotes the version to prod
-   (healthy) or has already rolled it back (kill switch, GTO tag with evidence).
-
-``bad_canary`` makes the candidate fail in serving (the service's fault
-injection, ``/admin/fault``: every candidate call raises) while it still passed
-the offline gates, which is the case the canary guard exists for.
-
-Everything a run writes goes under ``simulate.out_dir/<run>/`` (events, release
-files, the service's request log and output, clicks, ``summary.json``); monitor
-results, alerts, triggers, gate reports and canary evidence go where the
-monitors and the registry always write them.
+Details: docs/monitoring.md.
 """
 
 from __future__ import annotations
