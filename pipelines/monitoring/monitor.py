@@ -163,11 +163,7 @@ def load_reference(cfg: MonitorConfig) -> Any:
     """The reference whylogs profile written by the ``profile`` stage."""
     from pipelines.core import profiles as wl
 
-    if not cfg.reference_profile.is_file():
-        raise FileNotFoundError(
-            f"reference profile {cfg.reference_profile} is missing; run `dvc repro profile`"
-        )
-    return wl.read_profile(cfg.reference_profile)
+    return wl.reference_profile(cfg.reference_profile)
 
 
 def check(

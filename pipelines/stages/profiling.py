@@ -26,13 +26,46 @@ def reference_frame(dataset_dir: Path, model_dir: Path, split: str = "train") ->
     return frame
 
 
+def exact_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-column statistics, exact (whylogs' quantile sketches are randomised)."""
+    rows = {}
+    for name in frame.columns:
+        column = frame[name]
+        row: dict[str, float] = {
+            "counts/n": float(len(column)),
+            "counts/null": float(column.isna().sum()),
+        }
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            values = column.dropna().astype(np.float64)
+            q25, median, q75 = (
+                np.quantile(values, [0.25, 0.5, 0.75]) if len(values) else [np.nan] * 3
+            )
+            row |= {
+                "distribution/mean": float(values.mean()),
+                "distribution/stddev": float(values.std()),
+                "distribution/min": float(values.min()),
+                "distribution/q_25": float(q25),
+                "distribution/median": float(median),
+                "distribution/q_75": float(q75),
+                "distribution/max": float(values.max()),
+            }
+        row["cardinality/est"] = float(column.nunique(dropna=True))
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("column")
+
+
 def profile_stage(dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write ``profile.bin`` (whylogs), ``summary.csv`` and ``meta.json`` to ``out_dir``."""
+    """Write the reference (``reference.parquet``, ``summary.csv``, ``meta.json``) to ``out_dir``.
+
+    Those three are a pure function of the inputs. ``profile.bin``, the whylogs view
+    monitoring reads, is derived from ``reference.parquet``: written here too, but
+    ignored by DVC (``.dvcignore``), because whylogs' sketches are randomised; when it
+    is missing (a fresh checkout) ``profiles.reference_profile`` rebuilds it.
+    """
     from pipelines.core import profiles as wl
 
     frame = reference_frame(dataset_dir, model_dir)
-    view = wl.profile(frame)
-    summary = wl.summary(view)
+    summary = exact_summary(frame)
     meta = {
         "rows": len(frame),
         "columns": list(frame.columns),
@@ -40,7 +73,8 @@ def profile_stage(dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict[str
         "mean_prediction": round(float(frame["prediction"].mean()), 6),
     }
     with atomic_dir(out_dir) as tmp:
-        wl.write_profile(view, tmp / "profile.bin")
+        frame.to_parquet(tmp / wl.REFERENCE_FRAME, index=False)
         summary.to_csv(tmp / "summary.csv")
         write_json(tmp / "meta.json", meta)
+        wl.write_profile(wl.profile(frame), tmp / "profile.bin")
     return {"meta": meta, "summary": summary, "frame": frame}
