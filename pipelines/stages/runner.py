@@ -32,6 +32,17 @@ VOLATILE_NOTEBOOK_KEYS = ("start_time", "end_time", "duration", "environment_var
 VOLATILE_CELL_KEYS = ("start_time", "end_time", "duration")
 
 
+def _kernel_manager_class() -> type:
+    """Kernels talk over local IPC sockets: no TCP port, no unencrypted-transport warning."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
 def render_html(notebook: Path, html: Path) -> None:
     """Render an executed notebook to a standalone HTML page (nbconvert)."""
     import nbformat
@@ -93,6 +104,7 @@ def run_notebook(
                 progress_bar=sys.stderr.isatty(),
                 language="python",
                 log_output=False,
+                kernel_manager_class=_kernel_manager_class(),
             )
         except PapermillExecutionError as exc:
             failed = output.parent / "failed" / output.name
