@@ -33,14 +33,25 @@ VOLATILE_CELL_KEYS = ("start_time", "end_time", "duration")
 
 
 def _kernel_manager_class() -> type:
-    """Kernels talk over local IPC sockets: no TCP port, no unencrypted-transport warning."""
+    """A quiet kernel: local IPC sockets, and no interrupt when a finished run shuts it down.
+
+    Over TCP the kernel warns that its transport is unencrypted; jupyter_client
+    interrupts a kernel before asking it to shut down, which makes the kernel print
+    "KeyboardInterrupt caught in kernel" after every stage. Interrupting a running
+    cell (a timeout) still works.
+    """
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import CaselessStrEnum
 
-    class IPCKernelManager(AsyncKernelManager):
+    class QuietKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
-    return IPCKernelManager
+        async def _async_interrupt_kernel(self) -> None:
+            if getattr(self, "shutting_down", False):
+                return  # the notebook has finished: nothing to interrupt
+            await super()._async_interrupt_kernel()
+
+    return QuietKernelManager
 
 
 def render_html(notebook: Path, html: Path) -> None:
@@ -213,11 +224,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"notebook {args.notebook} does not exist")
     params = {name: yaml.safe_load(value) for name, value in args.parameter}
     root = Path.cwd()
-    check_project_params(root)
-    check_kernel()
+    # First of all: DVC deleted this stage's outputs; put the recorded ones back, so a
+    # refusal below or a failure of the notebook leaves them as they were.
     restored = restore_previous_outputs(root, args.output.as_posix())
     if restored:
         print(f"previous outputs kept until this stage succeeds: {', '.join(restored)}")
+    check_project_params(root)
+    check_kernel()
     timings = timings_file(args.output)
     timings.unlink(missing_ok=True)
     os.environ[TIMINGS_ENV] = str(timings.resolve())
