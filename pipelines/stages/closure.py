@@ -157,7 +157,7 @@ def distributions_of(import_names: Iterable[str]) -> set[str]:
     from importlib import metadata
 
     mapping = metadata.packages_distributions()
-    found = set()
+    found: set[str] = set()
     for name in import_names:
         dists = mapping.get(name)
         if not dists:  # an extension module not listed in its distribution's RECORD

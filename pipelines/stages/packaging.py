@@ -387,11 +387,12 @@ def export_deterministic(bento_tag: str, archive: Path, epoch: int) -> None:
             tarfile.open(archive, "w:xz", format=tarfile.PAX_FORMAT) as out,
         ):
             for member in sorted(src.getmembers(), key=lambda m: m.name):
-                data = src.extractfile(member).read() if member.isfile() else None
+                handle = src.extractfile(member) if member.isfile() else None
+                data = handle.read() if handle is not None else None
                 name = posixpath.basename(member.name)
                 if data is not None and name in ("bento.yaml", "model.yaml"):
-                    data = _CREATION_TIME.sub(lambda m: f"{m.group(1)}'{stamp}'", data.decode())
-                    data = data.encode()
+                    text = _CREATION_TIME.sub(lambda m: f"{m.group(1)}'{stamp}'", data.decode())
+                    data = text.encode()
                 info = tarfile.TarInfo(member.name)
                 info.type = member.type
                 info.linkname = member.linkname
