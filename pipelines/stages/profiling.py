@@ -26,6 +26,9 @@ def reference_frame(dataset_dir: Path, model_dir: Path, split: str = "train") ->
     return frame
 
 
+STATS = ("mean", "stddev", "min", "q_25", "median", "q_75", "max")
+
+
 def exact_summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-column statistics, exact (whylogs' quantile sketches are randomised)."""
     rows = {}
@@ -51,7 +54,9 @@ def exact_summary(frame: pd.DataFrame) -> pd.DataFrame:
             }
         row["cardinality/est"] = float(column.nunique(dropna=True))
         rows[name] = row
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("column")
+    order = ["counts/n", "counts/null", *(f"distribution/{k}" for k in STATS), "cardinality/est"]
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("column")
+    return table.reindex(columns=order)
 
 
 def profile_stage(dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict[str, Any]:
