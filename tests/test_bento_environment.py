@@ -28,7 +28,7 @@ from tests.support.loadtest import free_port
 from tests.support.project import run
 from tests.support.serving import last_event_time
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # may build small_project
 
 
 def _bento_file(archive: Path, name: str) -> str:

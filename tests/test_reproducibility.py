@@ -168,6 +168,7 @@ def _lock_outs(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # two pipeline runs (the fixture's and the clone's) on 2 cores
 def test_clean_clone_in_a_dot_directory_with_spaces_reproduces_the_lock(
     small_project: Path, tmp_path: Path
 ) -> None:
