@@ -137,6 +137,9 @@ def test_scrub_removes_times_and_temporary_paths(tmp_path: Path) -> None:
     }
     cell.metadata["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00"}
     nb.cells.append(cell)
+    injected = nbformat.v4.new_code_cell("max_iter = 60")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.append(injected)
     nb.metadata["papermill"] = {
         "start_time": "x",
         "end_time": "y",
@@ -153,6 +156,7 @@ def test_scrub_removes_times_and_temporary_paths(tmp_path: Path) -> None:
     assert "2026-01-01" not in text and "abc123" not in text and "/root" not in text
     meta = json.loads(text)["metadata"]["papermill"]
     assert meta == {"output_path": "reports/train.ipynb", "parameters": {"max_iter": 60}}
+    assert json.loads(text)["cells"][1]["id"] == "injected-parameters"  # not a random id
 
 
 # --- the pipeline, twice ----------------------------------------------------------------------

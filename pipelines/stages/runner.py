@@ -70,7 +70,8 @@ def scrub_notebook(path: Path, output: Path) -> list[dict[str, Any]]:
     """Remove volatile metadata from an executed notebook in place; returns the cell timings.
 
     papermill records start/end times and durations per cell and per notebook,
-    and the temporary path it wrote to; nbclient records execution timestamps.
+    the temporary path it wrote to and a random id for the parameters cell it
+    injects; nbclient records execution timestamps.
     None of them is a result, so they go to the timings file instead.
     """
     import nbformat
@@ -89,6 +90,8 @@ def scrub_notebook(path: Path, output: Path) -> list[dict[str, Any]]:
         for key in VOLATILE_CELL_KEYS:
             cell_meta.pop(key, None)
         cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill gives the cell a random id
     nbformat.write(nb, path)
     return cells
 
