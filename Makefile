@@ -24,52 +24,52 @@ setup: $(VENV)/.setup-done $(VENV)/.git-notebooks-done ## create .venv from requ
 $(VENV)/.setup-done: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (see README)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
-	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null
+	"$(BIN)"/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	"$(BIN)"/uv pip sync --quiet --python "$(BIN)"/python requirements.lock
+	"$(BIN)"/uv pip install --quiet --python "$(BIN)"/python --no-deps -e .
+	"$(BIN)"/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null
 	@touch $@
-	@echo "setup done: .venv (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())')), kernel $(KERNEL)"
+	@echo "setup done: .venv (Python $$("$(BIN)"/python -c 'import platform; print(platform.python_version())')), kernel $(KERNEL)"
 
 data: setup ## obtain data/: pull from the DVC remote, else regenerate and verify against data.dvc
-	$(BIN)/mlops data obtain
+	"$(BIN)"/mlops data obtain
 
 run: data ## run the whole pipeline (dvc repro), push outputs to the DVC remote, print a summary
 	@start=$$(date +%s); \
-	$(BIN)/mlops params check && \
-	$(BIN)/dvc repro && \
-	{ $(BIN)/dvc push --quiet || echo "note: dvc push failed; outputs are still in the local cache"; } && \
-	$(BIN)/mlops summary && \
+	"$(BIN)"/mlops params check && \
+	"$(BIN)"/dvc repro && \
+	{ "$(BIN)"/dvc push --quiet || echo "note: dvc push failed; outputs are still in the local cache"; } && \
+	"$(BIN)"/mlops summary && \
 	echo "make run: pipeline finished in $$(( $$(date +%s) - start ))s"
 
 test: setup ## run the whole test suite
-	$(BIN)/python -m pytest
+	"$(BIN)"/python -m pytest
 
 check: setup ## ruff (format + lint), mypy on pipelines/, the layer contract, notebooks carry no outputs, dependency audit
-	$(BIN)/ruff format --check pipelines bentos tests benchmarks
-	$(BIN)/ruff check pipelines bentos tests benchmarks
-	$(BIN)/mypy pipelines
-	$(BIN)/lint-imports --no-cache
-	$(BIN)/mlops notebooks check
+	"$(BIN)"/ruff format --check pipelines bentos tests benchmarks
+	"$(BIN)"/ruff check pipelines bentos tests benchmarks
+	"$(BIN)"/mypy pipelines
+	"$(BIN)"/lint-imports --no-cache
+	"$(BIN)"/mlops notebooks check
 	$(PIP_AUDIT_RUN)
-	$(BIN)/python -m pipelines.cli.audit $(AUDIT_REPORT)
+	"$(BIN)"/python -m pipelines.cli.audit $(AUDIT_REPORT)
 
 lock: ## re-resolve requirements.lock from pyproject.toml (every dependency pinned, with hashes)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+	"$(BIN)"/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
 
 # Repo-local git config for notebooks: nbstripout strips outputs on commit, nbdime diffs and
 # merges them (the attributes are in .gitattributes). Re-run when .gitattributes changes.
 $(VENV)/.git-notebooks-done: $(VENV)/.setup-done .gitattributes
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/mlops notebooks git-setup; fi
+	@if git rev-parse --git-dir >/dev/null 2>&1; then "$(BIN)"/mlops notebooks git-setup; fi
 	@touch $@
 
 BASE ?= main
 review: setup ## review report of the working tree vs BASE (default main): reports/review/review.{md,html}
-	$(BIN)/mlops review --base $(BASE)
+	"$(BIN)"/mlops review --base $(BASE)
 
 serve: setup ## serve the built release bento on 127.0.0.1:3000 (docs/serving.md)
-	MLOPS_PROJECT_ROOT=$(CURDIR) $(BIN)/bentoml serve \
-	  $$($(BIN)/python -c "import json; print(json.load(open('build/bento/bento.json'))['bento_tag'])") --port 3000
+	MLOPS_PROJECT_ROOT="$(CURDIR)" "$(BIN)"/bentoml serve \
+	  $$("$(BIN)"/python -c "import json; print(json.load(open('build/bento/bento.json'))['bento_tag'])") --port 3000
 
 clean: ## remove the virtual environment and local BentoML store (data and DVC cache stay)
 	rm -rf $(VENV) .bentoml
@@ -82,7 +82,7 @@ AUDIT_IGNORE :=
 PIP_AUDIT := pip-audit==2.10.1
 AUDIT_REPORT := build/audit/pip-audit.json
 # pip-audit exits 1 on a finding; pipelines.cli.audit reads its report and gives the verdict.
-PIP_AUDIT_RUN = mkdir -p $(dir $(AUDIT_REPORT)) && rm -f $(AUDIT_REPORT) && { $(BIN)/uv tool run --quiet --from $(PIP_AUDIT) pip-audit --requirement requirements.lock --require-hashes --disable-pip --vulnerability-service pypi --progress-spinner off --format json --output $(AUDIT_REPORT) $(foreach id,$(AUDIT_IGNORE),--ignore-vuln $(id)) || true; }
+PIP_AUDIT_RUN = mkdir -p $(dir $(AUDIT_REPORT)) && rm -f $(AUDIT_REPORT) && { "$(BIN)"/uv tool run --quiet --from $(PIP_AUDIT) pip-audit --requirement requirements.lock --require-hashes --disable-pip --vulnerability-service pypi --progress-spinner off --format json --output $(AUDIT_REPORT) $(foreach id,$(AUDIT_IGNORE),--ignore-vuln $(id)) || true; }
 audit: setup ## pip-audit of requirements.lock (hash-checked); fails on a vulnerability or an unaudited package
 	$(PIP_AUDIT_RUN)
-	$(BIN)/python -m pipelines.cli.audit $(AUDIT_REPORT) --require-audited
+	"$(BIN)"/python -m pipelines.cli.audit $(AUDIT_REPORT) --require-audited

@@ -23,7 +23,7 @@ from tests.support.project import init_project, run
 def small_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy on the small preset after one full ``dvc repro`` (treat as read-only)."""
     root = init_project(tmp_path_factory.mktemp("small") / "project")
-    run([sys.executable, "-m", "dvc", "repro"], root)
+    run([sys.executable, "-m", "dvc", "repro"], root, timeout=1800)  # 2 cores, shared
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "pipeline outputs"], root)
     return root

@@ -35,7 +35,14 @@ def test_every_stage_output_exists(small_project: Path) -> None:
     assert Path(root / bento["archive"]).stat().st_size > 10_000
     assert "FROM" in (root / "build/bento/Dockerfile").read_text()
     release = json.loads((root / "build/release/release.json").read_text())
-    assert release["lineage"]["git"]["commit"]
+    # a pure function of the inputs: no commit or time, nothing from package's own last run
+    assert "git" not in release["lineage"] and "created_at" not in release["lineage"]
+    assert set(release["lineage"]["dvc_lock_outs"]) == {
+        "build_dataset",
+        "train",
+        "evaluate",
+        "profile",
+    }
     assert release["lineage"]["raw_data_md5"].endswith(".dir")
     assert release["lineage"]["params"]["train"]["train.max_iter"] == 60
 

@@ -12,7 +12,6 @@ Two views of the same record:
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -29,25 +28,29 @@ from pipelines.core.dvcfiles import (
     lock_params,
 )
 from pipelines.core.io import md5_file
-from pipelines.core.vcs import git_info, git_show
+from pipelines.core.vcs import git_show
 
 
-def collect(root: Path, model_file: Path, feature_set: str) -> dict[str, Any]:
+def collect(
+    root: Path, model_file: Path, feature_set: str, stage: str = "package"
+) -> dict[str, Any]:
     """The lineage record embedded in the bento and returned by the service.
 
     Hashes and params come from ``data.dvc`` and ``dvc.lock`` (what DVC recorded
     for the upstream stages of this run); the model hash is recomputed from the file.
+    The record is a pure function of those inputs: no time, no commit (the commit
+    that records these hashes is made after the run; the registry's git tags name
+    it) and nothing from ``stage``'s own previous run.
     """
-    outs = dvc_lock_outs(root)
+    outs = {name: paths for name, paths in dvc_lock_outs(root).items() if name != stage}
+    params = {name: values for name, values in dvc_lock_params(root).items() if name != stage}
     return {
-        "git": git_info(root),
         "raw_data_md5": dvc_file_hash(root / "data.dvc"),
         "dataset_md5": next(iter(outs.get("build_dataset", {}).values()), None),
         "model_md5": md5_file(model_file),
         "dvc_lock_outs": outs,
         "feature_set": feature_set,
-        "params": dvc_lock_params(root),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "params": params,
     }
 
 
@@ -222,9 +225,6 @@ def version_lineage(
         "artifact": artifact,
         "git": {
             "commit": commit,
-            # HEAD when the package stage ran (the outputs are committed after it)
-            "packaged_at_commit": (embedded.get("git") or {}).get("commit"),
-            "packaged_with_uncommitted_changes": (embedded.get("git") or {}).get("dirty"),
         },
         "raw_data": {"path": raw_dir, "md5": raw_md5, "source": f"{raw_dir}.dvc"},
         "dataset": {"path": dataset_path, "md5": dataset_md5, "stage": dataset_stage},

@@ -43,6 +43,25 @@ def read_profile(path: Path) -> DatasetProfileView:
     return DatasetProfileView.read(str(path))
 
 
+REFERENCE_FRAME = "reference.parquet"
+
+
+def reference_profile(path: Path) -> DatasetProfileView:
+    """The reference profile at ``path``, rebuilt from ``reference.parquet`` beside it if absent.
+
+    The ``profile`` stage tracks the exact reference rows (deterministic) and keeps
+    the randomised whylogs binary out of DVC, so a fresh checkout has only the rows.
+    """
+    if not path.is_file():
+        source = path.with_name(REFERENCE_FRAME)
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"reference profile {path} is missing (and {source} too); run `dvc repro profile`"
+            )
+        write_profile(profile(pd.read_parquet(source)), path)
+    return read_profile(path)
+
+
 def summary(view: DatasetProfileView) -> pd.DataFrame:
     """Per-column summary statistics (count, mean, stddev, quantiles, nulls)."""
     table = view.to_pandas()

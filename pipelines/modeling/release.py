@@ -170,8 +170,13 @@ def build_release(
     previous: ModelRef | None = None,
     source: str = "package",
     online_store: OnlineStoreRef | None = None,
+    created_at: str | None = None,
 ) -> Release:
-    """Assemble and validate a release; the baseline ships inside the prod model."""
+    """Assemble and validate a release; the baseline ships inside the prod model.
+
+    ``created_at`` defaults to now; the ``package`` stage passes its source date so
+    the file is a pure function of its inputs.
+    """
     if "baseline.json" not in prod.files:
         raise ConfigError(f"prod model {prod.tag} has no baseline.json; rerun the train stage")
     prod = prod.model_copy(update={"stage": prod.stage or "prod"})
@@ -194,7 +199,7 @@ def build_release(
         return Release(
             service_name=service_name,
             release_id=release_id(draft),
-            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            created_at=created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             source=source,
             policy=policy,
             feature_source=features,

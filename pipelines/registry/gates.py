@@ -285,7 +285,11 @@ def contracts_gate(root: Path) -> GateResult:
 
 def reference_profile_gate(root: Path, path: str) -> GateResult:
     """The whylogs reference profile exists and is not empty (monitoring needs it)."""
+    from pipelines.core import profiles as wl
+
     file = root / path
+    if not file.is_file() and file.with_name(wl.REFERENCE_FRAME).is_file():
+        wl.reference_profile(file)  # derived from the tracked reference rows (profile stage)
     size = file.stat().st_size if file.is_file() else 0
     if size > 0:
         return GateResult("reference profile present", True, f"{path} ({size:,} bytes)", size)

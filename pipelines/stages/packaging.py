@@ -14,11 +14,15 @@ be imported and served on any machine without rebuilding.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import posixpath
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,6 @@ from pipelines.modeling.release import (
     ServingSettings,
     build_release,
     online_store_ref,
-    read_release_dict,
 )
 
 
@@ -192,13 +195,14 @@ def package_stage(
     release: the service then reads features from it, with the snapshot as fallback.
     """
     use_bentoml_home(bentoml_home)
-    import bentoml
-
     metrics = json.loads(metrics_file.read_text())
     metrics = {k: metrics.get(k) for k in ("auc", "log_loss", "calibration_error", "n")}
     prod = save_model_dir(model_dir, metrics, lineage)
-    candidate, previous = resolve_tiers(policy, prod.tag, read_release_dict(release_file))
+    # The stage never reads its own previous release: its outputs stay a pure function
+    # of its inputs (README "Reproducibility"). A previous tier is named by tag.
+    candidate, previous = resolve_tiers(policy, prod.tag, None)
     events_file = raw_dir / "events.parquet"
+    epoch = source_date_epoch(events_file)
     events_md5 = md5_file(events_file)
     features_tag = save_bento_model(
         FEATURES_NAME,
@@ -214,7 +218,14 @@ def package_stage(
         files={"events.parquet": events_md5},
     )
     release = build_release(
-        service_name, policy, features, prod, candidate, previous, online_store=online_store
+        service_name,
+        policy,
+        features,
+        prod,
+        candidate,
+        previous,
+        online_store=online_store,
+        created_at=iso_time(epoch),
     )
     # The bento ships the release file, so it is written before the build and put
     # back as it was if the build fails (a failed stage leaves its outputs intact).
@@ -235,9 +246,8 @@ def package_stage(
         + ")"
     )
     with atomic_dir(bento_dir) as tmp:
-        archive = Path(
-            bentoml.export_bento(bento_tag, str(tmp.resolve() / f"{service_name}.bento"))
-        )
+        archive = tmp / f"{service_name}.bento"
+        export_deterministic(bento_tag, archive, epoch)
         summary = {
             "bento_tag": bento_tag,
             "archive": str(bento_dir / archive.name),
@@ -248,7 +258,7 @@ def package_stage(
             "model_tag": prod.tag,
             "tiers": {role: ref.tag for role, ref in release.tiers().items()},
             "features_tag": features_tag,
-            "bento_path": str(bento.path),
+            "source_date_epoch": epoch,
         }
         write_json(tmp / "bento.json", summary)
         dockerfile = Path(bento.path) / "env" / "docker" / "Dockerfile"
@@ -293,42 +303,148 @@ def run(
 
 
 def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, Any]:
-    """``bentoml build`` from the repository root; the version hashes code and release."""
+    """``bentoml build`` from a staging copy of the shipped files; the version hashes them.
+
+    BentoML refuses build files whose absolute path has a dot-directory (a clone
+    under ``~/.cache/...``), so the files the bentofile includes are copied into a
+    fresh folder outside any dot-directory and built there.
+    """
     import bentoml
 
-    code = hashlib.md5()
-    for path in sorted([root / "bentos/service.py", *(root / "pipelines").glob("*.py")]):
-        code.update(path.read_bytes())
-    code.update(release_id.encode())
-    version = f"b{code.hexdigest()[:12]}"
-    bento_tag = f"{service_name}:{version}"
-    try:
-        bentoml.bentos.delete(bento_tag)  # rebuilding the same inputs replaces the old build
-    except bentoml.exceptions.NotFound:
-        pass
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "build",
-            "-f",
-            "bentos/bentofile.yaml",
-            "--version",
-            version,
-            ".",
-        ],
-        cwd=root,
-        env={**os.environ, "BENTOML_HOME": os.environ["BENTOML_HOME"]},
-        capture_output=True,
-        text=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="bento-build-", dir=staging_parent()) as staging:
+        stage_dir = Path(staging)
+        shipped = stage_build_context(root, stage_dir)
+        code = hashlib.md5()
+        for rel in shipped:
+            code.update(rel.encode() + b"\0" + (stage_dir / rel).read_bytes())
+        code.update(release_id.encode())
+        version = f"b{code.hexdigest()[:12]}"
+        bento_tag = f"{service_name}:{version}"
+        try:
+            bentoml.bentos.delete(bento_tag)  # rebuilding the same inputs replaces the old build
+        except bentoml.exceptions.NotFound:
+            pass
+        build = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build", "-f", BENTOFILE, "--version", version, "."],
+            cwd=stage_dir,
+            env={**os.environ, "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+            capture_output=True,
+            text=True,
+        )
     if build.returncode != 0:
         raise RuntimeError(
             f"`bentoml build` failed for {bento_tag}:\n{build.stdout[-3000:]}\n"
             f"{build.stderr[-3000:]}"
         )
     return bento_tag, bentoml.get(bento_tag)
+
+
+BENTOFILE = "bentos/bentofile.yaml"
+
+
+def shipped_files(root: Path) -> list[str]:
+    """Relative paths the bentofile ships (its ``include`` globs) plus its requirements file."""
+    import yaml
+
+    spec = yaml.safe_load((root / BENTOFILE).read_text())
+    found: set[str] = {BENTOFILE}
+    for pattern in spec.get("include") or []:
+        found.update(
+            p.relative_to(root).as_posix()
+            for p in root.glob(pattern)
+            if p.is_file() and "__pycache__" not in p.parts
+        )
+    requirements = (spec.get("python") or {}).get("requirements_txt")
+    if requirements:
+        found.add(str(requirements))
+    return sorted(found)
+
+
+def stage_build_context(root: Path, dest: Path) -> list[str]:
+    """Copy the shipped files into ``dest`` (a build context BentoML accepts anywhere)."""
+    files = shipped_files(root)
+    for rel in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, target)
+    return files
+
+
+def staging_parent() -> str:
+    """A temporary folder whose absolute path has no dot-directory (BentoML requires it)."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        path = Path(candidate).resolve()
+        if path.is_dir() and os.access(path, os.W_OK) and not _hidden(path):
+            return str(path)
+    raise ConfigError(
+        f"no temporary folder outside a dot-directory to build the bento in (TMPDIR is "
+        f"{tempfile.gettempdir()}); set TMPDIR to a writable folder such as /tmp"
+    )
+
+
+def _hidden(path: Path) -> bool:
+    return any(part.startswith(".") for part in path.parts)
+
+
+def source_date_epoch(events_file: Path) -> int:
+    """The time a build records (SOURCE_DATE_EPOCH): the newest event of its raw data.
+
+    It is taken from an input, not the clock or the checkout, so the bento and the
+    release file are a pure function of the stage's inputs.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    newest = pc.max(pq.read_table(events_file, columns=["ts"])["ts"]).as_py()
+    return int(newest.timestamp()) if newest is not None else 0
+
+
+def iso_time(epoch: int) -> str:
+    """``epoch`` as an ISO 8601 UTC timestamp with seconds."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
+_CREATION_TIME = re.compile(r"^(\s*(?:- )?creation_time:\s*).*$", re.M)
+
+
+def export_deterministic(bento_tag: str, archive: Path, epoch: int) -> None:
+    """Export a bento as BentoML does (xz tar), with every time set to ``epoch``.
+
+    ``bentoml export`` stamps files with their mtime, owner and the build's clock
+    (``creation_time`` of the bento and of each model). The archive is repacked with
+    entries sorted, times ``epoch``, owner root and ``creation_time`` ``epoch``, so
+    the same inputs give the same bytes; ``bentoml import`` reads it as usual.
+    """
+    import bentoml
+
+    with tempfile.TemporaryDirectory(prefix="bento-export-") as scratch:
+        exported = Path(bentoml.export_bento(bento_tag, str(Path(scratch) / "raw.bento")))
+        stamp = iso_time(epoch)
+        with (
+            tarfile.open(exported, "r:xz") as src,
+            tarfile.open(archive, "w:xz", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for member in sorted(src.getmembers(), key=lambda m: m.name):
+                handle = src.extractfile(member) if member.isfile() else None
+                data = handle.read() if handle is not None else None
+                name = posixpath.basename(member.name)
+                if data is not None and name in ("bento.yaml", "model.yaml"):
+                    text = _CREATION_TIME.sub(lambda m: f"{m.group(1)}'{stamp}'", data.decode())
+                    data = text.encode()
+                info = tarfile.TarInfo(member.name)
+                info.type = member.type
+                info.linkname = member.linkname
+                info.mode = 0o755 if member.isdir() or member.mode & 0o100 else 0o644
+                info.mtime = epoch
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if data is not None:
+                    info.size = len(data)
+                    out.addfile(info, io.BytesIO(data))
+                else:
+                    out.addfile(info)
 
 
 def import_bento(archive: Path, bentoml_home: Path) -> str:

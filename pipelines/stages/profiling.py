@@ -58,13 +58,50 @@ def drift_reference(
     )
 
 
+STATS = ("mean", "stddev", "min", "q_25", "median", "q_75", "max")
+
+
+def exact_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-column statistics, exact (whylogs' quantile sketches are randomised)."""
+    rows = {}
+    for name in frame.columns:
+        column = frame[name]
+        row: dict[str, float] = {
+            "counts/n": float(len(column)),
+            "counts/null": float(column.isna().sum()),
+        }
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            values = column.dropna().astype(np.float64)
+            q25, median, q75 = (
+                np.quantile(values, [0.25, 0.5, 0.75]) if len(values) else [np.nan] * 3
+            )
+            row |= {
+                "distribution/mean": float(values.mean()),
+                "distribution/stddev": float(values.std()),
+                "distribution/min": float(values.min()),
+                "distribution/q_25": float(q25),
+                "distribution/median": float(median),
+                "distribution/q_75": float(q75),
+                "distribution/max": float(values.max()),
+            }
+        row["cardinality/est"] = float(column.nunique(dropna=True))
+        rows[name] = row
+    order = ["counts/n", "counts/null", *(f"distribution/{k}" for k in STATS), "cardinality/est"]
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("column")
+    return table.reindex(columns=order)
+
+
 def profile_stage(
     dataset_dir: Path, model_dir: Path, out_dir: Path, warmup_hours: float = 24
 ) -> dict[str, Any]:
-    """Write ``drift_reference.json``, ``profile.bin`` (whylogs), ``summary.csv``, ``meta.json``.
+    """Write the reference to ``out_dir``: ``drift_reference.json``, ``reference.parquet``,
+    ``summary.csv`` and ``meta.json``, a pure function of the inputs.
 
     ``warmup_hours`` (``build_dataset.warmup_hours``) places the start of the raw data
     before the training window, so features whose window is still filling are known.
+    ``profile.bin``, the whylogs view, is derived from ``reference.parquet``: written here
+    too, but ignored by DVC (``.dvcignore``), because whylogs' sketches are randomised;
+    when it is missing (a fresh checkout) ``profiles.reference_profile`` rebuilds it.
     """
     from pipelines.core import profiles as wl
 
@@ -74,8 +111,7 @@ def profile_stage(
     data_start = (first - pd.Timedelta(hours=warmup_hours)).floor("D")
     reference = drift_reference(frame, card_set, data_start)
     frame = frame.drop(columns="ts")
-    view = wl.profile(frame)
-    summary = wl.summary(view)
+    summary = exact_summary(frame)
     meta = {
         "rows": len(frame),
         "columns": list(frame.columns),
@@ -85,8 +121,9 @@ def profile_stage(
     with atomic_dir(out_dir) as tmp:
         with (tmp / "drift_reference.json").open("w") as handle:  # compact: counts per window
             json.dump(reference, handle, sort_keys=True, separators=(",", ":"))
-        wl.write_profile(view, tmp / "profile.bin")
+        frame.to_parquet(tmp / wl.REFERENCE_FRAME, index=False)
         summary.to_csv(tmp / "summary.csv")
         write_json(tmp / "meta.json", meta)
+        wl.write_profile(wl.profile(frame), tmp / "profile.bin")
     not_judged = {c: e["not_judged"] for c, e in reference["columns"].items() if e["not_judged"]}
     return {"meta": meta, "summary": summary, "frame": frame, "not_judged": not_judged}
