@@ -2,15 +2,7 @@
 
 Usage (the ``cmd`` of every stage in ``dvc.yaml``)::
 
-    python3 -m pipelines.stages.runner notebooks/train.ipynb reports/train.ipynb -p max_iter 200
-
-Parameters follow papermill's ``-p NAME VALUE`` (values parsed as YAML literals).
-The runner refuses to run outside the project's locked environment, puts the
-previous outputs back from DVC's cache, executes the notebook, strips volatile
-metadata (times, kernel ids, temporary paths) so the executed notebook and its HTML
-are a pure function of the inputs, and writes wall times to the untracked
-``reports/timings/``. On failure the executed copy goes to ``reports/failed/``.
-See the README, "Reproducibility".
+Details: docs/architecture.md.
 """
 
 from __future__ import annotations
