@@ -30,7 +30,8 @@ mid-write can leave one partial last line; ``read_request_log`` skips it.
 Unwritable log directory (removed, replaced, permissions or disk full): the rows
 that could not be written stay in memory (``backlog_rows``, bounded by
 ``queue_size``; beyond it the oldest are dropped and counted in ``dropped_rows``)
-and the writer retries on every flush, opening a new shard; once the directory is
+and the writer retries twice a second (``RETRY_SECONDS``), not on every batch, opening a
+new shard (shard numbers stay contiguous: a failed open uses none); once the directory is
 writable again the backlog is written, so acknowledged rows are not lost. A shard
 that disappears under the writer (deleted or moved) is noticed on the next flush
 and a new one is opened; the batches of that flush are written again to it.
@@ -57,6 +58,7 @@ import pandas as pd
 
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
+RETRY_SECONDS = 0.5  # while the directory is unwritable, one write attempt per this long
 
 
 @dataclass
@@ -177,6 +179,7 @@ class RequestLog:
         self._file_bytes = 0
         self._unsynced: list[tuple[bytes, int]] = []  # written since the last fsync
         self._seq = 0
+        self._retry_at = 0.0  # after a failed write, no new attempt before this (monotonic)
         self._window_start: float | None = None
         self._window: list[LogBatch] = []
         self._profiles: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
@@ -214,7 +217,7 @@ class RequestLog:
         while True:
             wait = deadline - time.monotonic()
             if self._backlog:  # an unwritable directory: retry at least twice a second
-                wait = min(wait, 0.5)
+                wait = min(wait, RETRY_SECONDS)
             try:
                 item = self._queue.get(timeout=max(wait, 0.001))
             except queue.Empty:
@@ -231,8 +234,8 @@ class RequestLog:
                 ):  # unwritable: a last chance
                     if not self._backlog:
                         break
-                    time.sleep(min(self.flush_seconds, 0.5))
-                    self._flush(sync=True)
+                    time.sleep(min(self.flush_seconds, RETRY_SECONDS))
+                    self._flush(sync=True, force=True)
                 if self._backlog:
                     lost = self.counters["backlog_rows"]
                     self.counters["dropped_rows"] += lost
@@ -287,13 +290,17 @@ class RequestLog:
             self.counters["dropped_rows"] += len(batch)
             logger.exception("request log: could not encode a batch of %d rows", len(batch))
 
-    def _flush(self, sync: bool = True) -> None:
+    def _flush(self, sync: bool = True, force: bool = False) -> None:
         """Write the backlog to the current shard (``sync``: and fsync it).
 
         Lines stay in ``self._backlog`` until a write succeeded, so a failed write
-        keeps them for the next attempt instead of dropping them.
+        keeps them for the next attempt instead of dropping them. After a failure the
+        next attempt waits ``RETRY_SECONDS`` (unless ``force``): retrying on every batch
+        turned one unwritable directory into thousands of failed opens a second.
         """
         if not self._backlog and not (sync and self._file is not None):
+            return
+        if not force and self.last_write_error is not None and time.monotonic() < self._retry_at:
             return
         try:
             if self._file is not None and not self._shard_in_place():
@@ -328,6 +335,7 @@ class RequestLog:
                 self._unsynced = []
         except OSError as exc:  # unwritable: keep the rows (bounded) and retry next flush
             self.counters["write_errors"] += 1
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             first = self.last_write_error is None
             self.last_write_error = f"{type(exc).__name__}: {exc}"
             self._abandon_shard()
@@ -373,10 +381,11 @@ class RequestLog:
 
     def _open_shard(self) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-        self._seq += 1
-        path = self.log_dir / f"requests-{stamp}-{self.worker}-{self._seq:04d}.jsonl"
+        seq = self._seq + 1  # taken only once the shard opened: numbers stay contiguous
+        path = self.log_dir / f"requests-{stamp}-{self.worker}-{seq:04d}.jsonl"
         self.log_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
         self._file = path.open("ab")
+        self._seq = seq
         self._path = path
         self._file_bytes = path.stat().st_size
         self.counters["shards"] += 1
