@@ -43,13 +43,18 @@ from typing import Annotated, Any, Literal, Protocol
 import joblib
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipelines.core.io import md5_file
 from pipelines.features.definitions import FEATURE_SETS, EventIndex
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import FeatureRef, ModelRef, Release, load_release
-from pipelines.serving.request_log import LogBatch, RequestLog
+from pipelines.serving.request_log import (
+    REQUEST_TIME_MAX_MS,
+    REQUEST_TIME_MIN_MS,
+    LogBatch,
+    RequestLog,
+)
 from pipelines.serving.routing import Router
 
 logger = logging.getLogger("ctr.serving")
@@ -58,6 +63,19 @@ Surface = Literal["feed", "search", "recs"]
 Device = Literal["mobile", "desktop", "tablet"]
 Route = Literal["prod", "canary", "ab-variant", "fallback", "baseline"]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _in_time_range(stamp: dt.datetime) -> dt.datetime:
+    """Refuse times pandas cannot hold (they would be logged and read back misdated)."""
+    aware = stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
+    ms = (aware - _EPOCH) // dt.timedelta(milliseconds=1)
+    if not REQUEST_TIME_MIN_MS <= ms <= REQUEST_TIME_MAX_MS:
+        raise ValueError(
+            f"timestamp {stamp.isoformat()} is outside the supported range "
+            f"{_iso(REQUEST_TIME_MIN_MS)} .. {_iso(REQUEST_TIME_MAX_MS)} (UTC)"
+        )
+    return stamp
 
 
 class PredictRequest(BaseModel):
@@ -73,7 +91,7 @@ class PredictRequest(BaseModel):
     item: Id
     surface: Surface
     device: Device
-    timestamp: dt.datetime | None = None
+    timestamp: Annotated[dt.datetime, AfterValidator(_in_time_range)] | None = None
 
 
 class PredictResponse(BaseModel):

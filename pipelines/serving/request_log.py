@@ -60,6 +60,18 @@ logger = logging.getLogger("ctr.request_log")
 _STOP = object()
 RETRY_SECONDS = 0.5  # while the directory is unwritable, one write attempt per this long
 
+# Request times the service accepts and the readers turn into timestamps: pandas'
+# nanosecond range, in whole milliseconds. Outside it pandas silently wraps the value
+# (9999-12-31 read back as 1972-01-01), so such times are refused at the API.
+REQUEST_TIME_MIN_MS = -(-pd.Timestamp.min.value // 1_000_000)
+REQUEST_TIME_MAX_MS = pd.Timestamp.max.value // 1_000_000
+
+
+def request_time_in_range(t_ms: np.ndarray) -> np.ndarray:
+    """Which epoch-millisecond request times pandas can represent (bool per value)."""
+    t_ms = np.asarray(t_ms, dtype=np.int64)
+    return (t_ms >= REQUEST_TIME_MIN_MS) & (t_ms <= REQUEST_TIME_MAX_MS)
+
 
 @dataclass
 class LogBatch:
@@ -458,7 +470,12 @@ def _package_root() -> str:
 
 
 def read_request_log(log_dir: Path) -> pd.DataFrame:
-    """One row per answered request from all shards; a partial last line is skipped."""
+    """One row per answered request from all shards; a partial last line is skipped.
+
+    Rows whose request time is outside pandas' range (only a service before the range
+    check could log them) are skipped with a warning: no window can hold them, and
+    converting them would wrap to a wrong date.
+    """
     keys = (
         "request_id",
         "user",
@@ -472,6 +489,7 @@ def read_request_log(log_dir: Path) -> pd.DataFrame:
         "feature_age_seconds",
     )
     rows: list[dict[str, Any]] = []
+    out_of_range = 0
     for shard in sorted(log_dir.glob("requests-*.jsonl")):
         for line in shard.read_bytes().splitlines():
             if not line.strip():
@@ -481,14 +499,19 @@ def read_request_log(log_dir: Path) -> pd.DataFrame:
             except orjson.JSONDecodeError:
                 continue
             names = rec["feature_names"]
+            t_ms = np.asarray(rec["request_time_ms"], dtype=np.int64)
+            valid = request_time_in_range(t_ms)
+            out_of_range += int((~valid).sum())
             for i in range(rec["n"]):
+                if not valid[i]:
+                    continue
                 row = {k: rec[k][i] for k in keys}
                 row.update(
                     answered_at=rec["answered_at"],
                     endpoint=rec["endpoint"],
                     release_id=rec["release_id"],
                     latency_ms=rec["latency_ms"],
-                    request_time=pd.Timestamp(rec["request_time_ms"][i], unit="ms", tz="UTC"),
+                    request_time=pd.Timestamp(int(t_ms[i]), unit="ms", tz="UTC"),
                     degraded=rec["degraded_reason"][i] is not None,
                 )
                 row["features"] = (
@@ -498,6 +521,14 @@ def read_request_log(log_dir: Path) -> pd.DataFrame:
                 )
                 row["scores"] = {k: v[i] for k, v in rec["scores"].items() if v[i] is not None}
                 rows.append(row)
+    if out_of_range:
+        logger.warning(
+            "request log %s: skipped %d row(s) whose request time is outside %s .. %s",
+            log_dir,
+            out_of_range,
+            pd.Timestamp(REQUEST_TIME_MIN_MS, unit="ms", tz="UTC"),
+            pd.Timestamp(REQUEST_TIME_MAX_MS, unit="ms", tz="UTC"),
+        )
     return pd.DataFrame(rows)
 
 
