@@ -114,6 +114,7 @@ def main() -> None:
     home = work / "home"
     os.environ["BENTOML_HOME"] = str(home)
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    from pipelines.modeling.release import reseal_release_dict
     from pipelines.stages.packaging import import_bento
 
     tag = import_bento(bento, home).split('"')[1]
@@ -126,7 +127,7 @@ def main() -> None:
         release = json.loads(handle.read())
     release["policy"]["workers"] = args.workers
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     log_dir = work / "requests"
     env = {
         **os.environ,
@@ -200,7 +201,11 @@ def main() -> None:
                 import httpx
 
                 counters = [
-                    httpx.post(served.url + "/metadata", timeout=30).json()["request_log"]
+                    httpx.post(
+                        served.url + "/metadata",
+                        headers={"authorization": f"Bearer {TOKEN}"},
+                        timeout=30,
+                    ).json()["request_log"]
                     for _ in range(4)
                 ]
                 backlog["peak"] = max(c.get("backlog_rows", -1) for c in counters)
@@ -263,7 +268,7 @@ def main() -> None:
             def bad_release() -> None:
                 broken = json.loads(original)
                 broken["prod"]["tag"] = broken["baseline"]["tag"] = "ctr_model:m000000000000"
-                release_file.write_text(json.dumps(broken))
+                release_file.write_text(json.dumps(reseal_release_dict(broken)))
                 answers["reload_bad_release"] = admin(served.url, "/admin/reload")
                 release_file.write_text(original)
 

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from pipelines.modeling.release import reseal_release_dict
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import (
     MemorySampler,
@@ -58,7 +59,7 @@ def env(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     release = json.loads((small_project / "build/release/release.json").read_text())
     release["policy"]["workers"] = 2
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     environ = project_env(work)
     environ.update(
         BENTOML_HOME=str(home),
@@ -143,7 +144,7 @@ def test_unwritable_request_log_directory_keeps_answering_and_loses_nothing(env:
     try:
         outcomes = fixed_rate(env.served.url, env.bodies, RATE, 5)
         assert summarize(outcomes)["answered_200"] == len(outcomes)
-        counters = [post(env, "/metadata").json()["request_log"] for _ in range(4)]
+        counters = [post(env, "/metadata", token=TOKEN).json()["request_log"] for _ in range(4)]
         assert any(c["write_errors"] > 0 and c["backlog_rows"] > 0 for c in counters), counters
     finally:
         env.log_dir.unlink()
@@ -153,7 +154,7 @@ def test_unwritable_request_log_directory_keeps_answering_and_loses_nothing(env:
 
 
 def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> None:
-    tag = post(env, "/metadata").json()["tiers"]["prod"]["tag"]
+    tag = post(env, "/metadata", token=TOKEN).json()["tiers"]["prod"]["tag"]
     name, version = tag.split(":")
     model = env.home / "models" / name / version / "model.joblib"
     aside = model.with_suffix(".aside")
@@ -181,7 +182,7 @@ def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving
     broken = json.loads(original)
     broken["prod"]["tag"] = "ctr_model:m000000000000"
     broken["baseline"]["tag"] = "ctr_model:m000000000000"
-    env.release_file.write_text(json.dumps(broken))
+    env.release_file.write_text(json.dumps(reseal_release_dict(broken)))
     try:
         refused = post(env, "/admin/reload", token=TOKEN)
         assert refused.status_code == 422, refused.text

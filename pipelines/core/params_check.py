@@ -295,6 +295,10 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("serving.max_batch_size", integer(1), required=False),
     Rule("serving.max_body_mb", number(0, exclusive_minimum=True), required=False),
     Rule("serving.workers", integer(1), required=False),
+    Rule("serving.header_timeout_seconds", number(0, exclusive_minimum=True), required=False),
+    Rule("serving.body_timeout_seconds", number(0, exclusive_minimum=True), required=False),
+    Rule("serving.refused_log_per_second", number(0, exclusive_minimum=True), required=False),
+    Rule("serving.public_metrics", boolean(), required=False),
     # release
     Rule("release.artifact", text(r"[a-z0-9][a-z0-9-]*", "must be a GTO artifact name")),
     Rule("release.gate_reports_dir", relpath()),

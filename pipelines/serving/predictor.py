@@ -48,7 +48,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pipelines.core.io import md5_file
 from pipelines.features.definitions import FEATURE_SETS, EventIndex
 from pipelines.modeling.model import RuleBaseline
-from pipelines.modeling.release import FeatureRef, ModelRef, Release, load_release
+from pipelines.modeling.release import FeatureRef, ModelRef, Release, file_sha256, load_release
 from pipelines.serving.request_log import (
     REQUEST_TIME_MAX_MS,
     REQUEST_TIME_MIN_MS,
@@ -56,6 +56,7 @@ from pipelines.serving.request_log import (
     RequestLog,
 )
 from pipelines.serving.routing import Router
+from pipelines.serving.security import redact_paths
 
 logger = logging.getLogger("ctr.serving")
 
@@ -169,7 +170,12 @@ class SnapshotFeatureSource:
         import pandas as pd
 
         path = folder / "events.parquet"
-        _check_md5(path, ref.files["events.parquet"], f"feature snapshot {ref.tag}")
+        _check_file(
+            path,
+            ref.files["events.parquet"],
+            ref.sha256.get("events.parquet"),
+            f"feature snapshot {ref.tag}",
+        )
         events = pd.read_parquet(
             path, columns=["user_id", "item_id", "surface", "ts", "clicked", "click_ts"]
         )
@@ -261,28 +267,43 @@ class ModelTier:
         }
 
 
-def _check_md5(path: Path, expected: str, what: str) -> None:
+def _check_file(path: Path, md5: str, sha256: str | None, what: str) -> None:
+    """Refuse a file whose md5 or (when recorded) sha256 differs from the release's.
+
+    Messages name the file, never its folder: they reach /metadata and degraded_reason.
+    """
     if not path.is_file():
-        raise ArtifactMismatch(f"{what}: {path} is missing")
+        raise ArtifactMismatch(f"{what}: {path.name} is missing from its model store folder")
     actual = md5_file(path)
-    if actual != expected:
+    if actual != md5:
         raise ArtifactMismatch(
-            f"{what}: {path.name} has md5 {actual}, the release records {expected}; "
-            "refusing to load it"
+            f"{what}: {path.name} has md5 {actual}, the release records {md5}; refusing to load it"
         )
+    if sha256:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ArtifactMismatch(
+                f"{what}: {path.name} has sha256 {actual}, the release records {sha256}; "
+                "refusing to load it"
+            )
 
 
 def load_tier(role: str, ref: ModelRef, folder: Path) -> ModelTier:
     """Load a model after checking its file hash; any problem refuses the tier, loudly."""
     try:
-        _check_md5(folder / "model.joblib", ref.files["model.joblib"], f"{role} model {ref.tag}")
+        _check_file(
+            folder / "model.joblib",
+            ref.files["model.joblib"],
+            ref.sha256.get("model.joblib"),
+            f"{role} model {ref.tag}",
+        )
         model = joblib.load(folder / "model.joblib")
         if not hasattr(model, "predict_proba"):
             raise TypeError(f"{type(model).__name__} has no predict_proba")
         return ModelTier(role, ref, model)
     except Exception as exc:  # refused, reported in /metadata and logs; never loaded silently
         logger.error("refusing %s tier %s: %s", role, ref.tag, exc)
-        return ModelTier(role, ref, None, refused=f"{type(exc).__name__}: {exc}")
+        return ModelTier(role, ref, None, refused=redact_paths(f"{type(exc).__name__}: {exc}"))
 
 
 # --- one loaded release ----------------------------------------------------------
@@ -317,7 +338,7 @@ class Runtime:
             try:
                 folder = model_path(ref.tag)
             except Exception as exc:
-                tiers[role] = ModelTier(role, ref, None, refused=f"not found: {exc}")
+                tiers[role] = ModelTier(role, ref, None, refused=redact_paths(f"not found: {exc}"))
             else:
                 tiers[role] = load_tier(role, ref, folder)
             if tiers[role].refused:
@@ -325,11 +346,16 @@ class Runtime:
         baseline = None
         try:
             folder = model_path(release.baseline.tag)
-            _check_md5(folder / release.baseline.file, release.baseline.md5, "rule baseline")
+            _check_file(
+                folder / release.baseline.file,
+                release.baseline.md5,
+                release.baseline.sha256,
+                "rule baseline",
+            )
             baseline = RuleBaseline.load(folder / release.baseline.file)
         except Exception as exc:
             logger.error("refusing rule baseline: %s", exc)
-            problems.append(f"baseline: {type(exc).__name__}: {exc}")
+            problems.append(redact_paths(f"baseline: {type(exc).__name__}: {exc}"))
         if features is None:
             try:
                 features = SnapshotFeatureSource.open(
@@ -338,7 +364,9 @@ class Runtime:
             except Exception as exc:
                 logger.error("feature source unavailable: %s", exc)
                 problems.append(
-                    f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
+                    redact_paths(
+                        f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
+                    )
                 )
             # The online store when the release or CTR_FEATURE_STORE_URL names one, the
             # snapshot as its fallback (pipelines.serving.store_source).

@@ -9,7 +9,13 @@ import pandas as pd
 
 from pipelines.core.io import md5_file
 from pipelines.modeling.model import TrainParams, train_stage
-from pipelines.modeling.release import FeatureRef, ModelRef, ServingPolicy, build_release
+from pipelines.modeling.release import (
+    FeatureRef,
+    ModelRef,
+    ServingPolicy,
+    build_release,
+    file_sha256,
+)
 from pipelines.stages.dataset import get_feature_set, load_split
 
 
@@ -39,6 +45,7 @@ def model_ref_for_dir(model_dir: Path) -> ModelRef:
         version=version,
         feature_set=card["feature_set"],
         files=files,
+        sha256={n: file_sha256(model_dir / n) for n in files},
         lineage={"model_dir": str(model_dir)},
     )
 
@@ -52,6 +59,7 @@ def feature_ref_for_dir(raw_dir: Path) -> FeatureRef:
         feature_set="ctr_v1",
         names=CTR_V1.names,
         files={"events.parquet": md5},
+        sha256={"events.parquet": file_sha256(raw_dir / "events.parquet")},
     )
 
 
