@@ -164,14 +164,14 @@ def clock_range(url: str) -> dict[str, Any]:
 
 
 def misdated(log_dir: Path) -> dict[str, Any]:
-    """Rows of the log whose request time fell outside 1678..2262 (would be misdated)."""
+    """Rows of the log whose request time fell outside 1677..2262 (would be misdated)."""
     from pipelines.serving.request_log import read_request_log
 
     log = read_request_log(log_dir)
     years = log["request_time"].dt.year if len(log) else []
     return {
         "rows_in_log": len(log),
-        "rows_outside_1678_2262": int(((years < 1678) | (years > 2262)).sum()) if len(log) else 0,
+        "rows_outside_1677_2262": int(((years < 1677) | (years > 2262)).sum()) if len(log) else 0,
     }
 
 
@@ -478,8 +478,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             "",
             f"Request times: {clock.get('answers_by_timestamp')} (as expected: "
-            f"{clock.get('as_expected')}); rows in the log dated outside 1678..2262: "
-            f"{clock.get('rows_outside_1678_2262')} of {clock.get('rows_in_log')}.",
+            f"{clock.get('as_expected')}); rows in the log dated outside 1677..2262: "
+            f"{clock.get('rows_outside_1677_2262')} of {clock.get('rows_in_log')}.",
         ]
     lines += ["", f"Reproduce: `{r['command']}`", ""]
     return "\n".join(lines)
