@@ -245,16 +245,15 @@ def release_id(release: dict[str, Any]) -> str:
     Computed over the release as written (JSON), so ``load_release`` recomputes it from
     the file and refuses a file whose content no longer matches its id.
     """
-    stable = {k: release.get(k) for k in ("policy", "feature_source", "prod", "candidate")}
-    stable["previous"] = release.get("previous")
+    keys = ("policy", "feature_source", "prod", "candidate", "previous")
+    stable: dict[str, Any] = {k: release.get(k) for k in keys}
     if release.get("online_store"):  # releases without a store keep their earlier ids
         stable["online_store"] = release["online_store"]
     for part in ("prod", "candidate", "previous", "feature_source"):
-        if stable[part] is not None:  # empty sha256: files of releases made before it
+        entry = stable[part]
+        if isinstance(entry, dict):  # empty sha256: files of releases made before it
             stable[part] = {
-                k: v
-                for k, v in stable[part].items()
-                if k != "lineage" and not (k == "sha256" and not v)
+                k: v for k, v in entry.items() if k != "lineage" and not (k == "sha256" and not v)
             }
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
     return f"r{digest.hexdigest()[:12]}"
