@@ -131,7 +131,7 @@ def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
     written = server_log.stat().st_size - before
     return {
         "refused_calls": calls,
-        "statuses": sorted(set(statuses)),
+        "refusal_statuses": sorted(set(statuses)),
         "bytes_sent": calls * len(body),
         "service_log_bytes": written,
         "service_log_bytes_per_refusal": round(written / calls),
@@ -468,7 +468,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             "",
             f"Refused requests: {amp.get('refused_calls')} calls ({amp.get('bytes_sent')} bytes "
-            f"sent), answers {amp.get('statuses')}; service log grew "
+            f"sent), answers {amp.get('refusal_statuses')}; service log grew "
             f"{amp.get('service_log_bytes')} bytes "
             f"({amp.get('service_log_bytes_per_refusal')} per refusal); answer "
             f"{amp.get('answer_bytes_per_refusal')} bytes per refusal; {amp.get('seconds')} s.",
