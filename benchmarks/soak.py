@@ -129,6 +129,9 @@ def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
     seconds = time.perf_counter() - t
     time.sleep(1.0)
     written = server_log.stat().st_size - before
+    with server_log.open("rb") as handle:
+        handle.seek(before)
+        sample = handle.read(1500).decode(errors="replace")
     return {
         "refused_calls": calls,
         "refusal_statuses": sorted(set(statuses)),
@@ -137,6 +140,7 @@ def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
         "service_log_bytes_per_refusal": round(written / calls),
         "answer_bytes_per_refusal": round(answer_bytes / calls),
         "seconds": round(seconds, 2),
+        "service_log_sample": sample,  # what the log holds about refusals (no bodies)
     }
 
 

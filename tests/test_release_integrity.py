@@ -19,6 +19,7 @@ from pipelines.modeling.release import (
     sign_release_dict,
 )
 from pipelines.serving.predictor import Predictor, PredictRequest, Runtime
+from pipelines.serving.security import public_metadata
 from tests.support.serving import last_event_time, release_for
 
 KEY = "release-signing-key-for-tests-7c1d"
@@ -102,8 +103,7 @@ def test_refusals_name_no_internal_path(built, small_project: Path, tmp_path: Pa
     release = load_release(write(tmp_path / "r.json", data))
     broken = tmp_path / "store" / "models" / "ctr_model" / "broken"
     shutil.copytree(small_project / "build/model", broken)
-    with (broken / "model.joblib").open("ab") as handle:
-        handle.write(b"tampered")
+    (broken / "model.joblib").unlink()  # the refusal used to name the full path
 
     def resolve(tag: str) -> Path:
         return broken if tag == release.prod.tag else model_path(tag)
@@ -117,7 +117,11 @@ def test_refusals_name_no_internal_path(built, small_project: Path, tmp_path: Pa
             )
         ]
     )[0]
-    shown = json.dumps(predictor.metadata()) + str(answer.degraded_reason)
+    meta = predictor.metadata()
+    # what a public caller sees, and the load problems (also shown to operators)
+    shown = json.dumps(
+        [public_metadata(meta), meta["problems"], meta["tiers"], answer.degraded_reason]
+    )
     predictor.close()
     assert "refused" in shown
     for secret in (str(tmp_path), str(small_project), "/models/"):
