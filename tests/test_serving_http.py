@@ -165,7 +165,10 @@ def server(release_project: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     import_bento(archive, home)
     bento_tag = json.loads((release_project / "build/bento/bento.json").read_text())["bento_tag"]
     release_file = work / "release.json"
-    shutil.copyfile(release_project / "build/release/release.json", release_file)
+    release = json.loads((release_project / "build/release/release.json").read_text())
+    # one worker: fault injection and the kill switch act on the worker that takes the call
+    release["policy"]["workers"] = 1
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     env = project_env(work)
     env.update(
         BENTOML_HOME=str(home),

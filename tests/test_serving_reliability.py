@@ -214,7 +214,12 @@ def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> No
             yield env.bodies[0] + b","
         yield env.bodies[0] + b"]}"
 
-    streamed = httpx.post(url + "/predict_batch", content=chunks(), timeout=60)
+    streamed = httpx.post(
+        url + "/predict_batch",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert streamed.status_code == 413 and "chunked" in streamed.json()["error"]
     rows = [json.loads(env.bodies[0])] * 5001  # default max_batch_size is 5000
     too_many = httpx.post(url + "/predict_batch", json={"requests": rows}, timeout=60)
