@@ -87,6 +87,7 @@ def main() -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
     from pipelines.features.online_store import OnlineStore
+    from pipelines.modeling.release import reseal_release_dict
     from tests.support.store import RedisServer, Traffic, outage_summary
 
     work = Path(tempfile.mkdtemp(prefix="online_serving_"))
@@ -106,7 +107,7 @@ def main() -> None:
         "feature_set": release["feature_source"]["feature_set"],
     }
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
 
     servers: dict[str, Any] = {}
     for name, extra in (
@@ -228,7 +229,7 @@ def main() -> None:
             with OnlineStore.open(redis_server.url) as store:
                 store.ingest(events[events["ts"] > events["ts"].max() - pd.Timedelta(days=1)])
             release["online_store"]["url"] = redis_server.url
-            release_file.write_text(json.dumps(release))
+            release_file.write_text(json.dumps(reseal_release_dict(release)))
             r = httpx.post(
                 url + "/admin/reload", json={}, headers={"authorization": f"Bearer {TOKEN}"}
             )

@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.loadtest import free_port  # noqa: E402
 
+BENCH_TOKEN = "serving-bench-admin-token"
+
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"
@@ -321,6 +323,7 @@ def main() -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    ADMIN = {"authorization": f"Bearer {BENCH_TOKEN}"}
     home = work / "home"
     os.environ["BENTOML_HOME"] = str(home)
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
@@ -331,6 +334,7 @@ def main() -> None:
         "CTR_REQUEST_LOG_DIR": str(work / "requests"),
         "CTR_PROFILE_DIR": str(work / "live"),
         "CTR_STATE_DIR": str(work / "state"),
+        "CTR_ADMIN_TOKEN": BENCH_TOKEN,  # /metadata details need it
     }
     env.pop("MLOPS_PROJECT_ROOT", None)
     procs: list[subprocess.Popen[bytes]] = []
@@ -373,7 +377,7 @@ def main() -> None:
         services = {"full": (full_url, single, batches)}
         import httpx
 
-        meta = httpx.post(full_url + "/metadata", timeout=30).json()
+        meta = httpx.post(full_url + "/metadata", headers=ADMIN, timeout=30).json()
         if not args.no_bare:
             feats = bare_bodies(rows, project / "data")
             bare_single = [json.dumps({"features": f}).encode() for f in feats]
@@ -419,7 +423,7 @@ def main() -> None:
                 open_loop(full_url, "/predict", bodies, rate)
             )
             print(f"full fixed rate: {results['full']['predict_fixed_rate_60pct']}", flush=True)
-        meta = httpx.post(full_url + "/metadata", timeout=30).json()
+        meta = httpx.post(full_url + "/metadata", headers=ADMIN, timeout=30).json()
         results["full_counters"] = {
             "predictor": meta["counters"],
             "request_log": meta["request_log"],

@@ -11,7 +11,9 @@ What it does (stops by itself; nothing is left running):
 4. unless ``--no-faults``, under the same load: a worker SIGKILLed; the request-log
    directory replaced by a file (unwritable) for ``--fault-seconds`` then restored; the
    prod model file removed and the release reloaded, then put back; a release naming a
-   model version that is not in the store, reloaded;
+   model version that is not in the store, reloaded; refused requests (twenty 5000-row
+   batches of ``{}``: service-log bytes and answer bytes per refusal); request times
+   outside pandas' range (400, nothing logged misdated);
 5. writes ``benchmarks/results/soak.{json,md}`` with the machine and the date.
 
 Usage::
@@ -96,13 +98,94 @@ def fault_record(
     return record
 
 
+def answer_gap(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Longest time without any 200 answer (by answer time) and the slowest request: a killed
+    worker must cost at most about a second of answers and no client may hang."""
+    done = sorted(o.due + o.latency for o in outcomes if o.status == 200)
+    gaps = [b - a for a, b in zip(done, done[1:], strict=False)]
+    return {
+        "longest_gap_without_answers_s": round(max(gaps), 3) if gaps else None,
+        "slowest_request_s": round(max(o.latency for o in outcomes), 3) if outcomes else None,
+    }
+
+
+def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
+    """Send ``calls`` batches of 5000 ``{}`` rows; what the service log and the answers grew by."""
+    import httpx
+
+    body = json.dumps({"requests": [{}] * 5000}).encode()
+    before = server_log.stat().st_size
+    statuses, answer_bytes = [], 0
+    t = time.perf_counter()
+    for _ in range(calls):
+        r = httpx.post(
+            url + "/predict_batch",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        statuses.append(r.status_code)
+        answer_bytes += len(r.content)
+    seconds = time.perf_counter() - t
+    time.sleep(1.0)
+    written = server_log.stat().st_size - before
+    with server_log.open("rb") as handle:
+        handle.seek(before)
+        sample = handle.read(1500).decode(errors="replace")
+    return {
+        "refused_calls": calls,
+        "refusal_statuses": sorted(set(statuses)),
+        "bytes_sent": calls * len(body),
+        "service_log_bytes": written,
+        "service_log_bytes_per_refusal": round(written / calls),
+        "answer_bytes_per_refusal": round(answer_bytes / calls),
+        "seconds": round(seconds, 2),
+        "service_log_sample": sample,  # what the log holds about refusals (no bodies)
+    }
+
+
+def clock_range(url: str) -> dict[str, Any]:
+    """Requests at times pandas cannot hold (and at its edges): what the service answers."""
+    import httpx
+
+    row = {"user": "u00001", "item": "i00001", "surface": "feed", "device": "mobile"}
+    stamps = {
+        "9999-12-31T23:59:59-14:00": 400,
+        "0001-01-01T00:00:00+14:00": 400,
+        "2262-04-12T00:00:00Z": 400,
+        "1677-09-21T00:00:00Z": 400,
+        "2262-04-10T00:00:00Z": 200,
+        "1677-09-22T00:00:00Z": 200,
+    }
+    got = {}
+    for stamp in stamps:
+        r = httpx.post(url + "/predict", json={**row, "timestamp": stamp}, timeout=30)
+        got[stamp] = r.status_code
+    return {
+        "answers_by_timestamp": got,
+        "as_expected": all(got[k] == v for k, v in stamps.items()),
+    }
+
+
+def misdated(log_dir: Path) -> dict[str, Any]:
+    """Rows of the log whose request time fell outside 1677..2262 (would be misdated)."""
+    from pipelines.serving.request_log import read_shards
+
+    log = read_shards(log_dir)
+    years = log["request_time"].dt.year if len(log) else []
+    return {
+        "rows_in_log": len(log),
+        "rows_outside_1677_2262": int(((years < 1677) | (years > 2262)).sum()) if len(log) else 0,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=REPO)
     parser.add_argument("--bento", type=Path, help="default: PROJECT/build/bento/ctr_service.bento")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--rate-share", type=float, default=0.7, help="share of capacity")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, help="default: the release's serving.workers")
     parser.add_argument("--fault-seconds", type=float, default=20.0)
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
@@ -114,6 +197,7 @@ def main() -> None:
     home = work / "home"
     os.environ["BENTOML_HOME"] = str(home)
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    from pipelines.modeling.release import reseal_release_dict
     from pipelines.stages.packaging import import_bento
 
     tag = import_bento(bento, home).split('"')[1]
@@ -124,9 +208,11 @@ def main() -> None:
         handle = archive.extractfile(member)
         assert handle is not None
         release = json.loads(handle.read())
+    if args.workers is None:  # the production default the release was built with
+        args.workers = int(release["policy"]["workers"])
     release["policy"]["workers"] = args.workers
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     log_dir = work / "requests"
     env = {
         **os.environ,
@@ -185,6 +271,7 @@ def main() -> None:
                     killed_at,
                     {
                         "worker_replaced_after_s": round(restart.get("t", -1), 1),
+                        **answer_gap(out),
                         "request_log": log_accounting(log_dir, out),
                     },
                 )
@@ -200,7 +287,11 @@ def main() -> None:
                 import httpx
 
                 counters = [
-                    httpx.post(served.url + "/metadata", timeout=30).json()["request_log"]
+                    httpx.post(
+                        served.url + "/metadata",
+                        headers={"authorization": f"Bearer {TOKEN}"},
+                        timeout=30,
+                    ).json()["request_log"]
                     for _ in range(4)
                 ]
                 backlog["peak"] = max(c.get("backlog_rows", -1) for c in counters)
@@ -263,7 +354,7 @@ def main() -> None:
             def bad_release() -> None:
                 broken = json.loads(original)
                 broken["prod"]["tag"] = broken["baseline"]["tag"] = "ctr_model:m000000000000"
-                release_file.write_text(json.dumps(broken))
+                release_file.write_text(json.dumps(reseal_release_dict(broken)))
                 answers["reload_bad_release"] = admin(served.url, "/admin/reload")
                 release_file.write_text(original)
 
@@ -274,6 +365,34 @@ def main() -> None:
                     out,
                     2.0,
                     {"reload_answer": answers["reload_bad_release"]},
+                )
+            )
+            # 5. refused requests: service-log and answer bytes (log amplification)
+            amp: dict[str, Any] = {}
+            out = fixed_rate(
+                served.url,
+                bodies,
+                rate,
+                10.0,
+                events={2.0: lambda: amp.update(refusals(served.url, work / "server.log"))},
+            )
+            faults.append(fault_record("20 x 5000-row batches of {} (refused)", out, 2.0, amp))
+            # 6. request times outside pandas' range, among valid traffic
+            clock: dict[str, Any] = {}
+            out = fixed_rate(
+                served.url,
+                bodies,
+                rate,
+                6.0,
+                events={2.0: lambda: clock.update(clock_range(served.url))},
+            )
+            time.sleep(2.5)
+            faults.append(
+                fault_record(
+                    "request times outside pandas' range",
+                    out,
+                    2.0,
+                    {**clock, "request_log": log_accounting(log_dir, out), **misdated(log_dir)},
                 )
             )
         report = {
@@ -338,6 +457,34 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{f.get('p99_ms')} | "
                 f"{log.get('missing_rows', '-')} |"
             )
+    extra = {f["fault"]: f for f in r["faults"]}
+    kill = extra.get("worker SIGKILL")
+    if kill:
+        lines += [
+            "",
+            f"Worker SIGKILL ({r['workers']} workers): longest time without any answer "
+            f"{kill.get('longest_gap_without_answers_s')} s; slowest request "
+            f"{kill.get('slowest_request_s')} s; worker replaced after "
+            f"{kill.get('worker_replaced_after_s')} s.",
+        ]
+    amp = extra.get("20 x 5000-row batches of {} (refused)")
+    if amp:
+        lines += [
+            "",
+            f"Refused requests: {amp.get('refused_calls')} calls ({amp.get('bytes_sent')} bytes "
+            f"sent), answers {amp.get('refusal_statuses')}; service log grew "
+            f"{amp.get('service_log_bytes')} bytes "
+            f"({amp.get('service_log_bytes_per_refusal')} per refusal); answer "
+            f"{amp.get('answer_bytes_per_refusal')} bytes per refusal; {amp.get('seconds')} s.",
+        ]
+    clock = extra.get("request times outside pandas' range")
+    if clock:
+        lines += [
+            "",
+            f"Request times: {clock.get('answers_by_timestamp')} (as expected: "
+            f"{clock.get('as_expected')}); rows in the log dated outside 1677..2262: "
+            f"{clock.get('rows_outside_1677_2262')} of {clock.get('rows_in_log')}.",
+        ]
     lines += ["", f"Reproduce: `{r['command']}`", ""]
     return "\n".join(lines)
 

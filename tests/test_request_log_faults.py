@@ -95,3 +95,32 @@ def test_close_with_an_unwritable_directory_counts_what_is_lost(tmp_path: Path) 
         log.submit(batch(f"x-{k}"))
     log.close()
     assert log.counters["dropped_rows"] == 4 and log.counters["backlog_rows"] == 0
+
+
+def test_unwritable_directory_is_retried_twice_a_second_with_contiguous_shard_numbers(
+    tmp_path: Path,
+) -> None:
+    """Retries do not run on every batch, and failed opens do not use up shard numbers."""
+    log_dir = tmp_path / "requests"
+    log = RequestLog(log_dir, None, flush_seconds=1.0, queue_size=10_000)
+    log.submit(batch("first"))
+    wait_for(lambda: log.counters["written_rows"] == 1)
+    shutil.rmtree(log_dir)
+    log_dir.write_text("not a directory")
+    started = time.monotonic()
+    k = 0
+    while time.monotonic() - started < 2.0:  # ~200 batches in 2 s, as a busy service sends
+        log.submit(batch(f"during-{k}"))
+        k += 1
+        time.sleep(0.01)
+    errors = log.counters["write_errors"]
+    assert 1 <= errors <= 2 * 2.0 + 2, f"{errors} write attempts in 2 s for {k} batches"
+    log_dir.unlink()
+    wait_for(lambda: log.counters["backlog_rows"] == 0)
+    log.close()
+    seqs = sorted(int(p.stem.rsplit("-", 1)[1]) for p in log_dir.glob("requests-*.jsonl"))
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert seqs[0] <= 2  # the first shard went with the old directory; the next is number 2
+    during = {f"during-{i}" for i in range(k)}
+    # "first" was not fsynced yet when its shard went, so it is written again (test above).
+    assert set(read_shards(log_dir)["request_id"]) - {"first"} == during

@@ -24,6 +24,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from pipelines.modeling.release import reseal_release_dict
 from pipelines.serving.request_log import read_shards
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import Served
@@ -116,7 +117,7 @@ class Server:
         return response.json()
 
     def metadata(self) -> dict[str, Any]:
-        response = self.post("/metadata")
+        response = self.post("/metadata", token=TOKEN)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -164,7 +165,10 @@ def server(release_project: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     import_bento(archive, home)
     bento_tag = json.loads((release_project / "build/bento/bento.json").read_text())["bento_tag"]
     release_file = work / "release.json"
-    shutil.copyfile(release_project / "build/release/release.json", release_file)
+    release = json.loads((release_project / "build/release/release.json").read_text())
+    # one worker: fault injection and the kill switch act on the worker that takes the call
+    release["policy"]["workers"] = 1
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     env = project_env(work)
     env.update(
         BENTOML_HOME=str(home),
@@ -389,12 +393,12 @@ def test_reload_switches_to_shadow_without_changing_answers(server: Server) -> N
     original = server.release_file.read_text()
     release = json.loads(original)
     release["policy"].update(routing="none")
-    server.release_file.write_text(json.dumps(release))
+    server.release_file.write_text(json.dumps(reseal_release_dict(release)))
     assert server.admin("/admin/reload")["problems"] == []
     plain = server.batch(ids)
     assert {r["route"] for r in plain} == {"prod"}
     release["policy"].update(routing="shadow", shadow_sample_rate=1.0)
-    server.release_file.write_text(json.dumps(release))
+    server.release_file.write_text(json.dumps(reseal_release_dict(release)))
     server.admin("/admin/reload")
     assert server.metadata()["routing"]["mode"] == "shadow"
     shadow = server.batch(ids)

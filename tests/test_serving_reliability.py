@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from pipelines.modeling.release import reseal_release_dict
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import (
     MemorySampler,
@@ -56,9 +57,11 @@ def env(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     import_bento(small_project / "build/bento/ctr_service.bento", home)
     bento_tag = json.loads((small_project / "build/bento/bento.json").read_text())["bento_tag"]
     release = json.loads((small_project / "build/release/release.json").read_text())
-    release["policy"]["workers"] = 2
+    assert release["policy"]["workers"] == 2  # the production default (params.yaml)
+    # short slow-client limits so the tests of them take seconds
+    release["policy"].update(header_timeout_seconds=2.0, body_timeout_seconds=3.0)
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     environ = project_env(work)
     environ.update(
         BENTOML_HOME=str(home),
@@ -127,6 +130,8 @@ def test_worker_killed_with_sigkill_is_replaced_and_the_other_keeps_answering(en
     summary = summarize(outcomes)
     print("sigkill", summary)
     assert summary["server_errors_5xx"] == 0
+    # No client hangs: every request got an answer or an error fast (one worker: 13.75 s).
+    assert max(o.latency for o in outcomes) < 5.0, max(o.latency for o in outcomes)
     # Only requests in flight on the killed worker can fail (connection reset), never a 5xx.
     assert summary["transport_errors"] <= 3, summary
     assert all(o.status == 200 for o in outcomes if o.due > 4.0)  # the other worker answered
@@ -143,7 +148,7 @@ def test_unwritable_request_log_directory_keeps_answering_and_loses_nothing(env:
     try:
         outcomes = fixed_rate(env.served.url, env.bodies, RATE, 5)
         assert summarize(outcomes)["answered_200"] == len(outcomes)
-        counters = [post(env, "/metadata").json()["request_log"] for _ in range(4)]
+        counters = [post(env, "/metadata", token=TOKEN).json()["request_log"] for _ in range(4)]
         assert any(c["write_errors"] > 0 and c["backlog_rows"] > 0 for c in counters), counters
     finally:
         env.log_dir.unlink()
@@ -153,7 +158,7 @@ def test_unwritable_request_log_directory_keeps_answering_and_loses_nothing(env:
 
 
 def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> None:
-    tag = post(env, "/metadata").json()["tiers"]["prod"]["tag"]
+    tag = post(env, "/metadata", token=TOKEN).json()["tiers"]["prod"]["tag"]
     name, version = tag.split(":")
     model = env.home / "models" / name / version / "model.joblib"
     aside = model.with_suffix(".aside")
@@ -181,7 +186,7 @@ def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving
     broken = json.loads(original)
     broken["prod"]["tag"] = "ctr_model:m000000000000"
     broken["baseline"]["tag"] = "ctr_model:m000000000000"
-    env.release_file.write_text(json.dumps(broken))
+    env.release_file.write_text(json.dumps(reseal_release_dict(broken)))
     try:
         refused = post(env, "/admin/reload", token=TOKEN)
         assert refused.status_code == 422, refused.text
@@ -209,7 +214,12 @@ def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> No
             yield env.bodies[0] + b","
         yield env.bodies[0] + b"]}"
 
-    streamed = httpx.post(url + "/predict_batch", content=chunks(), timeout=60)
+    streamed = httpx.post(
+        url + "/predict_batch",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert streamed.status_code == 413 and "chunked" in streamed.json()["error"]
     rows = [json.loads(env.bodies[0])] * 5001  # default max_batch_size is 5000
     too_many = httpx.post(url + "/predict_batch", json={"requests": rows}, timeout=60)
@@ -262,6 +272,106 @@ def test_server_listens_on_loopback_only(env: Env) -> None:
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port
     }
     assert listening == {"127.0.0.1"}
+
+
+def test_refused_requests_write_one_short_line_each_and_small_answers(env: Env) -> None:
+    """Twenty 5000-row batches of ``{}`` wrote 61 MiB of tracebacks and got 2.5 MB answers."""
+    before = env.served.log_path.stat().st_size
+    body = json.dumps({"requests": [{}] * 5000}).encode()
+    sizes = []
+    for _ in range(20):
+        r = httpx.post(
+            env.served.url + "/predict_batch",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 400
+        sizes.append(len(r.content))
+    time.sleep(1.0)
+    with env.served.log_path.open("rb") as handle:
+        handle.seek(before)
+        written = handle.read()
+    assert max(sizes) < 10_000, sizes
+    assert len(written) < 20 * 1000, len(written)  # at most ~1 KB a refusal (was ~3 MB)
+    assert b"Traceback" not in written and b'"requests"' not in written
+
+
+def test_out_of_range_timestamp_is_refused(env: Env) -> None:
+    row = {"user": "u1", "item": "i1", "surface": "feed", "device": "mobile"}
+    for stamp in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):
+        r = post(env, "/predict", {**row, "timestamp": stamp})
+        assert r.status_code == 400 and "supported range" in r.text, r.text
+
+
+def test_public_surface_is_predict_health_and_docs_only(env: Env) -> None:
+    url = env.served.url
+    public = post(env, "/metadata").json()
+    text = json.dumps(public)
+    for secret in ("pid", "lineage", "commit", "CTR_ADMIN_TOKEN", "params", "/"):
+        assert secret not in text.replace("send the admin", ""), (secret, public)
+    assert public["release_id"] and public["tiers"]["prod"]["loaded"]
+    full = post(env, "/metadata", token=TOKEN).json()
+    assert "pid" in full and "lineage" in full["release"]
+    assert httpx.get(url + "/metrics", timeout=30).status_code == 401
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(url + "/metrics", headers=auth, timeout=30).status_code == 200
+    for path in ("/healthz", "/livez", "/readyz", "/docs.json"):
+        assert httpx.get(url + path, timeout=30).status_code == 200, path
+    # the token is checked before an admin body is parsed
+    events = json.dumps({"events": [{"user_id": "u"}] * 2000}).encode()
+    r = httpx.post(
+        url + "/admin/ingest",
+        content=events,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 401, r.text
+    # a page in a browser can post text/plain cross-site without a preflight: refused
+    row = {"user": "u1", "item": "i1", "surface": "feed", "device": "mobile"}
+    r = httpx.post(
+        url + "/predict", content=json.dumps(row), headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415, r.text
+    # strict admin types: true is not a share
+    assert post(env, "/admin/canary", {"share": True}, token=TOKEN).status_code == 400
+    assert post(env, "/admin/canary", {"share": "0.5"}, token=TOKEN).status_code == 400
+
+
+def test_slow_request_head_and_body_are_cut_off(env: Env) -> None:
+    import socket
+
+    host, port = env.served.url.rsplit("/", 1)[1].split(":")
+    for head, trickle in (
+        (b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n"),
+        (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 500\r\n\r\n",
+            b" ",
+        ),
+    ):
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=15) as sock:
+            sock.sendall(head)
+            answer = b""
+            sock.settimeout(0.5)
+            while time.monotonic() - started < 15:
+                try:
+                    sock.sendall(trickle)
+                except OSError:
+                    break
+                try:
+                    chunk = sock.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+        elapsed = time.monotonic() - started
+        assert elapsed < 8.0, (head, elapsed)  # limits of 2 s (head) and 3 s (body)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
 
 
 def test_admin_calls_leave_no_token_in_any_log_and_shutdown_is_clean(env: Env) -> None:

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 
 from pipelines.features.online_store import OnlineStore
+from pipelines.modeling.release import reseal_release_dict
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import Served
 from tests.support.project import project_env
@@ -75,7 +76,12 @@ class StoreServer:
         return response.json()
 
     def features(self) -> dict[str, Any]:
-        return httpx.post(self.url + "/metadata", json={}, timeout=30).json()["features"]
+        return httpx.post(
+            self.url + "/metadata",
+            json={},
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        ).json()["features"]
 
 
 def _open(url: str) -> OnlineStore:
@@ -106,7 +112,7 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "max_ingest_rows": 500,
     }
     release_file = work / "release.json"
-    release_file.write_text(json.dumps(release))
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
     env = project_env(work)
     env.pop("CTR_FEATURE_STORE_URL", None)
     env.update(
@@ -261,7 +267,7 @@ def test_redis_store_stopped_and_restarted_under_traffic(
             assert sqlite_store.stats()["watermark_ms"] > server.watermark_ms  # test 1 added
         release = json.loads(server.release_file.read_text())
         release["online_store"]["url"] = redis_server.url
-        server.release_file.write_text(json.dumps(release))
+        server.release_file.write_text(json.dumps(reseal_release_dict(release)))
         assert server.admin("/admin/reload")["problems"] == []
         assert server.features()["url"] == redis_server.url
         _outage(server, "redis_stopped", redis_server.stop, redis_server.start)
@@ -271,7 +277,7 @@ def test_redis_store_stopped_and_restarted_under_traffic(
         redis_server.stop()
         release = json.loads(server.release_file.read_text())
         release["online_store"]["url"] = "sqlite:///online/features.db"
-        server.release_file.write_text(json.dumps(release))
+        server.release_file.write_text(json.dumps(reseal_release_dict(release)))
         server.admin("/admin/reload")
 
 

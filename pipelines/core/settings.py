@@ -204,7 +204,11 @@ class ServingSettings(Section):
     freshness_sla_seconds: float = Field(300.0, gt=0)
     max_batch_size: int = Field(5000, ge=1)
     max_body_mb: float = Field(4.0, gt=0)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1, description=">= 2: a killed worker costs no answers")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="request head not complete: 408")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="request body not complete: 408")
+    public_metrics: bool = Field(False, description="false: /metrics needs the admin token")
+    refused_log_per_second: float = Field(5.0, gt=0, description="refusal log lines per second")
     admin_token_env: str = "CTR_ADMIN_TOKEN"
     request_log_dir: RelPath = "monitors/requests"
     profile_dir: RelPath = "monitors/live"

@@ -1,18 +1,29 @@
-"""Request body size limit for the HTTP service (an ASGI middleware).
+"""Request size and time limits for the HTTP service (ASGI middleware, uvicorn protocol).
 
 BentoML reads and parses any body it is sent; a 20 MB body would be parsed in
 full before pydantic refuses it, costing memory and CPU of the worker that every
-other client shares. This middleware answers **413** with a JSON error before the
+other client shares. ``BodySizeLimit`` answers **413** with a JSON error before the
 body is parsed: at once when ``Content-Length`` is over the limit, and while
-reading when a chunked body grows past it. The limit comes from
-``serving.max_body_mb`` (params.yaml, carried in the release policy).
+reading when a chunked body grows past it (``serving.max_body_mb``). With a
+``timeout`` (``serving.body_timeout_seconds``) a body that has not arrived in full
+that long after the request started gets **408**.
+
+uvicorn has no header timeout: a client sending one header byte every few seconds
+held a connection as long as it liked. ``install_header_timeout`` makes the workers
+use an h11 protocol that answers 408 and closes a connection whose request head is
+not complete within ``serving.header_timeout_seconds``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,36 +32,41 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class BodySizeLimit:
-    """Refuse request bodies larger than ``max_bytes`` with 413 and a JSON explanation."""
+async def send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    """A complete JSON response that closes the connection."""
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodySizeLimit:
+    """Refuse request bodies larger than ``max_bytes`` (413) or slower than ``timeout`` (408)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout  # seconds for the whole body to arrive; None: no limit
 
-    def _error(self, size: str) -> bytes:
-        return json.dumps(
+    async def _refuse(self, send: Send, size: str) -> None:
+        await send_json(
+            send,
+            413,
             {
                 "error": f"request body of {size} is over the {self.max_bytes:,} byte limit "
                 "(serving.max_body_mb); send fewer rows per /predict_batch call",
                 "max_body_bytes": self.max_bytes,
-            }
-        ).encode()
-
-    async def _refuse(self, send: Send, size: str) -> None:
-        body = self._error(size)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+            },
         )
-        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,14 +81,31 @@ class BodySizeLimit:
             if declared > self.max_bytes:
                 await self._refuse(send, f"{declared:,} bytes")
                 return
-            await self.app(scope, receive, send)
-            return
-        # No Content-Length (chunked): read the body here, up to the limit, then replay it.
+            if self.timeout is None or declared <= 0:
+                await self.app(scope, receive, send)
+                return
+        # Read the body here, up to the limit and within the timeout, then replay it.
         # Raising from inside the app's receive would surface as a 500 from BentoML.
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         chunks: list[bytes] = []
         seen = 0
         while True:
-            message = await receive()
+            try:
+                if deadline is None:
+                    message = await receive()
+                else:
+                    left = max(deadline - time.monotonic(), 0.0)
+                    message = await asyncio.wait_for(receive(), timeout=left)
+            except TimeoutError:
+                await send_json(
+                    send,
+                    408,
+                    {
+                        "error": f"request body not received within {self.timeout:g} s "
+                        "(serving.body_timeout_seconds)"
+                    },
+                )
+                return
             if message["type"] != "http.request":
                 return  # client went away
             chunks.append(message.get("body", b""))
@@ -93,3 +126,63 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus a timer for the request head (``header_timeout``).
+
+    The timer runs from the connection's start, and again whenever bytes of a new
+    request arrive, until h11 has the whole head; idle keep-alive connections are
+    closed by uvicorn's own keep-alive timeout.
+    """
+
+    header_timeout: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            if self._header_timer is None:
+                self._arm_header_timer()
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        body = b'{"error": "request headers not received in time (serving.header_timeout_seconds)"}'
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.transport.close()
+
+
+def install_header_timeout(seconds: float) -> None:
+    """Make uvicorn, as BentoML's workers start it, use ``HeaderTimeoutH11Protocol``.
+
+    BentoML builds the uvicorn config itself with ``http="auto"``; uvicorn resolves
+    the protocol from ``uvicorn.config.HTTP_PROTOCOLS`` when the server starts, after
+    the service module (which calls this) is imported.
+    """
+    import uvicorn.config
+
+    HeaderTimeoutH11Protocol.header_timeout = seconds
+    target = f"{__name__}:HeaderTimeoutH11Protocol"
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = target
+    uvicorn.config.HTTP_PROTOCOLS["h11"] = target

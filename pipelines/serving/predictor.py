@@ -25,19 +25,25 @@ from typing import Annotated, Any, Literal
 import joblib
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import ModelRef, Release, load_release
-from pipelines.serving.request_log import LogBatch, RequestLog
+from pipelines.serving.request_log import (
+    REQUEST_TIME_MAX_MS,
+    REQUEST_TIME_MIN_MS,
+    LogBatch,
+    RequestLog,
+)
 from pipelines.serving.routing import Router
+from pipelines.serving.security import redact_paths
 from pipelines.serving.sources import (
     ArtifactMismatch,
     FeatureBatch,
     FeatureSource,
     FeatureStoreUnavailable,
     SnapshotFeatureSource,
-    check_md5,
+    check_file,
     iso_ms,
 )
 from pipelines.serving.store_source import feature_source_for
@@ -48,6 +54,19 @@ Surface = Literal["feed", "search", "recs"]
 Device = Literal["mobile", "desktop", "tablet"]
 Route = Literal["prod", "canary", "ab-variant", "fallback", "baseline"]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _in_time_range(stamp: dt.datetime) -> dt.datetime:
+    """Refuse times pandas cannot hold (they would be logged and read back misdated)."""
+    aware = stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
+    ms = (aware - _EPOCH) // dt.timedelta(milliseconds=1)
+    if not REQUEST_TIME_MIN_MS <= ms <= REQUEST_TIME_MAX_MS:
+        raise ValueError(
+            f"timestamp {stamp.isoformat()} is outside the supported range "
+            f"{iso_ms(REQUEST_TIME_MIN_MS)} .. {iso_ms(REQUEST_TIME_MAX_MS)} (UTC)"
+        )
+    return stamp
 
 
 class PredictRequest(BaseModel):
@@ -63,7 +82,7 @@ class PredictRequest(BaseModel):
     item: Id
     surface: Surface
     device: Device
-    timestamp: dt.datetime | None = None
+    timestamp: Annotated[dt.datetime, AfterValidator(_in_time_range)] | None = None
 
 
 class PredictResponse(BaseModel):
@@ -152,14 +171,19 @@ class ModelTier:
 def load_tier(role: str, ref: ModelRef, folder: Path) -> ModelTier:
     """Load a model after checking its file hash; any problem refuses the tier, loudly."""
     try:
-        check_md5(folder / "model.joblib", ref.files["model.joblib"], f"{role} model {ref.tag}")
+        check_file(
+            folder / "model.joblib",
+            ref.files["model.joblib"],
+            ref.sha256.get("model.joblib"),
+            f"{role} model {ref.tag}",
+        )
         model = joblib.load(folder / "model.joblib")
         if not hasattr(model, "predict_proba"):
             raise TypeError(f"{type(model).__name__} has no predict_proba")
         return ModelTier(role, ref, model)
     except Exception as exc:  # refused, reported in /metadata and logs; never loaded silently
         logger.error("refusing %s tier %s: %s", role, ref.tag, exc)
-        return ModelTier(role, ref, None, refused=f"{type(exc).__name__}: {exc}")
+        return ModelTier(role, ref, None, refused=redact_paths(f"{type(exc).__name__}: {exc}"))
 
 
 # --- one loaded release ----------------------------------------------------------
@@ -194,7 +218,7 @@ class Runtime:
             try:
                 folder = model_path(ref.tag)
             except Exception as exc:
-                tiers[role] = ModelTier(role, ref, None, refused=f"not found: {exc}")
+                tiers[role] = ModelTier(role, ref, None, refused=redact_paths(f"not found: {exc}"))
             else:
                 tiers[role] = load_tier(role, ref, folder)
             if tiers[role].refused:
@@ -202,11 +226,16 @@ class Runtime:
         baseline = None
         try:
             folder = model_path(release.baseline.tag)
-            check_md5(folder / release.baseline.file, release.baseline.md5, "rule baseline")
+            check_file(
+                folder / release.baseline.file,
+                release.baseline.md5,
+                release.baseline.sha256,
+                "rule baseline",
+            )
             baseline = RuleBaseline.load(folder / release.baseline.file)
         except Exception as exc:
             logger.error("refusing rule baseline: %s", exc)
-            problems.append(f"baseline: {type(exc).__name__}: {exc}")
+            problems.append(redact_paths(f"baseline: {type(exc).__name__}: {exc}"))
         if features is None:
             try:
                 features = SnapshotFeatureSource.open(
@@ -215,7 +244,9 @@ class Runtime:
             except Exception as exc:
                 logger.error("feature source unavailable: %s", exc)
                 problems.append(
-                    f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
+                    redact_paths(
+                        f"features ({release.feature_source.tag}): {type(exc).__name__}: {exc}"
+                    )
                 )
             # The online store when the release or CTR_FEATURE_STORE_URL names one, the
             # snapshot as its fallback (pipelines.serving.store_source).

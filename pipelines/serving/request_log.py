@@ -24,6 +24,19 @@ import pandas as pd
 
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
+RETRY_SECONDS = 0.5  # while the directory is unwritable, one write attempt per this long
+
+# Request times the service accepts and the readers turn into timestamps: pandas'
+# nanosecond range, in whole milliseconds. Outside it pandas silently wraps the value
+# (9999-12-31 read back as 1972-01-01), so such times are refused at the API.
+REQUEST_TIME_MIN_MS = -(-pd.Timestamp.min.value // 1_000_000)
+REQUEST_TIME_MAX_MS = pd.Timestamp.max.value // 1_000_000
+
+
+def request_time_in_range(t_ms: np.ndarray) -> np.ndarray:
+    """Which epoch-millisecond request times pandas can represent (bool per value)."""
+    t_ms = np.asarray(t_ms, dtype=np.int64)
+    return (t_ms >= REQUEST_TIME_MIN_MS) & (t_ms <= REQUEST_TIME_MAX_MS)
 
 
 @dataclass
@@ -144,6 +157,7 @@ class RequestLog:
         self._file_bytes = 0
         self._unsynced: list[tuple[bytes, int]] = []  # written since the last fsync
         self._seq = 0
+        self._retry_at = 0.0  # after a failed write, no new attempt before this (monotonic)
         self._window_start: float | None = None
         self._window: list[LogBatch] = []
         self._profiles: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
@@ -181,7 +195,7 @@ class RequestLog:
         while True:
             wait = deadline - time.monotonic()
             if self._backlog:  # an unwritable directory: retry at least twice a second
-                wait = min(wait, 0.5)
+                wait = min(wait, RETRY_SECONDS)
             try:
                 item = self._queue.get(timeout=max(wait, 0.001))
             except queue.Empty:
@@ -198,8 +212,8 @@ class RequestLog:
                 ):  # unwritable: a last chance
                     if not self._backlog:
                         break
-                    time.sleep(min(self.flush_seconds, 0.5))
-                    self._flush(sync=True)
+                    time.sleep(min(self.flush_seconds, RETRY_SECONDS))
+                    self._flush(sync=True, force=True)
                 if self._backlog:
                     lost = self.counters["backlog_rows"]
                     self.counters["dropped_rows"] += lost
@@ -254,13 +268,17 @@ class RequestLog:
             self.counters["dropped_rows"] += len(batch)
             logger.exception("request log: could not encode a batch of %d rows", len(batch))
 
-    def _flush(self, sync: bool = True) -> None:
+    def _flush(self, sync: bool = True, force: bool = False) -> None:
         """Write the backlog to the current shard (``sync``: and fsync it).
 
         Lines stay in ``self._backlog`` until a write succeeded, so a failed write
-        keeps them for the next attempt instead of dropping them.
+        keeps them for the next attempt instead of dropping them. After a failure the
+        next attempt waits ``RETRY_SECONDS`` (unless ``force``): retrying on every batch
+        turned one unwritable directory into thousands of failed opens a second.
         """
         if not self._backlog and not (sync and self._file is not None):
+            return
+        if not force and self.last_write_error is not None and time.monotonic() < self._retry_at:
             return
         try:
             if self._file is not None and not self._shard_in_place():
@@ -295,6 +313,7 @@ class RequestLog:
                 self._unsynced = []
         except OSError as exc:  # unwritable: keep the rows (bounded) and retry next flush
             self.counters["write_errors"] += 1
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             first = self.last_write_error is None
             self.last_write_error = f"{type(exc).__name__}: {exc}"
             self._abandon_shard()
@@ -340,10 +359,11 @@ class RequestLog:
 
     def _open_shard(self) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-        self._seq += 1
-        path = self.log_dir / f"requests-{stamp}-{self.worker}-{self._seq:04d}.jsonl"
+        seq = self._seq + 1  # taken only once the shard opened: numbers stay contiguous
+        path = self.log_dir / f"requests-{stamp}-{self.worker}-{seq:04d}.jsonl"
         self.log_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
         self._file = path.open("ab")
+        self._seq = seq
         self._path = path
         self._file_bytes = path.stat().st_size
         self.counters["shards"] += 1
@@ -416,7 +436,12 @@ def _package_root() -> str:
 
 
 def read_shards(log_dir: Path) -> pd.DataFrame:
-    """One row per answered request from all shards; a partial last line is skipped."""
+    """One row per answered request from all shards; a partial last line is skipped.
+
+    Rows whose request time is outside pandas' range (only a service before the range
+    check could log them) are skipped with a warning: no window can hold them, and
+    converting them would wrap to a wrong date.
+    """
     keys = (
         "request_id",
         "user",
@@ -430,6 +455,7 @@ def read_shards(log_dir: Path) -> pd.DataFrame:
         "feature_age_seconds",
     )
     rows: list[dict[str, Any]] = []
+    out_of_range = 0
     for shard in sorted(log_dir.glob("requests-*.jsonl")):
         for line in shard.read_bytes().splitlines():
             if not line.strip():
@@ -439,14 +465,19 @@ def read_shards(log_dir: Path) -> pd.DataFrame:
             except orjson.JSONDecodeError:
                 continue
             names = rec["feature_names"]
+            t_ms = np.asarray(rec["request_time_ms"], dtype=np.int64)
+            valid = request_time_in_range(t_ms)
+            out_of_range += int((~valid).sum())
             for i in range(rec["n"]):
+                if not valid[i]:
+                    continue
                 row = {k: rec[k][i] for k in keys}
                 row.update(
                     answered_at=rec["answered_at"],
                     endpoint=rec["endpoint"],
                     release_id=rec["release_id"],
                     latency_ms=rec["latency_ms"],
-                    request_time=pd.Timestamp(rec["request_time_ms"][i], unit="ms", tz="UTC"),
+                    request_time=pd.Timestamp(int(t_ms[i]), unit="ms", tz="UTC"),
                     degraded=rec["degraded_reason"][i] is not None,
                 )
                 row["features"] = (
@@ -456,6 +487,14 @@ def read_shards(log_dir: Path) -> pd.DataFrame:
                 )
                 row["scores"] = {k: v[i] for k, v in rec["scores"].items() if v[i] is not None}
                 rows.append(row)
+    if out_of_range:
+        logger.warning(
+            "request log %s: skipped %d row(s) whose request time is outside %s .. %s",
+            log_dir,
+            out_of_range,
+            pd.Timestamp(REQUEST_TIME_MIN_MS, unit="ms", tz="UTC"),
+            pd.Timestamp(REQUEST_TIME_MAX_MS, unit="ms", tz="UTC"),
+        )
     return pd.DataFrame(rows)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipelines.core.io import md5_file
 from pipelines.features.definitions import FEATURE_SETS, EventIndex
-from pipelines.modeling.release import FeatureRef
+from pipelines.modeling.release import FeatureRef, file_sha256
 
 
 class ArtifactMismatch(RuntimeError):
@@ -73,7 +73,12 @@ class SnapshotFeatureSource:
         import pandas as pd
 
         path = folder / "events.parquet"
-        check_md5(path, ref.files["events.parquet"], f"feature snapshot {ref.tag}")
+        check_file(
+            path,
+            ref.files["events.parquet"],
+            ref.sha256.get("events.parquet"),
+            f"feature snapshot {ref.tag}",
+        )
         events = pd.read_parquet(
             path, columns=["user_id", "item_id", "surface", "ts", "clicked", "click_ts"]
         )
@@ -99,16 +104,25 @@ class SnapshotFeatureSource:
         }
 
 
-def check_md5(path: Path, expected: str, what: str) -> None:
-    """Refuse a file that is missing or whose md5 differs from the release's record."""
+def check_file(path: Path, md5: str, sha256: str | None, what: str) -> None:
+    """Refuse a file whose md5 or (when recorded) sha256 differs from the release's.
+
+    Messages name the file, never its folder: they reach /metadata and degraded_reason.
+    """
     if not path.is_file():
-        raise ArtifactMismatch(f"{what}: {path} is missing")
+        raise ArtifactMismatch(f"{what}: {path.name} is missing from its model store folder")
     actual = md5_file(path)
-    if actual != expected:
+    if actual != md5:
         raise ArtifactMismatch(
-            f"{what}: {path.name} has md5 {actual}, the release records {expected}; "
-            "refusing to load it"
+            f"{what}: {path.name} has md5 {actual}, the release records {md5}; refusing to load it"
         )
+    if sha256:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ArtifactMismatch(
+                f"{what}: {path.name} has sha256 {actual}, the release records {sha256}; "
+                "refusing to load it"
+            )
 
 
 def iso_ms(ms: int) -> str:

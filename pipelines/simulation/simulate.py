@@ -572,6 +572,9 @@ class Simulation:
             {"events_md5": md5, "feature_set": feature_set},
         )
         self.snapshot_md5 = md5
+        from pipelines.modeling.release import file_sha256
+
+        self.snapshot_sha256 = file_sha256(events_file)
         return self.snapshot_tag
 
     def _model_at(self, version: str, commit: str) -> Any:
@@ -606,6 +609,7 @@ class Simulation:
             feature_set=prod.feature_set,
             names=self.cfg.feature_names,
             files={"events.parquet": self.snapshot_md5},
+            sha256={"events.parquet": self.snapshot_sha256},
         )
         return build_release(
             str(self.project.package.service_name),
@@ -999,7 +1003,7 @@ class Simulation:
                 {"tag": promoted["tag"], "release_id": release.release_id, "served": served},
             )
         # breach: the guard already switched the canary off and recorded it in the registry
-        meta = self.service.post("/metadata", {})
+        meta = self.service.post("/metadata", {}, admin=True)
         share = meta["routing"]["candidate_share"]
         answers = send_traffic(self.service, confirm, self.settings.batch_size)
         on_canary = int((answers["route"] == "canary").sum())

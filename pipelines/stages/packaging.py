@@ -37,7 +37,9 @@ from pipelines.modeling.release import (
     OnlineStoreRef,
     ServingSettings,
     build_release,
+    file_sha256,
     online_store_ref,
+    sign_release_dict,
 )
 
 
@@ -129,6 +131,7 @@ def model_ref(tag: str) -> ModelRef:
         registry_version=meta.get("registry_version"),
         feature_set=meta["feature_set"],
         files=actual,
+        sha256={name: file_sha256(folder / name) for name in actual},
         metrics=json.loads(meta.get("metrics_json", "{}")),
         lineage=json.loads(meta.get("lineage_json", "{}")),
     )
@@ -216,6 +219,7 @@ def package_stage(
         feature_set=prod.feature_set,
         names=card["features"],
         files={"events.parquet": events_md5},
+        sha256={"events.parquet": file_sha256(events_file)},
     )
     release = build_release(
         service_name,
@@ -230,7 +234,7 @@ def package_stage(
     # The bento ships the release file, so it is written before the build and put
     # back as it was if the build fails (a failed stage leaves its outputs intact).
     old_text = release_file.read_text() if release_file.is_file() else None
-    write_json(release_file, release.to_json_dict())
+    write_json(release_file, sign_release_dict(release.to_json_dict()))  # signed when keyed
     try:
         bento_tag, bento = _build_bento(root, service_name, release.release_id)
     except Exception:

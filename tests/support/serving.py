@@ -11,7 +11,7 @@ from pipelines.core.io import md5_file
 from pipelines.core.settings import ServingSettings, TrainSettings
 from pipelines.features.definitions import get_feature_set
 from pipelines.modeling.model import train_stage
-from pipelines.modeling.release import FeatureRef, ModelRef, build_release
+from pipelines.modeling.release import FeatureRef, ModelRef, build_release, file_sha256
 from pipelines.stages.dataset import load_split
 
 
@@ -42,6 +42,7 @@ def model_ref_for_dir(model_dir: Path) -> ModelRef:
         version=version,
         feature_set=card["feature_set"],
         files=files,
+        sha256={n: file_sha256(model_dir / n) for n in files},
         lineage={"model_dir": str(model_dir)},
     )
 
@@ -55,6 +56,7 @@ def feature_ref_for_dir(raw_dir: Path) -> FeatureRef:
         feature_set="ctr_v1",
         names=CTR_V1.names,
         files={"events.parquet": md5},
+        sha256={"events.parquet": file_sha256(raw_dir / "events.parquet")},
     )
 
 
