@@ -1,17 +1,6 @@
 """Request size and time limits for the HTTP service (ASGI middleware, uvicorn protocol).
 
-BentoML reads and parses any body it is sent; a 20 MB body would be parsed in
-full before pydantic refuses it, costing memory and CPU of the worker that every
-other client shares. ``BodySizeLimit`` answers **413** with a JSON error before the
-body is parsed: at once when ``Content-Length`` is over the limit, and while
-reading when a chunked body grows past it (``serving.max_body_mb``). With a
-``timeout`` (``serving.body_timeout_seconds``) a body that has not arrived in full
-that long after the request started gets **408**.
-
-uvicorn has no header timeout: a client sending one header byte every few seconds
-held a connection as long as it liked. ``install_header_timeout`` makes the workers
-use an h11 protocol that answers 408 and closes a connection whose request head is
-not complete within ``serving.header_timeout_seconds``.
+Details: docs/serving.md.
 """
 
 from __future__ import annotations

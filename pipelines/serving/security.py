@@ -1,19 +1,6 @@
 """What public callers of the service may see and send.
 
-* ``redact_paths``: load problems reach ``/metadata`` and ``degraded_reason``; the
-  model store's folders are cut to file names.
-* ``Guard`` (ASGI middleware, outermost): the bearer token is checked for
-  ``/admin/*`` (and ``/metrics`` unless ``serving.public_metrics``) before any body
-  is read; a POST with a body must say ``content-type: application/json`` (415
-  otherwise, so a web page cannot post form or ``text/plain`` bodies cross-site);
-  400 answers list at most ``MAX_ERROR_DETAILS`` field errors; every refused request
-  is one log line without its body, at most ``refused_log_per_second`` a second.
-* ``quiet_bentoml_client_errors``: BentoML logs a full traceback (with the whole
-  validation error) for every 400; the filter drops those records, ``Guard`` has
-  already logged the one line.
-* ``public_metadata``: what ``/metadata`` shows a caller without the token.
-
-Explained in docs/reliability.md (Security).
+Details: docs/serving.md.
 """
 
 from __future__ import annotations
