@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli.main import app
 from pipelines.core.settings import load_settings
+from pipelines.registry.gates import GateReport, GateResult
 from pipelines.review import render as rr
 from pipelines.review import review as rv
 from tests.support.project import REPO, run, set_param
@@ -162,21 +163,18 @@ def test_gate_report_and_stale_outputs_are_shown(tmp_path: Path) -> None:
     assert rv.read_gate_report(tmp_path, "gates.json") is None  # no file: no section
     assert "Quality gates" not in rr.render_markdown(_review(tmp_path))
 
-    (tmp_path / "gates.json").write_text(
-        json.dumps(
-            {
-                "passed": False,
-                "gates": [
-                    {"name": "auc_floor", "passed": True, "value": 0.66, "threshold": 0.6},
-                    {
-                        "name": "no_regression_vs_prod",
-                        "passed": False,
-                        "detail": "auc -0.024 below prod (tolerance 0.005)",
-                    },
-                ],
-            }
-        )
+    report = GateReport(  # what `mlops model register --dry-run` writes
+        "ctr-model",
+        "v1.1.0",
+        "abc123",
+        {"version": "v1.0.0", "commit": "def456"},
+        [
+            GateResult("auc_floor", True, "value 0.66, threshold 0.6", 0.66, 0.6, 0.06),
+            GateResult("no_regression_vs_prod", False, "auc -0.024 below prod (tolerance 0.005)"),
+        ],
+        {},
     )
+    (tmp_path / "gates.json").write_text(json.dumps(report.to_dict()))
     gates = rv.read_gate_report(tmp_path, "gates.json")
     assert gates is not None and gates.verdict == "fail"
     status = {"train": [{"changed deps": {"params.yaml": {"train.max_leaf_nodes": "modified"}}}]}

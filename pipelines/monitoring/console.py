@@ -1,4 +1,4 @@
-"""What ``mlops monitor drift`` prints: the drift table first, then verdicts, signals, quality, actions.
+"""What ``mlops monitor drift`` prints: the drift table first, then verdicts, signals, actions.
 
 Alert payloads are not printed here: they go to the alert log (``route_alert_log``)
 and the webhook; the console shows one line per alert with its delivery status.

@@ -49,6 +49,19 @@ class GateReport:
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateReport:
+        """A report as ``to_dict`` wrote it (the JSON of ``write``); KeyError when it is not."""
+        return cls(
+            artifact=str(data["artifact"]),
+            version=str(data["version"]),
+            commit=str(data["commit"]),
+            prod=data.get("compared_with_prod"),
+            results=[GateResult(**r) for r in data["results"]],
+            config=data.get("config") or {},
+            created_at=str(data.get("created_at", "")),
+        )
+
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.results)

@@ -22,7 +22,7 @@ from pipelines.core.io import atomic_path
 from pipelines.core.settings import load_settings
 from pipelines.review.review import (
     WORKSPACE,
-    GateReport,
+    GateSection,
     MetricChange,
     Review,
     build_review,
@@ -283,20 +283,22 @@ def _markdown(r: Review, details_url: str | None, html_rel: str, max_diff_lines:
     return "\n".join(lines)
 
 
-def _md_gates(g: GateReport) -> list[str]:
+def _md_gates(g: GateSection) -> list[str]:
     lines = [f"### Quality gates (`{g.path}`)", ""]
     if g.verdict:
         lines += [f"Overall: **{g.verdict}**", ""]
-    if g.rows:
+    if g.report is not None:
         lines += _md_table(
             ["Gate", "Verdict", "Detail"],
-            [[r.name, _gate_mark(r.verdict), r.detail] for r in g.rows],
+            [[r.gate, _gate_mark(_pass(r.passed)), r.detail] for r in g.report.results],
         )
-    elif isinstance(g.raw, str):
-        lines.append(f"The gate report is {g.raw}")
     else:
-        lines += ["```json", json.dumps(g.raw, indent=2)[:4000], "```"]
+        lines.append(f"The gate report is {g.problem}")
     return [*lines, ""]
+
+
+def _pass(passed: bool) -> str:
+    return "pass" if passed else "fail"
 
 
 def _gate_mark(verdict: str) -> str:
@@ -472,7 +474,7 @@ def render_html(r: Review, link_from: Path, root: Path) -> str:
         parts.append(f"<section><h2>Quality gates <code>{_e(g.path)}</code></h2>")
         if g.verdict:
             parts.append(f'<p>Overall: <span class="{_e(g.verdict)}">{_e(g.verdict)}</span></p>')
-        if g.rows:
+        if g.report is not None:
             parts.append(
                 _html_table(
                     ["Gate", "Verdict", "Detail"],
@@ -480,18 +482,17 @@ def render_html(r: Review, link_from: Path, root: Path) -> str:
                         (
                             "",
                             [
-                                _e(x.name),
-                                f'<span class="{_e(x.verdict)}">{_e(x.verdict)}</span>',
+                                _e(x.gate),
+                                f'<span class="{_pass(x.passed)}">{_pass(x.passed)}</span>',
                                 _e(x.detail),
                             ],
                         )
-                        for x in g.rows
+                        for x in g.report.results
                     ],
                 )
             )
         else:
-            raw = g.raw if isinstance(g.raw, str) else json.dumps(g.raw, indent=2)
-            parts.append(f'<pre class="diff">{_e(raw)}</pre>')
+            parts.append(f'<pre class="diff">{_e(g.problem or "")}</pre>')
         parts.append("</section>")
 
     parts.append("<section><h2>Plots <small>(<code>dvc plots diff</code>)</small></h2>")

@@ -26,6 +26,7 @@ from typing import Any
 from pipelines.core.dvcfiles import artifacts, dvcfile_outs, lock_out_entries, stage_names
 from pipelines.core.settings import ReviewSettings
 from pipelines.core.vcs import git, git_run, git_show
+from pipelines.registry.gates import GateReport
 
 WORKSPACE = "workspace"  # DVC's name for the working tree in its diff output
 
@@ -129,23 +130,17 @@ class ExecutedNotebook:
     exists: bool
 
 
-@dataclass(frozen=True)
-class GateRow:
-    """One gate from the release-gate report, normalised for display."""
-
-    name: str
-    verdict: str
-    detail: str
-
-
 @dataclass
-class GateReport:
-    """The release-gate report at ``review.gate_report`` (no section when the file is absent)."""
+class GateSection:
+    """The release-gate report at ``review.gate_report``, or why it cannot be shown."""
 
     path: str
-    verdict: str | None
-    rows: list[GateRow]
-    raw: Any
+    report: GateReport | None
+    problem: str | None = None
+
+    @property
+    def verdict(self) -> str | None:
+        return None if self.report is None else ("pass" if self.report.passed else "fail")
 
 
 @dataclass
@@ -165,7 +160,7 @@ class Review:
     hashes: list[HashChange]
     notebooks: list[NotebookDiff]
     executed: list[ExecutedNotebook]
-    gates: GateReport | None
+    gates: GateSection | None
     settings: ReviewSettings
     warnings: list[str] = field(default_factory=list)
 
@@ -547,65 +542,19 @@ def notebook_diff(root: Path, base: str, path: str, status: str) -> NotebookDiff
 # --------------------------------------------------------------------------- gates
 
 
-def read_gate_report(root: Path, rel_path: str) -> GateReport | None:
-    """The release-gate report at ``rel_path`` if it exists (any of the usual JSON shapes)."""
+def read_gate_report(root: Path, rel_path: str) -> GateSection | None:
+    """The gate report ``mlops model register --dry-run`` wrote at ``rel_path``, if any."""
     path = root / rel_path
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
+        return GateSection(rel_path, GateReport.from_dict(json.loads(path.read_text())))
     except json.JSONDecodeError as exc:
-        return GateReport(rel_path, None, [], f"not valid JSON ({exc}); regenerate it")
-    return GateReport(rel_path, _verdict(raw), _gate_rows(raw), raw)
-
-
-def _verdict(node: Any) -> str | None:
-    if isinstance(node, bool):
-        return "pass" if node else "fail"
-    if not isinstance(node, dict):
-        return None
-    for key in ("passed", "ok", "pass"):
-        if isinstance(node.get(key), bool):
-            return "pass" if node[key] else "fail"
-    for key in ("verdict", "status", "result"):
-        if isinstance(node.get(key), str):
-            return str(node[key]).lower()
-    return None
-
-
-def _gate_rows(raw: Any) -> list[GateRow]:
-    if not isinstance(raw, dict):
-        return []
-    gates = next((raw[k] for k in ("gates", "checks", "results") if k in raw), None)
-    items: list[tuple[str, Any]]
-    if isinstance(gates, list):
-        items = [
-            (
-                str(g.get("name") or g.get("gate") or g.get("id") or i)
-                if isinstance(g, dict)
-                else str(i),
-                g,
-            )
-            for i, g in enumerate(gates, 1)
-        ]
-    elif isinstance(gates, dict):
-        items = [(str(k), v) for k, v in gates.items()]
-    else:
-        return []
-    rows = []
-    for name, gate in items:
-        detail = ""
-        if isinstance(gate, dict):
-            detail = str(gate.get("detail") or gate.get("message") or gate.get("reason") or "")
-            if not detail:
-                parts = [
-                    f"{k} {gate[k]}"
-                    for k in ("value", "threshold", "limit", "baseline", "tolerance")
-                    if k in gate
-                ]
-                detail = ", ".join(parts)
-        rows.append(GateRow(name, _verdict(gate) or "?", detail))
-    return rows
+        return GateSection(rel_path, None, f"not valid JSON ({exc}); regenerate it")
+    except (KeyError, TypeError, AttributeError) as exc:
+        return GateSection(
+            rel_path, None, f"not a gate report ({type(exc).__name__}: {exc}); regenerate it"
+        )
 
 
 # --------------------------------------------------------------------------- build + write
