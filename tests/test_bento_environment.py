@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from pipelines.core import profiles as wl
-from pipelines.serving.request_log import read_request_log
+from pipelines.serving.request_log import read_shards
 from tests.support.loadtest import free_port
 from tests.support.project import run
 from tests.support.serving import last_event_time
@@ -155,7 +155,7 @@ def test_bento_serves_from_an_environment_built_only_from_its_requirements(
     assert bad_surface.status_code == 400 and "surface" in bad_surface.text
     assert bad_json.status_code == 400
 
-    rows = read_request_log(work / "requests")
+    rows = read_shards(work / "requests")
     assert len(rows) == 25  # every answered row, no invalid one
     assert set(rows["surface"]) == {"feed"}
     profiles = sorted((work / "live").glob("profile-*.bin"))
