@@ -599,6 +599,9 @@ class Simulation:
 
         policy = self.project.serving.model_copy(
             update={
+                # one worker: a reload or an injected fault takes effect at once for every
+                # request of the loop (with more, the others follow within about a second)
+                "workers": 1,
                 "routing": "canary" if candidate is not None else "none",
                 "candidate_share": self.settings.canary_share,
                 "candidate_model": candidate.tag if candidate is not None else "none",

@@ -174,12 +174,17 @@ def distributions_of(import_names: Iterable[str]) -> set[str]:
     return found
 
 
+# Imported by libraries at run time, never by name in the service's code: pandas reads the
+# feature snapshot (parquet) through pyarrow.
+RUNTIME_IMPORTS = frozenset({"pyarrow"})
+
+
 def bento_requirements(root: Path) -> str:
     """``bentos/requirements.txt``: the service closure's distributions and their dependencies,
     every one pinned to ``requirements.lock``."""
     closure = import_closure(root, [SERVICE])
     versions, requires = lock_graph((root / "requirements.lock").read_text())
-    direct = distributions_of(closure.third_party)
+    direct = distributions_of(set(closure.third_party) | RUNTIME_IMPORTS)
     missing = sorted(d for d in direct if d not in versions)
     if missing:
         raise LookupError(f"{', '.join(missing)} imported by the service but not in the lock")
