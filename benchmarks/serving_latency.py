@@ -50,7 +50,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.loadtest import free_port  # noqa: E402
+from tests.support.loadtest import free_port, workload_frame  # noqa: E402
 
 BENCH_TOKEN = "serving-bench-admin-token"
 
@@ -137,19 +137,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-
-
-def workload(raw_dir: Path, n: int, seed: int = 0) -> pd.DataFrame:
-    """Requests from the snapshot's last day, timed within its last hour (fresh features)."""
-    events = pd.read_parquet(
-        raw_dir / "events.parquet", columns=["user_id", "item_id", "surface", "device", "ts"]
-    )
-    last = events["ts"].max()
-    recent = events[events["ts"] > last - pd.Timedelta(days=1)]
-    rng = np.random.default_rng(seed)
-    rows = recent.iloc[rng.integers(0, len(recent), n)].reset_index(drop=True)
-    rows["ts"] = last - pd.to_timedelta(rng.uniform(0, 3600, n), unit="s")
-    return rows
 
 
 def full_bodies(rows: pd.DataFrame) -> list[dict[str, Any]]:
@@ -349,7 +336,7 @@ def main() -> None:
         else:
             tag, built = build_bento(project, work)
         print(f"serving {tag} from {home}", flush=True)
-        rows = workload(project / "data", args.requests)
+        rows = workload_frame(project / "data", args.requests)
         single = [json.dumps(b).encode() for b in full_bodies(rows)]
         full_rows = full_bodies(rows)
         batches = [

@@ -87,18 +87,23 @@ def _mini_project(dest: Path) -> Path:
     return dest
 
 
-def test_runner_refuses_a_foreign_interpreter_and_names_the_fix(tmp_path: Path) -> None:
-    root = _mini_project(tmp_path / "project")
-    foreign = _foreign_python(tmp_path)
+def _run_stage_with(python: str, root: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Start the stage runner in ``root`` with ``python``, outside any activated environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    result = subprocess.run(
-        [foreign, "-m", "pipelines.stages.runner", "notebooks/x.ipynb", "reports/x.ipynb"],
+    return subprocess.run(
+        [python, "-m", "pipelines.stages.runner", "notebooks/x.ipynb", "reports/x.ipynb"],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def test_runner_refuses_a_foreign_interpreter_and_names_the_fix(tmp_path: Path) -> None:
+    root = _mini_project(tmp_path / "project")
+    foreign = _foreign_python(tmp_path)
+    result = _run_stage_with(foreign, root, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "locked environment (requirements.lock)" in result.stderr
     assert "not installed" in result.stderr and "make setup" in result.stderr
@@ -110,15 +115,7 @@ def test_runner_hands_over_to_the_project_venv(tmp_path: Path) -> None:
     root = _mini_project(tmp_path / "project")
     foreign = _foreign_python(tmp_path)
     (root / ".venv").symlink_to(Path(sys.prefix))  # this test run's locked environment
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    result = subprocess.run(
-        [foreign, "-m", "pipelines.stages.runner", "notebooks/x.ipynb", "reports/x.ipynb"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _run_stage_with(foreign, root, timeout=120)
     # past the environment check: the runner's own argument check answers
     assert "notebook notebooks/x.ipynb does not exist" in result.stderr, result.stderr
     assert "locked environment" not in result.stderr

@@ -174,32 +174,3 @@ def merge_profiles(views: Sequence[DatasetProfileView]) -> DatasetProfileView:
     for view in views[1:]:
         merged = merged.merge(view)
     return merged
-
-
-def drift_scores(target: DatasetProfileView, reference: DatasetProfileView) -> dict[str, Any]:
-    """whylogs' own per-column drift tests: KS on numeric sketches, chi-square on frequent items.
-
-    Returns ``{column: {"algorithm", "pvalue", "statistic"}}`` (``None`` where whylogs
-    has no test for the column). These p-values come from sketches and ignore the
-    sketches' approximation error, so on large samples they flag unchanged columns;
-    ``pipelines.monitoring.drift`` reports them as information and decides on a calibrated
-    distance instead (see docs/monitoring.md).
-    """
-    import warnings
-
-    from whylogs.viz.drift.column_drift_algorithms import calculate_drift_scores
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scores = calculate_drift_scores(target_view=target, reference_view=reference)
-    out: dict[str, Any] = {}
-    for column, score in scores.items():
-        if score is None:
-            out[column] = None
-            continue
-        out[column] = {
-            "algorithm": score.get("algorithm"),
-            "pvalue": None if score.get("pvalue") is None else float(score["pvalue"]),
-            "statistic": None if score.get("statistic") is None else float(score["statistic"]),
-        }
-    return out

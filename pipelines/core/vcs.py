@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
 
 
 class GitError(RuntimeError):
@@ -33,15 +32,3 @@ def git_show(root: Path, rev: str, path: str) -> bytes | None:
     """Bytes of ``path`` at git revision ``rev``, or None when it is not there."""
     result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
     return result.stdout if result.returncode == 0 else None
-
-
-def git_info(root: Path) -> dict[str, Any]:
-    """Current commit, branch and whether the work tree has uncommitted changes."""
-    commit = git(root, "rev-parse", "HEAD", check=False)
-    return {
-        "commit": commit or None,
-        "branch": git(root, "rev-parse", "--abbrev-ref", "HEAD", check=False) or None,
-        "dirty": bool(git(root, "status", "--porcelain", "--untracked-files=no", check=False))
-        if commit
-        else None,
-    }

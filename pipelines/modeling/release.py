@@ -360,17 +360,6 @@ def load_release(path: Path) -> Release:
     return release
 
 
-def read_release_dict(path: Path) -> dict[str, Any] | None:
-    """The raw JSON of an existing release file, or None (used to find the previous prod)."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def sign_release_file(path: Path) -> str:
     """Sign an existing release file in place with the environment's key; returns the key id."""
     from pipelines.core.io import write_json

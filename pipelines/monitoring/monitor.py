@@ -47,7 +47,6 @@ class MonitorConfig:
     """Paths and policies of the monitors, from params.yaml."""
 
     root: Path
-    reference_profile: Path
     drift_reference: Path
     request_log_dir: Path
     clicks_path: Path
@@ -75,7 +74,6 @@ class MonitorConfig:
         m = settings.monitor
         return cls(
             root=root,
-            reference_profile=root / settings.reference_profile,
             drift_reference=root / settings.drift_reference,
             request_log_dir=root / settings.serving.request_log_dir,
             clicks_path=root / m.clicks_path,

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -92,14 +91,17 @@ class SimulationResult:
 
 @dataclass
 class Service:
-    """A service the loop talks to: started here (``proc``) or already running (URL only)."""
+    """A service the loop talks to: started here (``served``) or already running (URL only)."""
 
     url: str
     release_file: Path
     log_dir: Path
     token_env: str
-    proc: subprocess.Popen[bytes] | None = None
-    output: Path | None = None
+    served: Served | None = None
+
+    @property
+    def output(self) -> Path | None:
+        return None if self.served is None else self.served.log_path
 
     def _headers(self, admin: bool = False) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -135,9 +137,9 @@ class Service:
         return response.json()
 
     def _tail(self) -> str:
-        if self.output is not None and self.output.is_file():
+        if self.served is not None and self.served.log_path.is_file():
             return f"\nservice output ({self.output}), last lines:\n" + "\n".join(
-                self.output.read_text(errors="replace").splitlines()[-15:]
+                self.served.tail().splitlines()[-15:]
             )
         return ""
 
@@ -146,9 +148,10 @@ class Service:
 
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc is not None and self.proc.poll() is not None:
+            proc = None if self.served is None else self.served.proc
+            if proc is not None and proc.poll() is not None:
                 raise SimulationError(
-                    f"bentoml serve exited with code {self.proc.returncode} before it was "
+                    f"bentoml serve exited with code {proc.returncode} before it was "
                     f"ready{self._tail()}"
                 )
             try:
@@ -174,14 +177,8 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM (clean shutdown: the request log is flushed) and wait; kill if stuck."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.served is not None:
+            self.served.stop()
 
 
 def start_service(
@@ -222,7 +219,7 @@ def start_service(
         served = Served("bentos.service:CtrService", port, env, root, output, timeout)
     except RuntimeError as exc:
         raise SimulationError(f"bentoml serve did not start: {exc}") from None
-    return Service(served.url, release_file, run_dir / "requests", token_env, served.proc, output)
+    return Service(served.url, release_file, run_dir / "requests", token_env, served)
 
 
 # --- traffic -------------------------------------------------------------------------------
@@ -429,7 +426,7 @@ class Simulation:
             self.result.outcome, self.result.exit_code = "failed", EXIT_FAILED
             self.result.message = str(exc)
         finally:
-            if self.service is not None and self.service.proc is not None:
+            if self.service is not None and self.service.served is not None:
                 self.service.stop()
                 self.echo(f"service stopped (output: {self._rel(self.service.output or '')})")
             try:

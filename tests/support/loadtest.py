@@ -47,8 +47,8 @@ class Outcome:
     route: str | None = None
 
 
-def workload(raw_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` /predict bodies from the snapshot's last day, timed in its last hour (fresh)."""
+def workload_frame(raw_dir: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` requests from the snapshot's last day, timed within its last hour (fresh features)."""
     events = pd.read_parquet(
         raw_dir / "events.parquet", columns=["user_id", "item_id", "surface", "device", "ts"]
     )
@@ -56,11 +56,17 @@ def workload(raw_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     recent = events[events["ts"] > last - pd.Timedelta(days=1)]
     rng = np.random.default_rng(seed)
     rows = recent.iloc[rng.integers(0, len(recent), n)].reset_index(drop=True)
-    stamps = last - pd.to_timedelta(rng.uniform(0, 3600, n), unit="s")
+    rows["ts"] = last - pd.to_timedelta(rng.uniform(0, 3600, n), unit="s")
+    return rows
+
+
+def workload(raw_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``workload_frame`` as /predict bodies."""
+    rows = workload_frame(raw_dir, n, seed)
     return [
         {"user": u, "item": i, "surface": s, "device": d, "timestamp": t.isoformat()}
         for u, i, s, d, t in zip(
-            rows.user_id, rows.item_id, rows.surface, rows.device, stamps, strict=True
+            rows.user_id, rows.item_id, rows.surface, rows.device, rows.ts, strict=True
         )
     ]
 
