@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import log_loss, roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from pipelines.core import timings
 from pipelines.core.domain import SURFACES
@@ -36,7 +37,11 @@ def fit_model(
         early_stopping=False,
         random_state=seed,
     )
-    model.fit(X.to_numpy(dtype=np.float64), train["clicked"].to_numpy())
+    # One OpenMP thread: the histogram sums, and so the trees, depend on how rows are split
+    # across threads; fixed at one, the model is the same on any machine and any setting of
+    # OMP_NUM_THREADS (a stage output must be a pure function of its deps and params).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        model.fit(X.to_numpy(dtype=np.float64), train["clicked"].to_numpy())
     return model
 
 
