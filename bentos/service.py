@@ -70,6 +70,7 @@ POLICY = RELEASE.policy
 MAX_BATCH = POLICY.max_batch_size
 MAX_INGEST = RELEASE.online_store.max_ingest_rows if RELEASE.online_store else 10_000
 MAX_INGEST_BYTES = MAX_INGEST * 2048  # a RawEvents row as JSON is ~250 bytes
+ADMIN_SYNC_SECONDS = 60.0  # an admin change waits this long for every worker to apply it
 # Refused requests: one line each from Guard, no BentoML traceback; slow request heads: 408.
 quiet_bentoml_client_errors()
 install_header_timeout(POLICY.header_timeout_seconds)
@@ -191,6 +192,15 @@ class CtrService:
             return full
         return public_metadata(full)
 
+    async def _sync(self, ctx: bentoml.Context, generation: int) -> dict[str, Any]:
+        """Answer once every worker of the pod applied the change: 202 if some did not
+        (``pending`` after the wait, or ``failed`` with the reason)."""
+        workers = await asyncio.to_thread(self.predictor.sync, generation, ADMIN_SYNC_SECONDS)
+        if workers["pending"] or workers["failed"]:
+            ctx.response.status_code = 202
+            logger.error("admin: workers %s have not applied generation %d", workers, generation)
+        return {"workers": workers}
+
     @bentoml.api(route="/admin/canary")
     async def admin_canary(
         self, ctx: bentoml.Context, share: Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
@@ -199,9 +209,9 @@ class CtrService:
         refused = _refuse(ctx)
         if refused:
             return refused
-        state = self.predictor.set_candidate_share(share)
+        state = await asyncio.to_thread(self.predictor.set_candidate_share, share)
         logger.warning("admin: candidate share set to %s", share)
-        return {"ok": True, **state}
+        return {"ok": True, **state, **await self._sync(ctx, state.get("generation", 0))}
 
     @bentoml.api(route="/admin/reload")
     async def admin_reload(self, ctx: bentoml.Context) -> dict[str, Any]:
@@ -220,8 +230,7 @@ class CtrService:
             ctx.response.status_code = 422
             logger.error("admin: reload refused: %s", unservable)
             return {"error": f"reload refused, still serving the previous release: {unservable}"}
-        self.predictor.reload(runtime)
-        self.predictor.announce_reload()  # the other workers of this pod follow within ~1 s
+        generation = await asyncio.to_thread(self.predictor.reload, runtime)
         logger.warning(
             "admin: reloaded release %s (problems: %s)",
             runtime.release.release_id,
@@ -232,6 +241,7 @@ class CtrService:
             "release_id": runtime.release.release_id,
             "problems": runtime.problems,
             "tiers": {r: t.status() for r, t in runtime.tiers.items()},
+            **await self._sync(ctx, generation),
         }
 
     @bentoml.api(route="/admin/fault")
@@ -254,12 +264,17 @@ class CtrService:
             }
         fault = None if kind == "none" else Fault(kind, delay_ms)
         try:
-            self.predictor.set_fault(target, fault)
+            generation = await asyncio.to_thread(self.predictor.set_fault, target, fault)
         except KeyError as exc:
             ctx.response.status_code = 404
             return {"error": str(exc.args[0])}
         logger.warning("admin: fault on %s set to %s", target, fault)
-        return {"ok": True, "target": target, "fault": None if fault is None else vars(fault)}
+        return {
+            "ok": True,
+            "target": target,
+            "fault": None if fault is None else vars(fault),
+            **await self._sync(ctx, generation),
+        }
 
     @bentoml.api(route="/admin/ingest")
     def admin_ingest(

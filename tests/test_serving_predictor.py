@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -446,9 +445,11 @@ def test_kill_switch_is_shared_through_the_state_dir(
         p.close()
 
 
-def test_reload_announced_by_one_worker_is_followed_by_the_others(
+def test_admin_changes_reach_every_worker_before_the_call_answers(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
+    """Reload, kill switch and faults go through state_dir: once ``sync`` returns, every
+    worker (here a second Predictor on the same state dir) serves the change."""
     policy = ServingSettings(routing="canary", candidate_share=1.0, latency_budget_ms=5000)
     new_release, model_path = release_for(policy, raw_dir, models["prod"], models["candidate"])
 
@@ -458,19 +459,32 @@ def test_reload_announced_by_one_worker_is_followed_by_the_others(
     first = make(models, raw_dir, tmp_path, log=False)
     other = make(models, raw_dir, tmp_path, log=False)  # another worker: same state dir
     other.reloader = reloader
-    first.reload(reloader())
-    assert first.announce_reload() == 1
-    deadline = time.monotonic() + 30
-    while other.runtime.release.release_id != new_release.release_id:
-        assert time.monotonic() < deadline, "the other worker did not follow the reload"
-        other.predict(requests_for(1, at))  # polls the state dir at most once a second
-        time.sleep(0.2)
+    assert "candidate" not in other.runtime.tiers
+    generation = first.reload(reloader())
+    assert first.sync(generation, 30) == {"applied": 2, "pending": [], "failed": {}}
+    assert other.runtime.release.release_id == new_release.release_id  # no polling needed
     assert {r.route for r in other.predict(requests_for(50, at))} == {"canary"}
+
+    generation = first.set_fault("candidate", Fault("error"))
+    assert first.sync(generation, 30)["pending"] == []
+    out = other.predict(requests_for(20, at))
+    # the candidate fails on the other worker too: its users get prod, flagged degraded
+    assert {r.route for r in out} == {"prod"} and all(r.degraded for r in out)
+    first.sync(first.set_fault("candidate", None), 30)
+    assert other.runtime.tiers["candidate"].fault is None
+    assert {r.route for r in other.predict(requests_for(20, at, offset=50))} == {"canary"}
+
+    first.sync(first.set_candidate_share(0.0)["generation"], 30)
+    assert {r.route for r in other.predict(requests_for(50, at))} == {"prod"}
+
     late = make(models, raw_dir, tmp_path, log=False)  # started after: loads what it is given
     late.reloader = reloader
     late.predict(requests_for(1, at))
     assert late.runtime.release.release_id != new_release.release_id
-    for p in (first, other, late):
+    other.close()  # a worker that stopped is not waited for
+    report = first.sync(first.set_candidate_share(0.5)["generation"], 5)
+    assert report == {"applied": 2, "pending": [], "failed": {}}
+    for p in (first, late):
         p.close()
 
 

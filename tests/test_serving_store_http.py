@@ -103,9 +103,6 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # The outages test the feature path: a model call slowed past the 40 ms budget by a busy
     # test machine (the chain then answers with the baseline) must not count against it.
     release["policy"]["latency_budget_ms"] = 3000
-    # One worker: a reload and the status read right after it must reach the same process
-    # (with two, the other worker follows the reload only within about a second).
-    release["policy"]["workers"] = 1
     release["online_store"] = {
         "url": "sqlite:///online/features.db",  # relative: resolved against MLOPS_PROJECT_ROOT
         "feature_set": "ctr_v1",

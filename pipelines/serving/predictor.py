@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import ModelRef, Release, load_release
+from pipelines.serving.pod import Pod, PodState
 from pipelines.serving.request_log import (
     REQUEST_TIME_MAX_MS,
     REQUEST_TIME_MIN_MS,
@@ -304,8 +305,6 @@ class Predictor:
         self.request_log = request_log
         self.state_dir = state_dir
         self.reloader = reloader
-        self._reload_thread: threading.Thread | None = None
-        self._reload_generation = self._read_generation()
         self.counters: dict[str, Any] = {
             "requests": 0,
             "rows": 0,
@@ -323,9 +322,13 @@ class Predictor:
             target=self._background_loop, name="background-scorer", daemon=True
         )
         self._bg_thread.start()
-        self._overrides_mtime = 0.0
-        self._overrides_checked = 0.0
-        self._apply_overrides(force=True)
+        self.pod: Pod | None = None
+        self._reload_generation = 0
+        if state_dir is not None:
+            self.pod = Pod(state_dir, self._apply_pod_state)
+            # what this worker was given is the current release: no reload to follow
+            self._reload_generation = self.pod.read().reload_generation
+            self.pod.start()
 
     # --- the request path ------------------------------------------------------
     def predict(
@@ -345,7 +348,6 @@ class Predictor:
 
     def _answer(self, requests: Sequence[PredictRequest], endpoint: str) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        self._apply_overrides()
         rt = self.runtime
         policy = rt.release.policy
         n = len(requests)
@@ -586,127 +588,101 @@ class Predictor:
                 if self.request_log is not None:
                     self.request_log.submit(log)
 
-    # --- operations -------------------------------------------------------------
-    def reload(self, runtime: Runtime) -> None:
-        """Swap in a freshly loaded release; requests in flight finish on the old one."""
+    # --- operations (shared by every worker of the pod through state_dir) ---------
+    def reload(self, runtime: Runtime) -> int:
+        """Swap in a freshly loaded release (requests in flight finish on the old one)
+        and ask the pod's other workers to reload too; returns the pod generation."""
         self.runtime = runtime
-        self._apply_overrides(force=True)
-
-    def announce_reload(self) -> int:
-        """Ask the other worker processes sharing ``state_dir`` to reload too.
-
-        Bumps the generation in ``state_dir/reload.json``; every worker polls it at most
-        once a second and reloads (with its ``reloader``) in a background thread.
-        """
-        if self.state_dir is None:
-            return 0
-        from pipelines.core.io import write_json
-
-        generation = self._read_generation() + 1
-        self._reload_generation = generation
-        write_json(
-            self.state_dir / "reload.json",
-            {
-                "generation": generation,
-                "pid": os.getpid(),
-                "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            },
-        )
-        return generation
-
-    def _read_generation(self) -> int:
-        if self.state_dir is None:
-            return 0
-        try:
-            return int(json.loads((self.state_dir / "reload.json").read_text())["generation"])
-        except (OSError, ValueError, KeyError, TypeError):
+        if self.pod is None:
             return 0
 
-    def _maybe_follow_reload(self) -> None:
-        generation = self._read_generation()
-        if generation <= self._reload_generation or self.reloader is None:
-            return
-        if self._reload_thread is not None and self._reload_thread.is_alive():
-            return
-        self._reload_generation = generation
-        reloader = self.reloader
+        def edit(state: PodState) -> None:
+            state.reload_generation += 1
+            self._reload_generation = state.reload_generation
 
-        def run() -> None:
-            try:
-                runtime = reloader()
-                why = runtime.unservable()
-                if why is not None:
-                    raise RuntimeError(why)
-                self.reload(runtime)
-                logger.warning(
-                    "reloaded release (generation %d) on request of another worker", generation
-                )
-            except Exception:
-                logger.exception(
-                    "reload generation %d failed; still serving the old release", generation
-                )
-
-        self._reload_thread = threading.Thread(target=run, name="reload", daemon=True)
-        self._reload_thread.start()
+        return self.pod.change(edit)
 
     def set_candidate_share(self, share: float) -> dict[str, Any]:
-        """Change the candidate's share of users now (0 = kill switch) and persist it.
+        """Change the candidate's share of users now (0 = kill switch), pod-wide.
 
-        The override is written to ``state_dir/overrides.json`` so every worker process
-        picks it up within a second and a restart keeps it, until a different release
-        is loaded.
+        The override holds for this release, across restarts, until another is loaded.
         """
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"share must be between 0 and 1, got {share}")
         rt = self.runtime
         rt.router.candidate_share = share
-        state = {
+        state: dict[str, Any] = {
             "release_id": rt.release.release_id,
             "candidate_share": share,
             "set_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
-        if self.state_dir is not None:
-            from pipelines.core.io import write_json
+        if self.pod is not None:
 
-            write_json(self.state_dir / "overrides.json", state)
+            def edit(pod: PodState) -> None:
+                self._own(pod)
+                pod.candidate_share = share
+
+            state["generation"] = self.pod.change(edit)
         return state
 
-    def _apply_overrides(self, force: bool = False) -> None:
-        if self.state_dir is None:
-            return
-        now = time.monotonic()
-        if not force and now - self._overrides_checked < 1.0:
-            return
-        self._overrides_checked = now
-        if not force:
-            self._maybe_follow_reload()
-        path = self.state_dir / "overrides.json"
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return
-        if not force and mtime == self._overrides_mtime:
-            return
-        self._overrides_mtime = mtime
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return
-        if state.get("release_id") == self.runtime.release.release_id:
-            self.runtime.router.candidate_share = float(state["candidate_share"])
-
-    def set_fault(self, target: str, fault: Fault | None) -> None:
-        """Inject or clear a fault on a tier or on the feature source (chaos testing)."""
+    def set_fault(self, target: str, fault: Fault | None) -> int:
+        """Inject or clear a fault on a tier or on the feature source (chaos testing), pod-wide;
+        clearing a tier's fault also closes its breaker. Returns the pod generation."""
         rt = self.runtime
-        if target == "features":
-            rt.features_fault = fault
-            return
-        if target not in rt.tiers:
+        if target != "features" and target not in rt.tiers:
             raise KeyError(f"no {target!r} tier in this release (tiers: {sorted(rt.tiers)})")
-        rt.tiers[target].fault = fault
-        if fault is None:  # clearing a fault also closes its breaker
-            rt.tiers[target].open_until = 0.0
-            rt.tiers[target].failures = 0
+        _set_fault(rt, target, fault, reset_breaker=fault is None)
+        if self.pod is None:
+            return 0
+
+        def edit(pod: PodState) -> None:
+            self._own(pod)
+            pod.faults.pop(target, None)
+            if fault is not None:
+                pod.faults[target] = vars(fault)
+
+        return self.pod.change(edit)
+
+    def sync(self, generation: int, timeout: float) -> dict[str, Any]:
+        """Wait until every worker of the pod applied ``generation``: who did, who did not."""
+        if self.pod is None:
+            return {"applied": 1, "pending": [], "failed": {}}
+        return self.pod.wait(generation, timeout)
+
+    def _own(self, state: PodState) -> None:
+        """Overrides recorded for another release do not carry over to this one."""
+        release_id = self.runtime.release.release_id
+        if state.release_id != release_id:
+            state.release_id, state.candidate_share, state.faults = release_id, None, {}
+
+    def _apply_pod_state(self, state: PodState) -> str | None:
+        """Bring this worker in line with the pod: reload if asked, then the overrides."""
+        error = None
+        if state.reload_generation > self._reload_generation:
+            self._reload_generation = state.reload_generation
+            if self.reloader is not None:
+                try:
+                    runtime = self.reloader()
+                    why = runtime.unservable()
+                    if why is not None:
+                        raise RuntimeError(why)
+                    self.runtime = runtime
+                    logger.warning(
+                        "reloaded release %s (pod generation %d)",
+                        runtime.release.release_id,
+                        state.generation,
+                    )
+                except Exception as exc:
+                    logger.exception("reload failed; still serving the old release")
+                    error = f"reload failed, still serving the previous release: {exc}"
+        rt = self.runtime
+        if state.release_id == rt.release.release_id:
+            if state.candidate_share is not None:
+                rt.router.candidate_share = state.candidate_share
+            for target in ("features", *rt.tiers):
+                given = state.faults.get(target)
+                _set_fault(rt, target, None if given is None else Fault(**given))
+        return error
 
     def metadata(self) -> dict[str, Any]:
         """The release, its lineage, what loaded, and the counters; returned by /metadata."""
@@ -727,15 +703,28 @@ class Predictor:
             "counters": json.loads(json.dumps(self.counters)),
             "request_log": None if self.request_log is None else dict(self.request_log.counters),
             "pid": os.getpid(),
+            "pod_generation": None if self.pod is None else self.pod.applied,
         }
 
     def close(self) -> None:
         """Finish background scoring, then flush the request log (clean shutdown)."""
+        if self.pod is not None:
+            self.pod.close()
         self._background.put(None)
         self._bg_thread.join(30)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.request_log is not None:
             self.request_log.close()
+
+
+def _set_fault(rt: Runtime, target: str, fault: Fault | None, reset_breaker: bool = False) -> None:
+    if target == "features":
+        rt.features_fault = fault
+        return
+    tier = rt.tiers[target]
+    if fault is None and (reset_breaker or tier.fault is not None):
+        tier.open_until, tier.failures = 0.0, 0
+    tier.fault = fault
 
 
 def _epoch_ms(stamp: dt.datetime) -> int:

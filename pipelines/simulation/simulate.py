@@ -596,9 +596,6 @@ class Simulation:
 
         policy = self.project.serving.model_copy(
             update={
-                # one worker: a reload or an injected fault takes effect at once for every
-                # request of the loop (with more, the others follow within about a second)
-                "workers": 1,
                 "routing": "canary" if candidate is not None else "none",
                 "candidate_share": self.settings.canary_share,
                 "candidate_model": candidate.tag if candidate is not None else "none",
@@ -718,11 +715,17 @@ class Simulation:
             "alerts": result.alerts,
         }
         self._drift_outputs = outputs
-        if not result.trigger:
+        if not result.trigger and not self.candidate_version:
             raise SimulationStopped(
                 f"no retraining trigger: {len(drifted)} column(s) drifted "
                 f"(dataset drift {summary.get('dataset_drift')}), no quality breach; the loop "
                 f"has nothing to act on (result: {self._rel(path)})"
+            )
+        if not result.trigger:  # --candidate: the version to canary is given, no trigger needed
+            return (
+                f"no retraining trigger ({len(drifted)} column(s) drifted); going on with "
+                f"--candidate {self.candidate_version} (result: {self._rel(path)})",
+                outputs,
             )
         return (
             f"dataset drift {summary.get('dataset_drift')} (share {summary.get('drift_share'):.0%}"
