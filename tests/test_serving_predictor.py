@@ -476,6 +476,11 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
 
     first.sync(first.set_candidate_share(0.0)["generation"], 30)
     assert {r.route for r in other.predict(requests_for(50, at))} == {"prod"}
+    # a reload of the same release ends injected faults but keeps the kill switch
+    first.sync(first.set_fault("candidate", Fault("error")), 30)
+    first.sync(first.reload(reloader()), 30)
+    assert other.runtime.tiers["candidate"].fault is None
+    assert other.runtime.router.candidate_share == 0.0
 
     late = make(models, raw_dir, tmp_path, log=False)  # started after: loads what it is given
     late.reloader = reloader

@@ -103,6 +103,9 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # The outages test the feature path: a model call slowed past the 40 ms budget by a busy
     # test machine (the chain then answers with the baseline) must not count against it.
     release["policy"]["latency_budget_ms"] = 3000
+    # One worker: /metadata reports the feature-source status (outages, degraded) of the
+    # process that answers it; with two, it may come from the one that saw no traffic yet.
+    release["policy"]["workers"] = 1
     release["online_store"] = {
         "url": "sqlite:///online/features.db",  # relative: resolved against MLOPS_PROJECT_ROOT
         "feature_set": "ctr_v1",

@@ -591,13 +591,15 @@ class Predictor:
     # --- operations (shared by every worker of the pod through state_dir) ---------
     def reload(self, runtime: Runtime) -> int:
         """Swap in a freshly loaded release (requests in flight finish on the old one)
-        and ask the pod's other workers to reload too; returns the pod generation."""
+        and ask the pod's other workers to reload too; returns the pod generation.
+        Injected faults end here; the kill switch holds if the release is the same."""
         self.runtime = runtime
         if self.pod is None:
             return 0
 
         def edit(state: PodState) -> None:
             state.reload_generation += 1
+            state.faults = {}  # chaos faults end with a reload, even of the same release
             self._reload_generation = state.reload_generation
 
         return self.pod.change(edit)

@@ -742,6 +742,8 @@ class Simulation:
             by_status[a["status"]] = by_status.get(a["status"], 0) + 1
         failed = by_status.get("failed", 0)
         where = self.alerts.webhook_url or "the log only (no webhook set)"
+        if not alerts and not drift["trigger"]:  # --candidate on undrifted traffic
+            return "no alert: the monitor found nothing to report", {"alerts": []}
         if not alerts:
             raise SimulationError("the monitor raised no alert for the breaches it found")
         if failed:
