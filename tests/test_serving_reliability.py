@@ -374,8 +374,9 @@ def test_admin_calls_leave_no_token_in_any_log_and_shutdown_is_clean(env: Env) -
     assert "Completed cleanup hook: shutdown" in texts["server stdout/stderr"]
     for shard in env.log_dir.glob("*.jsonl"):
         texts[shard.name] = shard.read_text()
-    for state in (env.served.log_path.parent / "state").glob("*"):
-        texts[state.name] = state.read_text()
+    for state in (env.served.log_path.parent / "state").rglob("*"):
+        if state.is_file():  # pod.json, workers/<pid>-<n>.json, ...
+            texts[state.name] = state.read_text()
     for where, text in texts.items():
         for secret in (TOKEN, WRONG, TOKEN[:-1]):
             assert secret not in text, f"{secret!r} found in {where}"
