@@ -194,9 +194,12 @@ class CtrService:
 
     async def _sync(self, ctx: bentoml.Context, generation: int) -> dict[str, Any]:
         """Answer once every worker of the pod applied the change: 202 if some did not
-        (``pending`` after the wait, or ``failed`` with the reason)."""
-        workers = await asyncio.to_thread(self.predictor.sync, generation, ADMIN_SYNC_SECONDS)
-        if workers["pending"] or workers["failed"]:
+        (``pending`` after the wait, ``failed`` with the reason, or fewer than the
+        configured workers, as while a crashed one restarts)."""
+        workers = await asyncio.to_thread(
+            self.predictor.sync, generation, ADMIN_SYNC_SECONDS, POLICY.workers
+        )
+        if workers["pending"] or workers["failed"] or workers["applied"] < POLICY.workers:
             ctx.response.status_code = 202
             logger.error("admin: workers %s have not applied generation %d", workers, generation)
         return {"workers": workers}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -489,6 +490,10 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
     other.close()  # a worker that stopped is not waited for
     report = first.sync(first.set_candidate_share(0.5)["generation"], 5)
     assert report == {"applied": 2, "pending": [], "failed": {}}
+    # a pod configured for three workers, one still starting: waits, then says so
+    started = time.monotonic()
+    report = first.sync(first.set_candidate_share(0.4)["generation"], 1.0, workers=3)
+    assert report["applied"] == 2 and time.monotonic() - started >= 1.0
     for p in (first, late):
         p.close()
 

@@ -152,8 +152,9 @@ class Pod:
         self._ack_path.unlink(missing_ok=True)
 
     # --- waiting for the others ----------------------------------------------------
-    def wait(self, generation: int, timeout: float) -> dict[str, Any]:
-        """Wait until every live worker applied ``generation``; who did, who did not."""
+    def wait(self, generation: int, timeout: float, workers: int = 1) -> dict[str, Any]:
+        """Wait until every live worker, and at least ``workers`` of them (one restarting
+        after a crash registers once it has loaded), applied ``generation``."""
         deadline = time.monotonic() + timeout
         while True:
             done, pending, failed = [], [], {}
@@ -171,7 +172,8 @@ class Pod:
                 done.append(ack["pid"])
                 if ack.get("error"):
                     failed[str(ack["pid"])] = ack["error"]
-            if not pending or time.monotonic() >= deadline:
+            finished = not pending and len(done) >= workers
+            if finished or time.monotonic() >= deadline:
                 return {"applied": len(done), "pending": pending, "failed": failed}
             time.sleep(0.05)
 

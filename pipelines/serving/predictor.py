@@ -645,11 +645,12 @@ class Predictor:
 
         return self.pod.change(edit)
 
-    def sync(self, generation: int, timeout: float) -> dict[str, Any]:
-        """Wait until every worker of the pod applied ``generation``: who did, who did not."""
+    def sync(self, generation: int, timeout: float, workers: int = 1) -> dict[str, Any]:
+        """Wait until every worker of the pod (``workers`` at least) applied ``generation``:
+        who did, who did not."""
         if self.pod is None:
             return {"applied": 1, "pending": [], "failed": {}}
-        return self.pod.wait(generation, timeout)
+        return self.pod.wait(generation, timeout, workers)
 
     def _own(self, state: PodState) -> None:
         """Overrides recorded for another release do not carry over to this one."""
