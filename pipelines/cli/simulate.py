@@ -15,7 +15,8 @@ app = typer.Typer()
 def simulate(
     scenario: str = typer.Option(
         "surface_shift",
-        help="Drift scenario of pipelines.simulation.generate: surface_shift, ctr_drop, new_items.",
+        help="Drift scenario of pipelines.simulation.generate: surface_shift, ctr_drop, "
+        "new_items; or none, the undrifted control run (stops at the drift step, exit 3).",
     ),
     scenario_start_day: int | None = typer.Option(
         None, help="First day of the drift (default: simulate.scenario_start_day)."

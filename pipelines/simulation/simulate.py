@@ -345,10 +345,9 @@ class Simulation:
     ):
         from pipelines.core.domain import SCENARIOS
 
-        if scenario not in SCENARIOS or scenario == "none":
-            drifts = sorted(s for s in SCENARIOS if s != "none")
+        if scenario not in SCENARIOS:  # "none" is the undrifted control run
             raise config.ConfigError(
-                f"unknown drift scenario {scenario!r}; choose one of {', '.join(drifts)}"
+                f"unknown drift scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}"
             )
         if url and release_file is None:
             raise config.ConfigError(
