@@ -163,6 +163,27 @@ def test_named_drift_scenarios_are_flagged_on_their_first_day(
         assert grown.reasons == ["growing_fall"] and "grows by construction" in grown.note
 
 
+def test_live_rows_before_a_window_fills_are_not_judged_as_in_the_reference(
+    feature_rows: dict[str, pd.DataFrame], train_reference: dict
+) -> None:
+    """A replay from the first day (24h windows still filling on day 0) is not drift."""
+    rows = feature_rows["none"]
+    live = rows[rows["day"].between(0, 1)]
+    report = compare_reference(
+        train_reference, live[COLUMNS], live["ts"], feature_names=CTR_V1.names
+    )
+    windowed = {c for c, e in train_reference["columns"].items() if e.get("judged_from")}
+    assert "user_impr_24h" in windowed
+    # (all-history counts do fall on a replay that starts before the training period)
+    assert not {c.column for c in report.drifted} & windowed, report.table().head()
+    impr = next(c for c in report.columns if c.column == "user_impr_24h")
+    day0 = int((live["day"] == 0).sum())
+    assert impr.n_live == len(live) - day0 and "window was still filling" in impr.note
+    # judged on every row (no times), the filling day is a distribution change
+    unaligned = compare_reference(train_reference, live[COLUMNS], feature_names=CTR_V1.names)
+    assert "user_impr_24h" in {c.column for c in unaligned.drifted}
+
+
 def test_growing_feature_rising_is_not_drift() -> None:
     rng = np.random.default_rng(0)
     times = pd.Series(

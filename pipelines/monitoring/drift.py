@@ -378,8 +378,9 @@ def compare_reference(
     cols: dict[str, dict[str, Any]] = reference["columns"]
     n_windows = len(reference["windows"])
     unit = pd.Timedelta(reference["window"])
+    stamps: pd.Series | None = None
     if times is not None and len(times):
-        stamps = pd.to_datetime(pd.Series(times), utc=True)
+        stamps = pd.to_datetime(pd.Series(times), utc=True).reset_index(drop=True)
         span = stamps.max().floor(reference["window"]) - stamps.min().floor(reference["window"])
         units = int(span / unit) + 1
     else:
@@ -407,6 +408,11 @@ def compare_reference(
             continue
         if entry["kind"] == "numeric":
             series = pd.to_numeric(series, errors="coerce")
+        if stamps is not None and entry.get("judged_from") and len(stamps) == len(series):
+            # the reference judges a column only once its window has filled; live rows too
+            filled = (stamps >= pd.Timestamp(entry["judged_from"])).to_numpy()
+            plan["unfilled"] = int((~filled).sum())
+            series = series[filled]
         plan["series"] = series
         if entry.get("not_judged"):
             continue
@@ -454,6 +460,11 @@ def compare_reference(
         if entry.get("not_judged"):
             base.status, base.note = "not_judged", f"not judged: {entry['not_judged']}"
             continue
+        if plan.get("unfilled"):
+            base.note = (
+                f"{plan['unfilled']:,} live rows before {entry['judged_from']} not judged: "
+                "the column's window was still filling (as in the reference)"
+            )
         blocks = _blocks(entry, size)
         null = series.isna().to_numpy()
         values = series[~null]
