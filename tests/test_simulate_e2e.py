@@ -158,3 +158,23 @@ def test_closed_loop_rollback_then_promotion(project_copy: Path, tmp_path: Path)
     assert _tag_fields(root, promote_tag)["canary_evidence"]["healthy"] is True
     assert second["final_stages"]["prod"] == "v1.1.0"
     assert "v1.1.0 promoted to prod" in good.stdout
+
+
+def test_undrifted_control_run_stops_at_drift_without_retraining(project_copy: Path) -> None:
+    """`--scenario none` replays the same world from day 2: nothing drifts, nothing retrains."""
+    root = project_copy
+    data_before = (root / "data.dvc").read_text()
+    env = {**project_env(root), "CTR_ADMIN_TOKEN": TOKEN}
+    control = run(
+        [sys.executable, "-m", "pipelines.cli", "simulate", "--scenario", "none"],
+        root,
+        check=False,
+        env=env,
+    )
+    assert control.returncode == 3, control.stdout[-3000:] + control.stderr[-2000:]
+    summary = _summary(root, control.stdout)
+    assert summary["outcome"] == "stopped"
+    drift = next(s for s in summary["steps"] if s["name"].startswith("drift"))
+    assert drift["status"] == "stopped" and "0 column(s) drifted" in drift["summary"]
+    assert not any(s["name"].startswith("retrain") for s in summary["steps"])
+    assert (root / "data.dvc").read_text() == data_before  # no retraining window
