@@ -14,7 +14,8 @@ What it does (stops by itself; nothing is left running):
    model version that is not in the store, reloaded; refused requests (twenty 5000-row
    batches of ``{}``: service-log bytes and answer bytes per refusal); request times
    outside pandas' range (400, nothing logged misdated);
-5. writes ``benchmarks/results/soak.{json,md}`` with the machine and the date.
+5. SIGTERM to the arbiter under the same load: time to exit, what requests got;
+6. writes ``benchmarks/results/soak.{json,md}`` with the machine and the date.
 
 Usage::
 
@@ -106,6 +107,31 @@ def answer_gap(outcomes: list[Outcome]) -> dict[str, Any]:
     return {
         "longest_gap_without_answers_s": round(max(gaps), 3) if gaps else None,
         "slowest_request_s": round(max(o.latency for o in outcomes), 3) if outcomes else None,
+    }
+
+
+def shutdown_under_load(served: Served, bodies: list[bytes], rate: float) -> dict[str, Any]:
+    """SIGTERM to the arbiter 2 s into a fixed-rate load: how long the pod takes to exit,
+    and what the requests in flight and after it got (answers or fast errors, no hang)."""
+    sent_at: list[float] = []
+
+    def term() -> None:
+        sent_at.append(time.monotonic())
+        served.proc.send_signal(signal.SIGTERM)
+
+    outcomes = fixed_rate(served.url, bodies, rate, 6, events={2.0: term}, timeout=30)
+    served.proc.wait(120)
+    exit_seconds = time.monotonic() - sent_at[0]
+    after = [o for o in outcomes if o.due + o.latency >= 2.0]  # answered or failed after it
+    s = summarize(after) if after else {}
+    return {
+        "exit_seconds": round(exit_seconds, 2),
+        "exit_code": served.proc.returncode,
+        "requests_ending_after_sigterm": len(after),
+        "answered_200": s.get("answered_200", 0),
+        "transport_errors": s.get("transport_errors", 0),
+        "server_errors_5xx": s.get("server_errors_5xx", 0),
+        "slowest_request_s": round(max((o.latency for o in after), default=0.0), 3),
     }
 
 
@@ -409,6 +435,8 @@ def main() -> None:
             "faults": faults,
             "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
         }
+        report["shutdown"] = shutdown_under_load(served, bodies, rate)
+        print("shutdown", json.dumps(report["shutdown"]), flush=True)
     finally:
         served.stop()
     final = log_accounting(log_dir, [])
@@ -484,6 +512,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"Request times: {clock.get('answers_by_timestamp')} (as expected: "
             f"{clock.get('as_expected')}); rows in the log dated outside 1677..2262: "
             f"{clock.get('rows_outside_1677_2262')} of {clock.get('rows_in_log')}.",
+        ]
+    down = r.get("shutdown")
+    if down:
+        lines += [
+            "",
+            f"Shutdown (SIGTERM to the arbiter 2 s into the same load): exited in "
+            f"{down['exit_seconds']} s (code {down['exit_code']}); of the "
+            f"{down['requests_ending_after_sigterm']} requests ending after it, "
+            f"{down['answered_200']} answered 200, {down['transport_errors']} transport "
+            f"errors, {down['server_errors_5xx']} 5xx; slowest {down['slowest_request_s']} s.",
         ]
     lines += ["", f"Reproduce: `{r['command']}`", ""]
     return "\n".join(lines)
