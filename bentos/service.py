@@ -27,6 +27,7 @@ import asyncio  # noqa: E402
 import gc  # noqa: E402
 import hmac  # noqa: E402
 import logging  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Literal  # noqa: E402
 
@@ -37,6 +38,7 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from pipelines.features.contracts import ContractViolation  # noqa: E402
 from pipelines.modeling.release import load_release  # noqa: E402
 from pipelines.serving.http_limits import install_header_timeout  # noqa: E402
+from pipelines.serving.pod import read_state  # noqa: E402
 from pipelines.serving.predictor import (  # noqa: E402
     Fault,
     NoTierAvailable,
@@ -70,7 +72,10 @@ POLICY = RELEASE.policy
 MAX_BATCH = POLICY.max_batch_size
 MAX_INGEST = RELEASE.online_store.max_ingest_rows if RELEASE.online_store else 10_000
 MAX_INGEST_BYTES = MAX_INGEST * 2048  # a RawEvents row as JSON is ~250 bytes
-ADMIN_SYNC_SECONDS = 60.0  # an admin change waits this long for every worker to apply it
+# BentoML cuts any request at TIMEOUT_SECONDS with a 5xx; an admin change waits for the
+# other workers at most ADMIN_SYNC_SECONDS after the call came in, then answers 202.
+TIMEOUT_SECONDS = 10.0
+ADMIN_SYNC_SECONDS = TIMEOUT_SECONDS - 2.0
 # Refused requests: one line each from Guard, no BentoML traceback; slow request heads: 408.
 quiet_bentoml_client_errors()
 install_header_timeout(POLICY.header_timeout_seconds)
@@ -115,7 +120,7 @@ def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
 
 @bentoml.service(
     name=RELEASE.service_name,
-    traffic={"timeout": 10},
+    traffic={"timeout": TIMEOUT_SECONDS},
     workers=POLICY.workers,
     http={"host": "127.0.0.1"},
 )
@@ -131,7 +136,10 @@ class CtrService:
     features_ref = bentoml.models.BentoModel(RELEASE.feature_source.tag)
 
     def __init__(self) -> None:
-        runtime = Runtime.load(RELEASE, _model_path)
+        state_dir = _local_path(POLICY.state_dir, "CTR_STATE_DIR")
+        # read before the release: a reload recorded while this worker loads is followed
+        loaded_at_reload = read_state(state_dir).reload_generation
+        runtime = _load_runtime()
         request_log = RequestLog(
             _local_path(POLICY.request_log_dir, "CTR_REQUEST_LOG_DIR"),
             _local_path(POLICY.profile_dir, "CTR_PROFILE_DIR"),
@@ -143,9 +151,10 @@ class CtrService:
         self.predictor = Predictor(
             runtime,
             request_log,
-            _local_path(POLICY.state_dir, "CTR_STATE_DIR"),
+            state_dir,
             background_queue_size=POLICY.shadow_queue_size,
             reloader=_load_runtime,
+            loaded_at_reload=loaded_at_reload,
         )
         for problem in runtime.problems:
             logger.error("release %s: %s", RELEASE.release_id, problem)
@@ -192,14 +201,13 @@ class CtrService:
             return full
         return public_metadata(full)
 
-    async def _sync(self, ctx: bentoml.Context, generation: int) -> dict[str, Any]:
-        """Answer once every worker of the pod applied the change: 202 if some did not
-        (``pending`` after the wait, ``failed`` with the reason, or fewer than the
-        configured workers, as while a crashed one restarts)."""
-        workers = await asyncio.to_thread(
-            self.predictor.sync, generation, ADMIN_SYNC_SECONDS, POLICY.workers
-        )
-        if workers["pending"] or workers["failed"] or workers["applied"] < POLICY.workers:
+    async def _sync(self, ctx: bentoml.Context, generation: int, since: float) -> dict[str, Any]:
+        """Answer once every worker of the pod applied the change, or 202 in time for the
+        client: a worker lags, restarts (fewer than ``serving.workers`` loaded) or failed.
+        The change is recorded either way; a lagging worker applies it when it follows."""
+        budget = max(0.0, since + ADMIN_SYNC_SECONDS - time.monotonic())
+        workers = await asyncio.to_thread(self.predictor.sync, generation, budget, POLICY.workers)
+        if not workers["complete"]:
             ctx.response.status_code = 202
             logger.error("admin: workers %s have not applied generation %d", workers, generation)
         return {"workers": workers}
@@ -209,16 +217,18 @@ class CtrService:
         self, ctx: bentoml.Context, share: Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
     ) -> dict[str, Any]:
         """Set the candidate's share of users now; 0 is the kill switch. Bearer token required."""
+        since = time.monotonic()
         refused = _refuse(ctx)
         if refused:
             return refused
         state = await asyncio.to_thread(self.predictor.set_candidate_share, share)
         logger.warning("admin: candidate share set to %s", share)
-        return {"ok": True, **state, **await self._sync(ctx, state.get("generation", 0))}
+        return {"ok": True, **state, **await self._sync(ctx, state.get("generation", 0), since)}
 
     @bentoml.api(route="/admin/reload")
     async def admin_reload(self, ctx: bentoml.Context) -> dict[str, Any]:
         """Re-read the release file and reload every tier, no restart. Bearer token required."""
+        since = time.monotonic()
         refused = _refuse(ctx)
         if refused:
             return refused
@@ -244,7 +254,7 @@ class CtrService:
             "release_id": runtime.release.release_id,
             "problems": runtime.problems,
             "tiers": {r: t.status() for r, t in runtime.tiers.items()},
-            **await self._sync(ctx, generation),
+            **await self._sync(ctx, generation, since),
         }
 
     @bentoml.api(route="/admin/fault")
@@ -256,6 +266,7 @@ class CtrService:
         delay_ms: Annotated[float, Field(ge=0, le=60_000, strict=True)] = 0.0,
     ) -> dict[str, Any]:
         """Inject or clear a fault (chaos tests): CTR_ENABLE_FAULT_INJECTION=1 and token needed."""
+        since = time.monotonic()
         refused = _refuse(ctx)
         if refused:
             return refused
@@ -276,7 +287,7 @@ class CtrService:
             "ok": True,
             "target": target,
             "fault": None if fault is None else vars(fault),
-            **await self._sync(ctx, generation),
+            **await self._sync(ctx, generation, since),
         }
 
     @bentoml.api(route="/admin/ingest")

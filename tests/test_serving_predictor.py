@@ -10,6 +10,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def make(
     tiers: tuple[str, ...] = ("prod",),
     log: bool = True,
     profiles: bool = False,
+    loaded_at_reload: int | None = None,
+    reloader: Callable[[], Runtime] | None = None,
     **policy: Any,
 ) -> Predictor:
     policy.setdefault("latency_budget_ms", 5000)  # a busy test machine must not trip it
@@ -107,7 +110,13 @@ def make(
         if log
         else None
     )
-    return Predictor(runtime, request_log, tmp_path / "state")
+    return Predictor(
+        runtime,
+        request_log,
+        tmp_path / "state",
+        reloader=reloader,
+        loaded_at_reload=loaded_at_reload,
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -462,7 +471,8 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
     other.reloader = reloader
     assert "candidate" not in other.runtime.tiers
     generation = first.reload(reloader())
-    assert first.sync(generation, 30) == {"applied": 2, "pending": [], "failed": {}}
+    done = {"complete": True, "generation": generation, "expected": 1}
+    assert first.sync(generation, 30) == {**done, "applied": 2, "pending": [], "failed": {}}
     assert other.runtime.release.release_id == new_release.release_id  # no polling needed
     assert {r.route for r in other.predict(requests_for(50, at))} == {"canary"}
 
@@ -487,14 +497,19 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
     late.reloader = reloader
     late.predict(requests_for(1, at))
     assert late.runtime.release.release_id != new_release.release_id
+    # a worker that read the pod before a reload was recorded, then loaded the old release
+    # (a restart racing a reload), follows that reload as soon as it joins
+    racing = make(models, raw_dir, tmp_path, log=False, loaded_at_reload=0, reloader=reloader)
+    assert racing.runtime.release.release_id == new_release.release_id
     other.close()  # a worker that stopped is not waited for
     report = first.sync(first.set_candidate_share(0.5)["generation"], 5)
-    assert report == {"applied": 2, "pending": [], "failed": {}}
-    # a pod configured for three workers, one still starting: waits, then says so
+    assert report["complete"] and report["applied"] == 3 and report["pending"] == []
+    # a pod configured for four workers, one still starting: waits, then says so
     started = time.monotonic()
-    report = first.sync(first.set_candidate_share(0.4)["generation"], 1.0, workers=3)
-    assert report["applied"] == 2 and time.monotonic() - started >= 1.0
-    for p in (first, late):
+    report = first.sync(first.set_candidate_share(0.4)["generation"], 1.0, workers=4)
+    assert not report["complete"] and report["applied"] == 3 and report["expected"] == 4
+    assert time.monotonic() - started >= 1.0
+    for p in (first, late, racing):
         p.close()
 
 

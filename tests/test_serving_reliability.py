@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from pipelines.modeling.release import reseal_release_dict
+from pipelines.simulation.simulate import Service, SimulationError
 from pipelines.stages.packaging import import_bento
 from tests.support.loadtest import (
     MemorySampler,
@@ -47,6 +48,7 @@ class Env:
     home: Path
     release_file: Path
     log_dir: Path
+    state_dir: Path
     bodies: list[bytes]
 
 
@@ -75,7 +77,7 @@ def env(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         served.wait_workers(2)
         bodies = encode(workload(small_project / "data", 400))
-        yield Env(served, home, release_file, work / "requests", bodies)
+        yield Env(served, home, release_file, work / "requests", work / "state", bodies)
     finally:
         served.stop()
 
@@ -124,7 +126,7 @@ def test_worker_killed_with_sigkill_is_replaced_and_the_other_keeps_answering(en
     # Only requests in flight on the killed worker can fail (connection reset), never a 5xx.
     assert summary["transport_errors"] <= 3, summary
     assert all(o.status == 200 for o in outcomes if o.due > 4.0)  # the other worker answered
-    env.served.wait_workers(2, exclude=[victim])  # the arbiter restarted it
+    env.served.wait_workers(2, exclude=[victim])  # the arbiter restarted it; it has loaded
     accounting = wait_logged(env, [o for o in outcomes if o.status == 200])
     # Rows are handed to the OS as soon as the writer takes them: a SIGKILL loses at most
     # what was still queued in the killed worker.
@@ -156,7 +158,7 @@ def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> Non
         reloaded = post(env, "/admin/reload", token=TOKEN).json()
         assert any(p.startswith("prod") and "missing" in p for p in reloaded["problems"])
         # the reload answers once both workers applied it: no wait before the traffic
-        assert reloaded["workers"] == {"applied": 2, "pending": [], "failed": {}}, reloaded
+        assert reloaded["workers"]["complete"] and reloaded["workers"]["applied"] == 2, reloaded
         outcomes = fixed_rate(env.served.url, env.bodies, RATE, 4)
     finally:
         aside.rename(model)
@@ -167,6 +169,32 @@ def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> Non
     assert restored["problems"] == [] and restored["workers"]["applied"] == 2, restored
     after = summarize(fixed_rate(env.served.url, env.bodies, RATE, 2))
     assert after["routes"] == {"prod": after["sent"]}
+
+
+def test_admin_call_answers_202_in_time_when_a_worker_lags(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that does not acknowledge (here a live process that never will) cannot hold
+    an admin call past BentoML's request timeout: the change is recorded, applied by the
+    workers that follow, and the answer says who lags; ``mlops simulate`` waits for it."""
+    lagging = env.state_dir / "workers" / "lagging.json"
+    lagging.write_text(json.dumps({"pid": os.getpid(), "generation": 0, "error": None}))
+    monkeypatch.setenv("CTR_ADMIN_TOKEN", TOKEN)
+    service = Service(env.served.url, env.release_file, env.log_dir, "CTR_ADMIN_TOKEN")
+    try:
+        started = time.monotonic()
+        answer = post(env, "/admin/reload", token=TOKEN)
+        took = time.monotonic() - started
+        assert answer.status_code == 202 and took < 10.0, (answer.status_code, took, answer.text)
+        workers = answer.json()["workers"]
+        with pytest.raises(SimulationError, match="had not applied generation"):
+            service.wait_applied(workers, 1.0)
+    finally:
+        lagging.unlink()
+    assert not workers["complete"] and workers["pending"] == [os.getpid()], workers
+    assert workers["applied"] == 2 and workers["expected"] == 2, workers
+    service.wait_applied(workers, 5.0)  # the lagging one is gone: every live worker applied it
+    assert service.post("/admin/reload", {}, admin=True)["workers"]["complete"]
 
 
 def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving(

@@ -383,7 +383,7 @@ class CanarySettings(Section):
         "monitors/canary/health_{version}.json", description="default: release.canary_health_file"
     )
     evidence_dir: RelPath = "monitors/canary/rollbacks"
-    timeout_seconds: float = Field(5.0, gt=0)
+    timeout_seconds: float = Field(15.0, gt=0)
 
     def health_path(self, root: Path, version: str | None) -> Path:
         """Where the health report of ``version`` goes (``health_report`` filled in)."""

@@ -44,6 +44,14 @@ class PodState:
         return cls(**known)
 
 
+def read_state(state_dir: Path) -> PodState:
+    """The pod's recorded state (the initial one if nothing was recorded yet)."""
+    try:
+        return PodState.from_dict(json.loads((state_dir / "pod.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return PodState()
+
+
 def _alive(pid: int) -> bool:
     """True if ``pid`` runs and is not a zombie waiting to be reaped."""
     try:
@@ -90,10 +98,7 @@ class Pod:
 
     # --- reading and writing the shared state ------------------------------------
     def read(self) -> PodState:
-        try:
-            return PodState.from_dict(json.loads(self.path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return PodState()
+        return read_state(self.state_dir)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -151,22 +156,26 @@ class Pod:
             self._thread.join(5)
         self._ack_path.unlink(missing_ok=True)
 
+    def status(self) -> dict[str, Any]:
+        """The recorded generation, this worker's, and every live worker's acknowledgement."""
+        return {
+            "recorded": self.read().generation,
+            "applied_here": self._applied,
+            "workers": acknowledgements(self.state_dir),
+        }
+
     # --- waiting for the others ----------------------------------------------------
     def wait(self, generation: int, timeout: float, workers: int = 1) -> dict[str, Any]:
         """Wait until every live worker, and at least ``workers`` of them (one restarting
-        after a crash registers once it has loaded), applied ``generation``."""
+        after a crash registers once it has loaded), applied ``generation``, or ``timeout``.
+
+        ``complete`` says whether that happened; if not, the change is recorded all the
+        same and a lagging or restarting worker applies it as soon as it follows."""
         deadline = time.monotonic() + timeout
         while True:
             done, pending, failed = [], [], {}
-            for path in sorted(self.acks.glob("*.json")):
-                try:
-                    ack = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue  # being replaced right now; read again next round
-                if not _alive(int(ack["pid"])):
-                    path.unlink(missing_ok=True)  # a killed worker: its restart registers anew
-                    continue
-                if int(ack["generation"]) < generation:
+            for ack in acknowledgements(self.state_dir):
+                if ack["generation"] < generation:
                     pending.append(ack["pid"])
                     continue
                 done.append(ack["pid"])
@@ -174,8 +183,37 @@ class Pod:
                     failed[str(ack["pid"])] = ack["error"]
             finished = not pending and len(done) >= workers
             if finished or time.monotonic() >= deadline:
-                return {"applied": len(done), "pending": pending, "failed": failed}
+                return {
+                    "complete": finished and not failed,
+                    "generation": generation,
+                    "expected": workers,
+                    "applied": len(done),
+                    "pending": pending,
+                    "failed": failed,
+                }
             time.sleep(0.05)
 
 
-__all__ = ["Pod", "PodState"]
+def acknowledgements(state_dir: Path) -> list[dict[str, Any]]:
+    """The last acknowledgement of every live worker of the pod (a worker acknowledges
+    once it has loaded its release); those of dead workers are removed."""
+    acks = []
+    for path in sorted((state_dir / "workers").glob("*.json")):
+        try:
+            ack = json.loads(path.read_text())
+            pid, generation = int(ack["pid"]), int(ack["generation"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # being replaced right now; read again next round
+        if not _alive(pid):
+            path.unlink(missing_ok=True)  # a killed worker: its restart registers anew
+            continue
+        acks.append({**ack, "pid": pid, "generation": generation})
+    return acks
+
+
+def loaded_workers(state_dir: Path) -> set[int]:
+    """Process ids of the live workers that have loaded their release."""
+    return {ack["pid"] for ack in acknowledgements(state_dir)}
+
+
+__all__ = ["Pod", "PodState", "acknowledgements", "loaded_workers", "read_state"]

@@ -291,7 +291,12 @@ class NoTierAvailable(RuntimeError):
 
 
 class Predictor:
-    """Routes, scores with fallbacks, logs; shared by the HTTP service and the tests."""
+    """Routes, scores with fallbacks, logs; shared by the HTTP service and the tests.
+
+    With a ``state_dir`` the worker joins its pod (``pod.py``); ``loaded_at_reload`` is the
+    pod's reload generation read before ``runtime`` was loaded, so a reload recorded
+    meanwhile is followed rather than missed.
+    """
 
     def __init__(
         self,
@@ -300,6 +305,7 @@ class Predictor:
         state_dir: Path | None = None,
         background_queue_size: int = 1000,
         reloader: Callable[[], Runtime] | None = None,
+        loaded_at_reload: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.request_log = request_log
@@ -326,8 +332,11 @@ class Predictor:
         self._reload_generation = 0
         if state_dir is not None:
             self.pod = Pod(state_dir, self._apply_pod_state)
-            # what this worker was given is the current release: no reload to follow
-            self._reload_generation = self.pod.read().reload_generation
+            # ``runtime`` is the current release unless a reload was recorded after the
+            # caller read ``loaded_at_reload`` and before this worker followed the pod
+            if loaded_at_reload is None:
+                loaded_at_reload = self.pod.read().reload_generation
+            self._reload_generation = loaded_at_reload
             self.pod.start()
 
     # --- the request path ------------------------------------------------------
@@ -649,7 +658,14 @@ class Predictor:
         """Wait until every worker of the pod (``workers`` at least) applied ``generation``:
         who did, who did not."""
         if self.pod is None:
-            return {"applied": 1, "pending": [], "failed": {}}
+            return {
+                "complete": True,
+                "generation": generation,
+                "expected": 1,
+                "applied": 1,
+                "pending": [],
+                "failed": {},
+            }
         return self.pod.wait(generation, timeout, workers)
 
     def _own(self, state: PodState) -> None:
@@ -706,7 +722,7 @@ class Predictor:
             "counters": json.loads(json.dumps(self.counters)),
             "request_log": None if self.request_log is None else dict(self.request_log.counters),
             "pid": os.getpid(),
-            "pod_generation": None if self.pod is None else self.pod.applied,
+            "pod": None if self.pod is None else self.pod.status(),
         }
 
     def close(self) -> None:

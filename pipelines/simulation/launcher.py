@@ -43,6 +43,8 @@ class Served:
     ) -> None:
         """Serve ``target`` (a bento tag, or ``module:Service`` from source in ``cwd``)."""
         self.log_path = log_path
+        # each worker acknowledges here once it has loaded its release (pipelines.serving.pod)
+        self.state_dir = Path(env["CTR_STATE_DIR"]) if env.get("CTR_STATE_DIR") else None
         env = {**env, "OMP_NUM_THREADS": "1"}
         for attempt in range(1, attempts + 1):
             self.url = f"http://127.0.0.1:{port or free_port()}"
@@ -123,12 +125,17 @@ class Served:
     def wait_workers(
         self, count: int, timeout: float = 120.0, exclude: Sequence[int] = ()
     ) -> float:
-        """Seconds until ``count`` workers (none of ``exclude``) run and answer /readyz."""
+        """Seconds until ``count`` workers (none of ``exclude``) run and answer /readyz and,
+        when the pod's state folder is known, have loaded their release."""
         import httpx
+
+        from pipelines.serving.pod import loaded_workers
 
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             pids = [p for p in self.worker_pids() if p not in exclude]
+            if self.state_dir is not None:
+                pids = [p for p in pids if p in loaded_workers(self.state_dir)]
             if len(pids) >= count:
                 try:
                     if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
@@ -136,7 +143,7 @@ class Served:
                 except httpx.TransportError:
                     pass
             time.sleep(0.2)
-        raise RuntimeError(f"{count} workers not running after {timeout:.0f} s:\n{self.tail()}")
+        raise RuntimeError(f"{count} workers not loaded after {timeout:.0f} s:\n{self.tail()}")
 
     def stop(self) -> int | None:
         """SIGTERM to the arbiter (clean shutdown, request log flushed); SIGKILL if stuck."""

@@ -129,12 +129,43 @@ class Service:
             raise SimulationError(
                 f"{self.url}{path} unreachable: {type(exc).__name__}: {exc}{self._tail()}"
             ) from exc
+        if response.status_code == 202 and admin:
+            # recorded, but a worker had not applied it yet (restarting or slow): wait for it
+            answer = response.json()
+            self.wait_applied(answer["workers"], timeout)
+            return answer
         if response.status_code != 200:
             raise SimulationError(
                 f"{self.url}{path} answered HTTP {response.status_code}: "
                 f"{response.text[:500]}{self._tail()}"
             )
         return response.json()
+
+    def wait_applied(self, workers: dict[str, Any], timeout: float) -> None:
+        """Poll ``/metadata`` until ``workers["expected"]`` live workers, and every live
+        one, acknowledged ``workers["generation"]`` without error."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        failed = workers.get("failed")
+        while not failed:
+            meta = httpx.post(
+                self.url + "/metadata", json={}, headers=self._headers(True), timeout=10
+            )
+            acks = meta.json()["pod"]["workers"]
+            late = [a["pid"] for a in acks if a["generation"] < workers["generation"]]
+            if not late and len(acks) >= workers["expected"]:
+                failed = {str(a["pid"]): a["error"] for a in acks if a.get("error")}
+                if not failed:
+                    return
+            if time.monotonic() > deadline:
+                raise SimulationError(
+                    f"workers {late} (of {len(acks)} live, {workers['expected']} expected) "
+                    f"had not applied generation {workers['generation']} after {timeout:.0f} s"
+                    f"{self._tail()}"
+                )
+            time.sleep(0.3)
+        raise SimulationError(f"workers failed to apply the change: {failed}{self._tail()}")
 
     def _tail(self) -> str:
         if self.served is not None and self.served.log_path.is_file():
