@@ -49,6 +49,7 @@ from tests.support.loadtest import (  # noqa: E402
     encode,
     fixed_rate,
     log_accounting,
+    shutdown_under_load,
     summarize,
     timeline,
     workload,
@@ -107,31 +108,6 @@ def answer_gap(outcomes: list[Outcome]) -> dict[str, Any]:
     return {
         "longest_gap_without_answers_s": round(max(gaps), 3) if gaps else None,
         "slowest_request_s": round(max(o.latency for o in outcomes), 3) if outcomes else None,
-    }
-
-
-def shutdown_under_load(served: Served, bodies: list[bytes], rate: float) -> dict[str, Any]:
-    """SIGTERM to the arbiter 2 s into a fixed-rate load: how long the pod takes to exit,
-    and what the requests in flight and after it got (answers or fast errors, no hang)."""
-    sent_at: list[float] = []
-
-    def term() -> None:
-        sent_at.append(time.monotonic())
-        served.proc.send_signal(signal.SIGTERM)
-
-    outcomes = fixed_rate(served.url, bodies, rate, 6, events={2.0: term}, timeout=30)
-    served.proc.wait(120)
-    exit_seconds = time.monotonic() - sent_at[0]
-    after = [o for o in outcomes if o.due + o.latency >= 2.0]  # answered or failed after it
-    s = summarize(after) if after else {}
-    return {
-        "exit_seconds": round(exit_seconds, 2),
-        "exit_code": served.proc.returncode,
-        "requests_ending_after_sigterm": len(after),
-        "answered_200": s.get("answered_200", 0),
-        "transport_errors": s.get("transport_errors", 0),
-        "server_errors_5xx": s.get("server_errors_5xx", 0),
-        "slowest_request_s": round(max((o.latency for o in after), default=0.0), 3),
     }
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from pipelines.core import profiles as wl
-from pipelines.serving.request_log import read_shards
+from pipelines.serving.request_log import read_shards, settle_profiles
 from tests.support.loadtest import free_port
 from tests.support.project import run
 from tests.support.serving import last_event_time
@@ -158,7 +158,7 @@ def test_bento_serves_from_an_environment_built_only_from_its_requirements(
     rows = read_shards(work / "requests")
     assert len(rows) == 25  # every answered row, no invalid one
     assert set(rows["surface"]) == {"feed"}
-    profiles = sorted((work / "live").glob("profile-*.bin"))
+    profiles = settle_profiles(work / "live", 120)  # helpers that outlive the server
     assert profiles, sorted(p.name for p in (work / "live").glob("*"))
     view = wl.merge_profiles([wl.read_profile(p) for p in profiles])
     columns = wl.column_sketches(view)

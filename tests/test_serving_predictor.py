@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.core import profiles as wl
 from pipelines.core.config import ConfigError
 from pipelines.core.settings import settings_from
 from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
@@ -34,7 +35,14 @@ from pipelines.serving.predictor import (
     PredictResponse,
     Runtime,
 )
-from pipelines.serving.request_log import LogBatch, RequestLog, read_shards
+from pipelines.serving.request_log import (
+    LogBatch,
+    RequestLog,
+    pending_windows,
+    read_shards,
+    settle_profiles,
+    window_frame,
+)
 from pipelines.serving.routing import Router, unit_hash
 from pipelines.stages.packaging import previous_prod_tag
 from tests.support.project import REPO
@@ -536,7 +544,9 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     assert predictor.request_log is not None
     assert predictor.request_log.counters["written_rows"] == answered
     assert set(log["features"].iloc[0]) == set(CTR_V1.names)
-    assert list(Path(tmp_path / "live").glob("profile-*.bin"))  # window profiled on close
+    # the open window is saved on close and profiled by a helper that outlives the close
+    assert settle_profiles(tmp_path / "live", 120)
+    assert not pending_windows(tmp_path / "live")
     # A crash mid-write leaves a partial last line: it is skipped, the rest is read
     shard = sorted((tmp_path / "requests").glob("requests-*.jsonl"))[-1]
     with shard.open("ab") as handle:
@@ -567,3 +577,47 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     tiny.close()
     assert tiny.counters["dropped_rows"] == 2000 - accepted > 0
     assert len(read_shards(tmp_path / "tiny")) == accepted == tiny.counters["written_rows"]
+
+
+def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:
+    """Stopping the server does not wait for the last window's profile: a helper that did
+    not finish (killed with the container) leaves the saved window, which the next start
+    profiles; a window that cannot be profiled is kept aside, reported, not retried."""
+    live = tmp_path / "live"
+    live.mkdir()
+    rows = 50
+    batch = LogBatch(
+        "predict",
+        "r",
+        0.0,
+        1.0,
+        [f"q{k}" for k in range(rows)],
+        ["u"] * rows,
+        ["i"] * rows,
+        ["feed", "search"] * (rows // 2),
+        ["mobile"] * rows,
+        np.zeros(rows, np.int64),
+        np.linspace(0.01, 0.5, rows),
+        ["prod"] * rows,
+        ["m"] * rows,
+        [None] * rows,
+        np.zeros(rows),
+        [],
+        None,
+    )
+    left = live / ".window-20261001T000000-gone-7.parquet"
+    window_frame([batch]).to_parquet(left, index=False)
+    broken = live / ".window-20261001T000500-gone-7.parquet"
+    broken.write_bytes(b"not a parquet file")
+    log = RequestLog(tmp_path / "requests", live, flush_seconds=0.2)
+    profiles = settle_profiles(live, 120)
+    deadline = time.monotonic() + 60
+    while log.counters["profiles"] + log.counters["profile_errors"] < 2:
+        assert time.monotonic() < deadline, log.counters  # the writer reaps helpers each flush
+        time.sleep(0.2)
+    log.close()
+    assert [p.name for p in profiles] == ["profile-20261001T000000-gone-7.bin"]
+    assert pending_windows(live) == [] and (live / (broken.name + ".failed")).is_file()
+    assert log.counters["profiles"] == 1 and log.counters["profile_errors"] == 1, log.counters
+    view = wl.read_profile(profiles[0])
+    assert wl.column_sketches(view)["prediction"].count == rows

@@ -22,6 +22,8 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from pipelines.core.io import atomic_path
+
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
 RETRY_SECONDS = 0.5  # while the directory is unwritable, one write attempt per this long
@@ -113,11 +115,60 @@ def window_frame(batches: list[LogBatch]) -> pd.DataFrame:
     return frame
 
 
-def profile_file(frame_file: Path, out: Path) -> None:
-    """Profile a window saved as parquet and write the whylogs profile (helper process)."""
-    from pipelines.core import profiles as wl
+WINDOW_PREFIX = ".window-"  # a window waiting for its profile: .window-<stamp>-<worker>.parquet
 
-    wl.write_profile(wl.profile(pd.read_parquet(frame_file)), out)
+
+def window_profile_path(frame_file: Path) -> Path:
+    """Where the profile of a saved window goes: profile-<stamp>-<worker>.bin beside it."""
+    stem = frame_file.name[len(WINDOW_PREFIX) :].removesuffix(".parquet")
+    return frame_file.with_name(f"profile-{stem}.bin")
+
+
+def profile_file(frame_file: Path) -> bool:
+    """Profile a saved window, write its profile, then remove the window (helper process);
+    False if there was nothing to do.
+
+    The helper holds a lock on the window while it works: another helper started for the
+    same window (a recovery) leaves it alone, and a window whose profile was written is gone.
+    """
+    import fcntl
+
+    try:
+        handle = frame_file.open("rb")
+    except FileNotFoundError:
+        return False  # profiled already
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # another helper has it
+        if not frame_file.exists():
+            return False
+        from pipelines.core import profiles as wl
+
+        try:
+            profile = wl.profile(pd.read_parquet(frame_file))
+            wl.write_profile(profile, window_profile_path(frame_file))
+        except BaseException:
+            # kept for a human (no longer pending): <window>.parquet.failed
+            frame_file.rename(frame_file.with_name(frame_file.name + ".failed"))
+            raise
+        frame_file.unlink()
+        frame_file.with_suffix(".err").unlink(missing_ok=True)  # this helper's stderr
+        return True
+
+
+def pending_windows(profile_dir: Path) -> list[Path]:
+    """Windows saved for profiling whose profile is not written yet (failed ones excluded)."""
+    return sorted(profile_dir.glob(f"{WINDOW_PREFIX}*.parquet"))
+
+
+def settle_profiles(profile_dir: Path, timeout: float = 120.0) -> list[Path]:
+    """Wait until every saved window is profiled (or failed); the profiles written."""
+    deadline = time.monotonic() + timeout
+    while pending_windows(profile_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return sorted(profile_dir.glob("profile-*.bin"))
 
 
 class RequestLog:
@@ -160,11 +211,16 @@ class RequestLog:
         self._retry_at = 0.0  # after a failed write, no new attempt before this (monotonic)
         self._window_start: float | None = None
         self._window: list[LogBatch] = []
-        self._profiles: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+        self._profiles: list[Path] = []  # windows handed to helpers, not yet done
         self._closed = False
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
+            for frame_file in pending_windows(profile_dir):  # left by a stopped process
+                try:
+                    self._start_helper(frame_file)
+                except (OSError, subprocess.SubprocessError):
+                    logger.exception("request log: could not profile %s", frame_file)
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -229,7 +285,7 @@ class RequestLog:
                 except OSError:
                     logger.exception("request log: closing the shard failed")
                 self._profile_window(force=True)
-                self._finish_profiles(wait=True)
+                self._finish_profiles()
                 return
             # Hand the lines to the OS at once: a killed process then loses only what is
             # still queued; fsync (power-loss durability) waits for the deadline.
@@ -238,7 +294,7 @@ class RequestLog:
                 self._flush(sync=True)
                 deadline = time.monotonic() + self.flush_seconds
                 self._profile_window(force=False)
-                self._finish_profiles(wait=False)
+                self._finish_profiles()
 
     def _drain_nowait(self) -> bool:
         """Take everything queued now; True when the stop marker was among it."""
@@ -377,55 +433,69 @@ class RequestLog:
             self._unsynced = []
 
     def _profile_window(self, force: bool) -> None:
-        """Hand a finished window to a helper process (its own session: stop signals sent to
-        the server's process group do not cut it short; the writer waits for it on close)."""
+        """Save a finished window and hand it to a detached helper process that profiles
+        it: stopping the server neither waits for it nor cuts it short, and a window whose
+        helper did not finish (the container stopped) is profiled when a worker starts."""
         if self.profile_dir is None or not self._window or self._window_start is None:
             return
         if not force and time.time() < self._window_start + self.profile_window_seconds:
             return
         batches, self._window = self._window, []
         stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
-        out = self.profile_dir / f"profile-{stamp}-{self.worker}.bin"
-        frame_file = self.profile_dir / f".window-{stamp}-{self.worker}.parquet"
+        frame_file = self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
         try:
-            window_frame(batches).to_parquet(frame_file, index=False)
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pipelines.serving.request_log",
-                    "profile",
-                    str(frame_file),
-                    str(out),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env={**os.environ, "PYTHONPATH": _package_root()},
-            )
-            self._profiles.append((proc, frame_file, out))
+            with atomic_path(frame_file) as tmp:
+                window_frame(batches).to_parquet(tmp, index=False)
+            self._start_helper(frame_file)
         except Exception:
             self.counters["profile_errors"] += 1
             logger.exception("request log: could not profile window %s", stamp)
 
-    def _finish_profiles(self, wait: bool) -> None:
+    def _start_helper(self, frame_file: Path) -> None:
+        """Start the helper detached (through a launcher that exits at once): not a child of
+        this worker, so BentoML, which stops a worker's children with it, leaves it running."""
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _DETACH,
+                str(frame_file.with_suffix(".err")),
+                sys.executable,
+                "-m",
+                "pipelines.serving.request_log",
+                "profile",
+                str(frame_file),
+            ],
+            env={**os.environ, "PYTHONPATH": _package_root()},
+            check=True,
+            timeout=60,
+        )
+        self._profiles.append(frame_file)
+
+    def _finish_profiles(self) -> None:
+        """Count the windows handed to helpers that are done: profiled, or failed."""
         still = []
-        for proc, frame_file, out in self._profiles:
-            if not wait and proc.poll() is None:
-                still.append((proc, frame_file, out))
+        for frame_file in self._profiles:
+            if frame_file.exists():
+                still.append(frame_file)
                 continue
-            try:
-                _, err = proc.communicate(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            if proc.returncode == 0:
-                self.counters["profiles"] += 1
-            else:
+            err = frame_file.with_suffix(".err")
+            if frame_file.with_name(frame_file.name + ".failed").exists():
                 self.counters["profile_errors"] += 1
-                logger.error("request log: profiling %s failed: %s", out, err.decode()[-2000:])
-            frame_file.unlink(missing_ok=True)
+                text = err.read_text(errors="replace")[-2000:] if err.is_file() else ""
+                logger.error("request log: profiling %s failed: %s", frame_file, text)
+            elif window_profile_path(frame_file).exists():
+                self.counters["profiles"] += 1
         self._profiles = still
+
+
+# Launcher of a detached helper: argv = [stderr file, command...]
+_DETACH = (
+    "import subprocess, sys\n"
+    "with open(sys.argv[1], 'wb') as err:\n"
+    "    subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, "
+    "stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)\n"
+)
 
 
 def _package_root() -> str:
@@ -501,7 +571,7 @@ def read_shards(log_dir: Path) -> pd.DataFrame:
 if (
     __name__ == "__main__"
 ):  # the profiling helper: python -m pipelines.serving.request_log profile IN OUT
-    if len(sys.argv) != 4 or sys.argv[1] != "profile":
-        sys.exit("usage: python -m pipelines.serving.request_log profile WINDOW.parquet OUT.bin")
+    if len(sys.argv) != 3 or sys.argv[1] != "profile":
+        sys.exit("usage: python -m pipelines.serving.request_log profile .window-*.parquet")
     os.nice(10)  # yield the CPU to the service it profiles for
-    profile_file(Path(sys.argv[2]), Path(sys.argv[3]))
+    profile_file(Path(sys.argv[2]))
