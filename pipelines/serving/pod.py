@@ -173,25 +173,34 @@ class Pod:
         same and a lagging or restarting worker applies it as soon as it follows."""
         deadline = time.monotonic() + timeout
         while True:
-            done, pending, failed = [], [], {}
-            for ack in acknowledgements(self.state_dir):
-                if ack["generation"] < generation:
-                    pending.append(ack["pid"])
-                    continue
-                done.append(ack["pid"])
-                if ack.get("error"):
-                    failed[str(ack["pid"])] = ack["error"]
-            finished = not pending and len(done) >= workers
-            if finished or time.monotonic() >= deadline:
-                return {
-                    "complete": finished and not failed,
-                    "generation": generation,
-                    "expected": workers,
-                    "applied": len(done),
-                    "pending": pending,
-                    "failed": failed,
-                }
+            settled, report = verdict(acknowledgements(self.state_dir), generation, workers)
+            if settled or time.monotonic() >= deadline:
+                return report
             time.sleep(0.05)
+
+
+def verdict(
+    acks: list[dict[str, Any]], generation: int, workers: int
+) -> tuple[bool, dict[str, Any]]:
+    """Who of ``acks`` applied ``generation``: settled once none lags and at least
+    ``workers`` did (the bool), and the report (``complete`` if moreover none failed)."""
+    done, pending, failed = [], [], {}
+    for ack in acks:
+        if ack["generation"] < generation:
+            pending.append(ack["pid"])
+            continue
+        done.append(ack["pid"])
+        if ack.get("error"):
+            failed[str(ack["pid"])] = ack["error"]
+    settled = not pending and len(done) >= workers
+    return settled, {
+        "complete": settled and not failed,
+        "generation": generation,
+        "expected": workers,
+        "applied": len(done),
+        "pending": pending,
+        "failed": failed,
+    }
 
 
 def acknowledgements(state_dir: Path) -> list[dict[str, Any]]:
@@ -216,4 +225,4 @@ def loaded_workers(state_dir: Path) -> set[int]:
     return {ack["pid"] for ack in acknowledgements(state_dir)}
 
 
-__all__ = ["Pod", "PodState", "acknowledgements", "loaded_workers", "read_state"]
+__all__ = ["Pod", "PodState", "acknowledgements", "loaded_workers", "read_state", "verdict"]

@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import ModelRef, Release, load_release
-from pipelines.serving.pod import Pod, PodState
+from pipelines.serving.pod import Pod, PodState, verdict
 from pipelines.serving.request_log import (
     REQUEST_TIME_MAX_MS,
     REQUEST_TIME_MIN_MS,
@@ -658,14 +658,7 @@ class Predictor:
         """Wait until every worker of the pod (``workers`` at least) applied ``generation``:
         who did, who did not."""
         if self.pod is None:
-            return {
-                "complete": True,
-                "generation": generation,
-                "expected": 1,
-                "applied": 1,
-                "pending": [],
-                "failed": {},
-            }
+            return verdict([{"pid": os.getpid(), "generation": generation}], generation, 1)[1]
         return self.pod.wait(generation, timeout, workers)
 
     def _own(self, state: PodState) -> None:

@@ -124,9 +124,8 @@ def window_profile_path(frame_file: Path) -> Path:
     return frame_file.with_name(f"profile-{stem}.bin")
 
 
-def profile_file(frame_file: Path) -> bool:
-    """Profile a saved window, write its profile, then remove the window (helper process);
-    False if there was nothing to do.
+def profile_file(frame_file: Path) -> None:
+    """Profile a saved window, write its profile, then remove the window (helper process).
 
     The helper holds a lock on the window while it works: another helper started for the
     same window (a recovery) leaves it alone, and a window whose profile was written is gone.
@@ -136,14 +135,14 @@ def profile_file(frame_file: Path) -> bool:
     try:
         handle = frame_file.open("rb")
     except FileNotFoundError:
-        return False  # profiled already
+        return  # profiled already
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False  # another helper has it
+            return  # another helper has it
         if not frame_file.exists():
-            return False
+            return
         from pipelines.core import profiles as wl
 
         try:
@@ -155,7 +154,6 @@ def profile_file(frame_file: Path) -> bool:
             raise
         frame_file.unlink()
         frame_file.with_suffix(".err").unlink(missing_ok=True)  # this helper's stderr
-        return True
 
 
 def pending_windows(profile_dir: Path) -> list[Path]:

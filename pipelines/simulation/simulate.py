@@ -146,6 +146,8 @@ class Service:
         one, acknowledged ``workers["generation"]`` without error."""
         import httpx
 
+        from pipelines.serving.pod import verdict
+
         deadline = time.monotonic() + timeout
         failed = workers.get("failed")
         while not failed:
@@ -153,16 +155,15 @@ class Service:
                 self.url + "/metadata", json={}, headers=self._headers(True), timeout=10
             )
             acks = meta.json()["pod"]["workers"]
-            late = [a["pid"] for a in acks if a["generation"] < workers["generation"]]
-            if not late and len(acks) >= workers["expected"]:
-                failed = {str(a["pid"]): a["error"] for a in acks if a.get("error")}
-                if not failed:
-                    return
-            if time.monotonic() > deadline:
+            settled, report = verdict(acks, workers["generation"], workers["expected"])
+            if report["complete"]:
+                return
+            failed = settled and report["failed"]
+            if not failed and time.monotonic() > deadline:
                 raise SimulationError(
-                    f"workers {late} (of {len(acks)} live, {workers['expected']} expected) "
-                    f"had not applied generation {workers['generation']} after {timeout:.0f} s"
-                    f"{self._tail()}"
+                    f"workers {report['pending']} (of {len(acks)} live, "
+                    f"{workers['expected']} expected) had not applied generation "
+                    f"{workers['generation']} after {timeout:.0f} s{self._tail()}"
                 )
             time.sleep(0.3)
         raise SimulationError(f"workers failed to apply the change: {failed}{self._tail()}")
