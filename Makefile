@@ -14,7 +14,7 @@ export WHYLOGS_NO_ANALYTICS := True
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::UserWarning:papermill.iorw
 
-.PHONY: help setup data run test check lock clean review serve audit
+.PHONY: help setup setup-spark data run test check lock clean review serve audit
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,7 +42,15 @@ run: data ## run the whole pipeline (dvc repro), push outputs to the DVC remote,
 	"$(BIN)"/mlops summary && \
 	echo "make run: pipeline finished in $$(( $$(date +%s) - start ))s"
 
-test: setup ## run the whole test suite
+# The optional Spark engine (features.engine: spark): pyspark and py4j, pinned in
+# requirements-spark.lock against requirements.lock. Java comes from the system.
+setup-spark: $(VENV)/.spark-done ## add the optional Spark engine to .venv (requirements-spark.lock)
+
+$(VENV)/.spark-done: $(VENV)/.setup-done requirements-spark.lock
+	"$(BIN)"/uv pip install --quiet --python "$(BIN)"/python --no-deps -r requirements-spark.lock
+	@touch $@
+
+test: setup setup-spark ## run the whole test suite (with the optional Spark engine)
 	"$(BIN)"/python -m pytest
 
 check: setup ## ruff (format + lint), mypy on pipelines/, the layer contract, notebooks carry no outputs, dependency audit
@@ -54,8 +62,10 @@ check: setup ## ruff (format + lint), mypy on pipelines/, the layer contract, no
 	$(PIP_AUDIT_RUN)
 	"$(BIN)"/python -m pipelines.cli.audit $(AUDIT_REPORT)
 
-lock: ## re-resolve requirements.lock from pyproject.toml (every dependency pinned, with hashes)
+lock: ## re-resolve requirements.lock (and requirements-spark.lock, the spark extra) from pyproject.toml, every dependency pinned with hashes
 	"$(BIN)"/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+	"$(BIN)"/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['spark'], sep='\n')" \
+	  | "$(BIN)"/uv pip compile - -c requirements.lock --python-version 3.11 --generate-hashes --quiet -o requirements-spark.lock
 
 # Repo-local git config for notebooks: nbstripout strips outputs on commit, nbdime diffs and
 # merges them (the attributes are in .gitattributes). Re-run when .gitattributes changes.
