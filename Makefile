@@ -21,11 +21,14 @@ help: ## list the targets
 
 setup: $(VENV)/.setup-done $(VENV)/.git-notebooks-done ## create .venv from requirements.lock, install the package, the Jupyter kernel and the notebook git drivers
 
+# --compile-bytecode: every stage, kernel, server worker and CLI call is a new Python process;
+# where bytecode is not written at import (PYTHONDONTWRITEBYTECODE, a read-only venv) each
+# would compile its imports from source again (several seconds of CPU for bentoml + pandas).
 $(VENV)/.setup-done: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (see README)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	"$(BIN)"/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	"$(BIN)"/uv pip sync --quiet --python "$(BIN)"/python requirements.lock
+	"$(BIN)"/uv pip sync --quiet --compile-bytecode --python "$(BIN)"/python requirements.lock
 	"$(BIN)"/uv pip install --quiet --python "$(BIN)"/python --no-deps -e .
 	"$(BIN)"/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null
 	@touch $@
@@ -47,7 +50,7 @@ run: data ## run the whole pipeline (dvc repro), push outputs to the DVC remote,
 setup-spark: $(VENV)/.spark-done ## add the optional Spark engine to .venv (requirements-spark.lock)
 
 $(VENV)/.spark-done: $(VENV)/.setup-done requirements-spark.lock
-	"$(BIN)"/uv pip install --quiet --python "$(BIN)"/python --no-deps -r requirements-spark.lock
+	"$(BIN)"/uv pip install --quiet --compile-bytecode --python "$(BIN)"/python --no-deps -r requirements-spark.lock
 	@touch $@
 
 test: setup setup-spark ## run the whole test suite (with the optional Spark engine)
