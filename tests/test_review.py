@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipelines.core.settings import load_settings
 from pipelines.registry.gates import GateReport, GateResult
 from pipelines.review import render as rr
 from pipelines.review import review as rv
+from tests.support.chromium import screenshot
 from tests.support.project import REPO, run, set_param
 from tests.support.review_scenario import BRANCH, NOTE, make_change
 
@@ -311,30 +311,6 @@ def test_notebook_diffs_are_fenced_and_cut_to_fit_a_comment(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- end to end
 
 
-def _screenshot(page: Path, png: Path, profile: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("chromium is not installed; `apt-get install chromium` (.ci/run does it)")
-    profile.mkdir()
-    cmd = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        f"--screenshot={png}",
-        "--window-size=1280,2400",
-        page.as_uri(),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and png.is_file(), done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_review_reports_a_real_change_and_renders_in_chromium(
     project_copy: Path, tmp_path: Path
@@ -405,7 +381,7 @@ def test_review_reports_a_real_change_and_renders_in_chromium(
     assert 'href="../train.html"' in page and (root / "reports/train.html").is_file()
 
     png = tmp_path / "review.png"
-    _screenshot(page_path, png, tmp_path / "chromium-profile")
+    screenshot(page_path.as_uri(), png, tmp_path / "chromium-profile")
     from PIL import Image
 
     with Image.open(png) as shot:

@@ -96,6 +96,14 @@ class DevToolsPage:
         self.send("Page.enable")
         self.send("Runtime.enable")
         self.send("Network.enable")
+        # The viewport (and so the screenshot) is exactly ``size``, whatever the window chrome.
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=size[0],
+            height=size[1],
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
         self._id += 1
