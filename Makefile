@@ -14,7 +14,7 @@ export WHYLOGS_NO_ANALYTICS := True
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::UserWarning:papermill.iorw
 
-.PHONY: help setup setup-spark data run test check lock clean review serve audit
+.PHONY: help setup setup-spark data run test check lock clean review serve audit lab
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -79,6 +79,10 @@ $(VENV)/.git-notebooks-done: $(VENV)/.setup-done .gitattributes
 BASE ?= main
 review: setup ## review report of the working tree vs BASE (default main): reports/review/review.{md,html}
 	"$(BIN)"/mlops review --base $(BASE)
+
+PORT ?= 8888
+lab: setup ## JupyterLab on 127.0.0.1:PORT (token printed), project root, kernel mlops-notebooks
+	"$(BIN)"/mlops notebooks lab --port $(PORT)
 
 serve: setup ## serve the built release bento on 127.0.0.1:3000 (docs/serving.md)
 	MLOPS_PROJECT_ROOT="$(CURDIR)" "$(BIN)"/bentoml serve \

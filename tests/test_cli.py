@@ -23,7 +23,7 @@ GROUP_COMMANDS = {
     "features": {"catalog", "ingest", "lookup", "parity"},
     "model": {"register", "promote", "rollback", "status", "history", "lineage", "repair"},
     "monitor": {"drift", "report", "replay", "canary"},
-    "notebooks": {"check", "git-setup"},
+    "notebooks": {"check", "git-setup", "sample", "lab"},
     "params": {"check", "docs"},
 }
 TOP_LEVEL = {"review", "simulate", "summary"}

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipelines.core.settings import load_settings
 from pipelines.registry.gates import GateReport, GateResult
 from pipelines.review import render as rr
 from pipelines.review import review as rv
+from tests.support.chromium import screenshot
 from tests.support.project import REPO, run, set_param
 from tests.support.review_scenario import BRANCH, NOTE, make_change
 
@@ -137,6 +137,105 @@ def test_metric_changes_label_deltas_by_direction() -> None:
     assert got["lift"].verdict == "new"
 
 
+def test_deltas_within_tolerance_are_not_better_or_worse(tmp_path: Path) -> None:
+    """review.metric_tolerance / relative_tolerance in params.yaml: a delta no larger is noise."""
+    assert SETTINGS.metric_tolerance["brier"] == 0.0005 and SETTINGS.relative_tolerance == 0.005
+    data = {
+        "m.json": {
+            "auc": {"old": 0.6866, "new": 0.6870, "diff": 0.0004},  # tolerance 0.001
+            "brier": {"old": 0.09451, "new": 0.09452, "diff": 0.00001},  # shown as +0.0000
+            "log_loss": {"old": 0.3290, "new": 0.3384, "diff": 0.0094},  # past it: worse
+            "mean_prediction": {"old": 0.1264, "new": 0.1265, "diff": 0.0001},  # 0.5% = 0.00063
+            "click_rate": {"old": 0.1129, "new": 0.1200, "diff": 0.0071},  # 6%: changed
+            "per_surface.feed.auc": {"old": 0.6463, "new": 0.6455, "diff": -0.0008},
+            "n": {"old": 14520, "new": 14520, "diff": 0},
+        }
+    }
+    got = {m.name: m for m in rv.metric_changes(data, SETTINGS.metric_direction, SETTINGS)}
+    for name in ("auc", "brier", "mean_prediction", "per_surface.feed.auc"):
+        assert got[name].changed and got[name].within_tolerance, name
+        assert got[name].verdict == "within tolerance", name
+    assert got["log_loss"].verdict == "worse" and got["click_rate"].verdict == "changed"
+    assert got["n"].verdict == "" and not got["n"].within_tolerance
+
+    r = _review(tmp_path, metrics=list(got.values()))
+    assert [m.name for m in r.changed_metrics] == ["click_rate", "log_loss"]
+    md = rr.render_markdown(r)
+    assert "2 of 7 metrics changed past tolerance (4 within) (log_loss +0.0094 worse)" in md
+    brier = next(line for line in md.splitlines() if line.startswith("| `brier` |"))
+    assert "≈ within tolerance" in brier and "worse" not in brier
+    assert "0 of 1 nested metrics changed past tolerance" in md
+    flagged = [line for line in md.splitlines() if "🔴" in line or "🟢" in line]
+    assert flagged == [next(line for line in md.splitlines() if line.startswith("| `log_loss`"))]
+    page = rr.render_html(r, link_from=tmp_path, root=tmp_path)
+    assert 'class="better">0</span> / <span class="worse">1</span>' in page
+
+
+def _lock(stages: dict[str, tuple[dict, list[tuple[str, str]], list[tuple[str, str]]]]) -> str:
+    """A dvc.lock text: ``{stage: (params, [(dep, md5)], [(out, md5)])}``."""
+    return yaml.safe_dump(
+        {
+            "schema": "2.0",
+            "stages": {
+                name: {
+                    "cmd": f"run {name}",
+                    "deps": [{"path": p, "md5": h} for p, h in deps],
+                    "params": {"params.yaml": params},
+                    "outs": [{"path": p, "md5": h} for p, h in outs],
+                }
+                for name, (params, deps, outs) in stages.items()
+            },
+        }
+    )
+
+
+def test_stages_rerun_only_because_the_clone_is_fresh_are_not_changes_of_the_branch(
+    tmp_path: Path,
+) -> None:
+    """Same inputs as the base, other output hashes (a fresh clone re-ran the stage):
+    neither that stage nor the stages fed by it count as changed by the branch."""
+    nb = [("notebooks/x.ipynb", "n1")]
+    base = _lock(
+        {
+            "build_dataset": ({}, [("data", "raw1"), *nb], [("build/dataset", "d1")]),
+            "train": ({"train.lr": 0.1}, [("build/dataset", "d1"), *nb], [("build/model", "m1")]),
+            "evaluate": ({"bins": 10}, [("build/model", "m1")], [("metrics.json", "e1")]),
+            "profile": ({}, [("build/model", "m1")], [("monitors/ref", "p1")]),
+        }
+    )
+    fresh = {  # build_dataset re-ran with other output bytes, so train did too
+        "build_dataset": ({}, [("data", "raw1"), *nb], [("build/dataset", "d2")]),
+        "train": ({"train.lr": 0.1}, [("build/dataset", "d2"), *nb], [("build/model", "m2")]),
+        "evaluate": ({"bins": 12}, [("build/model", "m2")], [("metrics.json", "e2")]),
+        "profile": ({}, [("build/model", "m2")], [("monitors/ref", "p2")]),
+    }
+    assert rv.branch_stages(base, _lock(fresh)) == {"evaluate"}  # only its param changed
+    fresh["train"] = ({"train.lr": 0.2}, *fresh["train"][1:])  # type: ignore[assignment]
+    assert rv.branch_stages(base, _lock(fresh)) == {"train", "evaluate", "profile"}
+    fresh["build_dataset"] = ({}, [("data", "raw2"), *nb], [("build/dataset", "d2")])
+    assert rv.branch_stages(base, _lock(fresh)) == {"build_dataset", "train", "evaluate", "profile"}
+    assert rv.branch_stages(None, _lock(fresh)) == set(fresh)  # no lock at the base
+
+    def change(source: str, path: str) -> rv.HashChange:
+        return rv.HashChange(source, path, "", {"md5": "a"}, {"md5": "b"})
+
+    hashes = [change("build_dataset", "build/dataset"), change("evaluate", "metrics.json")]
+    r = _review(tmp_path, hashes=hashes, branch_stages={"evaluate"})
+    assert [h.path for h in r.changed_hashes] == ["metrics.json"]
+    assert [h.path for h in r.rerun_here] == ["build/dataset"]
+    assert "1 DVC output with new hashes" in rr.render_markdown(r)
+    executed = rv.executed_notebooks(
+        [change("build_dataset", "reports/b.html"), change("evaluate", "reports/e.html")],
+        "reports",
+        tmp_path,
+        {"evaluate"},
+    )
+    assert [(e.stage, e.changed) for e in executed] == [
+        ("build_dataset", False),
+        ("evaluate", True),
+    ]
+
+
 def _review(tmp_path: Path, **overrides: object) -> rv.Review:
     fields: dict[str, object] = dict(
         base="main",
@@ -212,30 +311,6 @@ def test_notebook_diffs_are_fenced_and_cut_to_fit_a_comment(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- end to end
 
 
-def _screenshot(page: Path, png: Path, profile: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("chromium is not installed; `apt-get install chromium` (.ci/run does it)")
-    profile.mkdir()
-    cmd = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        f"--screenshot={png}",
-        "--window-size=1280,2400",
-        page.as_uri(),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and png.is_file(), done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_review_reports_a_real_change_and_renders_in_chromium(
     project_copy: Path, tmp_path: Path
@@ -266,6 +341,18 @@ def test_review_reports_a_real_change_and_renders_in_chromium(
         assert f"| {old:.4f} | {new:.4f} | {new - old:+.4f} (" in row, row
         assert ("better" if (new > old) == (name == "auc") else "worse") in row
 
+    # Better or worse only past review.metric_tolerance / relative_tolerance (params.yaml).
+    rows = re.findall(
+        r"^\| `([\w.]+)` \| ([-\d.,]+) \| [-\d.,]+ \| ([-+\d.,]+) \(.*\| (.+) \|$", md, re.M
+    )
+    assert rows
+    for name, old, delta, mark in rows:
+        tolerance = SETTINGS.tolerance(name, float(old.replace(",", "")))
+        assert tolerance is not None
+        past = abs(float(delta.replace(",", ""))) > tolerance
+        assert past == ("within tolerance" not in mark), (name, delta, mark)
+    assert "differ from main although" not in md  # every changed output is the branch's
+
     # Data and model hashes from dvc.lock: the model changed, the dataset did not.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
 
@@ -294,7 +381,7 @@ def test_review_reports_a_real_change_and_renders_in_chromium(
     assert 'href="../train.html"' in page and (root / "reports/train.html").is_file()
 
     png = tmp_path / "review.png"
-    _screenshot(page_path, png, tmp_path / "chromium-profile")
+    screenshot(page_path.as_uri(), png, tmp_path / "chromium-profile")
     from PIL import Image
 
     with Image.open(png) as shot:

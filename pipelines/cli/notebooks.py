@@ -1,8 +1,11 @@
-"""``mlops notebooks ...``: notebook hygiene and the git set-up for notebooks
-(nbstripout, nbdime; docs/review.md)."""
+"""``mlops notebooks ...``: notebook hygiene, the git set-up for notebooks (nbstripout,
+nbdime; docs/review.md), the sample the notebooks' defaults read and JupyterLab
+(``make lab``; README "Notebooks and JupyterLab")."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -14,9 +17,13 @@ import typer
 
 from pipelines.cli.common import fail
 from pipelines.core import config
+from pipelines.core.settings import load_settings
 from pipelines.core.vcs import git
 
-app = typer.Typer(help="Stage notebook hygiene.", no_args_is_help=True)
+app = typer.Typer(
+    help="Stage notebooks: hygiene, git set-up, the by-hand sample, JupyterLab.",
+    no_args_is_help=True,
+)
 
 ATTRIBUTES = ".gitattributes"
 
@@ -133,3 +140,91 @@ def notebooks_git_setup() -> None:
         f"git configured for notebooks in {done.git_dir}: nbstripout filter, nbdime diff "
         "and merge drivers (see .gitattributes)"
     )
+
+
+def write_sample(root: Path, force: bool = False) -> tuple[Path, bool]:
+    """The sample events the notebooks' defaults read: ``notebooks.sample_preset`` under
+    ``notebooks.scratch_dir/data``, generated like ``data/`` (base.seed, generate.start, no
+    drift scenario). Returns the file and whether it was written (kept when present)."""
+    from pipelines.simulation.generate import generate_events, write_events
+
+    settings = load_settings(root)
+    folder = root / settings.notebooks.scratch_dir / "data"
+    existing = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if existing and not force:
+        return existing[0], False
+    events = generate_events(
+        settings.notebooks.sample_preset,
+        settings.base.seed,
+        settings.generate.start.isoformat(),
+        "none",
+        0,
+    )
+    return write_events(events, folder), True
+
+
+@app.command("sample")
+def notebooks_sample(
+    force: bool = typer.Option(False, "--force", help="Regenerate even if the sample exists."),
+) -> None:
+    """Write the small-preset sample events that the stage notebooks' defaults read."""
+    root = config.project_root()
+    try:
+        path, written = write_sample(root, force)
+    except config.ConfigError as exc:
+        fail(str(exc))
+    rel = path.relative_to(root)
+    typer.echo(f"{'wrote' if written else 'kept'} the notebooks' sample events: {rel}")
+
+
+KERNEL = "mlops-notebooks"  # registered inside .venv by `make setup`
+
+
+def lab_command(root: Path, port: int, browser: bool = False) -> list[str]:
+    """The JupyterLab server of ``make lab``: loopback only, the project root as its root
+    folder, the project kernel as default. The token comes from ``JUPYTER_TOKEN``
+    (:func:`lab_env`), so it is not visible in the process list."""
+    return [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root}",
+        f"--ServerApp.open_browser={browser}",
+        f"--MappingKernelManager.default_kernel_name={KERNEL}",
+        # Jupyter refuses to start as root unless told; containers and CI run as root.
+        *(["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []),
+    ]
+
+
+def lab_env(token: str) -> dict[str, str]:
+    """The environment of :func:`lab_command`: the token, and the project root for notebooks."""
+    if not token:
+        raise ValueError("JupyterLab needs a non-empty token")
+    return {**os.environ, "JUPYTER_TOKEN": token}
+
+
+@app.command("lab")
+def notebooks_lab(
+    port: int = typer.Option(8888, min=1, max=65535, help="Loopback port to listen on."),
+    browser: bool = typer.Option(False, "--browser", help="Open a web browser."),
+    sample: bool = typer.Option(
+        True, "--sample/--no-sample", help="Write the notebooks' sample events first if missing."
+    ),
+) -> None:
+    """Start JupyterLab on 127.0.0.1 with a token, at the project root, kernel mlops-notebooks."""
+    root = config.project_root()
+    if sample:
+        try:
+            path, written = write_sample(root)
+        except config.ConfigError as exc:
+            fail(str(exc))
+        if written:
+            typer.echo(f"wrote the notebooks' sample events: {path.relative_to(root)}")
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(24)
+    typer.echo(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}  (Ctrl-C stops it)")
+    sys.stdout.flush()
+    cmd = lab_command(root, port, browser)
+    os.execve(cmd[0], cmd, lab_env(token))

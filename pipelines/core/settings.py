@@ -301,6 +301,42 @@ class ReviewSettings(Section):
         "brier": "lower",
         "auc_lift_over_baseline": "higher",
     }
+    metric_tolerance: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {
+            "auc": 0.001,
+            "log_loss": 0.001,
+            "calibration_error": 0.001,
+            "average_precision": 0.001,
+            "brier": 0.0005,
+            "auc_lift_over_baseline": 0.001,
+        },
+        description="largest absolute delta per metric name that is noise, not better/worse",
+    )
+    relative_tolerance: float = Field(
+        0.005,
+        ge=0,
+        description="the same, as a share of the base value, for metrics not in metric_tolerance",
+    )
+
+    def tolerance(self, name: str, base: float | None) -> float | None:
+        """The noise band of metric ``name`` (its last dotted part) around ``base``."""
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in self.metric_tolerance:
+            return self.metric_tolerance[leaf]
+        return None if base is None else abs(base) * self.relative_tolerance
+
+
+class NotebooksSettings(Section):
+    """Stage notebooks run by hand (JupyterLab, ``jupyter execute``): README "Notebooks"."""
+
+    path: ClassVar[str] = "notebooks"
+
+    scratch_dir: RelPath = Field(
+        "build/scratch", description="where the notebooks' parameter defaults read and write"
+    )
+    sample_preset: Annotated[str, AfterValidator(_preset)] = Field(
+        "small", description="data preset of the sample events under scratch_dir/data"
+    )
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -468,6 +504,7 @@ class Settings(Section):
     serving: ServingSettings = ServingSettings()
     release: ReleaseSettings = ReleaseSettings()
     review: ReviewSettings = ReviewSettings()
+    notebooks: NotebooksSettings = NotebooksSettings()
     monitor: MonitorSettings = MonitorSettings()
     simulate: SimulateSettings = SimulateSettings()
 

@@ -90,9 +90,11 @@ def _headline(r: Review) -> list[str]:
         (m for m in metrics if "." not in m.name and m.verdict in ("better", "worse")),
         key=lambda m: rank.get(m.name, len(rank)),
     )
+    noise = len(r.noise_metrics)
     bits = [
         f"{_n(len(r.params), 'param')} changed",
-        f"{len(metrics)} of {_n(len(r.metrics), 'metric')} changed",
+        f"{len(metrics)} of {_n(len(r.metrics), 'metric')} changed past tolerance"
+        + (f" ({noise} within)" if noise else ""),
     ]
     if top:
         bits[-1] += (
@@ -138,6 +140,7 @@ _MARK = {
     "better": "🟢 better",
     "worse": "🔴 worse",
     "changed": "changed",
+    "within tolerance": "≈ within tolerance",
     "new": "new",
     "removed": "removed",
     "": "",
@@ -197,14 +200,16 @@ def _markdown(r: Review, details_url: str | None, html_rel: str, max_diff_lines:
             nested = [m for m in mine if "." in m.name]
             header = ["Metric", r.base, WORKSPACE, "Δ", ""]
             lines += [f"`{file}`", "", *_md_table(header, _metric_rows(top)), ""]
-            moved = [m for m in nested if m.changed]
+            moved = [m for m in nested if m.significant]
             if nested:
                 lines += [
                     f"<details><summary>{len(moved)} of {len(nested)} nested metrics "
-                    f"changed (per surface, baseline, …)</summary>",
+                    f"changed past tolerance (per surface, baseline, …)</summary>",
                     "",
                 ]
-                lines += _md_table(header, _metric_rows(moved)) if moved else ["None changed."]
+                lines += (
+                    _md_table(header, _metric_rows(moved)) if moved else ["None past tolerance."]
+                )
                 lines += ["", "</details>", ""]
     else:
         lines += ["No metrics found at either revision.", ""]
@@ -386,7 +391,7 @@ def _html_table(header: list[str], rows: Sequence[tuple[str, Sequence[str | _Num
 def _html_metric_table(r: Review, metrics: list[MetricChange]) -> str:
     rows: list[tuple[str, list[str | _Num]]] = [
         (
-            "" if m.changed else "same",
+            "" if m.significant else "same",
             [
                 f"<code>{_e(m.name)}</code>",
                 _Num(fmt_value(m.old)),
@@ -421,7 +426,7 @@ def render_html(r: Review, link_from: Path, root: Path) -> str:
     better = sum(1 for m in r.changed_metrics if m.verdict == "better")
     cards = [
         (len(r.params), "params changed"),
-        (f"{len(r.changed_metrics)}/{len(r.metrics)}", "metrics changed"),
+        (f"{len(r.changed_metrics)}/{len(r.metrics)}", "metrics changed past tolerance"),
         (
             f'<span class="better">{better}</span> / <span class="worse">{worse}</span>',
             "better / worse",
@@ -460,9 +465,10 @@ def render_html(r: Review, link_from: Path, root: Path) -> str:
         nested = [m for m in mine if "." in m.name]
         parts.append(f"<h3><code>{_e(file)}</code></h3>" + _html_metric_table(r, top))
         if nested:
-            moved = sum(m.changed for m in nested)
+            moved = sum(m.significant for m in nested)
             parts.append(
-                f"<details><summary>{moved} of {len(nested)} nested metrics changed (per "
+                f"<details><summary>{moved} of {len(nested)} nested metrics changed past "
+                "tolerance (per "
                 f"surface, baseline, …)</summary>{_html_metric_table(r, nested)}</details>"
             )
     if not r.metrics:

@@ -27,6 +27,7 @@ from pipelines.core.dvcfiles import artifacts, dvcfile_outs, lock_out_entries, s
 from pipelines.core.settings import ReviewSettings
 from pipelines.core.vcs import git, git_run, git_show
 from pipelines.registry.gates import GateReport
+from pipelines.review.plots import PlotDiff, plot_diffs
 
 WORKSPACE = "workspace"  # DVC's name for the working tree in its diff output
 
@@ -61,20 +62,39 @@ class MetricChange:
     new: Any
     diff: float | None
     direction: str | None  # "higher" / "lower" is better, None when not configured
+    tolerance: float | None = None  # |diff| up to this is noise (review.metric_tolerance)
 
     @property
     def changed(self) -> bool:
         return self.old != self.new
 
     @property
+    def within_tolerance(self) -> bool:
+        """Changed, but by no more than the tolerance: reported, never as better or worse."""
+        return (
+            self.changed
+            and self.diff is not None
+            and self.tolerance is not None
+            and abs(self.diff) <= self.tolerance
+        )
+
+    @property
+    def significant(self) -> bool:
+        """Changed past its tolerance (or new, removed, or not numeric)."""
+        return self.changed and not self.within_tolerance
+
+    @property
     def verdict(self) -> str:
-        """``better``/``worse``, ``changed`` (no direction known), ``new``/``removed`` or ``""``."""
+        """``better``/``worse``, ``changed`` (no direction known), ``within tolerance``,
+        ``new``/``removed`` or ``""``."""
         if self.old is None and self.new is not None:
             return "new"
         if self.new is None and self.old is not None:
             return "removed"
         if not self.changed:
             return ""
+        if self.within_tolerance:
+            return "within tolerance"
         if self.diff is None or self.direction is None:
             return "changed"
         up = self.diff > 0
@@ -98,16 +118,6 @@ class HashChange:
         if self.new is None:
             return "removed"
         return "changed" if md5_of(self.old) != md5_of(self.new) else "unchanged"
-
-
-@dataclass(frozen=True)
-class PlotDiff:
-    """One ``dvc plots diff`` plot rendered to SVG, or the reason it could not be."""
-
-    name: str
-    title: str
-    svg: str | None
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,14 +173,36 @@ class Review:
     gates: GateSection | None
     settings: ReviewSettings
     warnings: list[str] = field(default_factory=list)
+    # Stages whose inputs this change touched (None: not known, every changed hash counts).
+    branch_stages: set[str] | None = None
+
+    def caused_by_branch(self, h: HashChange) -> bool:
+        """A changed output of a stage whose inputs match the base was produced again
+        here (fresh clone, other machine), not changed by this branch."""
+        return (
+            self.branch_stages is None
+            or h.source.endswith(".dvc")
+            or (h.source in self.branch_stages)
+        )
 
     @property
     def changed_hashes(self) -> list[HashChange]:
-        return [h for h in self.hashes if h.status != "unchanged"]
+        return [h for h in self.hashes if h.status != "unchanged" and self.caused_by_branch(h)]
+
+    @property
+    def rerun_here(self) -> list[HashChange]:
+        """Outputs that differ from the base although their stage's inputs do not."""
+        return [h for h in self.hashes if h.status != "unchanged" and not self.caused_by_branch(h)]
 
     @property
     def changed_metrics(self) -> list[MetricChange]:
-        return [m for m in self.metrics if m.changed]
+        """Metrics that moved past their tolerance."""
+        return [m for m in self.metrics if m.significant]
+
+    @property
+    def noise_metrics(self) -> list[MetricChange]:
+        """Metrics that moved, but within their tolerance."""
+        return [m for m in self.metrics if m.within_tolerance]
 
 
 # --------------------------------------------------------------------------- git and dvc
@@ -268,11 +300,15 @@ def param_changes(data: dict[str, Any]) -> list[ParamChange]:
     ]
 
 
-def metric_changes(data: dict[str, Any], direction: Mapping[str, str]) -> list[MetricChange]:
+def metric_changes(
+    data: dict[str, Any], direction: Mapping[str, str], settings: ReviewSettings | None = None
+) -> list[MetricChange]:
     """Every metric at both revisions with its delta, from ``dvc metrics diff BASE --all --json``.
 
     ``direction`` maps a metric's last name part (``auc`` for ``per_surface.feed.auc``)
-    to ``higher`` or ``lower`` is better, so a delta can be read as better or worse.
+    to ``higher`` or ``lower`` is better, so a delta can be read as better or worse;
+    ``settings`` gives each metric's tolerance (``review.metric_tolerance``,
+    ``review.relative_tolerance``): a delta within it is not read as either.
     """
     out = []
     for file, metrics in sorted(data.items()):
@@ -289,6 +325,9 @@ def metric_changes(data: dict[str, Any], direction: Mapping[str, str]) -> list[M
                     new,
                     diff if is_number(diff) else None,
                     direction.get(name.rsplit(".", 1)[-1]),
+                    settings.tolerance(name, old if is_number(old) else None)
+                    if settings is not None
+                    else None,
                 )
             )
     return out
@@ -356,122 +395,66 @@ def _artifact_labels(root: Path) -> dict[str, str]:
     }
 
 
+def branch_stages(base_lock: str | None, head_lock: str | None) -> set[str]:
+    """Stages whose inputs differ between two ``dvc.lock`` texts: their command, params,
+    a dep no stage produces (code, notebook, data), or a dep an affected stage produced.
+
+    A stage whose inputs all match is not changed by the branch even when its outputs'
+    hashes differ: it was run again here (a fresh clone without DVC's cache or remote,
+    another machine), and so was any stage downstream of it for that reason alone.
+    """
+    import yaml
+
+    def stages(text: str | None) -> dict[str, Any]:
+        data = yaml.safe_load(text) if text else None
+        found = data.get("stages") if isinstance(data, dict) else None
+        return found if isinstance(found, dict) else {}
+
+    def deps(stage: dict[str, Any]) -> dict[str, str | None]:
+        return {str(d.get("path")): md5_of(d) for d in stage.get("deps") or []}
+
+    base, head = stages(base_lock), stages(head_lock)
+    producer = {
+        str(out.get("path")): name for name, st in head.items() for out in st.get("outs") or []
+    }
+    affected: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for name, stage in head.items():
+            if name in affected:
+                continue
+            old = base.get(name)
+            if old is None or any(stage.get(k) != old.get(k) for k in ("cmd", "params")):
+                affected.add(name)
+                grew = True
+                continue
+            new_deps, old_deps = deps(stage), deps(old)
+            if new_deps.keys() != old_deps.keys() or any(
+                new_deps[p] != old_deps[p] and producer.get(p, p) in affected | {p}
+                for p in new_deps
+            ):
+                affected.add(name)
+                grew = True
+    return affected
+
+
 def executed_notebooks(
-    hashes: list[HashChange], reports_dir: str, root: Path
+    hashes: list[HashChange], reports_dir: str, root: Path, stages: set[str] | None = None
 ) -> list[ExecutedNotebook]:
-    """The executed notebooks' HTML renderings recorded in ``dvc.lock``."""
+    """The executed notebooks' HTML renderings recorded in ``dvc.lock``; ``changed`` only
+    for the stages in ``stages`` (those the branch changed), when given."""
     prefix = reports_dir.rstrip("/") + "/"
     return [
-        ExecutedNotebook(h.source, h.path, h.status != "unchanged", (root / h.path).is_file())
+        ExecutedNotebook(
+            h.source,
+            h.path,
+            h.status != "unchanged" and (stages is None or h.source in stages),
+            (root / h.path).is_file(),
+        )
         for h in hashes
         if h.new is not None and h.path.startswith(prefix) and h.path.endswith(".html")
     ]
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def plot_diffs(data: dict[str, Any]) -> list[PlotDiff]:
-    """``dvc plots diff BASE --split --json`` (the data of both revisions), drawn as SVG.
-
-    DVC's own HTML loads Vega from a CDN; drawing the same data with matplotlib
-    keeps the review page self-contained and readable offline.
-    """
-    plots = data.get("data", data) if isinstance(data, dict) else {}
-    return [
-        _render_plot(name, render)
-        for name, renders in plots.items()
-        for render in (renders if isinstance(renders, list) else [renders])
-    ]
-
-
-def _find_field(node: Any, axis: str) -> str | None:
-    """The first ``encoding.<axis>.field`` in a Vega-Lite spec, breadth first."""
-    queue = [node]
-    while queue:
-        item = queue.pop(0)
-        if isinstance(item, dict):
-            enc = item.get("encoding")
-            if isinstance(enc, dict) and isinstance(enc.get(axis), dict) and enc[axis].get("field"):
-                return str(enc[axis]["field"])
-            queue.extend(item.values())
-        elif isinstance(item, list):
-            queue.extend(item)
-    return None
-
-
-def _render_plot(name: str, render: dict[str, Any]) -> PlotDiff:
-    anchors = render.get("anchor_definitions") or {}
-    title = str(anchors.get("<DVC_METRIC_TITLE>") or name)
-    if render.get("type") != "vega":
-        return PlotDiff(
-            name,
-            title,
-            None,
-            f"{render.get('type')} plots are not drawn here; see `dvc plots diff`",
-        )
-    content = render.get("content") or {}
-    x, y = _find_field(content, "x"), _find_field(content, "y")
-    rows = anchors.get("<DVC_METRIC_DATA>") or []
-    color = anchors.get("<DVC_METRIC_COLOR>") or {}
-    group_field = color.get("field", "rev") if isinstance(color, dict) else "rev"
-    scale = color.get("scale", {}) if isinstance(color, dict) else {}
-    domain = [str(d) for d in scale.get("domain", [])]
-    palette = [str(c) for c in scale.get("range", [])]
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in rows:
-        try:
-            xv, yv = float(row[x]), float(row[y])
-        except (KeyError, TypeError, ValueError):
-            continue
-        xs, ys = series.setdefault(str(row.get(group_field, "")), ([], []))
-        xs.append(xv)
-        ys.append(yv)
-    if not series:
-        return PlotDiff(name, title, None, "no numeric x/y data to draw; see `dvc plots diff`")
-    order = [g for g in domain if g in series] + [g for g in series if g not in domain]
-    return PlotDiff(
-        name,
-        title,
-        _svg(
-            title,
-            str(anchors.get("<DVC_METRIC_X_LABEL>") or x),
-            str(anchors.get("<DVC_METRIC_Y_LABEL>") or y),
-            [(g, series[g], _color(g, domain, palette)) for g in order],
-        ),
-    )
-
-
-def _color(group: str, domain: list[str], palette: list[str]) -> str | None:
-    if group in domain and domain.index(group) < len(palette):
-        return palette[domain.index(group)]
-    return None
-
-
-def _svg(
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    series: list[tuple[str, tuple[list[float], list[float]], str | None]],
-) -> str:
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    with matplotlib.rc_context({"svg.hashsalt": "mlops-review", "svg.fonttype": "path"}):
-        fig = Figure(figsize=(4.6, 3.6), layout="constrained")
-        ax = fig.subplots()
-        # Draw the base first so the working tree's line is on top.
-        for label, (xs, ys), color in reversed(series):
-            ax.plot(xs, ys, label=label, color=color, linewidth=1.8)
-        ax.set_title(title, fontsize=11)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=9)
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
 
 
 # --------------------------------------------------------------------------- notebooks
@@ -574,6 +557,10 @@ def build_review(root: Path, base: str, settings: ReviewSettings, reports_dir: s
         head_commit = _git(root, "rev-parse", "HEAD", check=False) or None
         dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").strip())
         hashes = hash_changes(root, base)
+        lock = root / "dvc.lock"
+        stages = branch_stages(
+            _git_show(root, base, "dvc.lock"), lock.read_text() if lock.is_file() else None
+        )
         notebooks = [
             notebook_diff(root, base, p, s)
             for p, s in changed_notebooks(root, base, settings.notebooks_dir)
@@ -593,14 +580,24 @@ def build_review(root: Path, base: str, settings: ReviewSettings, reports_dir: s
         created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         stale=stale_stages(results["status"]),
         params=param_changes(results["params"]),
-        metrics=metric_changes(results["metrics"], settings.metric_direction),
+        metrics=metric_changes(results["metrics"], settings.metric_direction, settings),
         plots=plot_diffs(results["plots"]),
         hashes=hashes,
         notebooks=notebooks,
-        executed=executed_notebooks(hashes, reports_dir, root),
+        executed=executed_notebooks(hashes, reports_dir, root, stages),
         gates=read_gate_report(root, settings.gate_report),
         settings=settings,
+        branch_stages=stages,
     )
+    if review.rerun_here:
+        review.warnings.append(
+            f"{len(review.rerun_here)} output(s) differ from {base} although their stages' "
+            "inputs (command, params, code, data) match it: "
+            + ", ".join(f"{h.path} ({h.source})" for h in review.rerun_here)
+            + ". They were produced again here (a fresh clone without DVC's cache or "
+            "remote, or another machine), not changed by this branch, and are not counted "
+            "below; `dvc pull` before `dvc repro` gives the recorded outputs"
+        )
     missing = [e.path for e in review.executed if not e.exists]
     if missing:
         review.warnings.append(

@@ -236,7 +236,7 @@ def package_stage(
     old_text = release_file.read_text() if release_file.is_file() else None
     write_json(release_file, sign_release_dict(release.to_json_dict()))  # signed when keyed
     try:
-        bento_tag, bento = _build_bento(root, service_name, release.release_id)
+        bento_tag, bento = _build_bento(root, service_name, release.release_id, release_file)
     except Exception:
         if old_text is None:
             release_file.unlink(missing_ok=True)
@@ -306,7 +306,9 @@ def run(
     return bento, record
 
 
-def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, Any]:
+def _build_bento(
+    root: Path, service_name: str, release_id: str, release_file: Path
+) -> tuple[str, Any]:
     """``bentoml build`` from a staging copy of the shipped files; the version hashes them.
 
     BentoML refuses build files whose absolute path has a dot-directory (a clone
@@ -317,7 +319,7 @@ def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, A
 
     with tempfile.TemporaryDirectory(prefix="bento-build-", dir=staging_parent()) as staging:
         stage_dir = Path(staging)
-        shipped = stage_build_context(root, stage_dir)
+        shipped = stage_build_context(root, stage_dir, release_file)
         code = hashlib.md5()
         for rel in shipped:
             code.update(rel.encode() + b"\0" + (stage_dir / rel).read_bytes())
@@ -344,6 +346,8 @@ def _build_bento(root: Path, service_name: str, release_id: str) -> tuple[str, A
 
 
 BENTOFILE = "bentos/bentofile.yaml"
+# Where the bento carries its release file (bentofile include; bentos/service.py reads it).
+SHIPPED_RELEASE = "build/release/release.json"
 
 
 def shipped_files(root: Path) -> list[str]:
@@ -364,13 +368,18 @@ def shipped_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def stage_build_context(root: Path, dest: Path) -> list[str]:
-    """Copy the shipped files into ``dest`` (a build context BentoML accepts anywhere)."""
-    files = shipped_files(root)
+def stage_build_context(root: Path, dest: Path, release_file: Path | None = None) -> list[str]:
+    """Copy the shipped files into ``dest`` (a build context BentoML accepts anywhere).
+
+    ``release_file`` is shipped as ``SHIPPED_RELEASE`` wherever it was written (a
+    notebook run by hand writes it under the scratch folder).
+    """
+    files = sorted(set(shipped_files(root)) | ({SHIPPED_RELEASE} if release_file else set()))
     for rel in files:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, target)
+        source = release_file if release_file and rel == SHIPPED_RELEASE else root / rel
+        shutil.copyfile(source, target)
     return files
 
 

@@ -2,7 +2,11 @@
 
 Usage (the ``cmd`` of every stage in ``dvc.yaml``)::
 
-Details: docs/architecture.md.
+    python3 -m pipelines.stages.runner notebooks/train.ipynb reports/train.ipynb -p max_iter 200 ...
+
+Every parameter of the notebook's ``parameters`` cell must be passed: its defaults are
+for runs by hand (small-preset sample, ``notebooks.scratch_dir``), never for the pipeline.
+Details: docs/architecture.md, README "Notebooks and JupyterLab".
 """
 
 from __future__ import annotations
@@ -135,6 +139,48 @@ def run_notebook(
     return {"seconds": round(time.perf_counter() - started, 3), "cells": cells}
 
 
+def notebook_parameters(path: Path) -> list[str]:
+    """Names assigned in the notebook's ``parameters`` cell (papermill's tag), in order."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            return [
+                target.id
+                for node in ast.parse(cell.source).body
+                if isinstance(node, ast.Assign)
+                for target in node.targets
+                if isinstance(target, ast.Name)
+            ]
+    return []
+
+
+def check_parameters(notebook: Path, passed: dict[str, Any]) -> None:
+    """Refuse a stage command that leaves a parameter to its default or passes an unknown one.
+
+    The defaults point at the by-hand scratch folder; a pipeline run that fell back
+    on one would read or write there instead of the stage's DVC outputs.
+    """
+    declared = notebook_parameters(notebook)
+    missing = [name for name in declared if name not in passed]
+    unknown = sorted(set(passed) - set(declared))
+    problems = []
+    if missing:
+        problems.append(f"not passed: {', '.join(missing)}")
+    if unknown:
+        problems.append(f"not in its parameters cell: {', '.join(unknown)}")
+    if problems:
+        print(
+            f"error: stage command for {notebook}: {'; '.join(problems)}. A stage passes every "
+            "parameter with `-p NAME VALUE` (dvc.yaml); the defaults are for runs by hand",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def check_project_params(cwd: Path) -> None:
     """Refuse to start when ``params.yaml`` (in ``cwd``, where DVC runs stages) is invalid.
 
@@ -223,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     restored = restore_previous_outputs(root, args.output.as_posix())
     if restored:
         print(f"previous outputs kept until this stage succeeds: {', '.join(restored)}")
+    check_parameters(args.notebook, params)
     check_project_params(root)
     check_kernel()
     timings = timings_file(args.output)
