@@ -9,6 +9,7 @@ Details: docs/features.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipelines.features.definitions import (
     to_ms,
 )
 
-ENGINES = ("duckdb", "numpy")
+ENGINES = ("duckdb", "numpy", "spark")
 RANGE_JOIN_BUDGET = 4.0  # estimated joined rows per input row below which a range join wins
 CONTEXT_COLUMNS = ("surface", "device")
 
@@ -61,8 +62,12 @@ def point_in_time_sql(
     events: str = "events",
     labels: str = "labels",
     range_join: frozenset[str] | set[str] = frozenset(),
+    dialect: str = "duckdb",
 ) -> str:
-    """The DuckDB statement computing ``feature_set`` for relation ``labels`` from ``events``.
+    """The SQL statement computing ``feature_set`` for relation ``labels`` from ``events``.
+
+    ``dialect`` is ``duckdb`` or ``spark`` (Spark SQL): the statement is the same
+    but for how a column name is quoted.
 
     ``events`` needs the key columns (any type: strings or integer codes),
     ``t`` (ms), ``clicked`` and ``ct`` (click time in ms); ``labels`` needs
@@ -75,6 +80,9 @@ def point_in_time_sql(
     The others use window aggregates over the time-ordered stream of labels and
     events, whose cost does not depend on how many events fall in a window.
     """
+    if dialect not in ("duckdb", "spark"):
+        raise ValueError(f"SQL dialect must be 'duckdb' or 'spark', got {dialect!r}")
+    quote = '"' if dialect == "duckdb" else "`"
     keys = list(feature_set.key_columns)
     ctx = ", ".join(f"ctx_{c}" for c in CONTEXT_COLUMNS)
     ctx_null = ", ".join(f"NULL AS ctx_{c}" for c in CONTEXT_COLUMNS)
@@ -123,8 +131,9 @@ def point_in_time_sql(
             if f.agg == "count":
                 value = f"CAST({counts[f.sources[0]]} AS DOUBLE)"
             elif f.agg == "ctr":
+                clicks = f"least({counts['clicks']}, {counts['impressions']})"  # CTR <= 1
                 value = (
-                    f"(CAST({counts['clicks']} AS DOUBLE) + "
+                    f"(CAST({clicks} AS DOUBLE) + "
                     f"{_double(fs.prior_strength * fs.prior_ctr)})"
                     f" / (CAST({counts['impressions']} AS DOUBLE) + {_double(fs.prior_strength)})"
                 )
@@ -138,7 +147,7 @@ def point_in_time_sql(
                 empty = f"({empty}) OR {last} < 0 OR t - {last} >= {f.ttl_ms}"
             expr = f"CASE WHEN {empty} THEN {_double(f.default)} ELSE {value} END"
         sql_type = "BIGINT" if f.dtype.startswith("int") else "DOUBLE"
-        selects.append(f'CAST({expr} AS {sql_type}) AS "{f.name}"')
+        selects.append(f"CAST({expr} AS {sql_type}) AS {quote}{f.name}{quote}")
 
     ctes = []
     renamed = ", ".join(f"ctx_{c} AS {c}" for c in CONTEXT_COLUMNS)
@@ -153,7 +162,7 @@ def point_in_time_sql(
         ctes.append(f"stream AS (\n  {stream}\n)")
         ctes.append(f"agg AS (\n  SELECT rid, t, {ctx},\n    {agg_list}\n  FROM stream\n)")
         ctes.append(
-            f"labelled AS (\n  SELECT * EXCLUDE ({ctx}), {renamed}\n"
+            f"labelled AS (\n  SELECT rid, t, {', '.join(aggregates)}, {renamed}\n"
             "  FROM agg WHERE rid IS NOT NULL\n)"
         )
     else:
@@ -195,7 +204,13 @@ def _as_arrow(data: Any, columns: list[str]) -> pa.Table:
     return data.select(columns)
 
 
-def _plan_range_joins(con: Any, feature_set: FeatureSet, mode: str) -> set[str]:
+def plan_range_joins(
+    query: Callable[[str], list[tuple[Any, ...]]],
+    feature_set: FeatureSet,
+    mode: str,
+    events: str = "events",
+    labels: str = "labels",
+) -> set[str]:
     """Entities to compute by range join: ``always``/``never``, or ``auto`` by estimated size.
 
     ``auto`` estimates the join size of an entity as the sum over its keys of
@@ -210,19 +225,19 @@ def _plan_range_joins(con: Any, feature_set: FeatureSet, mode: str) -> set[str]:
     }
     if mode != "auto" or not candidates:
         return set(candidates) if mode == "always" else set()
-    n_events, n_labels, lo, hi = con.execute(
-        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM labels), min(t), max(t) "
-        "FROM events"
-    ).fetchall()[0]
+    n_events, n_labels, lo, hi = query(
+        f"SELECT (SELECT count(*) FROM {events}), (SELECT count(*) FROM {labels}), "
+        f"min(t), max(t) FROM {events}"
+    )[0]
     covered = max(int(hi or 0) - int(lo or 0), 1)
     chosen = set()
     for entity, span in candidates.items():
         keys = ", ".join(ENTITY_KEYS[entity])
-        pairs = con.execute(
+        pairs = query(
             f"SELECT coalesce(sum(l.n * e.n), 0) FROM "
-            f"(SELECT {keys}, count(*) AS n FROM labels GROUP BY ALL) l JOIN "
-            f"(SELECT {keys}, count(*) AS n FROM events GROUP BY ALL) e USING ({keys})"
-        ).fetchall()[0][0]
+            f"(SELECT {keys}, count(*) AS n FROM {labels} GROUP BY {keys}) l JOIN "
+            f"(SELECT {keys}, count(*) AS n FROM {events} GROUP BY {keys}) e USING ({keys})"
+        )[0][0]
         if float(pairs) * min(1.0, span / covered) <= RANGE_JOIN_BUDGET * (n_events + n_labels):
             chosen.add(entity)
     return chosen
@@ -271,7 +286,7 @@ def _duckdb_build(
     try:
         con.register("events", ev)
         con.register("labels", lab)
-        chosen = _plan_range_joins(con, feature_set, range_join)
+        chosen = plan_range_joins(lambda sql: con.execute(sql).fetchall(), feature_set, range_join)
         result = con.sql(point_in_time_sql(feature_set, range_join=chosen)).to_arrow_table()
     finally:
         con.close()
@@ -326,6 +341,10 @@ def build_point_in_time(
             col("user_id"), col("item_id"), col("surface"), col("device"), label_ts
         )
         return as_frame(feature_set, matrix)
+    if engine == "spark":  # pyspark is optional: imported only when chosen
+        from pipelines.features.spark_engine import build_point_in_time_spark
+
+        return build_point_in_time_spark(events, labels, feature_set, range_join=range_join)
     return _duckdb_build(events, labels, feature_set, threads, range_join)
 
 
@@ -339,7 +358,8 @@ def point_in_time_features(
 
     Returns the event keys (event_id, ts, user_id, item_id, surface, device, clicked)
     followed by the declared features, one row per impression in input order.
-    ``engine`` is ``numpy`` (``EventIndex``) or ``duckdb`` (``pipelines.features.offline``).
+    ``engine`` is ``numpy`` (``EventIndex``), ``duckdb`` (generated SQL) or ``spark``
+    (the same SQL on the active Spark session, ``pipelines.features.spark_engine``).
     """
     keys = events[list(LABEL_KEYS)].reset_index(drop=True)
     feats = build_point_in_time(events, keys, feature_set, engine=engine)
