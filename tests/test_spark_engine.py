@@ -149,3 +149,31 @@ def test_spark_window_edges_by_hand(spark: object) -> None:
     assert rows["u_clicks_5s"].tolist() == [0, 0, 1, 1, 1, 1]
     assert rows["i_since_click_6s"].tolist() == [6.0, 6.0, 0.999, 1.0, 3.0, 3.001]
     assert rows["hour_of_day"].dtype == np.int64 and rows["u_impr_2s"].dtype == np.float64
+
+
+@pytest.mark.slow
+def test_build_dataset_stage_on_spark_writes_the_numpy_dataset(
+    spark: object, tmp_path: pytest.TempPathFactory
+) -> None:
+    """The build_dataset stage with engine spark on the small preset: the same files' content."""
+    from pathlib import Path
+
+    from pipelines.core.domain import PRESETS
+    from pipelines.core.settings import BuildDatasetSettings
+    from pipelines.simulation.generate import generate_events
+    from pipelines.stages import dataset
+
+    root = Path(str(tmp_path))
+    (root / "data").mkdir()
+    generate_events(PRESETS["small"], seed=42).to_parquet(root / "data" / "events.parquet")
+    policy = BuildDatasetSettings()
+    dataset.run(root / "data", root / "numpy", "ctr_v1", policy, "numpy")
+    dataset.run(root / "data", root / "spark", "ctr_v1", policy, "spark", "local[2]")
+    for split in ("train", "valid", "test"):
+        a = pd.read_parquet(root / "numpy" / f"{split}.parquet")
+        b = pd.read_parquet(root / "spark" / f"{split}.parquet")
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    meta_a = (root / "numpy" / "meta.json").read_text().replace('"numpy"', '"ENGINE"')
+    meta_b = (root / "spark" / "meta.json").read_text().replace('"spark"', '"ENGINE"')
+    assert meta_a == meta_b
