@@ -1,6 +1,6 @@
 """The Spark engine (``features.engine: spark``): the point-in-time SQL run on Apache Spark.
 
-The same statement the DuckDB engine runs (``offline.point_in_time_sql``, generated
+The same statement the DuckDB engine runs (``sql.point_in_time_sql``, generated
 from the feature declarations) runs here as Spark SQL over entity-partitioned window
 aggregates, so one cluster computes what one process cannot hold. pyspark is an
 optional extra (``make setup-spark``) and is imported only when this engine is used.
@@ -19,11 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.features.definitions import CTR_V1, FeatureSet, check_times, to_ms
-from pipelines.features.offline import (
-    CONTEXT_COLUMNS,
-    plan_range_joins,
-    point_in_time_sql,
-)
+from pipelines.features.sql import CONTEXT_COLUMNS, plan_range_joins, point_in_time_sql
 
 if TYPE_CHECKING:  # pragma: no cover - types only; pyspark is optional at run time
     from pyspark.sql import DataFrame, SparkSession
@@ -187,9 +183,8 @@ def build_point_in_time_spark(
             "t": pa.array(to_ms(lab.column("ts").to_pandas()), pa.int64()),
         }
     )
-    result = point_in_time_frame(
-        spark, _spark_frame(spark, ev_arrow), _spark_frame(spark, lab_arrow), feature_set, range_join
-    ).toArrow()
+    ev_frame, lab_frame = _spark_frame(spark, ev_arrow), _spark_frame(spark, lab_arrow)
+    result = point_in_time_frame(spark, ev_frame, lab_frame, feature_set, range_join).toArrow()
     if result.num_rows != lab.num_rows:  # a guard: every label row must come back once
         raise RuntimeError(f"Spark returned {result.num_rows} rows for {lab.num_rows} labels")
     # Scatter by row id: a distributed query returns rows in no particular order.
