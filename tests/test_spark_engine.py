@@ -177,3 +177,21 @@ def test_build_dataset_stage_on_spark_writes_the_numpy_dataset(
     meta_a = (root / "numpy" / "meta.json").read_text().replace('"numpy"', '"ENGINE"')
     meta_b = (root / "spark" / "meta.json").read_text().replace('"spark"', '"ENGINE"')
     assert meta_a == meta_b
+
+
+def test_without_pyspark_the_engine_says_make_setup_spark() -> None:
+    """The default install has no pyspark: choosing engine spark names the fix."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pyspark'] = None\n"
+        "import pandas as pd\n"
+        "from pipelines.features.offline import build_point_in_time\n"
+        "labels = pd.DataFrame({'user_id': ['u'], 'item_id': ['i'], 'surface': ['feed'],"
+        " 'device': ['mobile'], 'ts': [pd.Timestamp('2026-03-01', tz='UTC')]})\n"
+        "build_point_in_time(labels.assign(clicked=0, click_ts=pd.NaT), labels, engine='spark')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "SparkUnavailableError" in done.stderr and "make setup-spark" in done.stderr
