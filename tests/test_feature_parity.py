@@ -276,3 +276,97 @@ def test_build_dataset_engines_give_the_same_training_set() -> None:
     assert_frames_identical(a[CTR_V1.names], b[CTR_V1.names])
     assert a["split"].equals(b["split"]) and meta_a["rows"] == meta_b["rows"]
     assert meta_b["feature_engine"] == "duckdb" and meta_b["feature_set_fingerprint"]
+
+
+@st.composite
+def late_click_logs(draw: st.DrawFn) -> pd.DataFrame:
+    """Adversarial logs: most impressions clicked long after, so clicks pile up in late windows."""
+    rows = []
+    for i in range(draw(st.integers(1, 30))):
+        ts = BASE_MS + draw(st.integers(0, 8_000))
+        clicked = draw(st.integers(0, 9)) > 0
+        rows.append(
+            {
+                "event_id": f"e{i:03d}",
+                "ts": ts,
+                "user_id": f"u{draw(st.integers(0, 1))}",
+                "item_id": f"i{draw(st.integers(0, 1))}",
+                "surface": "feed",
+                "device": "mobile",
+                "position": 1,
+                "clicked": int(clicked),
+                "click_ts": ts + draw(st.integers(1, 12_000)) if clicked else None,
+            }
+        )
+    return make_events(rows)
+
+
+def _assert_ctr_bounded(rows: pd.DataFrame, fs: object, what: str) -> None:
+    ctr = [f.name for f in fs.features if f.agg == "ctr"]  # type: ignore[attr-defined]
+    values = rows[ctr].to_numpy()
+    assert ((values >= 0) & (values <= 1)).all(), f"{what}: CTR outside [0, 1]: {values.max()}"
+
+
+@PROFILE
+@given(data=st.data(), which=feature_sets)
+def test_ctr_never_exceeds_one_in_any_engine_or_the_store(data: st.DataObject, which: str) -> None:
+    """Clicks are capped at the window's impressions: numpy, DuckDB and the online store agree."""
+    fs = FEATURE_SETS[which]
+    events = data.draw(late_click_logs())
+    labels = data.draw(labels_for(events))
+    numpy_rows = build_point_in_time(events, labels, fs, engine="numpy")
+    _assert_ctr_bounded(numpy_rows, fs, "numpy")
+    duck_rows = build_point_in_time(events, labels, fs, engine="duckdb", threads=1)
+    assert_frames_identical(numpy_rows, duck_rows)
+    store = OnlineStore.open("sqlite:///:memory:", fs, allowed_lateness_seconds=30.0)
+    try:
+        store.ingest(arrivals(events).drop(columns=["arrival_ms"]))
+        t = to_ms(labels["ts"])
+        result = store.lookup_many(
+            labels["user_id"].tolist(),
+            labels["item_id"].tolist(),
+            labels["surface"].tolist(),
+            labels["device"].tolist(),
+            t,
+        )
+        _assert_ctr_bounded(result.features, fs, "online store")
+    finally:
+        store.close()
+
+
+def test_the_reported_late_click_example_stays_below_one() -> None:
+    """19 impressions clicked 25 h later and one more impression: user_ctr_24h was 1.05."""
+    from pipelines.features.definitions import CTR_V1
+
+    hour = 3_600_000
+    rows = [
+        {
+            "event_id": f"e{i}",
+            "ts": BASE_MS + i,
+            "user_id": "u",
+            "item_id": f"i{i}",
+            "surface": "feed",
+            "device": "mobile",
+            "position": 1,
+            "clicked": 1,
+            "click_ts": BASE_MS + i + 25 * hour,
+        }
+        for i in range(19)
+    ]
+    rows.append({**rows[0], "event_id": "last", "ts": BASE_MS + 26 * hour, "clicked": 0})
+    rows[-1]["click_ts"] = None
+    events = make_events(rows)
+    labels = pd.DataFrame(
+        {
+            "user_id": ["u"],
+            "item_id": ["i0"],
+            "surface": ["feed"],
+            "device": ["mobile"],
+            "ts": [pd.Timestamp(BASE_MS + 26 * hour + 1, unit="ms", tz="UTC")],
+        }
+    )
+    for engine in ("numpy", "duckdb"):
+        rows_out = build_point_in_time(events, labels, CTR_V1, engine=engine)
+        # 19 clicks and 1 impression in the last 24 h: clicks capped at 1 -> (1 + 2) / (1 + 20).
+        assert rows_out["user_clicks_24h"].iloc[0] == 19.0
+        assert rows_out["user_ctr_24h"].iloc[0] == (1 + 2.0) / (1 + 20.0), engine

@@ -118,7 +118,10 @@ class FeaturesSettings(Section):
     path: ClassVar[str] = "features"
 
     feature_set: str = Field("ctr_v1", min_length=1, description="a set declared in pipelines")
-    engine: Literal["numpy", "duckdb"] = Field("numpy", description="offline engine")
+    engine: Literal["numpy", "duckdb", "spark"] = Field("numpy", description="offline engine")
+    spark_master: str = Field(
+        "local[*]", min_length=1, description="Spark master or Spark Connect (sc://) URL"
+    )
     online: OnlineStoreSettings = OnlineStoreSettings()
 
 

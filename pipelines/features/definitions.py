@@ -97,7 +97,7 @@ CONTEXT: dict[str, tuple[str, Callable[[object, object, np.ndarray], np.ndarray]
     "hour_of_day": (
         "UTC hour of the request time t",
         lambda surface, device, t: (np.asarray(t, dtype=np.int64) // 3_600_000) % 24,
-        "(t // 3600000) % 24",
+        "CAST(floor(t / 3600000) AS BIGINT) % 24",  # portable: DuckDB and Spark SQL
     ),
 }
 
@@ -183,6 +183,11 @@ class FeatureSet:
         if unknown:
             raise FeatureDefinitionError(
                 f"feature set {self.name}: growing features {unknown} are not declared"
+            )
+        if not (0.0 <= self.prior_ctr <= 1.0 and self.prior_strength > 0):
+            raise FeatureDefinitionError(
+                f"feature set {self.name}: prior_ctr must lie in [0, 1] and prior_strength be "
+                f"positive (got {self.prior_ctr}, {self.prior_strength}); a CTR stays in [0, 1]"
             )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -477,7 +482,10 @@ def evaluate(
         if f.agg == "count":
             value = counts[f.sources[0]].astype(np.float64)
         elif f.agg == "ctr":
-            value = (counts["clicks"] + fs.prior_strength * fs.prior_ctr) / (
+            # Clicks count at click time, so a window can hold clicks of impressions
+            # older than the window: capped at the window's impressions, CTR <= 1.
+            clicks = np.minimum(counts["clicks"], counts["impressions"])
+            value = (clicks + fs.prior_strength * fs.prior_ctr) / (
                 counts["impressions"] + fs.prior_strength
             )
         else:  # seconds_since
@@ -630,6 +638,8 @@ def feature_catalog_markdown(feature_set: FeatureSet = CTR_V1) -> str:
         "",
         "Semantics: a query at time t sees impressions with `ts < t` and clicks with "
         "`click_ts < t`; window w is the open interval (t - w, t), `all` is all history before t; "
+        "a CTR's clicks are capped at its impressions in the same window (a click counts at its "
+        "own time, so a window may hold clicks of older impressions), so a CTR never exceeds 1; "
         "an entity with no event in the window gets the default, and so does one whose latest "
         "event is not within the TTL; times are integer milliseconds; input order and ties "
         "never change a value.",

@@ -137,10 +137,23 @@ def load_split(out_dir: Path, split: str) -> pd.DataFrame:
 
 
 def run(
-    raw_dir: Path, out_dir: Path, feature_set: str, policy: BuildDatasetSettings, engine: str
+    raw_dir: Path,
+    out_dir: Path,
+    feature_set: str,
+    policy: BuildDatasetSettings,
+    engine: str,
+    spark_master: str = "local[*]",
 ) -> tuple[pd.DataFrame, dict[str, Any], FeatureSet]:
-    """The ``build_dataset`` stage: raw events -> point-in-time training set in ``out_dir``."""
+    """The ``build_dataset`` stage: raw events -> point-in-time training set in ``out_dir``.
+
+    With engine ``spark`` the features are computed on a session on ``spark_master``
+    (``features.spark_master``); the written files are identical to the other engines'.
+    """
     fs = get_feature_set(feature_set)
+    if engine == "spark":
+        from pipelines.features.spark_engine import spark_session
+
+        spark_session(spark_master)  # the active session the engine then uses
     table, meta = build_training_set(load_raw_events(raw_dir), fs, policy, engine)
     write_training_set(table, meta, out_dir)
     return table, meta, fs
