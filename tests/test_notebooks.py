@@ -67,6 +67,7 @@ def _stage_parameters() -> dict[str, dict[str, Any]]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
 
     def resolve(value: str) -> Any:
+        value = value.strip("'")  # shell quoting, as for `local[*]`
         match = re.fullmatch(r"\$\{([\w.]+)\}", value)
         if not match:
             return yaml.safe_load(value)
