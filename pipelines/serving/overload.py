@@ -75,3 +75,36 @@ class InFlight:
         finally:
             InFlight.count -= 1
             ARRIVAL_INFLIGHT.reset(token)
+
+
+class GcPauses:
+    """Garbage-collector pauses of this worker, per generation (for tail-latency diagnosis:
+    /metadata ``gc``). Installed once per process by the service."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.stats: dict[str, dict[str, float]] = {
+            str(g): {"collections": 0, "total_ms": 0.0, "max_ms": 0.0} for g in range(3)
+        }
+
+    def install(self) -> GcPauses:
+        import gc
+
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        import time
+
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        if self.started is None:
+            return
+        ms = (time.perf_counter() - self.started) * 1000.0
+        self.started = None
+        entry = self.stats[str(info.get("generation", 2))]
+        entry["collections"] += 1
+        entry["total_ms"] = round(entry["total_ms"] + ms, 3)
+        entry["max_ms"] = round(max(entry["max_ms"], ms), 3)

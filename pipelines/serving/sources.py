@@ -98,7 +98,8 @@ class SnapshotFeatureSource:
         devices: Sequence[str],
         t_ms: np.ndarray,
     ) -> FeatureBatch:
-        X = self.index.lookup(users, items, surfaces, devices, t_ms).to_numpy(np.float64)
+        # compute, not lookup: the same float64 matrix without a DataFrame round trip
+        X = self.index.compute(list(users), list(items), list(surfaces), list(devices), t_ms)
         return FeatureBatch(X, np.minimum(t_ms, self.index.as_of_ms))
 
     def lookup_one_user(

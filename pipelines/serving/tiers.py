@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +132,14 @@ def load_compiled(
     if os.environ.get(RUNTIME_ENV, "auto") == "sklearn":
         return None, f"{RUNTIME_ENV}=sklearn: compiled library not loaded"
     try:
-        for name in (LIBRARY, META):
-            check_file(folder / name, ref.files[name], ref.sha256.get(name), f"{role} {name}")
-        return CompiledModel.load(folder), None
+        # A private copy is checked and loaded: the hashes cover the very bytes mapped, and
+        # a later change to the store's file (in place) cannot reach this process's code.
+        with tempfile.TemporaryDirectory(prefix="ctr-compiled-") as private:
+            copy = Path(private)
+            for name in (LIBRARY, META):
+                shutil.copyfile(folder / name, copy / name)
+                check_file(copy / name, ref.files[name], ref.sha256.get(name), f"{role} {name}")
+            return CompiledModel.load(copy), None
     except Exception as exc:
         note = redact_paths(
             f"compiled library refused, scikit-learn answers: {type(exc).__name__}: {exc}"
