@@ -283,6 +283,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             "request_log": meta["request_log"],
         }
         results["runtime"] = meta["tiers"]["prod"]["runtime"]
+        results["gc"] = meta.get("gc")  # GC pauses of the full service's worker
         stop(full)
         procs.remove(full)
         # the same service with the scikit-learn model answering
@@ -512,6 +513,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{s['p99_ms']} | {f['p50_ms']} / {f['p95_ms']} / {f['p99_ms']} | {rate:.1f}, "
             f"{rr.get('p50_ms', 0):.1f} | {o['shed_rows']} |"
         )
+    if r.get("gc"):
+        lines_ += [
+            "",
+            f"GC pauses of the full service's worker (count, total ms, max ms): {r['gc']}.",
+        ]
     c = r.get("full_counters", {})
     lines_ += [
         "",
