@@ -10,16 +10,19 @@ scikit-learn model answers instead. Details: docs/serving.md ("Compiled trees").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -90,14 +93,14 @@ def compile_model(model_file: Path, out_dir: Path) -> dict[str, Any]:
     except Exception as exc:
         raise CompileError(f"treelite cannot import {type(exc).__name__}: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tl2cgen-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="tl2cgen-") as scratch, _native_output() as log:
         built = Path(scratch) / LIBRARY
         try:
             tl2cgen.export_lib(
                 tree_model, toolchain=TOOLCHAIN, libpath=built, params=dict(CODEGEN), nthread=2
             )
         except Exception as exc:
-            raise CompileError(f"tl2cgen could not build the library: {exc}") from exc
+            raise CompileError(f"tl2cgen could not build the library: {exc}\n{_tail(log)}") from exc
         shutil.copyfile(built, out_dir / LIBRARY)
     meta = {
         **fingerprint,
@@ -107,6 +110,31 @@ def compile_model(model_file: Path, out_dir: Path) -> dict[str, Any]:
     }
     (out_dir / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return meta
+
+
+@contextlib.contextmanager
+def _native_output() -> Iterator[IO[bytes]]:
+    """Send what native code writes to stdout/stderr (treelite's timestamped log lines,
+    compiler messages) to a file while compiling: it would otherwise land in the executed
+    stage notebook and make it differ from build to build."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
 
 
 def reusable(folder: Path, model_file: Path) -> bool:
