@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -120,7 +121,11 @@ def _native_output() -> Iterator[IO[bytes]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
-    with tempfile.TemporaryFile() as sink:
+    with (
+        tempfile.TemporaryFile() as sink,
+        contextlib.redirect_stdout(io.StringIO()),  # treelite logs through a Python callback
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
