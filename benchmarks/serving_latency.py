@@ -100,6 +100,7 @@ def build_bento(project: Path, work: Path) -> tuple[str, dict[str, Any]]:
         work / "home",
         policy,
         record,
+        dataset_dir=project / "build/dataset",
     )
     return summary["bento_tag"], summary
 

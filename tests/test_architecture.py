@@ -19,7 +19,7 @@ LONG_MODULES: dict[str, str] = {
     "pipelines/registry/registry.py": "one Registry class over GTO tags; to split by action",
     "pipelines/simulation/simulate.py": "the closed loop's steps in one Simulation; to split",
     "pipelines/features/online_store.py": "store, two backends and ingest; backends to split out",
-    "pipelines/serving/predictor.py": "the request path and its tiers; tiers to split out",
+    "pipelines/serving/predictor.py": "request path: predict, batch, rank; operations to split",
     "pipelines/core/settings.py": "every params.yaml section's model, kept in one file",
     "pipelines/review/review.py": "collectors of every review section; to split by section",
     "pipelines/features/definitions.py": "declarations plus EventIndex; EventIndex to split out",

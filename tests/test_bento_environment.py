@@ -151,6 +151,8 @@ def test_bento_serves_from_an_environment_built_only_from_its_requirements(
         body = answer.json()
         # prod answers, or (a cold, loaded machine missing the latency budget) the baseline
         assert 0 < body["probability"] < 1 and body["route"] in ("prod", "baseline"), body
+        # the compiled trees load from the declared requirements alone (tl2cgen's runtime)
+        assert body["runtime"] == ("compiled" if body["route"] == "prod" else "rule"), body
     assert batch.status_code == 200 and len(batch.json()) == 20
     assert bad_surface.status_code == 400 and "surface" in bad_surface.text
     assert bad_json.status_code == 400

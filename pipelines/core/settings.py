@@ -19,11 +19,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from pipelines.core.config import ConfigError, load_params, project_root
-from pipelines.core.domain import PRESETS, SCENARIOS, STAGES
+from pipelines.core.domain import PRESETS, SCENARIOS, STAGES, SURFACES
 
 
 def _relative(value: str) -> str:
@@ -221,6 +222,22 @@ class ServingSettings(Section):
     log_queue_size: int = Field(100_000, ge=1)
     profile_window_seconds: float = Field(300.0, gt=0)
     shadow_queue_size: int = Field(1000, ge=1)
+    max_rank_items: int = Field(1000, ge=1, description="largest candidate list /rank takes")
+    surface_priority: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: {"search": 0, "feed": 1, "recs": 2},
+        description="0 = critical, never shed; higher levels are shed first under overload",
+    )
+    shed_inflight: int = Field(
+        8, ge=0, description="calls in flight per worker at which shedding starts; 0 = never"
+    )
+
+    @field_validator("surface_priority")
+    @classmethod
+    def _known_surfaces(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(SURFACES))
+        if unknown:
+            raise ValueError(f"unknown surfaces {unknown}; known: {', '.join(SURFACES)}")
+        return value
 
 
 # --------------------------------------------------------------------------- release

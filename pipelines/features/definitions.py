@@ -548,6 +548,7 @@ class EventIndex:
         check_times(click_ts, "click times (click_ts)")
         self.as_of_ms = int(max(ts.max(initial=0), click_ts.max(initial=0))) if len(ts) else 0
         self._vocab: dict[str, pd.Index] = {}
+        self._maps: dict[str, dict[Any, int]] = {}  # vocab as dicts, built on first list query
         column_codes: dict[str, np.ndarray] = {}
         for col in feature_set.key_columns:
             column_codes[col], self._vocab[col] = _factorize(_values(events, col))
@@ -588,9 +589,20 @@ class EventIndex:
 
     def entity_codes(self, queries: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Entity codes of query rows given their key columns (-1 for unseen entities)."""
-        column_codes = {
-            c: _lookup_codes(self._vocab[c], queries[c]) for c in self.feature_set.key_columns
-        }
+        column_codes = {}
+        for c in self.feature_set.key_columns:
+            values = queries[c]
+            if isinstance(values, list):
+                # Request-time keys (the service): a dict lookup per key. pandas' get_indexer
+                # on a str Index costs about 1 ms a call whatever the size (benchmarks/
+                # request_path.py), more than the rest of a one-row lookup.
+                if c not in self._maps:
+                    vocab = self._vocab[c]
+                    self._maps[c] = dict(zip(vocab.tolist(), range(len(vocab)), strict=True))
+                get = self._maps[c].get
+                column_codes[c] = np.fromiter((get(v, -1) for v in values), np.int64, len(values))
+            else:
+                column_codes[c] = _lookup_codes(self._vocab[c], values)
         out = {}
         for entity in self.feature_set.entity_sources:
             combined = self._combine(entity, column_codes)

@@ -11,7 +11,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipelines.core.io import md5_file
-from pipelines.features.definitions import FEATURE_SETS, EventIndex
+from pipelines.features.definitions import (
+    ENTITY_KEYS,
+    FEATURE_SETS,
+    EventIndex,
+    FeatureSet,
+    evaluate,
+)
 from pipelines.modeling.release import FeatureRef, file_sha256
 
 
@@ -92,8 +98,40 @@ class SnapshotFeatureSource:
         devices: Sequence[str],
         t_ms: np.ndarray,
     ) -> FeatureBatch:
-        X = self.index.lookup(users, items, surfaces, devices, t_ms).to_numpy(np.float64)
+        # compute, not lookup: the same float64 matrix without a DataFrame round trip
+        X = self.index.compute(list(users), list(items), list(surfaces), list(devices), t_ms)
         return FeatureBatch(X, np.minimum(t_ms, self.index.as_of_ms))
+
+    def lookup_one_user(
+        self, user: str, items: Sequence[str], surface: str, device: str, t_ms: int
+    ) -> FeatureBatch:
+        """Vectors of one user, surface, device and time against many items (ranking).
+
+        The features that do not depend on the item (user, user x surface, request
+        context) are computed once, from one query; only the item-dependent ones per
+        item. Same values as ``lookup`` of the expanded rows (same ``evaluate``).
+        """
+        n = len(items)
+        fs = self.index.feature_set
+        user_side, item_side = _split_by_item(fs)
+        codes = self.index.entity_codes(
+            {
+                "user_id": [user] * n,
+                "item_id": items,
+                "surface": [surface] * n,
+                "device": [device] * n,
+            }
+        )
+        t = np.full(n, t_ms, dtype=np.int64)
+        X = np.empty((n, len(fs.features)), dtype=np.float64)
+        one = {entity: c[:1] for entity, c in codes.items()}
+        X[:, user_side[0]] = evaluate(
+            user_side[1], self.index.histories, one, [surface], [device], t[:1]
+        )
+        X[:, item_side[0]] = evaluate(
+            item_side[1], self.index.histories, codes, [surface] * n, [device] * n, t
+        )
+        return FeatureBatch(X, np.minimum(t, self.index.as_of_ms))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -102,6 +140,36 @@ class SnapshotFeatureSource:
             "events": self.index.n_events,
             "as_of": iso_ms(self.index.as_of_ms),
         }
+
+
+_SPLITS: dict[str, tuple[tuple[list[int], FeatureSet], tuple[list[int], FeatureSet]]] = {}
+
+
+def _split_by_item(
+    fs: FeatureSet,
+) -> tuple[tuple[list[int], FeatureSet], tuple[list[int], FeatureSet]]:
+    """The feature set's columns that do not depend on the item, and those that do, each
+    with a feature set of just those features (for ``evaluate``)."""
+    if fs.name not in _SPLITS:
+        parts = []
+        for by_item in (False, True):
+            cols = [
+                j
+                for j, f in enumerate(fs.features)
+                if ("item_id" in ENTITY_KEYS.get(f.entity, ())) == by_item
+            ]
+            names = {fs.features[j].name for j in cols}
+            sub = FeatureSet(
+                name=fs.name,
+                features=tuple(fs.features[j] for j in cols),
+                prior_ctr=fs.prior_ctr,
+                prior_strength=fs.prior_strength,
+                categorical=tuple(c for c in fs.categorical if c in names),
+                growing=tuple(g for g in fs.growing if g in names),
+            )
+            parts.append((cols, sub))
+        _SPLITS[fs.name] = (parts[0], parts[1])
+    return _SPLITS[fs.name]
 
 
 def check_file(path: Path, md5: str, sha256: str | None, what: str) -> None:

@@ -27,10 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.core import lineage
 from pipelines.core.config import ConfigError, load_params
 from pipelines.core.io import atomic_dir, atomic_path, md5_file, write_json
 from pipelines.core.settings import settings_from
+from pipelines.modeling import compiled as compiled_trees
 from pipelines.modeling.release import (
     FeatureRef,
     ModelRef,
@@ -53,6 +56,7 @@ def use_bentoml_home(path: Path) -> None:
 MODEL_NAME = "ctr_model"
 FEATURES_NAME = "ctr_features"
 MODEL_FILES = ("model.joblib", "baseline.json", "model_card.json")
+COMPILED_FILES = (compiled_trees.LIBRARY, compiled_trees.META)  # optional: compiled trees
 
 
 def save_bento_model(
@@ -77,18 +81,38 @@ def save_model_dir(
     metrics: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
     registry_version: str | None = None,
+    compiled_dir: Path | None = None,
 ) -> ModelRef:
     """Store a ``train`` output folder as a BentoML model (version = md5 of model.joblib).
 
     The metadata keeps the file hashes, metrics and lineage, so a later release can
     use this version as candidate or previous without its original folder.
+    ``compiled_dir`` adds the compiled library (``model.so``, ``compiled.json``); a
+    stored copy of the same model whose files differ from these is replaced.
     """
-    files = {name: md5_file(model_dir / name) for name in MODEL_FILES}
+    import bentoml
+
+    sources = {name: model_dir / name for name in MODEL_FILES}
+    if compiled_dir is not None:
+        sources.update({name: compiled_dir / name for name in COMPILED_FILES})
+    files = {name: md5_file(path) for name, path in sources.items()}
+    tag = f"{MODEL_NAME}:m{files['model.joblib'][:12]}"
+    try:
+        folder = Path(bentoml.models.get(tag).path)
+        stored = {
+            n: md5_file(folder / n)
+            for n in (*MODEL_FILES, *COMPILED_FILES)
+            if (folder / n).is_file()
+        }
+        if stored != files:
+            bentoml.models.delete(tag)  # the same model with (or without) a compiled library
+    except bentoml.exceptions.NotFound:
+        pass
     card = json.loads((model_dir / "model_card.json").read_text())
     tag = save_bento_model(
         MODEL_NAME,
-        f"m{files['model.joblib'][:12]}",
-        {name: model_dir / name for name in MODEL_FILES},
+        tag.split(":")[1],
+        sources,
         {
             "model_md5": files["model.joblib"],
             "feature_set": card["feature_set"],
@@ -100,6 +124,52 @@ def save_model_dir(
         },
     )
     return model_ref(tag)
+
+
+def compile_for_release(
+    model_dir: Path, dataset_dir: Path | None, scratch: Path, stored: Path | None
+) -> tuple[Path | None, dict[str, Any]]:
+    """Compile the model (or reuse the library stored with it) and check it on the test set.
+
+    Returns the folder holding ``model.so`` and ``compiled.json`` (None when it is not
+    shipped) and the record the release keeps in the prod model's lineage: build
+    platform and toolchain, rows checked, largest |compiled - scikit-learn| difference.
+    A library is shipped only when it matches within ``compiled.TOLERANCE`` on every
+    test row; otherwise (or without a compiler) the scikit-learn model serves alone.
+    """
+    import joblib
+
+    model_file = model_dir / "model.joblib"
+    record: dict[str, Any] = {"library": compiled_trees.LIBRARY, "shipped": False}
+    try:
+        if stored is not None and compiled_trees.reusable(stored, model_file):
+            for name in COMPILED_FILES:
+                shutil.copyfile(stored / name, scratch / name)
+            meta = json.loads((scratch / compiled_trees.META).read_text())
+        else:
+            meta = compiled_trees.compile_model(model_file, scratch)
+        record.update({k: meta[k] for k in ("platform", "compiler", "treelite", "tl2cgen")})
+        if dataset_dir is None:
+            raise compiled_trees.CompileError("no test set given to verify the library on")
+        from pipelines.stages.dataset import load_split
+
+        card = json.loads((model_dir / "model_card.json").read_text())
+        X = load_split(dataset_dir, "test")[card["features"]].to_numpy(np.float64)
+        worst = compiled_trees.max_abs_difference(
+            joblib.load(model_file), compiled_trees.CompiledModel.load(scratch), X
+        )
+        record.update(test_rows=len(X), max_abs_diff=worst, tolerance=compiled_trees.TOLERANCE)
+        if not worst <= compiled_trees.TOLERANCE:
+            raise compiled_trees.CompileError(
+                f"compiled probabilities differ from scikit-learn's by up to {worst:.3g} on the "
+                f"test set (tolerance {compiled_trees.TOLERANCE:g})"
+            )
+    except compiled_trees.CompileError as exc:
+        record["reason"] = str(exc)
+        print(f"warning: the compiled library is not shipped, scikit-learn serves: {exc}")
+        return None, record
+    record["shipped"] = True
+    return scratch, record
 
 
 def model_ref(tag: str) -> ModelRef:
@@ -115,7 +185,11 @@ def model_ref(tag: str) -> ModelRef:
         ) from exc
     meta: dict[str, Any] = dict(stored.info.metadata)
     folder = Path(stored.path)
-    actual = {name: md5_file(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
+    actual = {
+        name: md5_file(folder / name)
+        for name in (*MODEL_FILES, *COMPILED_FILES)
+        if (folder / name).is_file()
+    }
     recorded = meta.get("files") or {"model.joblib": meta.get("model_md5")}
     for name, md5 in recorded.items():
         if md5 and actual.get(name) != md5:
@@ -191,16 +265,32 @@ def package_stage(
     policy: ServingSettings,
     lineage: dict[str, Any],
     online_store: OnlineStoreRef | None = None,
+    dataset_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Store models and feature snapshot in BentoML, write the release, build and export a bento.
 
     ``online_store`` (from ``features.online`` when ``serve: true``) is recorded in the
     release: the service then reads features from it, with the snapshot as fallback.
+    The prod model ships compiled (``compile_for_release``, checked on ``dataset_dir``'s
+    test split); the check is recorded in its lineage under ``compiled``.
     """
     use_bentoml_home(bentoml_home)
+    import bentoml
+
     metrics = json.loads(metrics_file.read_text())
     metrics = {k: metrics.get(k) for k in ("auc", "log_loss", "calibration_error", "n")}
-    prod = save_model_dir(model_dir, metrics, lineage)
+    try:
+        stored: Path | None = Path(
+            bentoml.models.get(f"{MODEL_NAME}:m{md5_file(model_dir / 'model.joblib')[:12]}").path
+        )
+    except bentoml.exceptions.NotFound:
+        stored = None
+    with tempfile.TemporaryDirectory(prefix="compiled-") as scratch:
+        compiled_dir, compiled_record = compile_for_release(
+            model_dir, dataset_dir, Path(scratch), stored
+        )
+        prod = save_model_dir(model_dir, metrics, lineage, compiled_dir=compiled_dir)
+    prod = prod.model_copy(update={"lineage": {**prod.lineage, "compiled": compiled_record}})
     # The stage never reads its own previous release: its outputs stay a pure function
     # of its inputs (README "Reproducibility"). A previous tier is named by tag.
     candidate, previous = resolve_tiers(policy, prod.tag, None)
@@ -281,6 +371,7 @@ def run(
     service_name: str,
     bentoml_home: Path,
     params_file: Path,
+    dataset_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``package`` stage: serving settings and lineage from the project, then package.
 
@@ -302,6 +393,7 @@ def run(
         settings.serving,
         record,
         online_store=online,
+        dataset_dir=dataset_dir,
     )
     return bento, record
 

@@ -1,0 +1,186 @@
+"""The cost of each step of the request path, in process (no HTTP): where a request's time goes.
+
+Loads the project's built release (``build/release/release.json``, models from its BentoML
+store) as the service does, then times, per call of one row and of 1000 rows / candidates:
+request validation (pydantic, from JSON bytes), the feature lookup (and the one-user path
+of ``/rank``), routing, the model (compiled library and scikit-learn), the request-log
+line (what the writer thread serializes) and the whole ``Predictor`` call. Median of
+repeated calls. Writes ``benchmarks/results/request_path.json`` and ``.md``.
+
+Usage::
+
+    python benchmarks/request_path.py --project .      # after `make run`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks._machine import machine  # noqa: E402
+from tests.support.loadtest import workload  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median milliseconds of ``repeat`` calls (after two warm-up calls)."""
+    fn()
+    fn()
+    out = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return round(float(np.median(out)) * 1000.0, 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, default=REPO)
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    project = args.project.resolve()
+    os.environ["BENTOML_HOME"] = str(project / ".bentoml")
+    import bentoml
+    from pydantic import TypeAdapter
+
+    from pipelines.modeling.release import load_release
+    from pipelines.serving.predictor import Predictor, PredictRequest, RankRequest, Runtime
+    from pipelines.serving.tiers import load_tier
+
+    release = load_release(project / "build/release/release.json")
+
+    def model_path(tag: str) -> Path:
+        return Path(bentoml.models.get(tag).path)
+
+    rt = Runtime.load(release, model_path)
+    predictor = Predictor(rt)  # no request log: its cost is timed separately below
+    prod = rt.tiers["prod"]
+    os.environ["CTR_MODEL_RUNTIME"] = "sklearn"
+    sk = load_tier("prod", release.prod, model_path(release.prod.tag))
+    bodies = workload(project / "data", 1000)
+    one = json.dumps(bodies[0]).encode()
+    many = json.dumps(bodies).encode()
+    reqs = [PredictRequest.model_validate(b) for b in bodies]
+    items = list(dict.fromkeys(b["item"] for b in bodies))
+    rank = RankRequest.model_validate(
+        {**{k: bodies[0][k] for k in ("user", "surface", "device", "timestamp")}, "items": items}
+    )
+    adapter = TypeAdapter(list[PredictRequest])
+    users = [r.user for r in reqs]
+    its = [r.item for r in reqs]
+    surfaces = [r.surface for r in reqs]
+    devices = [r.device for r in reqs]
+    t = np.array([int(r.timestamp.timestamp() * 1000) for r in reqs], dtype=np.int64)  # type: ignore[union-attr]
+    X = rt.lookup(users, its, surfaces, devices, t).X
+    n_items = len(items)
+    ids = [f"r{i}" for i in range(1000)]
+    steps: dict[str, dict[str, float]] = {
+        "validation (pydantic from JSON)": {
+            "1 row": timed(lambda: PredictRequest.model_validate_json(one), args.repeat),
+            "1000 rows": timed(lambda: adapter.validate_json(many), 20),
+        },
+        "features (point-in-time lookup)": {
+            "1 row": timed(
+                lambda: rt.lookup(users[:1], its[:1], surfaces[:1], devices[:1], t[:1]), args.repeat
+            ),
+            "1000 rows": timed(lambda: rt.lookup(users, its, surfaces, devices, t), 20),
+            f"rank, {n_items} items (user once)": timed(
+                lambda: rt.lookup(
+                    [rank.user] * n_items,
+                    items,
+                    [rank.surface] * n_items,
+                    [rank.device] * n_items,
+                    np.full(n_items, t[0]),
+                ),
+                20,
+            ),
+        },
+        "routing": {
+            "1 row": timed(lambda: rt.router.plan(users[:1], ids[:1], False), args.repeat),
+            "1000 rows": timed(lambda: rt.router.plan(users, ids, False), 20),
+        },
+        f"model, {prod.runtime}": {
+            "1 row": timed(lambda: prod.predict(X[:1]), args.repeat),
+            "1000 rows": timed(lambda: prod.predict(X), 20),
+        },
+        "model, sklearn": {
+            "1 row": timed(lambda: sk.predict(X[:1]), args.repeat),
+            "1000 rows": timed(lambda: sk.predict(X), 20),
+        },
+    }
+    from pipelines.serving.request_log import LogBatch
+
+    def log_line(k: int) -> bytes:
+        return LogBatch(
+            "predict",
+            "r",
+            time.time(),
+            1.0,
+            ids[:k],
+            users[:k],
+            its[:k],
+            surfaces[:k],
+            devices[:k],
+            t[:k],
+            X[:k, 0],
+            ["prod"] * k,
+            ["m"] * k,
+            [None] * k,
+            np.zeros(k),
+            release.feature_source.names,
+            X[:k],
+        ).to_line()
+
+    steps["request-log line (writer thread)"] = {
+        "1 row": timed(lambda: log_line(1), args.repeat),
+        "1000 rows": timed(lambda: log_line(1000), 20),
+    }
+    steps["whole Predictor call"] = {
+        "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
+        "1000 rows": timed(lambda: predictor.predict_json(reqs), 20),
+        f"rank, {n_items} items": timed(lambda: predictor.rank_json(rank), 20),
+    }
+    predictor.close()
+    report = {
+        "benchmark": "request_path",
+        "machine": machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "release": release.release_id,
+        "prod_runtime": prod.runtime,
+        "steps_ms": steps,
+        "command": "python benchmarks/request_path.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "request_path.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = [
+        "# Request path: cost per step (in process, median ms)",
+        "",
+        f"{report['machine']['date']}, {report['machine']['cores']} cores "
+        f"({report['machine']['cpu']}), load average {report['load_average'][0]} "
+        "(shared machine).",
+        "",
+        "| step | call | ms |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {s} | {c} | {v} |" for s, calls in steps.items() for c, v in calls.items()]
+    rows += ["", f"Reproduce: `{report['command']}`", ""]
+    (args.out / "request_path.md").write_text("\n".join(rows))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

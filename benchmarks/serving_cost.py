@@ -1,0 +1,536 @@
+"""Serving cost with real load generators: the release bento against a bare BentoML service.
+
+What it does (loopback, one BentoML worker per service, OMP_NUM_THREADS=1):
+
+1. packages a trained project with this repository's code (compiled trees included), as
+   ``benchmarks/serving_latency.py`` does, or imports ``--bento``; serves it with a release
+   whose policy has ``workers: 1`` (and, for the overload scenario, shedding on or off);
+   serves ``benchmarks/bare_service.py`` (the scikit-learn model on precomputed features);
+2. closed loop with ``wrk`` (a Lua script cycles through real request bodies and reports
+   p50/p95/p99): ``/predict`` at concurrency 1 and 8, ``/predict_batch`` (1000 rows) and
+   ``/rank`` (1000 candidates) at concurrency 1 and 2, alternating full and bare in rounds;
+3. ``hey`` at a fixed rate of 60% of the measured concurrency-8 capacity (per-request
+   latencies from its CSV output);
+4. overload: ``wrk`` floods ``/rank`` on recs (low priority) while ``hey`` sends search
+   (critical) and feed ``/predict`` at a fixed rate; latency per surface with priorities on
+   (``serving.shed_inflight`` from params) and off (0);
+5. the full service again with ``CTR_MODEL_RUNTIME=sklearn`` at concurrency 8, to show
+   what the compiled trees bring;
+6. writes ``benchmarks/results/serving_cost.json`` and ``.md`` (machine, date, load
+   average, commands).
+
+Usage::
+
+    python benchmarks/serving_cost.py --project .     # after `make run`
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serving_latency import bare_bodies, build_bento, full_bodies, machine, start, stop  # noqa: E402
+
+from pipelines.modeling.release import reseal_release_dict  # noqa: E402
+from tests.support.loadtest import free_port, workload_frame  # noqa: E402
+
+TOKEN = "serving-cost-bench-token"
+QPS_TARGET = 120_000
+
+# wrk: cycle through the bodies in BODIES (one JSON body per line); print JSON at the end.
+WRK_LUA = r"""
+local bodies = {}
+for line in io.lines(os.getenv("BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", os.getenv("WRK_PATH"), {["Content-Type"] = "application/json"},
+                    bodies[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'RESULT {"requests": %d, "seconds": %.3f, "errors": %d, "non2xx": %d, ' ..
+    '"p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f}\n',
+    summary.requests, summary.duration / 1e6,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+
+def wrk(url: str, path: str, bodies: Path, conc: int, seconds: float, script: Path) -> dict:
+    """Closed loop: ``conc`` connections send back to back for ``seconds``."""
+    env = {**os.environ, "BODIES": str(bodies), "WRK_PATH": path}
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(conc), "-d", f"{seconds:g}s", "-s", str(script), url],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = re.search(r"^RESULT (\{.*\})$", out, re.M)
+    if found is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    result: dict[str, Any] = json.loads(found.group(1))
+    result["req_per_s"] = round(result["requests"] / result["seconds"], 1)
+    return result
+
+
+def hey(url: str, body: Path, rate: float, conc: int, seconds: float) -> dict[str, Any]:
+    """Fixed rate (``rate`` in all, spread over ``conc`` workers); percentiles from the CSV."""
+    out = subprocess.run(
+        [
+            "hey",
+            "-z",
+            f"{seconds:g}s",
+            "-c",
+            str(conc),
+            "-q",
+            f"{rate / conc:.3f}",
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-D",
+            str(body),
+            "-o",
+            "csv",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    rows = [line.split(",") for line in out[1:] if line and line[0].isdigit()]
+    lat = np.array([float(r[0]) for r in rows]) * 1000.0
+    codes = [r[6] for r in rows]
+    return {
+        "requests": len(rows),
+        "target_rate": round(rate, 1),
+        "achieved_rate": round(len(rows) / seconds, 1),
+        "errors": sum(c != "200" for c in codes),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p95_ms": round(float(np.percentile(lat, 95)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+    }
+
+
+def lines(path: Path, bodies: list[Any]) -> Path:
+    path.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
+    return path
+
+
+def serve_release(
+    tag: str, release: dict[str, Any], env: dict[str, str], work: Path, name: str, **extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    release_file = work / f"{name}.json"
+    release_file.write_text(json.dumps(reseal_release_dict(release)))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(
+        [sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port)],
+        {**env, "CTR_RELEASE_FILE": str(release_file), **extra},
+        work,
+        url,
+        work / f"{name}.log",
+    )
+    return proc, url
+
+
+def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--bento", type=Path, help="serve this exported bento instead of building")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per closed-loop run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rank-items", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    project = args.project.resolve()
+    work = Path(tempfile.mkdtemp(prefix="serving-cost-"))
+    os.environ["BENTOML_HOME"] = str(work / "home")
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CTR_REQUEST_LOG_DIR": str(work / "requests"),
+        "CTR_PROFILE_DIR": str(work / "live"),
+        "CTR_STATE_DIR": str(work / "state"),
+        "CTR_ADMIN_TOKEN": TOKEN,
+    }
+    env.pop("MLOPS_PROJECT_ROOT", None)
+    procs: list[subprocess.Popen[bytes]] = []
+    started_at = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    script = work / "bodies.lua"
+    script.write_text(WRK_LUA)
+    try:
+        if args.bento:
+            from pipelines.stages.packaging import import_bento
+
+            tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
+        else:
+            tag, _ = build_bento(project, work)
+        from pipelines.modeling.release import load_release
+
+        home_release = next((work / "home" / "bentos").rglob("release.json"))
+        release = load_release(home_release).to_json_dict()
+        release["policy"]["workers"] = 1
+        rows = workload_frame(project / "data", 3000)
+        single = full_bodies(rows)
+        feats = bare_bodies(rows, project / "data")
+        b = 1000
+        files = {
+            "full_single": lines(work / "full_single.txt", single),
+            "bare_single": lines(work / "bare_single.txt", [{"features": f} for f in feats]),
+            "full_batch": lines(
+                work / "full_batch.txt",
+                [{"requests": single[k * b % 2000 : k * b % 2000 + b]} for k in range(3)],
+            ),
+            "bare_batch": lines(
+                work / "bare_batch.txt",
+                [{"rows": feats[k * b % 2000 : k * b % 2000 + b]} for k in range(3)],
+            ),
+        }
+        items = list(dict.fromkeys(rows.item_id))
+        items = (items * (args.rank_items // max(len(items), 1) + 1))[: args.rank_items]
+        items = list(dict.fromkeys(items))
+        rank_bodies = [
+            {k: single[i][k] for k in ("user", "surface", "device", "timestamp")} | {"items": items}
+            for i in range(5)
+        ]
+        files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
+        full, full_url = serve_release(tag, release, env, work, "full")
+        procs.append(full)
+        port = free_port()
+        bare_url = f"http://127.0.0.1:{port}"
+        bare = start(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "benchmarks.bare_service:BareService",
+                "--port",
+                str(port),
+            ],
+            {**env, "BARE_MODEL_TAG": release["prod"]["tag"]},
+            REPO,
+            bare_url,
+            work / "bare.log",
+        )
+        procs.append(bare)
+        urls = {"full": full_url, "bare": bare_url}
+        for name, url in urls.items():  # warm up
+            wrk(url, "/predict", files[f"{name}_single"], 2, 2, script)
+        results: dict[str, Any] = {"full": {}, "bare": {}}
+        scenarios = [
+            ("predict_c1", "/predict", "single", 1, 1),
+            ("predict_c8", "/predict", "single", 8, 1),
+            ("batch1000_c1", "/predict_batch", "batch", 1, b),
+            ("batch1000_c2", "/predict_batch", "batch", 2, b),
+        ]
+        for name, path, kind, conc, per_call in scenarios:
+            parts: dict[str, list[dict[str, Any]]] = {"full": [], "bare": []}
+            for r in range(args.rounds):
+                for label in list(urls) if r % 2 == 0 else list(reversed(urls)):
+                    got = wrk(
+                        urls[label], path, files[f"{label}_{kind}"], conc, args.seconds, script
+                    )
+                    got["rows_per_s"] = round(got["req_per_s"] * per_call, 1)
+                    parts[label].append(got)
+            for label in urls:
+                results[label][name] = pool(parts[label])
+                print(label, name, results[label][name], flush=True)
+        for conc in (1, 2):
+            got = pool(
+                [
+                    wrk(full_url, "/rank", files["full_rank"], conc, args.seconds, script)
+                    for _ in range(args.rounds)
+                ]
+            )
+            got["rows_per_s"] = round(got["req_per_s"] * len(items), 1)
+            results["full"][f"rank{len(items)}_c{conc}"] = got
+            print("full rank", conc, got, flush=True)
+        capacity = results["full"]["predict_c8"]["req_per_s"]
+        one = work / "one.json"
+        one.write_text(json.dumps(single[0]))
+        results["full"]["predict_fixed_rate_60pct"] = hey(
+            full_url + "/predict", one, 0.6 * capacity, 8, max(args.seconds * 1.5, 10)
+        )
+        print("fixed rate", results["full"]["predict_fixed_rate_60pct"], flush=True)
+        meta = post_json(full_url + "/metadata")
+        results["full_counters"] = {
+            "predictor": meta["counters"],
+            "request_log": meta["request_log"],
+        }
+        results["runtime"] = meta["tiers"]["prod"]["runtime"]
+        results["gc"] = meta.get("gc")  # GC pauses of the full service's worker
+        stop(full)
+        procs.remove(full)
+        # the same service with the scikit-learn model answering
+        sk, sk_url = serve_release(tag, release, env, work, "sklearn", CTR_MODEL_RUNTIME="sklearn")
+        procs.append(sk)
+        wrk(sk_url, "/predict", files["full_single"], 2, 2, script)
+        results["full_sklearn"] = {
+            "predict_c8": pool(
+                [
+                    wrk(sk_url, "/predict", files["full_single"], 8, args.seconds, script)
+                    for _ in range(args.rounds)
+                ]
+            ),
+        }
+        print("sklearn runtime", results["full_sklearn"], flush=True)
+        stop(sk)
+        procs.remove(sk)
+        results["overload"] = overload(
+            tag, release, env, work, single, rank_bodies, script, capacity, args.seconds
+        )
+        for p in procs:
+            stop(p)
+        procs.clear()
+        report = {
+            "benchmark": "serving_cost",
+            "date": started_at.date().isoformat(),
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "machine": machine(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "bento": tag,
+            "settings": {
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "workers": 1,
+                "rank_items": len(items),
+                "batch_rows": b,
+                "omp_num_threads": 1,
+                "closed_loop": "wrk 4.1 (1 thread, Lua body rotation)",
+                "fixed_rate": "hey (-q per worker, 8 workers)",
+            },
+            "results": results,
+            "command": "python benchmarks/serving_cost.py " + " ".join(sys.argv[1:]),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "serving_cost.md").write_text(markdown(report))
+        print(markdown(report))
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def post_json(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.post(url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+
+
+def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one scenario: rates summed over time, percentiles as the worst round's."""
+    requests = sum(p["requests"] for p in parts)
+    seconds = sum(p["seconds"] for p in parts)
+    out = {
+        "requests": requests,
+        "seconds": round(seconds, 2),
+        "req_per_s": round(requests / seconds, 1),
+        "rounds_req_per_s": [p["req_per_s"] for p in parts],
+        "errors": sum(p["errors"] + p.get("non2xx", 0) for p in parts),
+        "p50_ms": round(float(np.median([p["p50_ms"] for p in parts])), 2),
+        "p95_ms": round(max(p["p95_ms"] for p in parts), 2),
+        "p99_ms": round(max(p["p99_ms"] for p in parts), 2),
+    }
+    if "rows_per_s" in parts[0]:
+        per_call = parts[0]["rows_per_s"] / max(parts[0]["req_per_s"], 1e-9)
+        out["rows_per_s"] = round(out["req_per_s"] * per_call, 1)
+    return out
+
+
+def overload(
+    tag: str,
+    release: dict[str, Any],
+    env: dict[str, str],
+    work: Path,
+    single: list[dict[str, Any]],
+    rank_bodies: list[dict[str, Any]],
+    script: Path,
+    capacity: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """recs /rank flooded by wrk (16 connections) while hey sends search and feed /predict
+    at a fixed rate; per-surface latency with priorities on and off."""
+    recs = lines(work / "recs_rank.txt", [{**r, "surface": "recs"} for r in rank_bodies])
+    body = {}
+    for surface in ("search", "feed"):
+        body[surface] = work / f"{surface}.json"
+        body[surface].write_text(json.dumps({**single[0], "surface": surface}))
+    out: dict[str, Any] = {}
+    on = release["policy"]["shed_inflight"] or 8
+    for label, shed in (("priorities_on", on), ("priorities_off", 0)):
+        rel = json.loads(json.dumps(release))
+        rel["policy"]["shed_inflight"] = shed
+        proc, url = serve_release(tag, rel, env, work, label)
+        try:
+            flood = subprocess.Popen(
+                ["wrk", "-t", "1", "-c", "16", "-d", f"{seconds + 2:g}s", "-s", str(script), url],
+                env={**os.environ, "BODIES": str(recs), "WRK_PATH": "/rank"},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(1.0)
+            rate = max(0.1 * capacity, 5.0)
+            probes = {
+                s: subprocess.Popen(
+                    [
+                        "hey",
+                        "-z",
+                        f"{seconds:g}s",
+                        "-c",
+                        "2",
+                        "-q",
+                        f"{rate / 2:.2f}",
+                        "-m",
+                        "POST",
+                        "-T",
+                        "application/json",
+                        "-D",
+                        str(body[s]),
+                        "-o",
+                        "csv",
+                        url + "/predict",
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for s in ("search", "feed")
+            }
+            got: dict[str, Any] = {"shed_inflight": shed}
+            for s, p in probes.items():
+                rows = [
+                    ln.split(",") for ln in p.communicate()[0].splitlines()[1:] if ln[:1].isdigit()
+                ]
+                lat = np.array([float(r[0]) for r in rows]) * 1000.0
+                got[s] = {
+                    "requests": len(rows),
+                    "p50_ms": round(float(np.percentile(lat, 50)), 1),
+                    "p95_ms": round(float(np.percentile(lat, 95)), 1),
+                    "p99_ms": round(float(np.percentile(lat, 99)), 1),
+                }
+            text = flood.communicate()[0]
+            found = re.search(r"^RESULT (\{.*\})$", text, re.M)
+            got["recs_rank"] = json.loads(found.group(1)) if found else None
+            meta = post_json(url + "/metadata")
+            got["shed_rows"] = meta["counters"]["shed_rows"]
+            got["routes"] = meta["counters"]["routes"]
+            out[label] = got
+            print(label, got, flush=True)
+        finally:
+            stop(proc)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, r = report["machine"], report["results"]
+    full, bare = r["full"], r["bare"]
+    lines_ = [
+        "# Serving cost",
+        "",
+        f"Date {report['date']} ({report['started_at']}); {m['cores']} cores ({m['cpu']}), "
+        f"Python {m['python']}, BentoML {m['bentoml']}; one worker per service, "
+        "OMP_NUM_THREADS=1; wrk and hey on the same machine. Load average before/after: "
+        f"{report['load_average_before'][0]} / {report['load_average_after'][0]} (machine "
+        "shared with other jobs). Prod runtime: " + str(r.get("runtime")) + ".",
+        "",
+        "| scenario | full req/s | bare req/s | ratio | full p50/p95/p99 ms "
+        "| bare p50/p95/p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("predict_c1", "predict_c8", "batch1000_c1", "batch1000_c2"):
+        f, b = full[name], bare[name]
+        lines_.append(
+            f"| {name} | {f['req_per_s']} ({f.get('rows_per_s', f['req_per_s'])} rows/s) | "
+            f"{b['req_per_s']} ({b.get('rows_per_s', b['req_per_s'])} rows/s) | "
+            f"{f['req_per_s'] / b['req_per_s']:.2f} (rounds "
+            + ", ".join(
+                f"{x / y:.2f}"
+                for x, y in zip(f["rounds_req_per_s"], b["rounds_req_per_s"], strict=True)
+            )
+            + f") | {f['p50_ms']} / {f['p95_ms']} / {f['p99_ms']} | "
+            f"{b['p50_ms']} / {b['p95_ms']} / {b['p99_ms']} |"
+        )
+    for name, v in full.items():
+        if name.startswith("rank"):
+            lines_.append(
+                f"| {name} | {v['req_per_s']} ({v['rows_per_s']} rows/s) | | | "
+                f"{v['p50_ms']} / {v['p95_ms']} / {v['p99_ms']} | |"
+            )
+    fr = full["predict_fixed_rate_60pct"]
+    c8 = full["predict_c8"]["req_per_s"]
+    lines_ += [
+        "",
+        f"Fixed rate (hey) at 60% of capacity ({fr['target_rate']} req/s target, "
+        f"{fr['achieved_rate']} achieved): p50 {fr['p50_ms']}, p95 {fr['p95_ms']}, "
+        f"p99 {fr['p99_ms']} ms, {fr['errors']} errors.",
+        "",
+        f"Same service with the scikit-learn runtime (CTR_MODEL_RUNTIME=sklearn), /predict at "
+        f"concurrency 8: {r['full_sklearn']['predict_c8']['req_per_s']} req/s.",
+        "",
+        f"Cores for {QPS_TARGET:,} QPS of /predict at this rate ({c8} req/s per worker, one "
+        f"worker taking about one core): about {QPS_TARGET / c8:,.0f} cores "
+        f"(bare: {QPS_TARGET / bare['predict_c8']['req_per_s']:,.0f}).",
+        "",
+        "Overload (recs /rank flooded by wrk, 16 connections; search and feed /predict by hey "
+        "at a fixed rate):",
+        "",
+        "| priorities | search p50/p95/p99 ms | feed p50/p95/p99 ms "
+        "| recs rank req/s, p50 ms | shed rows |",
+        "|---|---|---|---|---|",
+    ]
+    for label, o in r["overload"].items():
+        s, f = o["search"], o["feed"]
+        rr = o.get("recs_rank") or {}
+        rate = rr.get("requests", 0) / max(rr.get("seconds", 1), 1e-9)
+        lines_.append(
+            f"| {label} (shed_inflight {o['shed_inflight']}) | {s['p50_ms']} / {s['p95_ms']} / "
+            f"{s['p99_ms']} | {f['p50_ms']} / {f['p95_ms']} / {f['p99_ms']} | {rate:.1f}, "
+            f"{rr.get('p50_ms', 0):.1f} | {o['shed_rows']} |"
+        )
+    if r.get("gc"):
+        lines_ += [
+            "",
+            f"GC pauses of the full service's worker (count, total ms, max ms): {r['gc']}.",
+        ]
+    c = r.get("full_counters", {})
+    lines_ += [
+        "",
+        f"Full path counters: rows {c.get('predictor', {}).get('rows')}, routes "
+        f"{c.get('predictor', {}).get('routes')}; request log written "
+        f"{c.get('request_log', {}).get('written_rows')}, dropped "
+        f"{c.get('request_log', {}).get('dropped_rows')}.",
+        "",
+        f"Reproduce: `{report['command']}`",
+        "",
+    ]
+    return "\n".join(lines_)
+
+
+if __name__ == "__main__":
+    main()

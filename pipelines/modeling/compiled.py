@@ -1,0 +1,202 @@
+"""Compiled tree inference: the scikit-learn model as native code (treelite + tl2cgen).
+
+``compile_model`` turns a ``model.joblib`` (HistGradientBoosting) into ``model.so`` plus
+``compiled.json`` (what it was built from and for which platform); the ``package`` stage
+does it, checks it against the scikit-learn model on the whole test set and ships both
+files beside the model. ``CompiledModel.load`` is what the service calls: it refuses a
+library built for another platform, or one that does not load, with a reason, and the
+scikit-learn model answers instead. Details: docs/serving.md ("Compiled trees").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+LIBRARY = "model.so"
+META = "compiled.json"
+# Quantized thresholds: the comparisons run on integer bins (faster, same splits); a fixed
+# number of translation units so the generated sources, and the library, do not depend on
+# the machine's core count (gcc output is then byte-identical from build to build).
+CODEGEN = {"quantize": 1, "parallel_comp": 8}
+TOOLCHAIN = "gcc"
+TOLERANCE = 1e-9  # largest |compiled - scikit-learn| accepted on the test set
+
+
+class CompileError(RuntimeError):
+    """The model could not be compiled (no compiler, unsupported model); sklearn serves it."""
+
+
+def platform_tag() -> str:
+    """Where a library can run: OS, machine and C library (``linux-x86_64-glibc2.36``)."""
+    libc, version = platform.libc_ver()
+    return f"{sys.platform}-{platform.machine()}-{libc or 'libc'}{version}"
+
+
+def _compiler_version() -> str:
+    path = shutil.which(TOOLCHAIN)
+    if path is None:
+        raise CompileError(
+            f"{TOOLCHAIN} is not installed, so the model cannot be compiled; install it "
+            "(apt-get install gcc) or serve the scikit-learn model (it answers by itself)"
+        )
+    out = subprocess.run([path, "-dumpfullversion"], capture_output=True, text=True, check=False)
+    return f"{TOOLCHAIN} {out.stdout.strip() or 'unknown'}"
+
+
+def build_fingerprint() -> dict[str, Any]:
+    """Everything besides the model that decides the library's bytes."""
+    import tl2cgen
+    import treelite
+
+    return {
+        "platform": platform_tag(),
+        "compiler": _compiler_version(),
+        "treelite": treelite.__version__,
+        "tl2cgen": tl2cgen.__version__,
+        "codegen": CODEGEN,
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compile_model(model_file: Path, out_dir: Path) -> dict[str, Any]:
+    """Compile ``model_file`` into ``out_dir/model.so`` and describe it in ``compiled.json``.
+
+    The description holds the model's sha256 and the build fingerprint, so a stored
+    library is reused only for the same model built the same way (``reusable``).
+    """
+    import joblib
+
+    fingerprint = build_fingerprint()
+    try:
+        import tl2cgen
+        import treelite
+
+        model = joblib.load(model_file)
+        tree_model = treelite.sklearn.import_model(model)
+    except Exception as exc:
+        raise CompileError(f"treelite cannot import {type(exc).__name__}: {exc}") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tl2cgen-") as scratch, _native_output() as log:
+        built = Path(scratch) / LIBRARY
+        try:
+            tl2cgen.export_lib(
+                tree_model, toolchain=TOOLCHAIN, libpath=built, params=dict(CODEGEN), nthread=2
+            )
+        except Exception as exc:
+            raise CompileError(f"tl2cgen could not build the library: {exc}\n{_tail(log)}") from exc
+        shutil.copyfile(built, out_dir / LIBRARY)
+    meta = {
+        **fingerprint,
+        "model_sha256": _sha256(model_file),
+        "features": int(model.n_features_in_),
+        "library": LIBRARY,
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return meta
+
+
+@contextlib.contextmanager
+def _native_output() -> Iterator[IO[bytes]]:
+    """Send what native code writes to stdout/stderr (treelite's timestamped log lines,
+    compiler messages) to a file while compiling: it would otherwise land in the executed
+    stage notebook and make it differ from build to build."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with (
+        tempfile.TemporaryFile() as sink,
+        contextlib.redirect_stdout(io.StringIO()),  # treelite logs through a Python callback
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
+
+
+def reusable(folder: Path, model_file: Path) -> bool:
+    """True when ``folder`` holds a library of this very model built the way we build now."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        if not (folder / LIBRARY).is_file() or meta.get("model_sha256") != _sha256(model_file):
+            return False
+        return all(meta.get(k) == v for k, v in build_fingerprint().items())
+    except (OSError, ValueError, CompileError):
+        return False
+
+
+class CompiledModel:
+    """A loaded ``model.so``: click probability for a float64 feature matrix.
+
+    tl2cgen's predictor may be called by one thread at a time: a lock serializes calls
+    (a worker scores one request at a time anyway).
+    """
+
+    def __init__(self, predictor: Any, meta: dict[str, Any]) -> None:
+        self._predictor = predictor
+        self._lock = threading.Lock()
+        self.meta = meta
+        import tl2cgen
+
+        self._dmatrix = tl2cgen.DMatrix
+
+    @classmethod
+    def load(cls, folder: Path) -> CompiledModel:
+        """Load the library in ``folder``; raises with the reason when it cannot run here."""
+        meta = json.loads((folder / META).read_text())
+        here = platform_tag()
+        if meta.get("platform") != here:
+            raise CompileError(f"library built for {meta.get('platform')}, this is {here}")
+        import tl2cgen
+
+        predictor = tl2cgen.Predictor(folder / LIBRARY, nthread=1)
+        if predictor.num_feature != meta.get("features"):
+            raise CompileError(
+                f"library takes {predictor.num_feature} features, the model {meta.get('features')}"
+            )
+        return cls(predictor, meta)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Probability of the positive class per row (float64)."""
+        data = self._dmatrix(np.ascontiguousarray(X, dtype=np.float64), dtype="float64")
+        with self._lock:
+            out = self._predictor.predict(data)
+        return np.asarray(out, dtype=np.float64).reshape(len(X))
+
+
+def max_abs_difference(model: Any, compiled: CompiledModel, X: np.ndarray) -> float:
+    """Largest |compiled - scikit-learn| probability over the rows of ``X`` (in chunks)."""
+    worst = 0.0
+    for start in range(0, len(X), 50_000):
+        part = X[start : start + 50_000]
+        expected = model.predict_proba(part)[:, 1]
+        worst = max(worst, float(np.max(np.abs(compiled.predict(part) - expected), initial=0.0)))
+    return worst

@@ -1,0 +1,110 @@
+"""Surface priorities under overload: who is answered by the rule baseline when a worker is full.
+
+*Saturated* is measured per worker process: the number of scoring calls (``/predict``,
+``/predict_batch``, ``/rank``) it holds, queued or running, when a call arrives, that
+call included (``InFlight`` counts them at the ASGI layer, before BentoML queues the
+call for its worker thread). With ``serving.shed_inflight`` = T and
+``serving.surface_priority`` giving each surface a level (0 = critical, never shed), a
+call on a surface of level p >= 1 is shed when it arrives to at least
+``T * (1 + max_level - p)`` calls in flight: the lowest level first, at T; each level
+above it needs another T. A shed row skips the feature lookup and every model: the rule
+baseline answers it, ``degraded_reason`` says why, and it is counted per surface
+(``counters.shed_rows``) and logged like every answered row. Details: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from typing import Any
+
+from pipelines.core.settings import ServingSettings
+
+SCORING_PATHS = frozenset({"/predict", "/predict_batch", "/rank"})
+# In flight at this worker when the current call arrived (None outside a served call).
+ARRIVAL_INFLIGHT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "arrival_inflight", default=None
+)
+
+
+def shed_threshold(policy: ServingSettings, surface: str) -> int | None:
+    """Calls in flight at arrival from which ``surface`` is shed (None: never)."""
+    level = policy.surface_priority.get(surface, 0)
+    if policy.shed_inflight <= 0 or level <= 0:
+        return None
+    top = max(policy.surface_priority.values(), default=0)
+    return policy.shed_inflight * (1 + top - level)
+
+
+def shed_reasons(
+    policy: ServingSettings, inflight: int | None, surfaces: Sequence[str]
+) -> dict[str, str]:
+    """Surfaces of these rows to shed now, each with the reason the rows will carry."""
+    if inflight is None or policy.shed_inflight <= 0 or inflight < policy.shed_inflight:
+        return {}
+    out = {}
+    for surface in set(surfaces):
+        threshold = shed_threshold(policy, surface)
+        if threshold is not None and inflight >= threshold:
+            out[surface] = (
+                f"shed under overload: {inflight} calls in flight in this worker, surface "
+                f"{surface} (priority {policy.surface_priority[surface]}) is answered by the "
+                f"rule baseline from {threshold}"
+            )
+    return out
+
+
+class InFlight:
+    """ASGI middleware: counts this worker's scoring calls in flight and tells each call
+    how many it arrived to (``ARRIVAL_INFLIGHT``, read by the API in its worker thread:
+    BentoML copies the context into it)."""
+
+    count = 0  # per worker process; the event loop is its only writer
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") not in SCORING_PATHS:
+            await self.app(scope, receive, send)
+            return
+        InFlight.count += 1
+        token = ARRIVAL_INFLIGHT.set(InFlight.count)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            InFlight.count -= 1
+            ARRIVAL_INFLIGHT.reset(token)
+
+
+class GcPauses:
+    """Garbage-collector pauses of this worker, per generation (for tail-latency diagnosis:
+    /metadata ``gc``). Installed once per process by the service."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.stats: dict[str, dict[str, float]] = {
+            str(g): {"collections": 0, "total_ms": 0.0, "max_ms": 0.0} for g in range(3)
+        }
+
+    def install(self) -> GcPauses:
+        import gc
+
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        import time
+
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        if self.started is None:
+            return
+        ms = (time.perf_counter() - self.started) * 1000.0
+        self.started = None
+        entry = self.stats[str(info.get("generation", 2))]
+        entry["collections"] += 1
+        entry["total_ms"] = round(entry["total_ms"] + ms, 3)
+        entry["max_ms"] = round(max(entry["max_ms"], ms), 3)

@@ -1,0 +1,331 @@
+"""Compiled trees, the ranking endpoint and surface priorities, through a real `bentoml serve`.
+
+One server for the module: the small project's exported bento (built by `dvc repro`, so
+its prod model ships compiled), imported into an empty BentoML home, one worker, with a
+release whose policy has a small ranking limit and shedding from 2 calls in flight.
+Fast in-process checks (the one-user feature path, the shedding rule, a library built
+for another platform) come first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.core.settings import ServingSettings
+from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
+from pipelines.modeling.compiled import META, CompiledModel, CompileError
+from pipelines.modeling.release import reseal_release_dict
+from pipelines.serving.overload import shed_reasons, shed_threshold
+from pipelines.serving.request_log import read_shards
+from pipelines.serving.sources import SnapshotFeatureSource
+from pipelines.stages.dataset import load_split
+from pipelines.stages.packaging import import_bento
+from tests.support.loadtest import Served, workload_frame
+from tests.support.project import project_env
+
+TOKEN = "cost-test-admin-token-1234"
+MAX_RANK = 50
+
+
+def _model_folder(home: Path, tag: str) -> Path:
+    name, version = tag.split(":")
+    return home / "models" / name / version
+
+
+# --- in-process ----------------------------------------------------------------------
+def test_one_user_lookup_equals_the_row_by_row_lookup(small_project: Path) -> None:
+    events = pd.read_parquet(small_project / "data/events.parquet")
+    source = SnapshotFeatureSource(EventIndex(events, CTR_V1))
+    rows = workload_frame(small_project / "data", 1)
+    items = [*pd.unique(events["item_id"])[:300].tolist(), "i-never-seen"]
+    n = len(items)
+    t = int(to_ms(rows.ts)[0])
+    one = source.lookup_one_user(rows.user_id[0], items, "search", "tablet", t)
+    each = source.lookup(
+        [rows.user_id[0]] * n, items, ["search"] * n, ["tablet"] * n, np.full(n, t, dtype=np.int64)
+    )
+    np.testing.assert_array_equal(one.X, each.X)
+    np.testing.assert_array_equal(one.as_of_ms, each.as_of_ms)
+
+
+def test_shedding_rule_levels() -> None:
+    policy = ServingSettings(shed_inflight=4, surface_priority={"search": 0, "feed": 1, "recs": 2})
+    assert shed_threshold(policy, "search") is None
+    assert (shed_threshold(policy, "recs"), shed_threshold(policy, "feed")) == (4, 8)
+    assert shed_reasons(policy, None, ["recs"]) == {}  # not a served call
+    assert shed_reasons(policy, 3, ["recs", "feed", "search"]) == {}
+    assert set(shed_reasons(policy, 4, ["recs", "feed", "search"])) == {"recs"}
+    assert set(shed_reasons(policy, 8, ["recs", "feed", "search"])) == {"recs", "feed"}
+    off = policy.model_copy(update={"shed_inflight": 0})
+    assert shed_reasons(off, 100, ["recs"]) == {}
+    with pytest.raises(ValueError, match="unknown surfaces"):
+        ServingSettings(surface_priority={"email": 1})
+
+
+def test_a_library_built_for_another_platform_is_refused(
+    small_project: Path, tmp_path: Path
+) -> None:
+    release = json.loads((small_project / "build/release/release.json").read_text())
+    folder = _model_folder(small_project / ".bentoml", release["prod"]["tag"])
+    copy = tmp_path / "lib"
+    shutil.copytree(folder, copy)
+    CompiledModel.load(copy)  # loads as built
+    meta = json.loads((copy / META).read_text())
+    (copy / META).write_text(json.dumps({**meta, "platform": "darwin-arm64-libc"}))
+    with pytest.raises(CompileError, match="built for darwin-arm64-libc"):
+        CompiledModel.load(copy)
+
+
+# --- one real server ---------------------------------------------------------------------
+class Server:
+    def __init__(self, served: Served, home: Path, work: Path, release: dict[str, Any]) -> None:
+        self.served, self.home, self.work, self.release = served, home, work, release
+        self.ranked_items = 0
+
+    def post(self, path: str, body: Any, token: str | None = None) -> httpx.Response:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(self.served.url + path, json=body, headers=headers, timeout=60)
+
+    def metadata(self) -> dict[str, Any]:
+        return self.post("/metadata", {}, TOKEN).json()
+
+    def reload(self) -> dict[str, Any]:
+        response = self.post("/admin/reload", {}, TOKEN)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    work = tmp_path_factory.mktemp("cost")
+    home = work / "bentoml_home"
+    import_bento(small_project / "build/bento/ctr_service.bento", home)
+    bento_tag = json.loads((small_project / "build/bento/bento.json").read_text())["bento_tag"]
+    release = json.loads((small_project / "build/release/release.json").read_text())
+    release["policy"].update(
+        workers=1, max_rank_items=MAX_RANK, shed_inflight=2, latency_budget_ms=5000
+    )
+    release["policy"]["surface_priority"] = {"search": 0, "feed": 1, "recs": 2}
+    release = reseal_release_dict(release)
+    (work / "release.json").write_text(json.dumps(release))
+    env = project_env(work)
+    env.update(
+        BENTOML_HOME=str(home),
+        CTR_ADMIN_TOKEN=TOKEN,
+        CTR_ENABLE_FAULT_INJECTION="1",
+        CTR_RELEASE_FILE=str(work / "release.json"),
+        CTR_REQUEST_LOG_DIR=str(work / "requests"),
+        CTR_PROFILE_DIR=str(work / "live"),
+        CTR_STATE_DIR=str(work / "state"),
+    )
+    served = Served(bento_tag, None, env, work, work / "server.log", ready_timeout=120)
+    try:
+        yield Server(served, home, work, release)
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def rows(small_project: Path) -> pd.DataFrame:
+    return workload_frame(small_project / "data", 200, seed=3)
+
+
+def _bodies(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {"user": u, "item": i, "surface": s, "device": d, "timestamp": t.isoformat()}
+        for u, i, s, d, t in zip(
+            rows.user_id, rows.item_id, rows.surface, rows.device, rows.ts, strict=True
+        )
+    ]
+
+
+@pytest.mark.slow
+def test_package_ships_a_verified_hashed_library(small_project: Path, server: Server) -> None:
+    prod = server.release["prod"]
+    for name in ("model.so", "compiled.json"):
+        assert len(prod["files"][name]) == 32 and len(prod["sha256"][name]) == 64
+    record = prod["lineage"]["compiled"]
+    test_rows = len(load_split(small_project / "build/dataset", "test"))
+    assert record["shipped"] and record["test_rows"] == test_rows > 1000
+    assert 0 <= record["max_abs_diff"] <= record["tolerance"] == 1e-9
+    with tarfile.open(small_project / "build/bento/ctr_service.bento") as archive:
+        names = archive.getnames()
+    version = prod["tag"].split(":")[1]
+    assert any(n.endswith(f"models/ctr_model/{version}/model.so") for n in names)
+
+
+@pytest.mark.slow
+def test_compiled_answers_match_sklearn_and_offline_features(
+    small_project: Path, server: Server, rows: pd.DataFrame
+) -> None:
+    meta = server.metadata()
+    assert meta["tiers"]["prod"]["runtime"] == "compiled", meta["tiers"]
+    answered = server.post("/predict_batch", {"requests": _bodies(rows)}).json()
+    assert {a["runtime"] for a in answered} == {"compiled"}
+    assert {a["route"] for a in answered} == {"prod"}
+    single = server.post("/predict", _bodies(rows)[0]).json()
+    assert single["runtime"] == "compiled" and single["probability"] == answered[0]["probability"]
+    # the offline point-in-time features through the scikit-learn model
+    events = pd.read_parquet(small_project / "data/events.parquet")
+    X = EventIndex(events, CTR_V1).compute(
+        rows.user_id, rows.item_id, rows.surface, rows.device, to_ms(rows.ts)
+    )
+    model = joblib.load(small_project / "build/model/model.joblib")
+    offline = model.predict_proba(X)[:, 1]
+    served = np.array([a["probability"] for a in answered])
+    assert np.max(np.abs(served - offline)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_damaged_library_falls_back_to_sklearn_with_the_same_answers(
+    server: Server, rows: pd.DataFrame
+) -> None:
+    body = {"requests": _bodies(rows)}
+    compiled = server.post("/predict_batch", body).json()
+    library = _model_folder(server.home, server.release["prod"]["tag"]) / "model.so"
+    original = library.read_bytes()
+    try:
+        library.write_bytes(original[:-16] + b"\0" * 16)
+        reloaded = server.reload()
+        assert any("compiled library refused" in p for p in reloaded["problems"])
+        assert reloaded["tiers"]["prod"]["loaded"] and reloaded["tiers"]["prod"]["runtime"] == (
+            "sklearn"
+        )
+        fallback = server.post("/predict_batch", body).json()
+    finally:
+        library.write_bytes(original)
+    assert {a["runtime"] for a in fallback} == {"sklearn"}
+    assert {a["route"] for a in fallback} == {"prod"} and not any(a["degraded"] for a in fallback)
+    diff = np.abs(
+        np.array([a["probability"] for a in compiled]) - [a["probability"] for a in fallback]
+    )
+    assert diff.max() <= 1e-6  # answers rounded to 6 decimals; 1e-9 apart before rounding
+    assert server.reload()["tiers"]["prod"]["runtime"] == "compiled"
+
+
+@pytest.mark.slow
+def test_rank_sorts_scores_like_the_batch_endpoint_and_logs_every_item(
+    server: Server, rows: pd.DataFrame
+) -> None:
+    user, at = rows.user_id[0], rows.ts[0].isoformat()
+    items = list(dict.fromkeys(rows.item_id))[:MAX_RANK]
+    ranked = server.post(
+        "/rank",
+        {"user": user, "surface": "feed", "device": "mobile", "timestamp": at, "items": items},
+    )
+    assert ranked.status_code == 200, ranked.text
+    body = ranked.json()
+    assert body["route"] == "prod" and body["runtime"] == "compiled" and not body["degraded"]
+    probs = [e["probability"] for e in body["items"]]
+    assert probs == sorted(probs, reverse=True)
+    assert sorted(e["item"] for e in body["items"]) == sorted(items)
+    batch = server.post(
+        "/predict_batch",
+        {
+            "requests": [
+                {"user": user, "item": i, "surface": "feed", "device": "mobile", "timestamp": at}
+                for i in items
+            ]
+        },
+    ).json()
+    expected = {i: a["probability"] for i, a in zip(items, batch, strict=True)}
+    assert {e["item"]: e["probability"] for e in body["items"]} == expected
+    server.ranked_items = len(items)
+
+
+BAD_RANKS: list[tuple[dict[str, Any], str]] = [
+    ({"items": []}, "items"),
+    ({"items": [f"i{k}" for k in range(MAX_RANK + 1)]}, "items"),
+    ({"items": ["i1", "i2", "i1"]}, "distinct"),
+    ({"items": ["i1", "bad item"]}, "items"),
+    ({"surface": "email"}, "surface"),
+    ({"extra": 1}, "extra"),
+    ({"timestamp": "yesterday"}, "timestamp"),
+]
+
+
+@pytest.mark.slow
+def test_rank_refuses_bad_calls_with_400_naming_the_field(server: Server) -> None:
+    base = {"user": "u00001", "surface": "feed", "device": "mobile", "items": ["i00001"]}
+    for change, word in BAD_RANKS:
+        response = server.post("/rank", {**base, **change})
+        assert response.status_code == 400, (change, response.text)
+        assert word in response.text, (change, response.text)
+    assert server.post("/rank", base).status_code == 200
+
+
+@pytest.mark.slow
+def test_low_priority_surfaces_are_shed_first_when_the_worker_is_saturated(
+    server: Server, rows: pd.DataFrame
+) -> None:
+    at = rows.ts[0].isoformat()
+
+    def call(surface: str) -> dict[str, Any]:
+        body = {
+            "user": rows.user_id[0],
+            "item": rows.item_id[0],
+            "surface": surface,
+            "device": "mobile",
+            "timestamp": at,
+        }
+        response = server.post("/predict", body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert call("recs")["route"] == "prod"  # one call in flight: not saturated
+    # Four slow critical calls hold the worker; then one call per surface arrives.
+    server.post("/admin/fault", {"target": "prod", "kind": "slow", "delay_ms": 400}, TOKEN)
+    answers: dict[str, list[dict[str, Any]]] = {"hold": [], "late": []}
+    try:
+        holders = [
+            threading.Thread(target=lambda: answers["hold"].append(call("search")))
+            for _ in range(4)
+        ]
+        for t in holders:
+            t.start()
+        threading.Event().wait(0.3)
+        late = {
+            s: threading.Thread(target=lambda s=s: answers["late"].append(call(s)))
+            for s in ("recs", "feed", "search")
+        }
+        for t in late.values():
+            t.start()
+        for t in [*holders, *late.values()]:
+            t.join(60)
+    finally:
+        server.post("/admin/fault", {"target": "prod", "kind": "none"}, TOKEN)
+    shed = [a for a in answers["late"] if a["route"] == "baseline"]
+    reasons = sorted(a["degraded_reason"] for a in shed)
+    assert len(shed) == 2, answers["late"]  # recs (from 2 in flight) and feed (from 4)
+    assert all(r.startswith("shed under overload") for r in reasons)
+    assert {r.split("surface ")[1].split()[0] for r in reasons} == {"feed", "recs"}
+    assert all(a["runtime"] == "rule" for a in shed)
+    assert [a["route"] for a in answers["late"] if a not in shed] == ["prod"]  # search
+    assert {a["route"] for a in answers["hold"]} == {"prod"}
+    counters = server.metadata()["counters"]
+    assert counters["shed_rows"] == {"recs": 1, "feed": 1}
+    assert counters["degraded_reasons"]["shed_overload"] == 2
+
+
+@pytest.mark.slow
+def test_request_log_holds_every_ranked_item_and_every_shed_row(server: Server) -> None:
+    assert server.served.stop() == 0  # clean shutdown: the log is flushed
+    log = read_shards(server.work / "requests")
+    ranked = log[log["endpoint"] == "rank"]
+    assert len(ranked) >= server.ranked_items > 0
+    assert ranked["request_id"].is_unique
+    shed = log[log["degraded_reason"].fillna("").str.startswith("shed under overload")]
+    assert sorted(shed["surface"]) == ["feed", "recs"]
+    assert set(shed["route"]) == {"baseline"}
