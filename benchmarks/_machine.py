@@ -1,10 +1,14 @@
-"""Machine description recorded beside every benchmark result."""
+"""Machine description recorded beside every benchmark result, and the one way results are saved."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def machine() -> dict[str, object]:
@@ -25,3 +29,15 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "date": dt.date.today().isoformat(),
     }
+
+
+def save_results(
+    out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> str:
+    """Write ``<stem>.json`` and ``<stem>.md`` (the rendered table) under ``out``; returns the
+    markdown so the caller can print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = markdown(report)
+    (out / f"{stem}.md").write_text(text)
+    return text

@@ -285,7 +285,7 @@ def main() -> None:
 
     import numpy as np
     import pandas as pd
-    from _machine import machine
+    from _machine import machine, save_results
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / "feature_build.json"
@@ -359,8 +359,7 @@ def main() -> None:
         "command": "python benchmarks/feature_build.py " + " ".join(sys.argv[1:]),
         "runs": runs,
     }
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "feature_build.md").write_text(markdown(report))
+    save_results(RESULTS, "feature_build", report, markdown)
     print(f"wrote {target} and {RESULTS / 'feature_build.md'}")
 
 

@@ -54,6 +54,8 @@ from serving_latency import (  # noqa: E402
     summarize,
 )
 
+from benchmarks._machine import save_results  # noqa: E402
+
 TOKEN = "bench-token"
 
 
@@ -241,9 +243,7 @@ def main() -> None:
     finally:
         for _, proc in servers.values():
             stop(proc)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "online_serving.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "online_serving.md").write_text(markdown(report))
+    save_results(args.out, "online_serving", report, markdown)
     print(f"wrote {args.out / 'online_serving.md'}")
 
 

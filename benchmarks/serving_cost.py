@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_latency import bare_bodies, build_bento, full_bodies, machine, start, stop  # noqa: E402
 
+from benchmarks._machine import save_results  # noqa: E402
 from pipelines.modeling.release import reseal_release_dict  # noqa: E402
 from tests.support.loadtest import free_port, workload_frame  # noqa: E402
 
@@ -328,10 +329,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             "results": results,
             "command": "python benchmarks/serving_cost.py " + " ".join(sys.argv[1:]),
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serving_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serving_cost.md").write_text(markdown(report))
-        print(markdown(report))
+        print(save_results(args.out, "serving_cost", report, markdown))
     finally:
         for p in procs:
             stop(p)

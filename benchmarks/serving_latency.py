@@ -50,6 +50,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks._machine import save_results  # noqa: E402
 from tests.support.loadtest import free_port, workload_frame  # noqa: E402
 
 BENCH_TOKEN = "serving-bench-admin-token"
@@ -445,10 +446,7 @@ def main() -> None:
             "results": results,
             "command": "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serving_latency.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serving_latency.md").write_text(markdown(report))
-        print(markdown(report))
+        print(save_results(args.out, "serving_latency", report, markdown))
     finally:
         for proc in procs:
             stop(proc)

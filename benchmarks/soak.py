@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import machine  # noqa: E402
+from benchmarks._machine import machine, save_results  # noqa: E402
 from tests.support.loadtest import (  # noqa: E402
     MemorySampler,
     Outcome,
@@ -424,10 +424,7 @@ def main() -> None:
         served.stop()
     final = log_accounting(log_dir, [])
     report["clean_shutdown_log_rows"] = final
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "soak.md").write_text(markdown(report))
-    print(markdown(report))
+    print(save_results(args.out, "soak", report, markdown))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -24,6 +24,7 @@ from tests.support.strategies import (
     FEATURE_SETS,
     assert_frames_identical,
     event_logs,
+    hand_checked_edges,
     labels_for,
     make_events,
 )
@@ -189,53 +190,10 @@ def test_a_future_event_never_changes_an_earlier_row(
 
 def test_event_at_exactly_t_is_invisible_and_window_is_open() -> None:
     """Hand-checked edges of the documented semantics on the edge feature set."""
-    fs = FEATURE_SETS["edge"]
-    events = make_events(
-        [
-            {
-                "event_id": "a",
-                "ts": BASE_MS,
-                "user_id": "u0",
-                "item_id": "i0",
-                "surface": "feed",
-                "device": "mobile",
-                "position": 1,
-                "clicked": 1,
-                "click_ts": BASE_MS + 1000,
-            },
-            {
-                "event_id": "b",
-                "ts": BASE_MS,
-                "user_id": "u0",
-                "item_id": "i1",
-                "surface": "feed",
-                "device": "mobile",
-                "position": 1,
-                "clicked": 0,
-                "click_ts": None,
-            },
-        ]
-    )
-    at = [BASE_MS, BASE_MS + 1, BASE_MS + 1999, BASE_MS + 2000, BASE_MS + 4000, BASE_MS + 4001]
-    labels = pd.DataFrame(
-        {
-            "user_id": "u0",
-            "item_id": "i0",
-            "surface": "feed",
-            "device": "mobile",
-            "ts": pd.to_datetime(at, unit="ms", utc=True),
-        }
-    )
+    events, labels, expected = hand_checked_edges()
     for engine in ("numpy", "duckdb"):
-        rows = build_point_in_time(events, labels, fs, engine=engine)
-        # 2 s window: both tied impressions visible from t+1 ms until t+1999 ms, gone at t+2000.
-        assert rows["u_impr_2s"].tolist() == [0, 2, 2, 0, 0, 0]
-        # all-history count with a 4 s TTL: default -1 before any event and from 4 s on
-        # (the TTL interval (t - ttl, t) is open like a window).
-        assert rows["u_impr_all_ttl4s"].tolist() == [-1, 2, 2, 2, -1, -1]
-        # the click at BASE+1000 is an event at its own time.
-        assert rows["u_clicks_5s"].tolist() == [0, 0, 1, 1, 1, 1]
-        assert rows["i_since_click_6s"].tolist() == [6.0, 6.0, 0.999, 1.0, 3.0, 3.001]
+        rows = build_point_in_time(events, labels, FEATURE_SETS["edge"], engine=engine)
+        assert {name: rows[name].tolist() for name in expected} == expected, engine
 
 
 def test_numpy_index_rejects_times_outside_its_range() -> None:

@@ -21,6 +21,7 @@ from tests.support.strategies import (
     FEATURE_SETS,
     assert_frames_identical,
     event_logs,
+    hand_checked_edges,
     labels_for,
     make_events,
 )
@@ -107,47 +108,9 @@ def test_spark_engine_equals_numpy_and_never_leaks(
 
 def test_spark_window_edges_by_hand(spark: object) -> None:
     """The hand-checked edges of tests/test_feature_parity.py, on Spark."""
-    events = make_events(
-        [
-            {
-                "event_id": "a",
-                "ts": BASE_MS,
-                "user_id": "u0",
-                "item_id": "i0",
-                "surface": "feed",
-                "device": "mobile",
-                "position": 1,
-                "clicked": 1,
-                "click_ts": BASE_MS + 1000,
-            },
-            {
-                "event_id": "b",
-                "ts": BASE_MS,
-                "user_id": "u0",
-                "item_id": "i1",
-                "surface": "feed",
-                "device": "mobile",
-                "position": 1,
-                "clicked": 0,
-                "click_ts": None,
-            },
-        ]
-    )
-    at = [BASE_MS, BASE_MS + 1, BASE_MS + 1999, BASE_MS + 2000, BASE_MS + 4000, BASE_MS + 4001]
-    labels = pd.DataFrame(
-        {
-            "user_id": "u0",
-            "item_id": "i0",
-            "surface": "feed",
-            "device": "mobile",
-            "ts": pd.to_datetime(at, unit="ms", utc=True),
-        }
-    )
+    events, labels, expected = hand_checked_edges()
     rows = build_point_in_time(events, labels, FEATURE_SETS["edge"], engine="spark")
-    assert rows["u_impr_2s"].tolist() == [0, 2, 2, 0, 0, 0]
-    assert rows["u_impr_all_ttl4s"].tolist() == [-1, 2, 2, 2, -1, -1]
-    assert rows["u_clicks_5s"].tolist() == [0, 0, 1, 1, 1, 1]
-    assert rows["i_since_click_6s"].tolist() == [6.0, 6.0, 0.999, 1.0, 3.0, 3.001]
+    assert {name: rows[name].tolist() for name in expected} == expected
     assert rows["hour_of_day"].dtype == np.int64 and rows["u_impr_2s"].dtype == np.float64
 
 

@@ -161,3 +161,53 @@ def assert_frames_identical(a: pd.DataFrame, b: pd.DataFrame, context: str = "")
         assert x.dtype == y.dtype, (col, x.dtype, y.dtype, context)
         same = (x == y) | (np.isnan(x) & np.isnan(y)) if x.dtype.kind == "f" else x == y
         assert same.all(), f"{col} differs {context}: {x[~same][:5]} vs {y[~same][:5]}"
+
+
+def hand_checked_edges() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[float]]]:
+    """Events, label times and the hand-checked values of the ``edge`` feature set at its
+    window, TTL and tie edges (docs/features.md): the same case for every engine.
+
+    Two impressions at BASE (one clicked at BASE+1000) and six label times around them.
+    """
+    row = {"user_id": "u0", "surface": "feed", "device": "mobile", "position": 1}
+    events = make_events(
+        [
+            {
+                **row,
+                "event_id": "a",
+                "ts": BASE_MS,
+                "item_id": "i0",
+                "clicked": 1,
+                "click_ts": BASE_MS + 1000,
+            },
+            {
+                **row,
+                "event_id": "b",
+                "ts": BASE_MS,
+                "item_id": "i1",
+                "clicked": 0,
+                "click_ts": None,
+            },
+        ]
+    )
+    at = [BASE_MS, BASE_MS + 1, BASE_MS + 1999, BASE_MS + 2000, BASE_MS + 4000, BASE_MS + 4001]
+    labels = pd.DataFrame(
+        {
+            "user_id": "u0",
+            "item_id": "i0",
+            "surface": "feed",
+            "device": "mobile",
+            "ts": pd.to_datetime(at, unit="ms", utc=True),
+        }
+    )
+    expected = {
+        # 2 s window: both tied impressions visible from t+1 ms until t+1999 ms, gone at t+2000.
+        "u_impr_2s": [0, 2, 2, 0, 0, 0],
+        # all-history count with a 4 s TTL: default -1 before any event and from 4 s on
+        # (the TTL interval (t - ttl, t) is open like a window).
+        "u_impr_all_ttl4s": [-1, 2, 2, 2, -1, -1],
+        # the click at BASE+1000 is an event at its own time.
+        "u_clicks_5s": [0, 0, 1, 1, 1, 1],
+        "i_since_click_6s": [6.0, 6.0, 0.999, 1.0, 3.0, 3.001],
+    }
+    return events, labels, expected
