@@ -26,6 +26,11 @@ KERNEL = os.environ.get("MLOPS_KERNEL", "mlops-notebooks")
 # Notebook and cell metadata that changes from run to run without changing the result.
 VOLATILE_NOTEBOOK_KEYS = ("start_time", "end_time", "duration", "environment_variables")
 VOLATILE_CELL_KEYS = ("start_time", "end_time", "duration")
+# Warnings kept out of the executed notebooks, each because it would make a report depend on
+# the machine rather than on deps and params. pandera imports pyspark.pandas whenever pyspark
+# is installed (the optional spark extra), and pyspark warns about pandas 3 naming the
+# venv's absolute path: reports would differ by clone folder and by the extra installed.
+KERNEL_WARNING_FILTERS = ("ignore:PySpark does not yet fully support pandas:FutureWarning",)
 
 
 def _kernel_manager_class() -> type:
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     timings = timings_file(args.output)
     timings.unlink(missing_ok=True)
     os.environ[TIMINGS_ENV] = str(timings.resolve())
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        f for f in (os.environ.get("PYTHONWARNINGS"), *KERNEL_WARNING_FILTERS) if f
+    )  # the kernel inherits this environment
     run = run_notebook(args.notebook, args.output, params, root)
     write_timings(timings, {"stage_seconds": run["seconds"], "cells": run["cells"]})
     print(f"{args.notebook} -> {args.output} (+ .html) in {run['seconds']:.1f}s")
