@@ -4,7 +4,10 @@ no internal paths in what public callers see."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -128,3 +131,28 @@ def test_refusals_name_no_internal_path(built, small_project: Path, tmp_path: Pa
     assert "refused" in shown
     for secret in (str(tmp_path), str(small_project), "/models/"):
         assert secret not in shown
+
+
+def test_a_stored_model_takes_the_lineage_of_the_run_that_packages_it(
+    small_project: Path, tmp_path: Path
+) -> None:
+    """The same model files packaged again with another lineage (reports around it changed)
+    record the new lineage: the release depends on the run, not on what the store held.
+    In a child process, for a store of its own (BENTOML_HOME is read at import)."""
+    script = f"""
+from pathlib import Path
+from pipelines.stages.packaging import model_ref, save_model_dir, use_bentoml_home
+use_bentoml_home(Path({str(tmp_path / "bentoml")!r}))
+model_dir = Path({str(small_project / "build/model")!r})
+first = save_model_dir(model_dir, {{"auc": 0.7}}, {{"commit": "a"}})
+again = save_model_dir(model_dir, {{"auc": 0.7}}, {{"commit": "a"}})
+assert again.tag == first.tag and again.lineage == {{"commit": "a"}}, again.lineage
+changed = save_model_dir(model_dir, {{"auc": 0.7}}, {{"commit": "b"}})
+assert changed.tag == first.tag
+assert changed.lineage == {{"commit": "b"}} == model_ref(first.tag).lineage, changed.lineage
+"""
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

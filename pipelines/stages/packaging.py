@@ -76,6 +76,10 @@ def save_bento_model(
     return tag
 
 
+def _canonical(metadata: Any) -> str:
+    return json.dumps(dict(metadata), sort_keys=True, default=str)
+
+
 def save_model_dir(
     model_dir: Path,
     metrics: dict[str, Any] | None = None,
@@ -97,32 +101,32 @@ def save_model_dir(
         sources.update({name: compiled_dir / name for name in COMPILED_FILES})
     files = {name: md5_file(path) for name, path in sources.items()}
     tag = f"{MODEL_NAME}:m{files['model.joblib'][:12]}"
+    card = json.loads((model_dir / "model_card.json").read_text())
+    metadata = {
+        "model_md5": files["model.joblib"],
+        "feature_set": card["feature_set"],
+        "files": files,
+        # BentoML metadata takes no None values: nested records travel as JSON text
+        "metrics_json": json.dumps(metrics or {}, default=str),
+        "lineage_json": json.dumps(lineage or {}, default=str),
+        **({"registry_version": registry_version} if registry_version else {}),
+    }
     try:
-        folder = Path(bentoml.models.get(tag).path)
+        model = bentoml.models.get(tag)
+        folder = Path(model.path)
         stored = {
             n: md5_file(folder / n)
             for n in (*MODEL_FILES, *COMPILED_FILES)
             if (folder / n).is_file()
         }
-        if stored != files:
-            bentoml.models.delete(tag)  # the same model with (or without) a compiled library
+        # The same model with (or without) a compiled library, or with other metrics or
+        # lineage (the reports around it changed): replaced, so the release records this
+        # run's lineage whatever the local store held before.
+        if stored != files or _canonical(model.info.metadata) != _canonical(metadata):
+            bentoml.models.delete(tag)
     except bentoml.exceptions.NotFound:
         pass
-    card = json.loads((model_dir / "model_card.json").read_text())
-    tag = save_bento_model(
-        MODEL_NAME,
-        tag.split(":")[1],
-        sources,
-        {
-            "model_md5": files["model.joblib"],
-            "feature_set": card["feature_set"],
-            "files": files,
-            # BentoML metadata takes no None values: nested records travel as JSON text
-            "metrics_json": json.dumps(metrics or {}, default=str),
-            "lineage_json": json.dumps(lineage or {}, default=str),
-            **({"registry_version": registry_version} if registry_version else {}),
-        },
-    )
+    tag = save_bento_model(MODEL_NAME, tag.split(":")[1], sources, metadata)
     return model_ref(tag)
 
 
