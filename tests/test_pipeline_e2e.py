@@ -61,7 +61,9 @@ def test_dvc_metrics_and_plots_show(small_project: Path, tmp_path: Path) -> None
     assert any("auc" in json.dumps(v) for v in metrics.values())
     out = tmp_path / "plots"
     run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(out)], small_project)
-    assert "roc.csv" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    for curve in ("roc", "precision_recall", "calibration"):  # each declared once, each drawn
+        assert page.count(f"vegaEmbed('#build_eval_plots_{curve}_csv'") == 1, curve
 
 
 def test_changing_a_train_param_reruns_only_train_and_downstream(project_copy: Path) -> None:
