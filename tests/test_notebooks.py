@@ -16,8 +16,8 @@ import yaml
 
 from pipelines.core import notebook as nb_paths
 from pipelines.core.settings import load_settings
-from pipelines.stages.runner import notebook_parameters
-from tests.support.project import REPO, run
+from pipelines.stages.runner import KERNEL_WARNING_FILTERS, notebook_parameters
+from tests.support.project import REPO, project_env, run
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 STAGE_ORDER = ["build_dataset", "train", "evaluate", "profile", "package"]
@@ -161,11 +161,17 @@ def test_notebook_check_command_flags_outputs(tmp_path: Path) -> None:
 
 def _nbval(root: Path, *args: str) -> str:
     """pytest with nbval in ``root`` (a project copy); its output (asserting it passed)."""
+    env = project_env(root)
+    # the warning filters the stage runner gives its kernels, so outputs compare like for like
+    env["PYTHONWARNINGS"] = ",".join(
+        f for f in (env.get("PYTHONWARNINGS"), *KERNEL_WARNING_FILTERS) if f
+    )
     result = run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--no-header", *args],
         root,
         check=False,
         timeout=1500,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     return result.stdout
