@@ -27,6 +27,7 @@ from tests.support.strategies import (
     hand_checked_edges,
     labels_for,
     make_events,
+    with_future_event,
 )
 
 PROFILE = settings(
@@ -155,30 +156,7 @@ def test_a_future_event_never_changes_an_earlier_row(
     events = data.draw(event_logs())
     labels = data.draw(labels_for(events))
     before = build_point_in_time(events, labels, fs, engine=engine, threads=1)
-    t_new = BASE_MS + data.draw(st.integers(0, 28_000))
-    future = events.copy()
-    unclicked = np.flatnonzero((future["clicked"].to_numpy() == 0) & (to_ms(future["ts"]) < t_new))
-    if len(unclicked) and data.draw(st.booleans()):
-        i = int(unclicked[0])  # a click arrives at t_new for an earlier impression
-        future.loc[future.index[i], "clicked"] = 1
-        future.loc[future.index[i], "click_ts"] = pd.Timestamp(t_new, unit="ms", tz="UTC")
-    else:
-        extra = make_events(
-            [
-                {
-                    "event_id": "future",
-                    "ts": t_new,
-                    "user_id": labels["user_id"].iloc[0],
-                    "item_id": labels["item_id"].iloc[0],
-                    "surface": labels["surface"].iloc[0],
-                    "device": "mobile",
-                    "position": 1,
-                    "clicked": 1,
-                    "click_ts": t_new + 1,
-                }
-            ]
-        )
-        future = pd.concat([future, extra], ignore_index=True)
+    future, t_new = with_future_event(data, events, labels)
     after = build_point_in_time(future, labels, fs, engine=engine, threads=1)
     earlier = np.flatnonzero(to_ms(labels["ts"]) <= t_new)
     assert_frames_identical(

@@ -17,13 +17,12 @@ from pipelines.features.definitions import to_ms
 from pipelines.features.offline import build_point_in_time
 from tests.support.spark import batch, local_session
 from tests.support.strategies import (
-    BASE_MS,
     FEATURE_SETS,
     assert_frames_identical,
     event_logs,
     hand_checked_edges,
     labels_for,
-    make_events,
+    with_future_event,
 )
 
 CASES = 16  # hypothesis cases per Spark query
@@ -38,36 +37,6 @@ BATCHED = settings(
 @pytest.fixture(scope="module")
 def spark():  # type: ignore[no-untyped-def]
     return local_session()
-
-
-def _future(
-    data: st.DataObject, events: pd.DataFrame, labels: pd.DataFrame
-) -> tuple[pd.DataFrame, int]:
-    """``events`` plus one event at t_new (or a click at t_new of an earlier impression)."""
-    t_new = BASE_MS + data.draw(st.integers(0, 28_000))
-    future = events.copy()
-    unclicked = np.flatnonzero((future["clicked"].to_numpy() == 0) & (to_ms(future["ts"]) < t_new))
-    if len(unclicked) and data.draw(st.booleans()):
-        i = int(unclicked[0])
-        future.loc[future.index[i], "clicked"] = 1
-        future.loc[future.index[i], "click_ts"] = pd.Timestamp(t_new, unit="ms", tz="UTC")
-        return future, t_new
-    extra = make_events(
-        [
-            {
-                "event_id": "future",
-                "ts": t_new,
-                "user_id": labels["user_id"].iloc[0],
-                "item_id": labels["item_id"].iloc[0],
-                "surface": labels["surface"].iloc[0],
-                "device": "mobile",
-                "position": 1,
-                "clicked": 1,
-                "click_ts": t_new + 1,
-            }
-        ]
-    )
-    return pd.concat([future, extra], ignore_index=True), t_new
 
 
 @BATCHED
@@ -86,7 +55,7 @@ def test_spark_engine_equals_numpy_and_never_leaks(
         events = data.draw(event_logs())
         labels = data.draw(labels_for(events))
         cases.append((events, labels))
-        future, t_new = _future(data, events, labels)
+        future, t_new = with_future_event(data, events, labels)
         # Label rows not later than the new event: they must not change.
         earlier = labels[to_ms(labels["ts"]) <= t_new].reset_index(drop=True)
         cases.append((future, earlier))

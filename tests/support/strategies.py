@@ -211,3 +211,34 @@ def hand_checked_edges() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[flo
         "i_since_click_6s": [6.0, 6.0, 0.999, 1.0, 3.0, 3.001],
     }
     return events, labels, expected
+
+
+def with_future_event(
+    data: st.DataObject, events: pd.DataFrame, labels: pd.DataFrame
+) -> tuple[pd.DataFrame, int]:
+    """``events`` plus one event at a drawn t_new (or a click at t_new for an earlier
+    impression), and t_new: the step of the no-leakage properties of every engine."""
+    t_new = BASE_MS + data.draw(st.integers(0, 28_000))
+    future = events.copy()
+    unclicked = np.flatnonzero((future["clicked"].to_numpy() == 0) & (to_ms(future["ts"]) < t_new))
+    if len(unclicked) and data.draw(st.booleans()):
+        i = int(unclicked[0])
+        future.loc[future.index[i], "clicked"] = 1
+        future.loc[future.index[i], "click_ts"] = pd.Timestamp(t_new, unit="ms", tz="UTC")
+        return future, t_new
+    extra = make_events(
+        [
+            {
+                "event_id": "future",
+                "ts": t_new,
+                "user_id": labels["user_id"].iloc[0],
+                "item_id": labels["item_id"].iloc[0],
+                "surface": labels["surface"].iloc[0],
+                "device": "mobile",
+                "position": 1,
+                "clicked": 1,
+                "click_ts": t_new + 1,
+            }
+        ]
+    )
+    return pd.concat([future, extra], ignore_index=True), t_new
