@@ -521,6 +521,39 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
         p.close()
 
 
+def test_every_workers_request_log_health_is_visible_from_any_worker(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    """A worker whose log directory became unwritable shows in the /metadata of another
+    worker (the one a load balancer happened to send the operator to)."""
+    writer = make(models, raw_dir, tmp_path)
+    other = make(models, raw_dir, tmp_path, log=False)
+    try:
+        shutil.rmtree(tmp_path / "requests")
+        (tmp_path / "requests").write_text("not a directory")
+        writer.predict(requests_for(30, at))
+        deadline = time.monotonic() + 10
+        while True:
+            pod = other.metadata()["request_log_pod"]
+            if pod.get("write_errors", 0) > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert pod["workers_reporting"] == 1 and pod["backlog_rows"] == 30, pod
+        (error,) = pod["failing_workers"].values()
+        assert "NotADirectoryError" in error or "FileExistsError" in error, error
+        assert str(tmp_path) not in error  # no internal paths in what callers see
+        assert other.metadata()["request_log"] is None  # its own view: no log at all
+        (tmp_path / "requests").unlink()
+        deadline = time.monotonic() + 10
+        while other.metadata()["request_log_pod"]["written_rows"] < 30:
+            assert time.monotonic() < deadline, other.metadata()["request_log_pod"]
+            time.sleep(0.1)
+        assert other.metadata()["request_log_pod"]["failing_workers"] == {}
+    finally:
+        writer.close()
+        other.close()
+
+
 # --- request log ------------------------------------------------------------------------
 def test_request_log_keeps_every_answered_row_and_counts_drops(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str

@@ -71,6 +71,9 @@ class Pod:
 
     ``apply(state)`` brings the worker in line with ``state`` and returns an error text
     or None; it runs in the follower thread, or in the caller's for the worker's own change.
+    ``report()``, if given, is this worker's health (request log, feature store), published
+    with its acknowledgement every ``report_seconds``: whichever worker answers /metadata
+    shows every worker's.
     """
 
     def __init__(
@@ -78,6 +81,8 @@ class Pod:
         state_dir: Path,
         apply: Callable[[PodState], str | None],
         poll_seconds: float = 0.2,
+        report: Callable[[], dict[str, Any]] | None = None,
+        report_seconds: float = 1.0,
     ) -> None:
         self.state_dir = state_dir
         self.path = state_dir / "pod.json"
@@ -90,6 +95,10 @@ class Pod:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll = poll_seconds
+        self._report = report
+        self._report_seconds = report_seconds
+        self._reported_at = 0.0  # monotonic
+        self._ack: dict[str, Any] = {}
 
     @property
     def applied(self) -> int:
@@ -141,14 +150,30 @@ class Pod:
             logger.exception("applying pod generation %d failed", state.generation)
             error = f"{type(exc).__name__}: {exc}"
         self._applied = state.generation
-        write_json(
-            self._ack_path,
-            {"pid": os.getpid(), "generation": state.generation, "error": error},
-        )
+        self._ack = {"pid": os.getpid(), "generation": state.generation, "error": error}
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the acknowledgement, with this worker's report when there is one."""
+        ack = dict(self._ack)
+        if self._report is not None:
+            try:
+                ack["report"] = self._report()
+            except Exception as exc:  # a failing report must not stop acknowledgements
+                ack["report"] = {"error": f"{type(exc).__name__}: {exc}"}
+            self._reported_at = time.monotonic()
+        write_json(self._ack_path, ack)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._poll):
             self.follow_now()
+            if self._report is not None and self._ack:
+                if time.monotonic() - self._reported_at >= self._report_seconds:
+                    with self._mutex:
+                        try:
+                            self._publish()
+                        except OSError:
+                            logger.exception("publishing this worker's report failed")
 
     def close(self) -> None:
         self._stop.set()

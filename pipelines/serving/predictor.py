@@ -333,7 +333,7 @@ class Predictor:
         self.pod: Pod | None = None
         self._reload_generation = 0
         if state_dir is not None:
-            self.pod = Pod(state_dir, self._apply_pod_state)
+            self.pod = Pod(state_dir, self._apply_pod_state, report=self.worker_report)
             # ``runtime`` is the current release unless a reload was recorded after the
             # caller read ``loaded_at_reload`` and before this worker followed the pod
             if loaded_at_reload is None:
@@ -827,9 +827,28 @@ class Predictor:
                 _set_fault(rt, target, None if given is None else Fault(**given))
         return error
 
+    def worker_report(self) -> dict[str, Any]:
+        """This worker's health, published to the pod: request-log counters and last
+        write error, and whether its feature source answers degraded."""
+        log = self.request_log
+        features = self.runtime.features
+        degraded = getattr(features, "degraded_since", None) is not None
+        return {
+            "request_log": None
+            if log is None
+            else {
+                **log.counters,
+                "last_write_error": None
+                if log.last_write_error is None
+                else redact_paths(log.last_write_error),
+            },
+            "features_degraded": degraded,
+        }
+
     def metadata(self) -> dict[str, Any]:
         """The release, its lineage, what loaded, and the counters; returned by /metadata."""
         rt = self.runtime
+        pod = None if self.pod is None else self.pod.status()
         return {
             "release": rt.release.to_json_dict(),
             "loaded_at": rt.loaded_at,
@@ -845,8 +864,9 @@ class Predictor:
             "problems": rt.problems,
             "counters": json.loads(json.dumps(self.counters)),
             "request_log": None if self.request_log is None else dict(self.request_log.counters),
+            "request_log_pod": None if pod is None else pod_request_log(pod["workers"]),
             "pid": os.getpid(),
-            "pod": None if self.pod is None else self.pod.status(),
+            "pod": pod,
         }
 
     def close(self) -> None:
@@ -858,6 +878,23 @@ class Predictor:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.request_log is not None:
             self.request_log.close()
+
+
+def pod_request_log(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The request-log counters summed over the workers that published a report, and the
+    workers whose last write failed (pid: error)."""
+    total: Counter[str] = Counter()
+    failing: dict[str, str] = {}
+    reported = 0
+    for ack in workers:
+        log = (ack.get("report") or {}).get("request_log")
+        if not isinstance(log, dict):
+            continue
+        reported += 1
+        total.update({k: v for k, v in log.items() if isinstance(v, int)})
+        if log.get("last_write_error"):
+            failing[str(ack["pid"])] = log["last_write_error"]
+    return {"workers_reporting": reported, **total, "failing_workers": failing}
 
 
 def _set_fault(rt: Runtime, target: str, fault: Fault | None, reset_breaker: bool = False) -> None:
