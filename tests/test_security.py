@@ -155,3 +155,36 @@ def test_a_body_that_trickles_in_gets_408() -> None:
     }
     asyncio.run(BodySizeLimit(_app(), 1000, timeout=0.5)(scope, receive, send))
     assert sent[0]["status"] == 408
+
+
+@pytest.mark.parametrize("headers", [[], [(b"content-length", b"100")]], ids=["get", "post"])
+def test_a_client_gone_before_its_body_does_not_hold_the_worker(headers: list[Any]) -> None:
+    """A client that disconnects before the body is read (a readiness probe that timed out
+    while the worker loaded, a load generator stopping) ends the request at once. Without an
+    answer, BentoML's own TimeoutMiddleware (outermost, real) kept the request task for its
+    10 s traffic timeout, and uvicorn waited for that task before a worker could exit."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    method = "POST" if headers else "GET"
+    scope = {"type": "http", "method": method, "path": "/readyz", "headers": headers}
+    if headers:
+        headers.append((b"content-type", b"application/json"))
+    app = TimeoutMiddleware(Guard(_app(), "CTR_TEST_TOKEN", 1 << 20, body_timeout=30), 10.0)
+
+    async def call() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(app(scope, receive, send), 5.0)
+        return loop.time() - started
+
+    took = asyncio.run(call())
+    assert took < 0.5, took
+    assert sent[0]["status"] == 499  # nginx's "client closed request"; nothing reaches the wire

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -416,14 +417,24 @@ def test_admin_calls_leave_no_token_in_any_log_and_shutdown_is_clean(env: Env) -
     for token in (WRONG, f"{TOKEN}x", TOKEN[:-1]):
         assert post(env, "/admin/reload", token=token).status_code == 403
     assert post(env, "/admin/reload").status_code == 401
+    # Clients that leave before sending their body (a load generator stopping, a probe
+    # timing out) just before the SIGTERM: unanswered, each held a worker's exit for
+    # BentoML's 10 s traffic timeout.
+    host, port = env.served.url.removeprefix("http://").split(":")
+    for _ in range(4):
+        with socket.create_connection((host, int(port)), timeout=5) as gone:
+            gone.sendall(
+                b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b'content-length: 1000\r\n\r\n{"user": '
+            )
     # SIGTERM under load: the pod exits cleanly, and every request in flight or arriving
     # meanwhile is answered or refused within seconds. They hung 17 s, and the pod took
-    # 19 s to exit, while the shutdown hook profiled the last window (now 4-5 s and 7-8 s:
-    # docs/reliability.md)
+    # 19 s to exit, while the shutdown hook profiled the last window; then 7-10 s while
+    # the requests of departed clients were held (docs/reliability.md).
     stopped = shutdown_under_load(env.served, env.bodies, RATE)
     print("shutdown", stopped)
     assert stopped["exit_code"] == 0 and stopped["server_errors_5xx"] == 0, stopped
-    assert stopped["slowest_request_s"] < 10.0 and stopped["exit_seconds"] < 14.0, stopped
+    assert stopped["slowest_request_s"] < 10.0 and stopped["exit_seconds"] < 6.0, stopped
     assert env.served.stop() == 0
     texts = {"server stdout/stderr": env.served.log_path.read_text(errors="replace")}
     assert "Completed cleanup hook: shutdown" in texts["server stdout/stderr"]

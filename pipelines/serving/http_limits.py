@@ -19,6 +19,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted, never sent
 
 
 async def send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
@@ -96,7 +97,12 @@ class BodySizeLimit:
                 )
                 return
             if message["type"] != "http.request":
-                return  # client went away
+                # The client went away. Answer all the same (uvicorn drops a response to a
+                # disconnected client): an app that returns without answering holds
+                # BentoML's TimeoutMiddleware, and with it the worker's shutdown, for its
+                # whole traffic timeout.
+                await send_json(send, CLIENT_CLOSED, {"error": "client closed the request"})
+                return
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.max_bytes:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pipelines.serving.http_limits import (
+    CLIENT_CLOSED,
     ASGIApp,
     BodySizeLimit,
     Message,
@@ -169,7 +170,7 @@ class Guard:
                 if status == 400:
                     held = message  # wait for the body: cut it, log one line
                     return
-                if 400 < status < 500:
+                if 400 < status < 500 and status != CLIENT_CLOSED:
                     self.log.refused(method, path, status, "client error")
                 await send(message)
                 return
