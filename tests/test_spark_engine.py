@@ -127,3 +127,225 @@ def test_without_pyspark_the_engine_says_make_setup_spark() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "SparkUnavailableError" in done.stderr and "make setup-spark" in done.stderr
+
+
+# --- The reference profile per partition, merged (pipelines/features/spark_profile.py) --------
+
+PROFILED = ["surface", "device", *FEATURE_SETS["ctr_v1"].names, "user_ctr_24h_seen"]
+
+
+@pytest.fixture(scope="module")
+def project_rows() -> dict[str, pd.DataFrame]:
+    """Point-in-time rows of the small preset (``ts``, ``day``); a surface shift from day 4."""
+    from pipelines.features.offline import point_in_time_features
+    from pipelines.simulation.generate import generate_events
+
+    out = {}
+    for scenario in ("none", "surface_shift"):
+        events = generate_events("small", 42, scenario=scenario, scenario_start_day=4)
+        table = point_in_time_features(events)
+        day = (table["ts"] - table["ts"].min().floor("D")) // pd.Timedelta(days=1)
+        # a column with nulls: the user's CTR, undefined (null) before their first impression
+        seen = table["user_ctr_24h"].where(table["user_impr_24h"] > 0)
+        out[scenario] = table.assign(day=day, user_ctr_24h_seen=seen)[
+            ["ts", "day", *PROFILED]
+        ].reset_index(drop=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_rows(project_rows: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Training days 1-3, as the drift tests and the profile stage's reference use them."""
+    rows = project_rows["none"]
+    return rows[rows["day"].between(1, 3)].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def spark_profiles(spark: object, train_rows: pd.DataFrame) -> dict[str, object]:
+    """The training rows' profile: in memory, and on Spark per partition and per day."""
+    from pyspark.sql import functions as F
+
+    from pipelines.core import profiles as wl
+    from pipelines.features.spark_profile import partition_profiles, spark_profile
+
+    frame = spark.createDataFrame(train_rows).repartition(5)  # type: ignore[attr-defined]
+    frame.cache().count()
+    parts = partition_profiles(frame, columns=PROFILED)
+    return {
+        "memory": wl.profile(train_rows[PROFILED]),
+        "partitions": spark_profile(frame, columns=PROFILED),
+        "days": spark_profile(frame, by=F.to_date("ts"), columns=PROFILED),
+        "parts": [wl.profile_from_bytes(p) for p in parts],
+    }
+
+
+def _exact_stats(view: object) -> pd.DataFrame:
+    """Per column: counts, null and type counts, min and max (exact in whylogs)."""
+    from pipelines.core import profiles as wl
+
+    table = wl.summary(view)  # type: ignore[arg-type]
+    keep = ["counts/n", "counts/null", "distribution/min", "distribution/max"]
+    types = view.to_pandas().filter(like="types/")  # type: ignore[attr-defined]
+    return table[keep].join(types).sort_index().astype(float)
+
+
+def test_spark_profile_equals_the_in_memory_profile(
+    spark_profiles: dict[str, object], train_rows: pd.DataFrame
+) -> None:
+    """Per partition or per day, merged: counts, nulls, types, min/max, frequent items equal
+    the in-memory profile exactly; quantiles agree within the KLL sketch's rank error."""
+    from pipelines.core import profiles as wl
+
+    memory = spark_profiles["memory"]
+    expected = _exact_stats(memory)
+    assert expected.loc["surface", "counts/n"] == len(train_rows) > 20_000
+    assert expected["counts/null"].sum() > 0  # the data has nulls (no click yet)
+    ranks = np.linspace(0.01, 0.99, 99)
+    for mode in ("partitions", "days"):
+        merged = spark_profiles[mode]
+        pd.testing.assert_frame_equal(_exact_stats(merged), expected, check_exact=True)
+        ours, theirs = wl.column_sketches(memory), wl.column_sketches(merged)  # type: ignore[arg-type]
+        assert set(ours) == set(theirs) == set(PROFILED)
+        for name in PROFILED:
+            a, b = ours[name], theirs[name]
+            assert (a.kind, a.count, a.nulls) == (b.kind, b.count, b.nulls), name
+            if a.kind == "categorical":
+                assert a.items() == b.items() == train_rows[name].value_counts().to_dict()
+                continue
+            assert a.bounds() == b.bounds(), name
+            # KLL: each sketch's CDF is within rank_error (99% bound) of the exact CDF, so two
+            # sketches of the same rows differ by at most twice that at any point.
+            assert a.rank_error > 0 and b.rank_error == pytest.approx(a.rank_error)
+            points = np.unique(a.quantiles(ranks))
+            values = np.sort(train_rows[name].dropna().to_numpy(np.float64))
+            exact = np.searchsorted(values, points, side="right") / len(values)
+            assert np.max(np.abs(b.cdf(points) - exact)) <= b.rank_error, name
+            assert np.max(np.abs(b.cdf(points) - a.cdf(points))) <= 2 * a.rank_error, name
+        # frequent items of numeric columns too, where the sketch is exact (few distinct values)
+        fi_a = memory.to_pandas()["frequent_items/frequent_strings"]  # type: ignore[attr-defined]
+        fi_b = merged.to_pandas()["frequent_items/frequent_strings"]  # type: ignore[attr-defined]
+        for name in ("surface_code", "device_code", "hour_of_day"):
+            assert {i.value: i.est for i in fi_a[name]} == {i.value: i.est for i in fi_b[name]}
+            assert {i.value: i.est for i in fi_b[name]} == {
+                str(k): v for k, v in train_rows[name].value_counts().items()
+            }
+
+
+def test_merging_partition_profiles_is_order_independent(
+    spark_profiles: dict[str, object],
+) -> None:
+    """Any order of the partition profiles merges to the same counts, nulls, min and max."""
+    from pipelines.core import profiles as wl
+
+    parts = spark_profiles["parts"]
+    assert len(parts) == 5  # type: ignore[arg-type]
+    expected = _exact_stats(spark_profiles["memory"])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        order = rng.permutation(len(parts))  # type: ignore[arg-type]
+        merged = wl.merge_profiles([parts[i] for i in order])  # type: ignore[index]
+        pd.testing.assert_frame_equal(_exact_stats(merged), expected, check_exact=True)
+    # a tree of merges (what a distributed reduce does) gives the same too
+    pairs = [wl.merge_profiles(parts[i : i + 2]) for i in range(0, 5, 2)]  # type: ignore[index]
+    pd.testing.assert_frame_equal(
+        _exact_stats(wl.merge_profiles(pairs[::-1])), expected, check_exact=True
+    )
+
+
+def _reference_from_sketches(reference: dict, view: object) -> dict:
+    """``reference`` with each judged column's pooled counts read from a profile's sketches."""
+    import copy
+
+    from pipelines.core import profiles as wl
+
+    sketches = wl.column_sketches(view)  # type: ignore[arg-type]
+    out = copy.deepcopy(reference)
+    for name, entry in out["columns"].items():
+        if entry.get("not_judged"):
+            continue
+        sketch = sketches[name]
+        assert sketch.count + sketch.nulls == entry["rows"], name  # the same rows
+        if entry["kind"] == "categorical":
+            items = sketch.items()
+            counts = [items.get(c, 0) for c in entry["categories"]]
+        else:
+            cdf = sketch.cdf(entry["edges"]) if entry["edges"] else np.empty(0)
+            counts = np.diff(np.concatenate([[0.0], cdf, [1.0]])) * sketch.count
+        entry["counts"] = [float(c) for c in counts]
+    return out
+
+
+def test_drift_verdicts_agree_with_merged_and_in_memory_reference(
+    spark_profiles: dict[str, object],
+    train_rows: pd.DataFrame,
+    project_rows: dict[str, pd.DataFrame],
+) -> None:
+    """The drift decision (``compare_reference``) on a day of project data gives the same
+    verdict per column with reference counts read from the merged Spark profile, from the
+    in-memory profile and from exact counts (what the monitor uses), with and without drift."""
+    from pipelines.features.definitions import CTR_V1
+    from pipelines.monitoring.drift import compare_reference
+    from pipelines.stages.drift_reference import build_reference, filling_columns
+
+    day0 = project_rows["none"]["ts"].min().floor("D")
+    exact = build_reference(
+        train_rows[PROFILED],
+        train_rows["ts"],
+        "1h",
+        growing={name: "grows by construction" for name in CTR_V1.growing},
+        filled_from=filling_columns(CTR_V1, day0, PROFILED),
+    )
+    references = {
+        "exact": exact,
+        "memory": _reference_from_sketches(exact, spark_profiles["memory"]),
+        "partitions": _reference_from_sketches(exact, spark_profiles["partitions"]),
+        "days": _reference_from_sketches(exact, spark_profiles["days"]),
+    }
+    flagged = {}
+    for scenario in ("none", "surface_shift"):
+        rows = project_rows[scenario]
+        live = rows[rows["day"] == 4]
+        verdicts = {}
+        for name, reference in references.items():
+            report = compare_reference(reference, live[PROFILED], live["ts"])
+            verdicts[name] = (
+                {c.column: (c.status, tuple(c.reasons)) for c in report.columns},
+                report.dataset_drift,
+            )
+            psis = {c.column: (c.psi, c.threshold) for c in report.columns if c.psi is not None}
+            if name == "exact":
+                exact_psi = psis
+            else:  # sketch-read counts move PSI by a few % of PSI or of its limit (measured <3%)
+                for column, (value, _) in psis.items():
+                    exact_value, limit = exact_psi[column]
+                    assert abs(value - exact_value) <= 0.1 * max(exact_value, limit), (
+                        scenario,
+                        name,
+                        column,
+                    )
+        assert verdicts["partitions"] == verdicts["memory"] == verdicts["exact"], scenario
+        assert verdicts["days"] == verdicts["exact"], scenario
+        flagged[scenario] = sorted(
+            c for c, (status, reasons) in verdicts["exact"][0].items() if "distribution" in reasons
+        )
+    assert "surface" in flagged["surface_shift"] and "surface" not in flagged["none"]
+
+
+def test_spark_profile_of_an_empty_frame_and_lazy_whylogs(spark: object) -> None:
+    """An empty frame gives the empty profile of its columns; importing the module (as a
+    Spark worker does to unpickle the partition function) does not import whylogs."""
+    import subprocess
+    import sys
+
+    from pipelines.core import profiles as wl
+    from pipelines.features.spark_profile import spark_profile
+
+    frame = spark.createDataFrame([], "x DOUBLE, s STRING")  # type: ignore[attr-defined]
+    view = spark_profile(frame)
+    assert wl.summary(view)["counts/n"].to_dict() == {"s": 0, "x": 0}
+    code = (
+        "import sys, pipelines.features.spark_profile\n"
+        "assert 'whylogs' not in sys.modules, 'whylogs imported at module import'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

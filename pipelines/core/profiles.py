@@ -43,6 +43,16 @@ def read_profile(path: Path) -> DatasetProfileView:
     return DatasetProfileView.read(str(path))
 
 
+def profile_bytes(view: DatasetProfileView) -> bytes:
+    """A profile view in whylogs' own binary format, in memory (to ship between processes)."""
+    return bytes(view.serialize())
+
+
+def profile_from_bytes(data: bytes) -> DatasetProfileView:
+    """The profile view of ``profile_bytes``."""
+    return DatasetProfileView.deserialize(data)
+
+
 REFERENCE_FRAME = "reference.parquet"
 
 

@@ -10,6 +10,8 @@ Details: docs/feature_store.md ("Scaling out").
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -52,7 +54,10 @@ def spark_session(master: str = "local[*]", conf: Mapping[str, str] | None = Non
     """The active Spark session, else a new one on ``master``.
 
     ``master`` is any Spark master URL (``local[*]``, ``spark://host:7077``, ``yarn``,
-    ``k8s://...``) or a Spark Connect URL (``sc://host:15002``), passed unchanged.
+    ``k8s://...``) or a Spark Connect URL (``sc://host:15002``), passed unchanged. A
+    ``local`` master runs Python workers (``spark_profile``) with this interpreter unless
+    ``PYSPARK_PYTHON`` names another: Spark's default, ``python3`` on the PATH, may lack
+    the project's packages.
     """
     require_pyspark()
     from pyspark.sql import SparkSession
@@ -62,6 +67,8 @@ def spark_session(master: str = "local[*]", conf: Mapping[str, str] | None = Non
         return active
     builder = SparkSession.builder.appName("mlops-features")
     builder = builder.remote(master) if master.startswith("sc://") else builder.master(master)
+    if master.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable  # read by pyspark when the context starts
     for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
