@@ -47,95 +47,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_latency import bare_bodies, build_bento, full_bodies, machine, start, stop  # noqa: E402
 
+from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import save_results  # noqa: E402
 from pipelines.modeling.release import reseal_release_dict  # noqa: E402
 from tests.support.loadtest import free_port, workload_frame  # noqa: E402
 
 TOKEN = "serving-cost-bench-token"
 QPS_TARGET = 120_000
-
-# wrk: cycle through the bodies in BODIES (one JSON body per line); print JSON at the end.
-WRK_LUA = r"""
-local bodies = {}
-for line in io.lines(os.getenv("BODIES")) do bodies[#bodies + 1] = line end
-local i = 0
-request = function()
-  i = i % #bodies + 1
-  return wrk.format("POST", os.getenv("WRK_PATH"), {["Content-Type"] = "application/json"},
-                    bodies[i])
-end
-done = function(summary, latency, requests)
-  io.write(string.format(
-    'RESULT {"requests": %d, "seconds": %.3f, "errors": %d, "non2xx": %d, ' ..
-    '"p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f}\n',
-    summary.requests, summary.duration / 1e6,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    summary.errors.status, latency:percentile(50) / 1000, latency:percentile(95) / 1000,
-    latency:percentile(99) / 1000, latency.max / 1000))
-end
-"""
-
-
-def wrk(url: str, path: str, bodies: Path, conc: int, seconds: float, script: Path) -> dict:
-    """Closed loop: ``conc`` connections send back to back for ``seconds``."""
-    env = {**os.environ, "BODIES": str(bodies), "WRK_PATH": path}
-    out = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(conc), "-d", f"{seconds:g}s", "-s", str(script), url],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    found = re.search(r"^RESULT (\{.*\})$", out, re.M)
-    if found is None:
-        raise RuntimeError(f"wrk printed no result:\n{out}")
-    result: dict[str, Any] = json.loads(found.group(1))
-    result["req_per_s"] = round(result["requests"] / result["seconds"], 1)
-    return result
-
-
-def hey(url: str, body: Path, rate: float, conc: int, seconds: float) -> dict[str, Any]:
-    """Fixed rate (``rate`` in all, spread over ``conc`` workers); percentiles from the CSV."""
-    out = subprocess.run(
-        [
-            "hey",
-            "-z",
-            f"{seconds:g}s",
-            "-c",
-            str(conc),
-            "-q",
-            f"{rate / conc:.3f}",
-            "-m",
-            "POST",
-            "-T",
-            "application/json",
-            "-D",
-            str(body),
-            "-o",
-            "csv",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    rows = [line.split(",") for line in out[1:] if line and line[0].isdigit()]
-    lat = np.array([float(r[0]) for r in rows]) * 1000.0
-    codes = [r[6] for r in rows]
-    return {
-        "requests": len(rows),
-        "target_rate": round(rate, 1),
-        "achieved_rate": round(len(rows) / seconds, 1),
-        "errors": sum(c != "200" for c in codes),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
-        "p95_ms": round(float(np.percentile(lat, 95)), 2) if len(lat) else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
-    }
-
-
-def lines(path: Path, bodies: list[Any]) -> Path:
-    path.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
-    return path
 
 
 def serve_release(
@@ -181,8 +99,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     procs: list[subprocess.Popen[bytes]] = []
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
-    script = work / "bodies.lua"
-    script.write_text(WRK_LUA)
+    script = wrk_script(work)
     try:
         if args.bento:
             from pipelines.stages.packaging import import_bento
@@ -397,24 +314,7 @@ def overload(
             rate = max(0.1 * capacity, 5.0)
             probes = {
                 s: subprocess.Popen(
-                    [
-                        "hey",
-                        "-z",
-                        f"{seconds:g}s",
-                        "-c",
-                        "2",
-                        "-q",
-                        f"{rate / 2:.2f}",
-                        "-m",
-                        "POST",
-                        "-T",
-                        "application/json",
-                        "-D",
-                        str(body[s]),
-                        "-o",
-                        "csv",
-                        url + "/predict",
-                    ],
+                    hey_command(url + "/predict", body[s], rate, 2, seconds),
                     stdout=subprocess.PIPE,
                     text=True,
                 )
@@ -422,16 +322,8 @@ def overload(
             }
             got: dict[str, Any] = {"shed_inflight": shed}
             for s, p in probes.items():
-                rows = [
-                    ln.split(",") for ln in p.communicate()[0].splitlines()[1:] if ln[:1].isdigit()
-                ]
-                lat = np.array([float(r[0]) for r in rows]) * 1000.0
-                got[s] = {
-                    "requests": len(rows),
-                    "p50_ms": round(float(np.percentile(lat, 50)), 1),
-                    "p95_ms": round(float(np.percentile(lat, 95)), 1),
-                    "p99_ms": round(float(np.percentile(lat, 99)), 1),
-                }
+                result = hey_result(p.communicate()[0], rate, seconds)
+                got[s] = {k: result[k] for k in ("requests", "p50_ms", "p95_ms", "p99_ms")}
             text = flood.communicate()[0]
             found = re.search(r"^RESULT (\{.*\})$", text, re.M)
             got["recs_rank"] = json.loads(found.group(1)) if found else None

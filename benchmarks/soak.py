@@ -41,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks._loadgen import hey, lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
 from tests.support.loadtest import (  # noqa: E402
     MemorySampler,
@@ -146,6 +147,59 @@ def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
     }
 
 
+def hey_soak(
+    served: Served, bodies: list[bytes], log_dir: Path, work: Path, seconds: float, share: float
+) -> tuple[float, float, dict[str, Any], dict[str, Any]]:
+    """Capacity by ``wrk`` (closed loop, concurrency 8, cycling through the bodies), then
+    ``hey`` at ``share`` of it for ``seconds``, then 20 s of ``hey`` with the refused batches
+    sent beside it: load generators in their own processes, so a saturated generator
+    cannot pass for a slow service. Rows are accounted by count (hey sends one body)."""
+    import threading
+
+    from pipelines.serving.request_log import read_shards
+
+    def logged() -> int:
+        return len(read_shards(log_dir)) if log_dir.is_dir() else 0
+
+    many = lines(work / "bodies.txt", [json.loads(b) for b in bodies])
+    one = work / "one.json"
+    one.write_bytes(bodies[0])
+    script = wrk_script(work)
+    wrk(served.url, "/predict", many, 8, 3, script)  # warm up
+    closed = wrk(served.url, "/predict", many, 8, 10, script)
+    cap = closed["req_per_s"]
+    rate = round(cap * share, 1)
+    conc = max(8, int(rate // 4))  # each hey worker sends at most ~4 req/s: near open loop
+    print(f"capacity (wrk, c8) {cap} req/s; soak at {rate} req/s for {seconds:g} s", flush=True)
+    time.sleep(2.5)
+    before = logged()
+    with MemorySampler(served, 1.0) as memory:
+        soak = hey(served.url + "/predict", one, rate, conc, seconds)
+    time.sleep(2.5)
+    summary = {
+        **soak,
+        "sent": soak["requests"],
+        "server_errors_5xx": None,  # hey reports non-200 as errors (below)
+        "transport_errors": None,
+        "memory": memory.summary(),
+        "memory_samples_mib": [
+            round(m, 1) for _, m in memory.samples[:: max(1, int(seconds // 60))]
+        ],
+        "request_log": {
+            "answered_rows": soak["answered_200"],
+            "logged_rows_of_these": logged() - before,
+        },
+        "capacity_closed_loop": closed,
+    }
+    amp: dict[str, Any] = {}
+    sender = threading.Timer(2.0, lambda: amp.update(refusals(served.url, work / "server.log")))
+    sender.start()
+    beside = hey(served.url + "/predict", one, rate, conc, 20.0)
+    sender.join()
+    alone = hey(served.url + "/predict", one, rate, conc, 20.0)
+    return cap, rate, summary, {"with_refusals": beside, "without": alone, "refusals": amp}
+
+
 def clock_range(url: str) -> dict[str, Any]:
     """Requests at times pandas cannot hold (and at its edges): what the service answers."""
     import httpx
@@ -190,6 +244,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="default: the release's serving.workers")
     parser.add_argument("--fault-seconds", type=float, default=20.0)
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument(
+        "--generator",
+        choices=("httpx", "hey"),
+        default="httpx",
+        help="hey: capacity by wrk and the soak by hey (separate processes, one body, rows "
+        "accounted by count); httpx: in-process generator, every request id accounted",
+    )
+    parser.add_argument(
+        "--fault-rate-share",
+        type=float,
+        default=0.5,
+        help="with --generator hey: share of capacity for the fault phases (httpx)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     project = args.project.resolve()
@@ -234,21 +301,28 @@ def main() -> None:
         served.wait_workers(args.workers)
         bodies = encode(workload(project / "data", 2000))
         fixed_rate(served.url, bodies, 20, 3)  # warm up
-        cap = capacity(served.url, bodies)
-        rate = round(cap * args.rate_share, 1)
-        print(f"capacity {cap:.1f} req/s; soak at {rate} req/s for {args.minutes} min", flush=True)
         seconds = args.minutes * 60
-        with MemorySampler(served, 1.0) as memory:
-            soak = fixed_rate(served.url, bodies, rate, seconds)
-        time.sleep(2.5)
-        soak_summary = {
-            **summarize(soak, seconds),
-            "memory": memory.summary(),
-            "memory_samples_mib": [
-                round(m, 1) for _, m in memory.samples[:: max(1, int(seconds // 60))]
-            ],
-            "request_log": log_accounting(log_dir, soak),
-        }
+        beside_load: dict[str, Any] = {}
+        if args.generator == "hey":
+            cap, rate, soak_summary, beside_load = hey_soak(
+                served, bodies, log_dir, work, seconds, args.rate_share
+            )
+            fault_rate = round(cap * args.fault_rate_share, 1)
+        else:
+            cap = capacity(served.url, bodies)
+            rate = fault_rate = round(cap * args.rate_share, 1)
+            print(f"capacity {cap:.1f} req/s; soak at {rate} req/s for {args.minutes} min")
+            with MemorySampler(served, 1.0) as memory:
+                soak = fixed_rate(served.url, bodies, rate, seconds)
+            time.sleep(2.5)
+            soak_summary = {
+                **summarize(soak, seconds),
+                "memory": memory.summary(),
+                "memory_samples_mib": [
+                    round(m, 1) for _, m in memory.samples[:: max(1, int(seconds // 60))]
+                ],
+                "request_log": log_accounting(log_dir, soak),
+            }
         print("soak", json.dumps(soak_summary), flush=True)
         faults: list[dict[str, Any]] = []
         if not args.no_faults:
@@ -267,7 +341,7 @@ def main() -> None:
                     time.sleep(0.1)  # the arbiter starts a replacement process
                 restart["t"] = time.monotonic() - t
 
-            out = fixed_rate(served.url, bodies, rate, fs, events={killed_at: kill})
+            out = fixed_rate(served.url, bodies, fault_rate, fs, events={killed_at: kill})
             # the replacement loads its release (~20 s on the full preset, one core busy):
             # the next fault starts once it serves, so the two are not measured together
             loaded = served.wait_workers(args.workers, 300, exclude=[victim])
@@ -307,7 +381,7 @@ def main() -> None:
                 log_dir.unlink()
 
             out = fixed_rate(
-                served.url, bodies, rate, fs, events={1.0: break_log, fs - 4.0: restore_log}
+                served.url, bodies, fault_rate, fs, events={1.0: break_log, fs - 4.0: restore_log}
             )
             time.sleep(2.5)
             after_break = [o for o in out if o.due >= 1.5]  # before: deleted with the directory
@@ -340,7 +414,11 @@ def main() -> None:
                 answers["reload_restored"] = admin(served.url, "/admin/reload")["problems"]
 
             out = fixed_rate(
-                served.url, bodies, rate, fs, events={2.0: remove_model, fs / 2: restore_model}
+                served.url,
+                bodies,
+                fault_rate,
+                fs,
+                events={2.0: remove_model, fs / 2: restore_model},
             )
             bad_routes = [o for o in out if o.route not in (None, "prod")]
             faults.append(
@@ -367,7 +445,9 @@ def main() -> None:
                 answers["reload_bad_release"] = admin(served.url, "/admin/reload")
                 release_file.write_text(original)
 
-            out = fixed_rate(served.url, bodies, rate, min(fs, 10.0), events={2.0: bad_release})
+            out = fixed_rate(
+                served.url, bodies, fault_rate, min(fs, 10.0), events={2.0: bad_release}
+            )
             faults.append(
                 fault_record(
                     "release names a missing model version (reload)",
@@ -381,7 +461,7 @@ def main() -> None:
             out = fixed_rate(
                 served.url,
                 bodies,
-                rate,
+                fault_rate,
                 10.0,
                 events={2.0: lambda: amp.update(refusals(served.url, work / "server.log"))},
             )
@@ -391,7 +471,7 @@ def main() -> None:
             out = fixed_rate(
                 served.url,
                 bodies,
-                rate,
+                fault_rate,
                 6.0,
                 events={2.0: lambda: clock.update(clock_range(served.url))},
             )
@@ -414,11 +494,14 @@ def main() -> None:
             "workers": args.workers,
             "capacity_req_per_s": round(cap, 1),
             "rate_req_per_s": rate,
+            "generator": args.generator,
+            "fault_rate_req_per_s": fault_rate,
             "soak": soak_summary,
+            "refusals_beside_load": beside_load,
             "faults": faults,
             "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
         }
-        report["shutdown"] = shutdown_under_load(served, bodies, rate)
+        report["shutdown"] = shutdown_under_load(served, bodies, fault_rate)
         print("shutdown", json.dumps(report["shutdown"]), flush=True)
     finally:
         served.stop()
@@ -451,6 +534,41 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
         "",
     ]
+    if r.get("generator") == "hey":
+        b = r["refusals_beside_load"]
+        w, wo, amp = b["with_refusals"], b["without"], b.get("refusals") or {}
+        lines[4:] = [
+            f"Capacity (wrk closed loop, concurrency 8, real bodies): {r['capacity_req_per_s']} "
+            f"req/s. Soak by hey (its own process, one body, "
+            f"{s['capacity_closed_loop'].get('p50_ms')} ms p50 at capacity) at "
+            f"{r['rate_req_per_s']} req/s:",
+            "",
+            "| sent | answered 200 | non-200 or errors | p50 ms | p95 ms | p99 ms | max ms "
+            "| RSS first / peak / last MiB | rows answered / logged |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {s['sent']} | {s['answered_200']} | {s['errors']} | {s['p50_ms']} | "
+            f"{s['p95_ms']} | {s['p99_ms']} | {s['max_ms']} | "
+            f"{s['memory'].get('first_mib')} / {s['memory'].get('peak_mib')} / "
+            f"{s['memory'].get('last_mib')} "
+            f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
+            "",
+            "Valid requests (hey, same rate, 20 s) with and without twenty refused "
+            "5000-row batches of `{}` sent beside them:",
+            "",
+            "| | sent | non-200 | p50 ms | p95 ms | p99 ms | max ms |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {name} | {x['requests']} | {x['errors']} | {x['p50_ms']} | {x['p95_ms']} "
+                f"| {x['p99_ms']} | {x['max_ms']} |"
+                for name, x in (("with refusals", w), ("without", wo))
+            ),
+            "",
+            f"Refusals: {amp.get('refusal_statuses')} in {amp.get('seconds')} s for "
+            f"{amp.get('refused_calls')} calls; service log +{amp.get('service_log_bytes')} bytes. "
+            f"Fault phases below: in-process httpx generator at {r['fault_rate_req_per_s']} "
+            "req/s (every request id accounted).",
+            "",
+        ]
     if r["faults"]:
         lines += [
             "| fault | sent | 200 | 5xx | transport errors | last non-200 after fault (s) "
