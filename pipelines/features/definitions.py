@@ -24,6 +24,7 @@ from pipelines.core.domain import DEVICES, SURFACES
 
 EPOCH_MS = int(pd.Timestamp("2020-01-01", tz="UTC").value // 1_000_000)
 STRIDE = 1 << 40  # ms; event times must lie in [2020-01-01, 2054-11-04)
+SORTED_SEARCH_MIN = 64  # queries per batch from which searches visit them in sorted order
 MAX_CODES = (1 << 62) // STRIDE  # entity codes per (entity, source) array without int64 overflow
 NO_EVENT = np.iinfo(np.int64).min // 4  # "latest event" of an entity without one
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -416,10 +417,11 @@ def evaluate(
         """``np.searchsorted`` with the queries visited in key order.
 
         Sorted queries walk the sorted array sequentially instead of jumping
-        around in memory: several times faster for large batches. Every key
-        of one entity (at t or at t - w) sorts in the same order.
+        around in memory: several times faster for large batches, and 1.4x for a
+        1000-row request batch over 1.5M events (docs/serving.md). Every key of
+        one entity (at t or at t - w) sorts in the same order.
         """
-        if n < 4096:
+        if n < SORTED_SEARCH_MIN:
             return np.searchsorted(arr, keys, side=side)  # type: ignore[call-overload]
         order_key = ("order", entity)
         if order_key not in stats:
