@@ -18,11 +18,14 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+_REQUEST_ID = re.compile(rb'"request_id":\s*"([^"]+)"')
 
 
 class _Pool:
@@ -33,16 +36,23 @@ class _Pool:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.slots = asyncio.Semaphore(limit)
 
-    async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.idle:
-            return self.idle.pop()
-        return await asyncio.open_connection(self.host, self.port)
+    async def get(
+        self, fresh: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A connection and whether it was reused; connections the server closed are dropped."""
+        while self.idle and not fresh:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof():
+                return reader, writer, True
+            writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return reader, writer, False
 
 
 async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-) -> tuple[int, bool]:
-    """Send one request, read the whole answer: (status, the connection may be reused)."""
+) -> tuple[int, bool, bytes]:
+    """Send one request, read the whole answer: (status, connection reusable, body)."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -55,9 +65,8 @@ async def _exchange(
             length = int(value)
         elif name == "connection" and value.strip().lower() == "close":
             close = True
-    if length:
-        await reader.readexactly(length)
-    return status, not close
+    body = await reader.readexactly(length) if length else b""
+    return status, not close, body
 
 
 async def run(
@@ -86,6 +95,7 @@ async def run(
     pool = _Pool(host, port, 512)
     latency = [0.0] * len(due)
     status: list[str] = [""] * len(due)
+    ids: list[bytes] = []
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.2
 
@@ -94,11 +104,24 @@ async def run(
         async with pool.slots:
             writer = None
             try:
-                reader, writer = await pool.get()
-                code, reuse = await asyncio.wait_for(
-                    _exchange(reader, writer, requests[k % len(requests)]), 60
-                )
+                reader, writer, reused = await pool.get()
+                try:
+                    code, reuse, body = await asyncio.wait_for(
+                        _exchange(reader, writer, requests[k % len(requests)]), 60
+                    )
+                except (ConnectionError, asyncio.IncompleteReadError) as e:
+                    # a kept-alive connection the server closed meanwhile (its idle timeout):
+                    # nothing was answered on it, so the request goes once more on a new one
+                    if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                        raise
+                    writer.close()
+                    reader, writer, _ = await pool.get(fresh=True)
+                    code, reuse, body = await asyncio.wait_for(
+                        _exchange(reader, writer, requests[k % len(requests)]), 60
+                    )
                 status[k] = str(code)
+                if code == 200:  # the request ids answered, for the request-log accounting
+                    ids.extend(_REQUEST_ID.findall(body))
                 if reuse:
                     pool.idle.append((reader, writer))
                 else:
@@ -120,6 +143,7 @@ async def run(
         "latency_ms": [round(x, 3) for x in latency],
         "due_s": [round(x, 4) for x in due],
         "status": status,
+        "request_ids": [i.decode() for i in ids],
     }
 
 

@@ -4,11 +4,15 @@ What it does (stops by itself; nothing is left running):
 
 1. imports a built release bento (default ``build/bento/ctr_service.bento``) into a
    temporary BentoML home and serves it with ``--workers`` workers (OMP_NUM_THREADS=1);
-2. measures capacity: a closed-loop burst at concurrency 8 (requests/s);
-3. soak: ``--rate-share`` of that capacity, open loop, for ``--minutes``, sampling the
-   resident memory of the server processes every second; then checks every answered
-   request id is in the request log;
-4. unless ``--no-faults``, under the same load: a worker SIGKILLed; the request-log
+2. measures capacity: ``wrk``, closed loop at concurrency 8 (requests/s);
+3. soak: ``--rate-share`` of that capacity for ``--minutes`` from the open-loop generator
+   (``benchmarks/_openloop.py``, its own process, Poisson arrivals), sampling the resident
+   memory of the server processes every second; then checks every answered request id is
+   in the request log; 20 s more of the same load with refused batches sent beside it,
+   and 20 s without (``--generator httpx``: capacity and soak from the tests' in-process
+   generator instead);
+4. unless ``--no-faults``, under load from the in-process generator (every request id
+   accounted; at ``--fault-rate-share`` of capacity): a worker SIGKILLed; the request-log
    directory replaced by a file (unwritable) for ``--fault-seconds`` then restored; the
    prod model file removed and the release reloaded, then put back; a release naming a
    model version that is not in the store, reloaded; refused requests (twenty 5000-row
@@ -41,8 +45,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._loadgen import hey, lines, wrk, wrk_script  # noqa: E402
+from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
+from benchmarks._openloop import open_loop  # noqa: E402
 from tests.support.loadtest import (  # noqa: E402
     MemorySampler,
     Outcome,
@@ -147,59 +152,63 @@ def refusals(url: str, server_log: Path, calls: int = 20) -> dict[str, Any]:
     }
 
 
-def hey_soak(
+def open_loop_soak(
     served: Served, bodies: list[bytes], log_dir: Path, work: Path, seconds: float, share: float
 ) -> tuple[float, float, dict[str, Any], dict[str, Any]]:
-    """Capacity by ``wrk`` (closed loop, concurrency 8, cycling through the bodies), then
-    ``hey`` at ``share`` of it for ``seconds``, then 20 s of ``hey`` with the refused batches
-    sent beside it: load generators in their own processes, so a saturated generator
-    cannot pass for a slow service. Rows are accounted by count (hey sends one body)."""
+    """Capacity by ``wrk`` (closed loop, concurrency 8, cycling through the bodies), then the
+    open-loop generator (``benchmarks/_openloop.py``: Poisson arrivals, its own process) at
+    ``share`` of it for ``seconds``, then 20 s of it with the refused batches sent beside it
+    and 20 s without: a saturated generator cannot pass for a slow service. Every answered
+    request id is looked up in the request log."""
     import threading
 
-    from pipelines.serving.request_log import read_shards
-
-    def logged() -> int:
-        return len(read_shards(log_dir)) if log_dir.is_dir() else 0
-
     many = lines(work / "bodies.txt", [json.loads(b) for b in bodies])
-    one = work / "one.json"
-    one.write_bytes(bodies[0])
     script = wrk_script(work)
     wrk(served.url, "/predict", many, 8, 3, script)  # warm up
     closed = wrk(served.url, "/predict", many, 8, 10, script)
     cap = closed["req_per_s"]
     rate = round(cap * share, 1)
-    # hey paces each of its workers with its own ticker, all started together: requests
-    # leave in bursts of ``conc``. Eight workers, as many as the capacity run's connections.
-    conc = 8
     print(f"capacity (wrk, c8) {cap} req/s; soak at {rate} req/s for {seconds:g} s", flush=True)
     time.sleep(2.5)
-    before = logged()
     with MemorySampler(served, 1.0) as memory:
-        soak = hey(served.url + "/predict", one, rate, conc, seconds)
+        soak = open_loop(served.url, "/predict", many, rate, seconds)
     time.sleep(2.5)
+    raw = soak.pop("raw")
     summary = {
         **soak,
-        "sent": soak["requests"],
-        "server_errors_5xx": None,  # hey reports non-200 as errors (below)
-        "transport_errors": None,
+        "generator_cpu_s": raw["generator_cpu_s"],
+        "server_errors_5xx": sum(v for k, v in soak["statuses"].items() if k.startswith("5")),
+        "transport_errors": sum(v for k, v in soak["statuses"].items() if not k.isdigit()),
         "memory": memory.summary(),
         "memory_samples_mib": [
             round(m, 1) for _, m in memory.samples[:: max(1, int(seconds // 60))]
         ],
-        "request_log": {
-            "answered_rows": soak["answered_200"],
-            "logged_rows_of_these": logged() - before,
-        },
+        "request_log": id_accounting(log_dir, raw["request_ids"]),
         "capacity_closed_loop": closed,
     }
     amp: dict[str, Any] = {}
     sender = threading.Timer(2.0, lambda: amp.update(refusals(served.url, work / "server.log")))
     sender.start()
-    beside = hey(served.url + "/predict", one, rate, conc, 20.0)
+    beside = open_loop(served.url, "/predict", many, rate, 20.0, seed=1)
     sender.join()
-    alone = hey(served.url + "/predict", one, rate, conc, 20.0)
+    alone = open_loop(served.url, "/predict", many, rate, 20.0, seed=2)
+    beside.pop("raw")
+    alone.pop("raw")
     return cap, rate, summary, {"with_refusals": beside, "without": alone, "refusals": amp}
+
+
+def id_accounting(log_dir: Path, ids: list[str]) -> dict[str, Any]:
+    """Which of the answered request ids are in the request log."""
+    from pipelines.serving.request_log import read_shards
+
+    log = read_shards(log_dir) if log_dir.is_dir() else None
+    logged = set(log["request_id"]) if log is not None and len(log) else set()
+    answered = set(ids)
+    return {
+        "answered_rows": len(answered),
+        "logged_rows_of_these": len(answered & logged),
+        "missing_rows": len(answered - logged),
+    }
 
 
 def clock_range(url: str) -> dict[str, Any]:
@@ -248,16 +257,17 @@ def main() -> None:
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument(
         "--generator",
-        choices=("httpx", "hey"),
-        default="httpx",
-        help="hey: capacity by wrk and the soak by hey (separate processes, one body, rows "
-        "accounted by count); httpx: in-process generator, every request id accounted",
+        choices=("httpx", "openloop"),
+        default="openloop",
+        help="openloop: capacity by wrk, the soak by benchmarks/_openloop.py (own processes, "
+        "Poisson arrivals); httpx: the in-process generator of the tests (saturates near "
+        "140 req/s on 2 shared cores)",
     )
     parser.add_argument(
         "--fault-rate-share",
         type=float,
         default=0.3,
-        help="with --generator hey: share of capacity for the fault phases (the in-process "
+        help="with --generator openloop: share of capacity for the fault phases (the in-process "
         "httpx generator saturates near 140 req/s on 2 shared cores)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
@@ -306,8 +316,8 @@ def main() -> None:
         fixed_rate(served.url, bodies, 20, 3)  # warm up
         seconds = args.minutes * 60
         beside_load: dict[str, Any] = {}
-        if args.generator == "hey":
-            cap, rate, soak_summary, beside_load = hey_soak(
+        if args.generator == "openloop":
+            cap, rate, soak_summary, beside_load = open_loop_soak(
                 served, bodies, log_dir, work, seconds, args.rate_share
             )
             fault_rate = round(cap * args.fault_rate_share, 1)
@@ -537,31 +547,32 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
         "",
     ]
-    if r.get("generator") == "hey":
+    if r.get("generator") == "openloop":
         b = r["refusals_beside_load"]
         w, wo, amp = b["with_refusals"], b["without"], b.get("refusals") or {}
         lines[4:] = [
             f"Capacity (wrk closed loop, concurrency 8, real bodies): {r['capacity_req_per_s']} "
-            f"req/s. Soak by hey (its own process, one body, "
-            f"{s['capacity_closed_loop'].get('p50_ms')} ms p50 at capacity) at "
-            f"{r['rate_req_per_s']} req/s:",
+            f"req/s ({s['capacity_closed_loop'].get('p50_ms')} ms p50 at capacity). Soak by "
+            f"the open-loop generator (own process, Poisson arrivals, real bodies; "
+            f"{s['generator_cpu_s']} s of generator CPU) at {r['rate_req_per_s']} req/s:",
             "",
-            "| sent | answered 200 | non-200 or errors | p50 ms | p95 ms | p99 ms | max ms "
+            "| sent | answered 200 | 5xx | transport errors | p50 ms | p95 ms | p99 ms | max ms "
             "| RSS first / peak / last MiB | rows answered / logged |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {s['sent']} | {s['answered_200']} | {s['errors']} | {s['p50_ms']} | "
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {s['sent']} | {s['answered_200']} | {s['server_errors_5xx']} | "
+            f"{s['transport_errors']} | {s['p50_ms']} | "
             f"{s['p95_ms']} | {s['p99_ms']} | {s['max_ms']} | "
             f"{s['memory'].get('first_mib')} / {s['memory'].get('peak_mib')} / "
             f"{s['memory'].get('last_mib')} "
             f"| {s['request_log']['answered_rows']} / {s['request_log']['logged_rows_of_these']} |",
             "",
-            "Valid requests (hey, same rate, 20 s) with and without twenty refused "
+            "Valid requests (same generator and rate, 20 s) with and without twenty refused "
             "5000-row batches of `{}` sent beside them:",
             "",
             "| | sent | non-200 | p50 ms | p95 ms | p99 ms | max ms |",
             "|---|---|---|---|---|---|---|",
             *(
-                f"| {name} | {x['requests']} | {x['errors']} | {x['p50_ms']} | {x['p95_ms']} "
+                f"| {name} | {x['sent']} | {x['errors']} | {x['p50_ms']} | {x['p95_ms']} "
                 f"| {x['p99_ms']} | {x['max_ms']} |"
                 for name, x in (("with refusals", w), ("without", wo))
             ),
