@@ -10,7 +10,8 @@ What it does (loopback, one BentoML worker per service, OMP_NUM_THREADS=1):
    p50/p95/p99): ``/predict`` at concurrency 1 and 8, ``/predict_batch`` (1000 rows) and
    ``/rank`` (1000 candidates) at concurrency 1 and 2, alternating full and bare in rounds;
 3. ``hey`` at a fixed rate of 60% of the measured concurrency-8 capacity (per-request
-   latencies from its CSV output);
+   latencies from its CSV output), then the same rate from the open-loop generator
+   (``benchmarks/_openloop.py``: Poisson arrivals, latency from the scheduled time);
 4. overload: ``wrk`` floods ``/rank`` on recs (low priority) while ``hey`` sends search
    (critical) and feed ``/predict`` at a fixed rate; latency per surface with priorities on
    (``serving.shed_inflight`` from params) and off (0);
@@ -49,6 +50,7 @@ from serving_latency import bare_bodies, build_bento, full_bodies, machine, star
 
 from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import save_results  # noqa: E402
+from benchmarks._openloop import open_loop  # noqa: E402
 from pipelines.modeling.release import reseal_release_dict  # noqa: E402
 from tests.support.loadtest import free_port, workload_frame  # noqa: E402
 
@@ -195,6 +197,14 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             full_url + "/predict", one, 0.6 * capacity, 8, max(args.seconds * 1.5, 10)
         )
         print("fixed rate", results["full"]["predict_fixed_rate_60pct"], flush=True)
+        # the same rate from the open-loop generator: Poisson arrivals, latency from the
+        # scheduled time (hey's workers tick together and slow down with the server)
+        poisson = open_loop(
+            full_url, "/predict", files["full_single"], 0.6 * capacity, max(args.seconds * 1.5, 10)
+        )
+        poisson.pop("raw")
+        results["full"]["predict_open_loop_60pct"] = poisson
+        print("open loop", poisson, flush=True)
         meta = post_json(full_url + "/metadata")
         results["full_counters"] = {
             "predictor": meta["counters"],
@@ -379,6 +389,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"Fixed rate (hey) at 60% of capacity ({fr['target_rate']} req/s target, "
         f"{fr['achieved_rate']} achieved): p50 {fr['p50_ms']}, p95 {fr['p95_ms']}, "
         f"p99 {fr['p99_ms']} ms, {fr['errors']} errors.",
+    ]
+    ol = full.get("predict_open_loop_60pct")
+    if ol:
+        lines_.append(
+            f"Same rate, open loop (`benchmarks/_openloop.py`: Poisson arrivals, real bodies, "
+            f"latency from the scheduled send time; {ol['achieved_rate']} req/s): p50 "
+            f"{ol['p50_ms']}, p95 {ol['p95_ms']}, p99 {ol['p99_ms']} ms, {ol['errors']} errors."
+        )
+    lines_ += [
         "",
         f"Same service with the scikit-learn runtime (CTR_MODEL_RUNTIME=sklearn), /predict at "
         f"concurrency 8: {r['full_sklearn']['predict_c8']['req_per_s']} req/s.",
