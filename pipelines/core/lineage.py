@@ -178,6 +178,8 @@ def version_lineage(
     errors += [err] if err else []
     bento, err = read_dvc_json(fs, f"{bento_dir}/bento.json")
     errors += [err] if err else []
+    card, err = read_dvc_json(fs, f"{model_path}/model_card.json")
+    errors += [err] if err else []
     embedded = (release or {}).get("lineage") or {}
     model_file_md5 = None
     archive_md5 = None
@@ -241,6 +243,8 @@ def version_lineage(
             "stage": model_stage,
             "model_file_md5": model_file_md5,
             "model_tag": (release or {}).get("model_tag"),
+            # how the training rows were read: whole, or a negative sample (its rate)
+            "training_sample": (card or {}).get("training_sample"),
         },
         "metrics": {
             "path": metrics_path,
@@ -316,6 +320,14 @@ def lineage_text(record: dict[str, Any]) -> str:
         f"  model          {m['path']}  md5 {short(m['md5'])} {where(m['md5'])}  "
         f"model.joblib md5 {short(m['model_file_md5'])}  {m['model_tag']}"
     )
+    sample = m.get("training_sample") or {}
+    if sample.get("kind") == "negative_downsampling":
+        add(
+            f"  training rows  sample: every click, {sample['negative_rate']:.4g} of the "
+            f"non-clicks per day ({sample['rows_after']:,} of {sample['rows_before']:,})"
+        )
+    elif sample:
+        add(f"  training rows  the whole training window ({sample.get('rows')} rows)")
     mt = r["metrics"]
     vals = " ".join(f"{k} {v}" for k, v in mt["values"].items() if v is not None)
     add(f"  metrics        {mt['path']}  md5 {short(mt['md5'])} [git]  {vals}")

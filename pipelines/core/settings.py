@@ -148,6 +148,13 @@ class TrainSettings(Section):
     max_leaf_nodes: int = Field(31, ge=2)
     min_samples_leaf: int = Field(100, ge=1)
     l2_regularization: float = Field(1.0, ge=0)
+    max_train_rows: int = Field(
+        20_000_000,
+        ge=0,
+        description="train-split rows read whole; beyond it every click and a day-stratified "
+        "share of the non-clicks, this many rows in all, corrected for in the model "
+        "(docs/feature_store.md, Training past memory); 0: never sample",
+    )
 
 
 class EvaluateSettings(Section):

@@ -20,6 +20,7 @@ from pipelines.core import timings
 from pipelines.core.domain import SURFACES
 from pipelines.core.settings import TrainSettings
 from pipelines.features.definitions import FeatureSet
+from pipelines.modeling.sampling import apply_negative_rate
 
 
 def fit_model(
@@ -64,9 +65,19 @@ class RuleBaseline:
     strength: float = 50.0
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, strength: float = 50.0) -> RuleBaseline:
-        global_ctr = float(train["clicked"].mean())
-        by_s = train.groupby("surface", observed=True)["clicked"].agg(["sum", "count"])
+    def fit(
+        cls, train: pd.DataFrame, strength: float = 50.0, negative_rate: float = 1.0
+    ) -> RuleBaseline:
+        """``negative_rate``: share of the non-clicks ``train`` kept (a sample); each kept
+        one stands for ``1 / negative_rate`` impressions."""
+
+        def counted(frame: pd.DataFrame) -> pd.DataFrame:
+            frame["count"] = frame["sum"] + (frame["count"] - frame["sum"]) / negative_rate
+            return frame
+
+        clicks = float(train["clicked"].sum())
+        global_ctr = clicks / (clicks + (len(train) - clicks) / negative_rate)
+        by_s = counted(train.groupby("surface", observed=True)["clicked"].agg(["sum", "count"]))
         surface_ctr = {
             s: float(
                 (by_s.loc[s, "sum"] + strength * global_ctr) / (by_s.loc[s, "count"] + strength)
@@ -75,8 +86,8 @@ class RuleBaseline:
             else global_ctr
             for s in SURFACES
         }
-        by_is = train.groupby(["item_id", "surface"], observed=True)["clicked"].agg(
-            ["sum", "count"]
+        by_is = counted(
+            train.groupby(["item_id", "surface"], observed=True)["clicked"].agg(["sum", "count"])
         )
         prior = np.array([surface_ctr[s] for s in by_is.index.get_level_values(1)])
         rate = (by_is["sum"].to_numpy() + strength * prior) / (by_is["count"].to_numpy() + strength)
@@ -113,14 +124,22 @@ def train_stage(
     dataset_meta: dict[str, Any],
     data_hashes: dict[str, str | None],
     out_dir: Path,
+    sample: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit model and baseline, write ``model.joblib``, ``baseline.json`` and the model card."""
+    """Fit model and baseline, write ``model.joblib``, ``baseline.json`` and the model card.
+
+    ``sample`` is the record of how ``train`` was read (``read_training_rows``); a negative
+    sample's rate is corrected for in the model and the baseline."""
     from pipelines.core.io import atomic_dir, write_json
 
+    sample = sample or {"kind": "none", "rows": len(train)}
+    rate = float(sample.get("negative_rate", 1.0))
     started = time.perf_counter()
     model = fit_model(train, feature_set, params, seed)
+    if rate != 1.0:
+        apply_negative_rate(model, rate)
     timings.record("fit_seconds", time.perf_counter() - started)  # not in the card: not a result
-    baseline = RuleBaseline.fit(train)
+    baseline = RuleBaseline.fit(train, negative_rate=rate)
     p_valid = predict(model, valid[feature_set.names].to_numpy(dtype=np.float64))
     y_valid = valid["clicked"].to_numpy()
     valid_metrics = {
@@ -152,7 +171,8 @@ def train_stage(
             "end": dataset_meta["windows"]["test_start"],
         },
         "rows": {"train": len(train), "valid": len(valid)},
-        "click_rate_train": round(float(train["clicked"].mean()), 6),
+        "training_sample": sample,
+        "click_rate_train": round(baseline.global_ctr, 6),
         "valid_metrics": valid_metrics,
         "data_hashes": data_hashes,
         "iterations": int(model.n_iter_),
@@ -170,11 +190,22 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in card["params"].items())
     hashes = "\n".join(f"| {k} | `{v}` |" for k, v in card["data_hashes"].items())
     vm = card["valid_metrics"]
+    sample = card.get("training_sample") or {"kind": "none"}
+    if sample["kind"] == "negative_downsampling":
+        read = (
+            f"* Training rows: a sample of {sample['rows_before']:,}: every click and "
+            f"{sample['negative_rate']:.4g} of the non-clicks on every day (over "
+            f"`train.max_train_rows` = {sample['max_train_rows']:,}); probabilities "
+            "corrected by log(rate) on the logit\n"
+        )
+    else:
+        read = "* Training rows: the whole training window\n"
     return (
         f"# Model card: {card['model']}\n\n{card['task'].capitalize()}.\n\n"
         f"* Feature set: `{card['feature_set']}` ({len(card['features'])} features)\n"
         f"* Training window: {card['training_window']['start']} to {card['training_window']['end']}"
         f" ({card['rows']['train']} rows)\n"
+        f"{read}"
         f"* Validation: AUC {vm['auc']}, log loss {vm['log_loss']} "
         f"(rule baseline AUC {vm['baseline_auc']})\n\n"
         f"## Hyperparameters\n\n| param | value |\n|---|---|\n{rows}\n\n"

@@ -10,6 +10,7 @@ from pipelines.core.dvcfiles import dvc_file_hash, dvc_lock_outs
 from pipelines.core.settings import TrainSettings
 from pipelines.features.definitions import get_feature_set
 from pipelines.modeling.model import train_stage
+from pipelines.modeling.sampling import read_training_rows
 from pipelines.stages.dataset import load_split
 
 
@@ -28,8 +29,12 @@ def run(
             iter(dvc_lock_outs(root).get("build_dataset", {}).values()), None
         ),
     }
+    path = dataset_dir / "train.parquet"
+    if not path.is_file():
+        load_split(dataset_dir, "train")  # the error that says what to run
+    rows, sample = read_training_rows(path, params.max_train_rows, seed)
     return train_stage(
-        load_split(dataset_dir, "train"),
+        rows,
         load_split(dataset_dir, "valid"),
         get_feature_set(meta["feature_set"]),
         params,
@@ -37,4 +42,5 @@ def run(
         meta,
         hashes,
         out_dir,
+        sample,
     )
