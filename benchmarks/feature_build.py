@@ -1,8 +1,12 @@
-"""Offline point-in-time build: DuckDB and numpy engines vs a hand-written query and pandas.
+"""Offline point-in-time build: numpy, DuckDB and Spark engines vs a hand-written query and pandas.
 
-Every implementation runs in its own subprocess (clean peak memory: ru_maxrss of
-the child) on the same parquet inputs, writes its feature table, and the parent
-checks all outputs equal before recording anything. Sizes:
+Every implementation runs in its own subprocess (clean peak memory: VmHWM of the
+child) on the same parquet inputs, writes its feature table, and the parent
+checks all outputs equal before recording anything. ``spark_engine`` runs the
+project's Spark engine on a session of ``--spark-master`` (default ``local[2]``,
+driver memory ``--spark-driver-memory``); its session start-up is timed apart from
+the build, its peak memory adds the JVM's VmHWM to the Python child's, and
+``--spark-sizes`` limits it to some sizes. Sizes:
 
 * ``full``: the full sample preset (~1.5M events), one label row per impression
   (exactly what the build_dataset stage computes): decides ``features.engine``;
@@ -14,7 +18,7 @@ Feature sets: ``user_windows`` (user impressions in 1h/24h/7d: the issue's
 reference, with a hand-written DuckDB range join) and ``ctr_v1`` (all 18).
 
 Run: ``python benchmarks/feature_build.py --sizes full 1m 10m`` (results go to
-``benchmarks/results/feature_build.{json,md}``; inputs are cached in
+``benchmarks/results/feature_build.{json,md}``, or to ``--out``; inputs are cached in
 ``benchmarks/data/``).
 """
 
@@ -25,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,31 +242,146 @@ def run_pandas(events: Any, labels: Any, fs: Any) -> Any:
 IMPLEMENTATIONS = {
     "duckdb_engine": lambda e, lab, fs: run_engine("duckdb", e, lab, fs),
     "numpy_engine": lambda e, lab, fs: run_engine("numpy", e, lab, fs),
+    # The session is started (and timed) by the child before the build; the engine
+    # picks up the active session.
+    "spark_engine": lambda e, lab, fs: run_engine("spark", e, lab, fs),
     "handwritten_duckdb": run_handwritten_duckdb,
     "pandas": run_pandas,
 }
 
 
-def child(impl: str, events_path: Path, labels_path: Path, set_name: str, out: Path) -> None:
-    """Run one implementation; print wall times and peak memory as JSON."""
+# ----------------------------------------------------------------------------- process memory
+
+
+def _status_kib(pid: int | str, field: str) -> int:
+    """A ``/proc/<pid>/status`` field in KiB (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(x.split()[1]) for x in fh if x.startswith(field + ":")), 0)
+    except OSError:
+        return 0
+
+
+def _cpu_s(pid: int | str) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat``), 0 if gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` and its command name (the JVM is ``java``)."""
+    parent: dict[int, int] = {}
+    comm: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        head, tail = stat.rsplit(")", 1)
+        parent[int(entry)] = int(tail.split()[1])
+        comm[int(entry)] = head.split("(", 1)[1]
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        for child_pid, ppid in parent.items():
+            if ppid == p and child_pid not in found:
+                found[child_pid] = comm[child_pid]
+                frontier.append(child_pid)
+    return found
+
+
+class RssSampler(threading.Thread):
+    """Samples the summed RSS of this process and its descendants (the JVM) every 0.2 s:
+    the peak of the sum, which the per-process high-water marks can only bound."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_kib = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            pids = [os.getpid(), *descendants(os.getpid())]
+            self.peak_kib = max(self.peak_kib, sum(_status_kib(p, "VmRSS") for p in pids))
+
+
+def child(
+    impl: str,
+    events_path: Path,
+    labels_path: Path,
+    set_name: str,
+    out: Path,
+    spark_conf: dict[str, str] | None = None,
+) -> None:
+    """Run one implementation; print wall times, CPU time and peak memory as JSON."""
+    extra: dict[str, Any] = {}
+    sampler = None
+    if impl == "spark_engine":
+        from pipelines.features.spark_engine import spark_session
+
+        conf = dict(spark_conf or {})
+        master = conf.pop("master")
+        sampler = RssSampler()
+        sampler.start()
+        t0 = time.perf_counter()
+        spark = spark_session(master, conf)
+        spark.range(1).count()  # the JVM and its first job are up
+        extra["session_start_s"] = round(time.perf_counter() - t0, 2)
+        jconf = spark.sparkContext.getConf()
+        extra["spark"] = {
+            "version": spark.version,
+            "master": spark.sparkContext.master,
+            "default_parallelism": spark.sparkContext.defaultParallelism,
+            "conf": {k: jconf.get(k, "(default)") for k in sorted({*conf, "spark.driver.memory"})},
+            "sql.shuffle.partitions": spark.conf.get("spark.sql.shuffle.partitions"),
+            "sql.adaptive.enabled": spark.conf.get("spark.sql.adaptive.enabled"),
+        }
+        jvms = [p for p, name in descendants(os.getpid()).items() if name == "java"]
+        if len(jvms) != 1:
+            raise RuntimeError(f"expected one JVM child, found {jvms}")
+        jvm = jvms[0]
     start = time.perf_counter()
     events, labels = read_inputs(events_path, labels_path)
     loaded = time.perf_counter()
+    cpu0 = sum(os.times()[:2]) + (_cpu_s(jvm) if sampler else 0.0)
     table = IMPLEMENTATIONS[impl](events, labels, feature_sets()[set_name])
     done = time.perf_counter()
+    cpu1 = sum(os.times()[:2]) + (_cpu_s(jvm) if sampler else 0.0)
     table.to_parquet(out, index=False)
     # VmHWM is this process's own high-water mark; ru_maxrss would carry the parent's
     # peak across fork + exec on Linux.
-    peak_kib = next(
-        int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")
-    )
+    peak_kib = _status_kib("self", "VmHWM")
+    if sampler is not None:
+        # The JVM's high-water mark, read before the session stops (Python workers, if
+        # any ran, are counted too: every descendant of this process).
+        others = descendants(os.getpid())
+        jvm_kib = _status_kib(jvm, "VmHWM")
+        workers_kib = sum(_status_kib(p, "VmHWM") for p in others if p != jvm)
+        sampler.stop.set()
+        sampler.join()
+        extra.update(
+            python_peak_mib=round(peak_kib / 1024),
+            jvm_peak_mib=round(jvm_kib / 1024),
+            workers_peak_mib=round(workers_kib / 1024),
+            sampled_sum_peak_mib=round(sampler.peak_kib / 1024),
+        )
+        peak_kib += jvm_kib + workers_kib
+        spark.stop()
     print(
         json.dumps(
             {
                 "load_s": round(loaded - start, 2),
                 "build_s": round(done - loaded, 2),
                 "total_s": round(done - start, 2),
+                "build_cpu_s": round(cpu1 - cpu0, 1),
                 "peak_mib": round(peak_kib / 1024),
+                **extra,
             }
         )
     )
@@ -276,19 +396,35 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["user_windows", "ctr_v1"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS))
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--spark-master", default="local[2]", help="spark_engine's master URL")
+    parser.add_argument("--spark-driver-memory", default="8g", help="spark.driver.memory")
+    parser.add_argument(
+        "--spark-sizes",
+        nargs="+",
+        choices=list(SIZES),
+        help="run spark_engine only at these sizes (default: every size in --sizes)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--child", nargs=5, metavar=("IMPL", "EVENTS", "LABELS", "SET", "OUT"))
     args = parser.parse_args()
+    spark_conf = {
+        "master": args.spark_master,
+        "spark.driver.memory": args.spark_driver_memory,
+        "spark.ui.enabled": "false",
+    }
     if args.child:
         impl, ev, lab, set_name, out = args.child
-        child(impl, Path(ev), Path(lab), set_name, Path(out))
+        child(impl, Path(ev), Path(lab), set_name, Path(out), spark_conf)
         return
 
     import numpy as np
     import pandas as pd
     from _machine import machine, save_results
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / "feature_build.json"
+    results: Path = args.out
+    results.mkdir(parents=True, exist_ok=True)
+    target = results / "feature_build.json"
+    load_before = os.getloadavg()
     previous = json.loads(target.read_text()) if target.exists() else {}
     runs: list[dict[str, Any]] = [
         r for r in previous.get("runs", []) if r["size"] not in args.sizes
@@ -305,7 +441,9 @@ def main() -> None:
             for impl in args.impls:
                 if impl == "handwritten_duckdb" and set_name != "user_windows":
                     continue
-                if size == "full" and impl not in ("duckdb_engine", "numpy_engine"):
+                if size == "full" and impl not in ("duckdb_engine", "numpy_engine", "spark_engine"):
+                    continue
+                if impl == "spark_engine" and args.spark_sizes and size not in args.spark_sizes:
                     continue
                 out = DATA / f"out_{size}_{set_name}_{impl}.parquet"
                 cmd = [
@@ -317,6 +455,10 @@ def main() -> None:
                     str(labels_path),
                     set_name,
                     str(out),
+                    "--spark-master",
+                    args.spark_master,
+                    "--spark-driver-memory",
+                    args.spark_driver_memory,
                 ]
                 env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
                 print(f"  {set_name} / {impl} ...", end=" ", flush=True)
@@ -357,33 +499,48 @@ def main() -> None:
     report = {
         "machine": machine(),
         "command": "python benchmarks/feature_build.py " + " ".join(sys.argv[1:]),
+        # The machine may be shared: the 1-minute load average before and after the run.
+        "load_average_1m": {
+            "before": round(load_before[0], 2),
+            "after": round(os.getloadavg()[0], 2),
+        },
         "runs": runs,
     }
-    save_results(RESULTS, "feature_build", report, markdown)
-    print(f"wrote {target} and {RESULTS / 'feature_build.md'}")
+    print(save_results(results, "feature_build", report, markdown))
+    print(f"wrote {target} and {results / 'feature_build.md'}")
 
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    load = report.get("load_average_1m")
     lines = [
         "# Offline point-in-time build",
         "",
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}; "
         f"date {m['date']}. Command: `{report['command']}`. Each implementation runs in its own "
         "process on the same parquet inputs; wall time is the build after loading the inputs, "
-        "peak memory is the process's high-water RSS (VmHWM); every output was checked "
-        "equal to the numpy engine's (column `equal`).",
+        "peak memory is the process's high-water RSS (VmHWM; for Spark the Python driver's "
+        "plus the JVM's); CPU s is the build's user + system time (Python and JVM); every "
+        "output was checked equal to the numpy engine's (column `equal`).",
         "",
+    ]
+    if load:
+        lines += [
+            f"The machine was shared with other jobs: 1-minute load average {load['before']} "
+            f"before the run and {load['after']} after it, on {m['cores']} cores.",
+            "",
+        ]
+    lines += [
         "| size | events | labels | features | implementation | build s | load s | peak MiB "
-        "| vs hand-written | equal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| build CPU s | events / CPU s | vs hand-written | equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = report["runs"]
     for r in runs:
         if r["status"] != "ok":
             lines.append(
                 f"| {r['size']} | {r['events']:,} | {r['labels']:,} | {r['features']} | "
-                f"{r['impl']} | {r['status']} | | | | |"
+                f"{r['impl']} | {r['status']} | | | | | | |"
             )
             continue
         hand = next(
@@ -398,11 +555,30 @@ def markdown(report: dict[str, Any]) -> str:
             None,
         )
         ratio = f"{r['build_s'] / hand['build_s']:.2f}x" if hand else "-"
+        cpu = r.get("build_cpu_s")
+        rate = f"{r['events'] / cpu:,.0f}" if cpu else "-"
         lines.append(
             f"| {r['size']} | {r['events']:,} | {r['labels']:,} | {r['features']} | {r['impl']} | "
-            f"{r['build_s']:.1f} | {r['load_s']:.1f} | {r['peak_mib']:,} | {ratio} | "
+            f"{r['build_s']:.1f} | {r['load_s']:.1f} | {r['peak_mib']:,} | "
+            f"{cpu if cpu is not None else '-'} | {rate} | {ratio} | "
             f"{r.get('equal_to_numpy_engine', '-')} |"
         )
+    spark_runs = [r for r in runs if r["status"] == "ok" and "spark" in r]
+    if spark_runs:
+        lines += ["", "Spark runs (`spark_engine`):", ""]
+        for r in spark_runs:
+            sp = r["spark"]
+            conf = ", ".join(f"`{k}={v}`" for k, v in sp["conf"].items())
+            lines.append(
+                f"- {r['size']} / {r['features']}: Spark {sp['version']} on `{sp['master']}` "
+                f"(default parallelism {sp['default_parallelism']}; {conf}; "
+                f"`spark.sql.shuffle.partitions={sp['sql.shuffle.partitions']}`, adaptive "
+                f"{sp['sql.adaptive.enabled']}). Session start-up {r['session_start_s']} s "
+                f"(not in build s). Peak: Python {r['python_peak_mib']:,} MiB + JVM "
+                f"{r['jvm_peak_mib']:,} MiB + Python workers {r['workers_peak_mib']:,} MiB "
+                f"(sum of high-water marks: {r['peak_mib']:,} MiB); the largest sampled "
+                f"sum of their RSS (every 0.2 s) was {r['sampled_sum_peak_mib']:,} MiB."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -332,6 +332,8 @@ def test_release_flow_register_promote_rollback_history_lineage(
         == lock["build_dataset"]["params"]["params.yaml"]["features.feature_set"]
     )
     assert record["params"]["train"]["train.learning_rate"] == 0.1
+    # the rows it was trained on: the whole window (under train.max_train_rows)
+    assert record["model"]["training_sample"]["kind"] == "none", record["model"]
     assert {n["path"]: n["md5"] for n in record["notebooks"]} == {
         p: m for p, m in outs.items() if p.startswith("reports/")
     }
@@ -359,6 +361,7 @@ def test_release_flow_register_promote_rollback_history_lineage(
         "feature set",
         "params",
         "model",
+        "training rows",
         "metrics",
         "notebook",
         "registry",
