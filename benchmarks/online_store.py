@@ -11,6 +11,12 @@ started on a free loopback port and stopped afterwards):
   the writer ingests a batch holding a brand-new event; the time from the
   ingest call to the first lookup that shows the event, p50/p99/max.
 
+``--bulk`` measures instead the bulk load of an empty SQLite store from the same
+arrival stream (``OnlineStore.bulk_load``; with ``--spark-master local[2]`` also
+``bulk_load_spark`` from a parquet copy) against incremental ingest of it in
+batches, and checks the stores hold the same bytes (results:
+``benchmarks/results/online_store_bulk.{json,md}``).
+
 Run: ``python benchmarks/online_store.py`` (results go to
 ``benchmarks/results/online_store.{json,md}``).
 """
@@ -133,12 +139,118 @@ def bench_backend(url: str, stream: Any, events: Any, batch: int, lookups: int) 
     }
 
 
+def _timed(run: Any) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _same_answers(url: str, reference: str, rows: Any) -> bool:
+    """The same seen ids and the same vectors for 5,000 random requests at watermark + 1 ms.
+
+    (States are not byte-identical to batched ingest: each records the watermark of its
+    last write, and a batch prunes only the states it touches.)"""
+    import sqlite3
+
+    import numpy as np
+
+    from pipelines.features.online_store import OnlineStore
+
+    seen = []
+    for u in (url, reference):
+        con = sqlite3.connect(u[len("sqlite:///") :])
+        seen.append(con.execute("SELECT * FROM seen ORDER BY 1").fetchall())
+        con.close()
+    pick = rows.iloc[np.random.default_rng(0).integers(0, len(rows), 5000)]
+    keys = [pick[c].tolist() for c in ("user_id", "item_id", "surface", "device")]
+    vectors = []
+    for u in (url, reference):
+        with OnlineStore.open(u, "ctr_v1", allowed_lateness_seconds=3600) as store:
+            t = [store.stats()["watermark_ms"] + 1] * len(pick)
+            vectors.append(store.lookup_many(*keys, t).features)
+    return seen[0] == seen[1] and vectors[0].equals(vectors[1])
+
+
+def bench_bulk(tmp: str, stream: Any, batch: int, spark_master: str | None) -> dict[str, Any]:
+    """Bulk load vs incremental ingest of the same arrival stream into SQLite files."""
+    from pipelines.features.online_store import OnlineStore
+
+    rows = stream.drop(columns=["arrival_ms"])
+    urls = {name: f"sqlite:///{tmp}/{name}.db" for name in ("ingest", "bulk", "spark")}
+    out: dict[str, Any] = {"arrivals": int(len(rows)), "batch_rows": batch}
+    with OnlineStore.open(urls["ingest"], "ctr_v1", allowed_lateness_seconds=3600) as store:
+        out["ingest_seconds"], out["ingest_cpu_seconds"] = _timed(
+            lambda: [store.ingest(rows.iloc[i : i + batch]) for i in range(0, len(rows), batch)]
+        )
+    print(f"  incremental ingest: {out['ingest_seconds']:.1f} s", flush=True)
+    with OnlineStore.open(urls["bulk"], "ctr_v1", allowed_lateness_seconds=3600) as store:
+        reports = []
+        out["bulk_seconds"], out["bulk_cpu_seconds"] = _timed(
+            lambda: reports.append(store.bulk_load(rows))
+        )
+        out["entities"] = reports[0].entities_written
+    print(f"  bulk load (pandas): {out['bulk_seconds']:.1f} s", flush=True)
+    out["bulk_equal_ingest"] = _same_answers(urls["bulk"], urls["ingest"], rows)
+    if spark_master:
+        from pipelines.features.spark_engine import spark_session
+        from pipelines.features.spark_materialize import bulk_load_spark
+
+        path = Path(tmp) / "arrivals.parquet"
+        rows.to_parquet(path, index=False)
+        spark = spark_session(spark_master, {"spark.ui.enabled": "false"})
+        spark.sparkContext.setLogLevel("ERROR")
+        spark.read.parquet(str(path)).count()  # session and Python workers warm
+        with OnlineStore.open(urls["spark"], "ctr_v1", allowed_lateness_seconds=3600) as store:
+            out["spark_seconds"], _ = _timed(
+                lambda: bulk_load_spark(store, spark.read.parquet(str(path)))
+            )
+        out["spark_master"] = spark_master
+        out["spark_equal_ingest"] = _same_answers(urls["spark"], urls["ingest"], rows)
+        print(f"  bulk load (Spark {spark_master}): {out['spark_seconds']:.1f} s", flush=True)
+    out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    for key in [k for k in out if k.endswith("_seconds")]:
+        out[key] = round(out[key], 2)
+    return out
+
+
+def write_bulk(report: dict[str, Any]) -> None:
+    r, m = report["results"], report["machine"]
+    (RESULTS / "online_store_bulk.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = [
+        f"| incremental ingest, batches of {r['batch_rows']:,} | {r['ingest_seconds']} | "
+        f"{r['ingest_cpu_seconds']} | {round(r['arrivals'] / r['ingest_seconds']):,} | - |",
+        f"| bulk load, pandas | {r['bulk_seconds']} | {r['bulk_cpu_seconds']} | "
+        f"{round(r['arrivals'] / r['bulk_seconds']):,} | {r['bulk_equal_ingest']} |",
+    ]
+    if "spark_seconds" in r:
+        rows.append(
+            f"| bulk load, Spark {r['spark_master']} | {r['spark_seconds']} | - | "
+            f"{round(r['arrivals'] / r['spark_seconds']):,} | {r['spark_equal_ingest']} |"
+        )
+    lines = [
+        "# Online store: bulk load vs incremental ingest (SQLite)",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}; "
+        f"date {m['date']}; load average {r['load_average_1m']} at the end. Command: "
+        f"`{report['command']}`. Stream: {r['arrivals']:,} arrivals, {r['entities']:,} entity "
+        "states, feature set ctr_v1.",
+        "",
+        "| how | wall s | CPU s (this process) | arrivals/s | same seen ids, vectors as ingest |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    (RESULTS / "online_store_bulk.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=Path, default=ROOT / "data" / "events.parquet")
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N events.")
     parser.add_argument("--batch", type=int, default=50_000)
     parser.add_argument("--lookups", type=int, default=5_000)
+    parser.add_argument("--bulk", action="store_true", help="Bulk load vs ingest only.")
+    parser.add_argument("--spark-master", default=None, help="With --bulk: also on Spark.")
     args = parser.parse_args()
 
     import pandas as pd
@@ -150,6 +262,13 @@ def main() -> None:
     if args.limit:
         events = events.iloc[: args.limit]
     stream = arrivals(events)
+    command = "python benchmarks/online_store.py " + " ".join(sys.argv[1:])
+    if args.bulk:
+        with tempfile.TemporaryDirectory() as tmp:
+            bulk = bench_bulk(tmp, stream, args.batch, args.spark_master)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_bulk({"machine": machine(), "command": command, "results": bulk})
+        return
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         print("sqlite ...", flush=True)

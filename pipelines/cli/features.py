@@ -104,6 +104,78 @@ def features_ingest(
         raise typer.Exit(1)
 
 
+@app.command("materialize")
+def features_materialize(
+    events: Path = typer.Option(..., help="The event log: a .parquet file or a folder of them."),
+    store: str | None = typer.Option(
+        None, help="URL of an EMPTY store (default: features.online.url)."
+    ),
+    engine: str = typer.Option("pandas", help="pandas (one machine) or spark."),
+    master: str = typer.Option("local[*]", help="Spark master URL (engine spark)."),
+    chunk_rows: int = typer.Option(200_000, help="States / seen ids written per chunk."),
+    rejected_out: Path | None = typer.Option(
+        None, help="Where rejected rows go (default: <EVENTS>.rejected.parquet beside the input)."
+    ),
+) -> None:
+    """Bulk-load an empty online store from a whole event log (same states as ingest)."""
+    import time
+
+    from pipelines.features.contracts import ContractViolation
+    from pipelines.features.online_store import StoreError, read_events_file
+
+    if engine not in ("pandas", "spark"):
+        fail(f"--engine {engine!r} is not one of pandas, spark")
+    if not events.exists():
+        fail(f"{events} does not exist")
+    start = time.perf_counter()
+    online = _open_store(store)
+
+    def progress(message: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f} s] {message}")
+
+    try:
+        online.require_empty()
+        if engine == "spark":
+            from pipelines.features.spark_engine import spark_session
+            from pipelines.features.spark_materialize import bulk_load_spark
+
+            spark = spark_session(master)
+            progress(f"reading {events} on Spark ({master})")
+            report = bulk_load_spark(
+                online, spark.read.parquet(str(events)), chunk_rows=chunk_rows, progress=progress
+            )
+        else:
+            log = read_events_file(events)
+            progress(f"read {len(log):,} row(s) from {events}")
+            report = online.bulk_load(
+                log, where=str(events), chunk_rows=chunk_rows, progress=progress
+            )
+        stats = online.stats()
+    except (StoreError, ContractViolation) as exc:
+        fail(str(exc))
+    finally:
+        online.close()
+    if report.rejected:
+        target = rejected_out or events.with_name(f"{events.stem}.rejected.parquet")
+        frame = report.rejected_rows
+        frame.astype({c: "str" for c in frame.columns if frame[c].dtype == object}).to_parquet(
+            target, index=False
+        )
+        typer.secho(
+            f"{report.rejected:,} rejected row(s); {len(frame):,} with their reasons written "
+            f"to {target}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(
+        f"materialized {report.entities_written:,} entity state(s) from {report.rows:,} row(s) "
+        f"({report.impressions:,} event(s), {report.clicks:,} click(s), "
+        f"{report.duplicates:,} duplicate(s), {report.rejected:,} rejected) in "
+        f"{time.perf_counter() - start:.1f} s with {engine} into {stats['url']}; "
+        f"watermark {stats['watermark']}"
+    )
+
+
 @app.command("lookup")
 def features_lookup(
     user: str,

@@ -1,4 +1,4 @@
-"""Online feature store: incremental materialization and fresh lookups with the same feature code.
+"""Online feature store: incremental materialization, bulk load, fresh lookups; one feature code.
 
 Details: docs/feature_store.md.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +121,14 @@ class Backend(Protocol):
         prune_seen_before: int,
     ) -> None: ...
 
+    def is_empty(self) -> bool: ...
+
+    def bulk_insert(
+        self, states: Sequence[tuple[str, bytes]], seen: Sequence[tuple[str, int, int]]
+    ) -> None: ...
+
+    def discard_bulk(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -224,6 +232,24 @@ class SQLiteBackend:
                 (f"count.{name}", str(add), add),
             )
 
+    def is_empty(self) -> bool:
+        with self._lock:
+            row = self._con.execute(
+                "SELECT EXISTS(SELECT 1 FROM state) OR EXISTS(SELECT 1 FROM seen) "
+                "OR EXISTS(SELECT 1 FROM meta)"
+            ).fetchone()
+        return not row[0]
+
+    def bulk_insert(
+        self, states: Sequence[tuple[str, bytes]], seen: Sequence[tuple[str, int, int]]
+    ) -> None:
+        """Plain inserts inside the bulk load's one transaction (``writer``)."""
+        self._con.executemany("INSERT INTO state VALUES (?, ?)", states)
+        self._con.executemany("INSERT INTO seen VALUES (?, ?, ?)", seen)
+
+    def discard_bulk(self) -> None:
+        """Nothing to do: ``writer`` rolls the bulk load's transaction back."""
+
     def close(self) -> None:
         with self._lock:
             self._con.close()
@@ -246,7 +272,7 @@ class RedisBackend:
                 "redis-server or point features.online.url elsewhere"
             ) from exc
         self.p = prefix
-        self._pending: dict[str, Any] | None = None
+        self._lock: Any = None  # the write lock while ``writer`` holds it
 
     def _meta_key(self) -> str:
         return f"{self.p}meta"
@@ -281,9 +307,11 @@ class RedisBackend:
             raise StoreError(
                 "another ingest holds the Redis store's write lock for over 60 s; retry"
             )
+        self._lock = lock
         try:
             yield
         finally:
+            self._lock = None
             lock.release()
 
     def commit(
@@ -312,6 +340,42 @@ class RedisBackend:
         for name, add in counters.items():
             pipe.hincrby(self._meta_key(), f"count.{name}", add)
         pipe.execute()
+
+    def _keys_written(self) -> Iterator[bytes]:
+        lock = f"{self.p}lock".encode()
+        pattern = self.p.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
+        for key in self.client.scan_iter(match=pattern, count=10_000):
+            if key != lock:
+                yield key
+
+    def is_empty(self) -> bool:
+        return next(self._keys_written(), None) is None
+
+    def bulk_insert(
+        self, states: Sequence[tuple[str, bytes]], seen: Sequence[tuple[str, int, int]]
+    ) -> None:
+        """One pipeline (not a transaction) per chunk; the write lock is renewed each time."""
+        if self._lock is not None:
+            self._lock.reacquire()  # a bulk load can outlast the lock's 300 s expiry
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(states), 10_000):
+            pipe.mset({f"{self.p}s:{k}": v for k, v in states[i : i + 10_000]})
+        for i in range(0, len(seen), 10_000):
+            part = seen[i : i + 10_000]
+            pipe.hset(f"{self.p}seen", mapping={k: f"{ts},{c}" for k, ts, c in part})
+            pipe.zadd(f"{self.p}seen_ts", {k: ts for k, ts, _ in part})
+        pipe.execute()
+
+    def discard_bulk(self) -> None:
+        """Delete what a failed bulk load wrote (the store was empty when it began)."""
+        batch: list[bytes] = []
+        for key in self._keys_written():
+            batch.append(key)
+            if len(batch) == 10_000:
+                self.client.unlink(*batch)
+                batch = []
+        if batch:
+            self.client.unlink(*batch)
 
     def close(self) -> None:
         self.client.close()
@@ -468,6 +532,272 @@ def _encode_many(
     return [raw[a:b] for a, b in zip((off * 8).tolist(), ends.tolist(), strict=True)]
 
 
+def check_rows(events: pd.DataFrame, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a batch into contract-valid (coerced) rows and rejected rows with reasons."""
+    missing = [c for c in RAW_EVENTS.columns if c not in events.columns]
+    extra = [c for c in events.columns if c not in RAW_EVENTS.columns]
+    if missing or extra:
+        validate(RAW_EVENTS, events, where)  # raises a ContractViolation naming the columns
+    frame = events.reset_index(drop=True)
+    reasons: dict[int, list[str]] = {}
+    try:
+        valid = _INGEST_SCHEMA.validate(frame, lazy=True)
+    except SchemaErrors as exc:
+        cases = exc.failure_cases
+        if cases["index"].isna().any():
+            validate(RAW_EVENTS, frame, where)
+            raise
+        for _, case in cases.iterrows():
+            if str(case.get("schema_context")) == "DataFrameSchema":
+                reason = f"row check failed: {case['check']}"  # one check over several columns
+            else:
+                reason = (
+                    f"column '{case['column']}': {case['check']} (got {case['failure_case']!r})"
+                )
+            found = reasons.setdefault(int(case["index"]), [])
+            if reason not in found:
+                found.append(reason)
+        good = frame.drop(index=list(reasons))
+        valid = _INGEST_SCHEMA.validate(good, lazy=True) if len(good) else good
+    # Rules of the store beyond the contract: keys without the separator, times in range.
+    if len(valid):
+        bad_sep = np.zeros(len(valid), dtype=bool)
+        for col in _KEY_COLUMNS:
+            bad_sep |= valid[col].astype(str).str.contains(SEP, regex=False).to_numpy()
+        ts = to_ms(valid["ts"])
+        cts = to_ms(valid["click_ts"].fillna(valid["ts"]))
+        out_of_range = (ts < EPOCH_MS) | (cts >= EPOCH_MS + STRIDE)
+        for idx in valid.index[bad_sep]:
+            reasons.setdefault(int(idx), []).append("an id contains the reserved character \\x1f")
+        for idx in valid.index[out_of_range]:
+            reasons.setdefault(int(idx), []).append("ts/click_ts outside 2020-01-01 .. 2054-11-04")
+        valid = valid[~(bad_sep | out_of_range)]
+    rejected = frame.loc[sorted(reasons)].copy()
+    rejected["reason"] = ["; ".join(reasons[i]) for i in sorted(reasons)]
+    return valid, rejected
+
+
+class _Reader(Protocol):
+    """Where a batch's prior state comes from: the backend, or nothing (a bulk load)."""
+
+    def read_seen(self, event_ids: list[str]) -> dict[str, tuple[int, int]]: ...
+
+    def read_states(self, keys: list[str]) -> list[bytes | None]: ...
+
+
+class _EmptyStore:
+    """The reads of an empty store: nothing seen, no states."""
+
+    def read_seen(self, event_ids: list[str]) -> dict[str, tuple[int, int]]:
+        return {}
+
+    def read_states(self, keys: list[str]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+
+EMPTY_STORE = _EmptyStore()
+
+
+@dataclass
+class _Resolved:
+    """A batch after deduplication: which rows add an impression, which add a click."""
+
+    v: pd.DataFrame  # the valid rows, index 0..n-1
+    ids: np.ndarray
+    ts: np.ndarray
+    cts: np.ndarray  # click time, 0 where not clicked
+    clicked: np.ndarray
+    new_impr: np.ndarray
+    new_click: np.ndarray
+    duplicates: int
+    rejected: list[pd.DataFrame]  # conflicting rows with a `reason`
+
+
+def resolve_batch(
+    valid: pd.DataFrame, read_seen: Callable[[list[str]], dict[str, tuple[int, int]]]
+) -> _Resolved:
+    """Deduplicate a batch within itself and against the ids ``read_seen`` knows."""
+    # Within the batch: one row per event_id (identical repeats are duplicates,
+    # an unclicked and a clicked version merge into the clicked one).
+    v = valid.reset_index(drop=True)
+    ids = v["event_id"].astype(str).to_numpy(dtype=object)
+    ts = to_ms(v["ts"])
+    clicked = v["clicked"].to_numpy().astype(np.int64) == 1
+    cts = np.where(clicked, to_ms(v["click_ts"].fillna(v["ts"])), 0)
+    id_codes = pd.factorize(ids)[0]
+    order = np.lexsort((-clicked.astype(np.int64), id_codes))  # per id: clicked version first
+    first = np.ones(len(v), dtype=bool)
+    if len(v):
+        same = id_codes[order][1:] == id_codes[order][:-1]
+        if same.any():
+            # Which row of a repeated id is kept must not depend on row order (a Spark
+            # shuffle reorders rows): the clicked version, then the earliest by content.
+            content = [
+                pd.factorize(v[c].astype(str), sort=True)[0] for c in reversed(_IDENTITY[1:])
+            ]
+            order = np.lexsort((*content, cts, ts, -clicked.astype(np.int64), id_codes))
+            same = id_codes[order][1:] == id_codes[order][:-1]
+        first[order[1:][same]] = False
+    dup_in_batch = ~first
+    conflicts = np.zeros(len(v), dtype=bool)
+    if dup_in_batch.any():
+        keep_of = pd.Series(np.flatnonzero(first), index=ids[first])
+        rep = keep_of[ids].to_numpy()  # the kept row of each id
+        differs = clicked & (cts != cts[rep])
+        for col in _IDENTITY:
+            values = ts if col == "ts" else v[col].astype(str).to_numpy(dtype=object)
+            differs |= values != values[rep]
+        conflicts = dup_in_batch & differs
+    duplicates = int((dup_in_batch & ~conflicts).sum())
+    rejected = []
+    if conflicts.any():
+        bad = v[conflicts].copy()
+        bad["reason"] = "event_id repeated in the batch with different contents"
+        rejected.append(bad)
+
+    # Across batches: the seen table says what was ingested before.
+    keep = np.flatnonzero(first)
+    seen = read_seen(list(ids[keep]))
+    new_impr = np.zeros(len(v), dtype=bool)
+    new_click = np.zeros(len(v), dtype=bool)
+    conflict_seen = []
+    for i in keep:
+        prior = seen.get(ids[i])
+        if prior is None:
+            new_impr[i] = True
+            new_click[i] = clicked[i]
+        elif prior[0] != ts[i]:
+            conflict_seen.append(i)
+        elif clicked[i] and not prior[1]:
+            new_click[i] = True
+        else:
+            duplicates += 1
+    if conflict_seen:
+        bad = v.iloc[conflict_seen].copy()
+        bad["reason"] = "event_id was ingested before with a different ts"
+        rejected.append(bad)
+    return _Resolved(v, ids, ts, cts, clicked, new_impr, new_click, duplicates, rejected)
+
+
+def entity_states(
+    entity: str,
+    sources: Sequence[str],
+    cols: Mapping[str, Sequence[object]],
+    new_impr: np.ndarray,
+    new_click: np.ndarray,
+    ts: np.ndarray,
+    cts: np.ndarray,
+    horizon: int,
+    watermark: int,
+    reader: _Reader = EMPTY_STORE,
+) -> dict[str, bytes]:
+    """New encoded states of the ``entity`` keys that the new events touch.
+
+    Rows are events with their key columns ``cols``, impression time ``ts`` and click
+    time ``cts``; ``new_impr``/``new_click`` say which add an impression or a click.
+    Old states come from ``reader`` (none: a bulk load). The one state-building path of
+    incremental ingest, the single-machine bulk load and the Spark bulk load.
+    """
+    keys = np.asarray(_keys(entity, cols), dtype=object)
+    masks = [new_impr if source == "impressions" else new_click for source in sources]
+    if not masks:
+        return {}
+    # One hash pass: codes of the touched keys (rows with an event of this entity).
+    rows = np.flatnonzero(np.logical_or.reduce(masks))
+    if len(rows) == 0:
+        return {}
+    row_codes, touched = pd.factorize(keys[rows])
+    code_of = np.full(len(keys), -1, np.int64)
+    code_of[rows] = row_codes
+    per_source = [
+        (code_of[m], ts[m] if source == "impressions" else cts[m])
+        for m, source in zip(masks, sources, strict=True)
+    ]
+    touched_keys = list(touched)
+    blobs = reader.read_states(touched_keys)
+    return dict(zip(touched_keys, merge_states(blobs, per_source, horizon, watermark), strict=True))
+
+
+def merge_states(
+    blobs: list[bytes | None],
+    per_source: list[tuple[np.ndarray, np.ndarray]],
+    horizon: int,
+    watermark: int,
+) -> list[bytes]:
+    """New states of keys with old states ``blobs``: old times + new times, pruned at ``horizon``.
+
+    ``per_source`` holds, per source of the entity, the position in ``blobs`` of
+    each new event's key and its time. Vectorized over all keys (decode, merge,
+    prune, encode), so a batch costs a few numpy passes rather than Python work per
+    entity.
+    """
+    n = len(blobs)
+    last, old = _decode_many(blobs, len(per_source))
+    merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for (new_codes, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
+        # One int64 key per event time, code * 2^40 + (time - epoch) (times are checked
+        # to lie in that range): the old keys are already sorted (states are decoded in
+        # key order, times sorted within a state), so only the batch's few new keys are
+        # sorted and inserted, instead of a two-key sort of every retained time.
+        old_keys = old_codes.astype(np.int64) * STRIDE + (old_times.astype(np.int64) - EPOCH_MS)
+        if len(times):
+            np.maximum.at(last, new_codes, times)
+            new_keys = np.sort(new_codes.astype(np.int64) * STRIDE + (times - EPOCH_MS))
+            keys = np.insert(old_keys, np.searchsorted(old_keys, new_keys), new_keys)
+        else:
+            keys = old_keys
+        codes = keys // STRIDE
+        all_times = keys - codes * STRIDE + EPOCH_MS
+        drop = all_times <= horizon
+        if drop.any():
+            pruned = pruned + np.bincount(codes[drop], minlength=n)
+            codes, all_times = codes[~drop], all_times[~drop]
+        counts = np.bincount(codes, minlength=n)
+        merged.append((all_times, counts, pruned))
+    return _encode_many(watermark, last, merged)
+
+
+@dataclass
+class _Plan:
+    """What one batch (or a bulk load) writes."""
+
+    states: dict[str, bytes]
+    seen: dict[str, tuple[int, int]]
+    meta: dict[str, str]
+    counters: dict[str, int]
+    horizon: int  # seen ids older than this are dropped
+    report: IngestReport
+
+
+def ingest_report(
+    counters: Mapping[str, int],
+    rejected_rows: pd.DataFrame,
+    *,
+    max_lateness_seconds: float = 0.0,
+    late_examples: list[str] | None = None,
+    watermark_before_ms: int,
+    watermark_ms: int,
+    entities_written: int,
+) -> IngestReport:
+    return IngestReport(
+        rows=counters["rows"],
+        impressions=counters["impressions"],
+        clicks=counters["clicks"],
+        duplicates=counters["duplicates"],
+        click_updates=counters["click_updates"],
+        rejected=counters["rejected"],
+        rejected_rows=rejected_rows,
+        late=counters["late"],
+        beyond_retention=counters["beyond_retention"],
+        max_lateness_seconds=max_lateness_seconds,
+        late_examples=late_examples or [],
+        watermark_before_ms=watermark_before_ms,
+        watermark_ms=watermark_ms,
+        entities_written=entities_written,
+        seconds=0.0,
+    )
+
+
 class OnlineStore:
     """Incrementally materialized feature state with point-in-time-exact lookups.
 
@@ -599,54 +929,6 @@ class OnlineStore:
 
     # ------------------------------------------------------------------ ingest
 
-    def _check_rows(self, events: pd.DataFrame, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Split a batch into contract-valid (coerced) rows and rejected rows with reasons."""
-        missing = [c for c in RAW_EVENTS.columns if c not in events.columns]
-        extra = [c for c in events.columns if c not in RAW_EVENTS.columns]
-        if missing or extra:
-            validate(RAW_EVENTS, events, where)  # raises a ContractViolation naming the columns
-        frame = events.reset_index(drop=True)
-        reasons: dict[int, list[str]] = {}
-        try:
-            valid = _INGEST_SCHEMA.validate(frame, lazy=True)
-        except SchemaErrors as exc:
-            cases = exc.failure_cases
-            if cases["index"].isna().any():
-                validate(RAW_EVENTS, frame, where)
-                raise
-            for _, case in cases.iterrows():
-                if str(case.get("schema_context")) == "DataFrameSchema":
-                    reason = f"row check failed: {case['check']}"  # one check over several columns
-                else:
-                    reason = (
-                        f"column '{case['column']}': {case['check']} (got {case['failure_case']!r})"
-                    )
-                found = reasons.setdefault(int(case["index"]), [])
-                if reason not in found:
-                    found.append(reason)
-            good = frame.drop(index=list(reasons))
-            valid = _INGEST_SCHEMA.validate(good, lazy=True) if len(good) else good
-        # Rules of the store beyond the contract: keys without the separator, times in range.
-        if len(valid):
-            bad_sep = np.zeros(len(valid), dtype=bool)
-            for col in _KEY_COLUMNS:
-                bad_sep |= valid[col].astype(str).str.contains(SEP, regex=False).to_numpy()
-            ts = to_ms(valid["ts"])
-            cts = to_ms(valid["click_ts"].fillna(valid["ts"]))
-            out_of_range = (ts < EPOCH_MS) | (cts >= EPOCH_MS + STRIDE)
-            for idx in valid.index[bad_sep]:
-                reasons.setdefault(int(idx), []).append(
-                    "an id contains the reserved character \\x1f"
-                )
-            for idx in valid.index[out_of_range]:
-                reasons.setdefault(int(idx), []).append(
-                    "ts/click_ts outside 2020-01-01 .. 2054-11-04"
-                )
-            valid = valid[~(bad_sep | out_of_range)]
-        rejected = frame.loc[sorted(reasons)].copy()
-        rejected["reason"] = ["; ".join(reasons[i]) for i in sorted(reasons)]
-        return valid, rejected
-
     def ingest(self, events: pd.DataFrame, where: str = "the ingested batch") -> IngestReport:
         """Apply a batch of RawEvents rows (any order) to the online state atomically.
 
@@ -657,85 +939,127 @@ class OnlineStore:
         (missing or unexpected columns); bad rows are rejected individually.
         """
         start = time.perf_counter()
-        valid, rejected = self._check_rows(events, where)
+        valid, rejected = check_rows(events, where)
         with self.backend.writer():
             report = self._apply(valid, rejected)
         report.seconds = time.perf_counter() - start
         return report
 
+    # ------------------------------------------------------------------ bulk load
+
+    def require_empty(self) -> None:
+        """Raise ``StoreError`` unless the store holds nothing (the precondition of a bulk load)."""
+        if self.backend.is_empty():
+            return
+        stats = self.stats()
+        raise StoreError(
+            f"the online store at {self.url} is not empty (watermark "
+            f"{stats['watermark'] or 'none'}, {stats['counters']['impressions']:,} impression(s) "
+            "ingested); a bulk load fills an empty store only: load into a new SQLite file or "
+            "an empty Redis db (or delete this file / FLUSHDB that db first), or add the new "
+            "events with `mlops features ingest`"
+        )
+
+    def bulk_load(
+        self,
+        events: pd.DataFrame,
+        where: str = "the event log",
+        chunk_rows: int = 200_000,
+        progress: Callable[[str], None] | None = None,
+    ) -> IngestReport:
+        """Fill an empty store from a whole event log in one pass (no per-batch rewrites).
+
+        The result is exactly what ``ingest(events)`` in one call would write (the
+        same planning code against an empty store): states, seen ids, watermark, meta
+        and counters, so later ``ingest`` calls continue as after incremental ingest.
+        Written in chunks of ``chunk_rows`` (SQLite: one transaction; Redis:
+        pipelines under the write lock). Raises ``StoreError`` on a non-empty store.
+        """
+        start = time.perf_counter()
+        self.require_empty()
+        valid, rejected = check_rows(events, where)
+        plan = self._plan(valid, rejected, EMPTY_STORE, {})
+        if progress:
+            progress(
+                f"computed {len(plan.states):,} entity state(s) from {len(events):,} row(s) "
+                f"in {time.perf_counter() - start:.1f} s"
+            )
+        states = sorted(plan.states.items())  # key order: B-tree appends in SQLite
+        seen = sorted((k, ts, c) for k, (ts, c) in plan.seen.items() if ts >= plan.horizon)
+
+        def chunks() -> Iterator[tuple[list[tuple[str, bytes]], list[tuple[str, int, int]]]]:
+            for i in range(0, max(len(states), len(seen)), chunk_rows):
+                yield states[i : i + chunk_rows], seen[i : i + chunk_rows]
+
+        self.write_bulk(chunks(), plan.meta, plan.counters, plan.horizon, progress)
+        plan.report.seconds = time.perf_counter() - start
+        return plan.report
+
+    def write_bulk(
+        self,
+        chunks: Iterable[tuple[Sequence[tuple[str, bytes]], Sequence[tuple[str, int, int]]]],
+        meta: dict[str, str],
+        counters: dict[str, int],
+        horizon: int,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        """Write chunks of (states, seen ids) into the empty store, then meta and counters.
+
+        SQLite: one transaction, so a failed load leaves the store empty. Redis:
+        pipelines under the store's write lock; on failure what was written is deleted.
+        """
+        with self.backend.writer():
+            self.require_empty()  # again under the write lock: no ingest began meanwhile
+            try:
+                n_states = n_seen = 0
+                for states, seen in chunks:
+                    self.backend.bulk_insert(states, seen)
+                    n_states, n_seen = n_states + len(states), n_seen + len(seen)
+                    if progress:
+                        progress(f"wrote {n_states:,} entity state(s), {n_seen:,} seen event id(s)")
+                self.backend.commit({}, {}, meta, counters, prune_seen_before=horizon)
+            except BaseException:
+                self.backend.discard_bulk()
+                raise
+
+    def initial_meta(self) -> dict[str, str]:
+        """What the first write into an empty store records beside the watermark."""
+        return {
+            "feature_set": self.feature_set.name,
+            "fingerprint": self.feature_set.fingerprint,
+            "allowed_lateness_ms": str(self.allowed_lateness_ms),
+        }
+
     def _apply(self, valid: pd.DataFrame, rejected: pd.DataFrame) -> IngestReport:
-        fs = self.feature_set
         meta = self.backend.read_meta()
-        if not meta.get("fingerprint"):
-            meta_new = {
-                "feature_set": fs.name,
-                "fingerprint": fs.fingerprint,
-                "allowed_lateness_ms": str(self.allowed_lateness_ms),
-            }
-        else:
-            meta_new = {}
+        plan = self._plan(valid, rejected, self.backend, meta)
+        self.backend.commit(
+            plan.states, plan.seen, plan.meta, plan.counters, prune_seen_before=plan.horizon
+        )
+        return plan.report
+
+    def _plan(
+        self, valid: pd.DataFrame, rejected: pd.DataFrame, reader: _Reader, meta: dict[str, str]
+    ) -> _Plan:
+        """Everything one batch writes, computed against ``reader``'s seen ids and states.
+
+        ``ingest`` plans against the backend; a bulk load plans the whole log against
+        an empty store (``EMPTY_STORE``) and writes the same result in large chunks.
+        """
+        meta_new = {} if meta.get("fingerprint") else self.initial_meta()
         w0 = int(meta.get("watermark_ms", 0))
         n_rows = len(valid) + len(rejected)
-        rejected_parts = [rejected]
-
-        # Within the batch: one row per event_id (identical repeats are duplicates,
-        # an unclicked and a clicked version merge into the clicked one).
-        v = valid.reset_index(drop=True)
-        ids = v["event_id"].astype(str).to_numpy(dtype=object)
-        ts = to_ms(v["ts"])
-        clicked = v["clicked"].to_numpy().astype(np.int64) == 1
-        cts = np.where(clicked, to_ms(v["click_ts"].fillna(v["ts"])), 0)
-        id_codes = pd.factorize(ids)[0]
-        order = np.lexsort((-clicked.astype(np.int64), id_codes))  # per id: clicked version first
-        first = np.ones(len(v), dtype=bool)
-        if len(v):
-            same = id_codes[order][1:] == id_codes[order][:-1]
-            first[order[1:][same]] = False
-        dup_in_batch = ~first
-        conflicts = np.zeros(len(v), dtype=bool)
-        if dup_in_batch.any():
-            keep_of = pd.Series(np.flatnonzero(first), index=ids[first])
-            rep = keep_of[ids].to_numpy()  # the kept row of each id
-            differs = clicked & (cts != cts[rep])
-            for col in _IDENTITY:
-                values = ts if col == "ts" else v[col].astype(str).to_numpy(dtype=object)
-                differs |= values != values[rep]
-            conflicts = dup_in_batch & differs
-        duplicates = int((dup_in_batch & ~conflicts).sum())
-        if conflicts.any():
-            bad = v[conflicts].copy()
-            bad["reason"] = "event_id repeated in the batch with different contents"
-            rejected_parts.append(bad)
-
-        # Across batches: the seen table says what was ingested before.
-        keep = np.flatnonzero(first)
-        seen = self.backend.read_seen(list(ids[keep]))
-        new_impr = np.zeros(len(v), dtype=bool)
-        new_click = np.zeros(len(v), dtype=bool)
-        conflict_seen = []
-        for i in keep:
-            prior = seen.get(ids[i])
-            if prior is None:
-                new_impr[i] = True
-                new_click[i] = clicked[i]
-            elif prior[0] != ts[i]:
-                conflict_seen.append(i)
-            elif clicked[i] and not prior[1]:
-                new_click[i] = True
-            else:
-                duplicates += 1
-        if conflict_seen:
-            bad = v.iloc[conflict_seen].copy()
-            bad["reason"] = "event_id was ingested before with a different ts"
-            rejected_parts.append(bad)
+        b = resolve_batch(valid, reader.read_seen)
+        ts, cts = b.ts, b.cts
+        new_impr, new_click = b.new_impr, b.new_click
         click_updates = int((new_click & ~new_impr).sum())
 
         # Late events: older than the watermark before this batch minus the allowed lateness.
         limit = w0 - self.allowed_lateness_ms
-        late_impr = new_impr & (ts < limit) if w0 else np.zeros(len(v), bool)
-        late_click = new_click & (cts < limit) if w0 else np.zeros(len(v), bool)
+        late_impr = new_impr & (ts < limit) if w0 else np.zeros(len(ts), bool)
+        late_click = new_click & (cts < limit) if w0 else np.zeros(len(ts), bool)
         late = late_impr | late_click
-        beyond = new_impr & (ts < w0 - self.retention_ms) if w0 else np.zeros(len(v), bool)
+        beyond = new_impr & (ts < w0 - self.retention_ms) if w0 else np.zeros(len(ts), bool)
         lateness = np.maximum(
             np.where(late_impr, limit - ts, 0), np.where(late_click, limit - cts, 0)
         )
@@ -743,39 +1067,33 @@ class OnlineStore:
         w1 = max(w0, int(applied_times.max())) if len(applied_times) else w0
         horizon = w1 - self.retention_ms
 
-        cols = {c: v[c].astype(str).tolist() for c in fs.key_columns}
+        cols = {c: b.v[c].astype(str).tolist() for c in self.feature_set.key_columns}
         states: dict[str, bytes] = {}
         for entity, sources in self._entities.items():
-            keys = np.asarray(_keys(entity, cols), dtype=object)
-            masks = [new_impr if source == "impressions" else new_click for source in sources]
-            if not masks:
-                continue
-            # One hash pass: codes of the touched keys (rows with an event of this entity).
-            rows = np.flatnonzero(np.logical_or.reduce(masks))
-            if len(rows) == 0:
-                continue
-            row_codes, touched = pd.factorize(keys[rows])
-            code_of = np.full(len(v), -1, np.int64)
-            code_of[rows] = row_codes
-            per_source = [
-                (code_of[m], ts[m] if source == "impressions" else cts[m])
-                for m, source in zip(masks, sources, strict=True)
-            ]
-            states.update(self._merge(entity, list(touched), per_source, horizon, w1))
+            states.update(
+                entity_states(
+                    entity, sources, cols, new_impr, new_click, ts, cts, horizon, w1, reader
+                )
+            )
 
         applied = np.flatnonzero(new_impr | new_click)
         seen_new = dict(
             zip(
-                ids[applied].astype(str).tolist(),
-                zip(ts[applied].tolist(), clicked[applied].astype(np.int64).tolist(), strict=True),
+                b.ids[applied].astype(str).tolist(),
+                zip(
+                    ts[applied].tolist(),
+                    b.clicked[applied].astype(np.int64).tolist(),
+                    strict=True,
+                ),
                 strict=True,
             )
         )
         if w1 != w0 or meta_new:
             meta_new["watermark_ms"] = str(w1)
+        parts = [rejected, *b.rejected]
         rejected_all = (
-            pd.concat([r for r in rejected_parts if len(r)], ignore_index=True)
-            if any(len(r) for r in rejected_parts)
+            pd.concat([r for r in parts if len(r)], ignore_index=True)
+            if any(len(r) for r in parts)
             else rejected.iloc[0:0]
         )
         counters = {
@@ -783,72 +1101,22 @@ class OnlineStore:
             "rows": n_rows,
             "impressions": int(new_impr.sum()),
             "clicks": int(new_click.sum()),
-            "duplicates": duplicates,
+            "duplicates": b.duplicates,
             "click_updates": click_updates,
             "rejected": len(rejected_all),
             "late": int(late.sum()),
             "beyond_retention": int(beyond.sum()),
         }
-        self.backend.commit(states, seen_new, meta_new, counters, prune_seen_before=horizon)
-        late_idx = np.flatnonzero(late)
-        return IngestReport(
-            rows=n_rows,
-            impressions=counters["impressions"],
-            clicks=counters["clicks"],
-            duplicates=duplicates,
-            click_updates=click_updates,
-            rejected=len(rejected_all),
-            rejected_rows=rejected_all,
-            late=int(late.sum()),
-            beyond_retention=int(beyond.sum()),
+        report = ingest_report(
+            counters,
+            rejected_all,
             max_lateness_seconds=float(lateness.max(initial=0)) / 1000.0,
-            late_examples=[str(ids[i]) for i in late_idx[:5]],
+            late_examples=[str(b.ids[i]) for i in np.flatnonzero(late)[:5]],
             watermark_before_ms=w0,
             watermark_ms=w1,
             entities_written=len(states),
-            seconds=0.0,
         )
-
-    def _merge(
-        self,
-        entity: str,
-        touched: list[str],
-        per_source: list[tuple[np.ndarray, np.ndarray]],
-        horizon: int,
-        watermark: int,
-    ) -> dict[str, bytes]:
-        """New states of ``touched`` keys: old times + new times, pruned at ``horizon``.
-
-        ``per_source`` holds, per source of the entity, the position in ``touched`` of
-        each new event's key and its time. Vectorized over all keys (decode, merge,
-        prune, encode), so a batch costs a few numpy passes rather than Python work per
-        entity.
-        """
-        n = len(touched)
-        blobs = self.backend.read_states(touched)
-        last, old = _decode_many(blobs, len(per_source))
-        merged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for (new_codes, times), (pruned, old_codes, old_times) in zip(per_source, old, strict=True):
-            # One int64 key per event time, code * 2^40 + (time - epoch) (times are checked
-            # to lie in that range): the old keys are already sorted (states are decoded in
-            # key order, times sorted within a state), so only the batch's few new keys are
-            # sorted and inserted, instead of a two-key sort of every retained time.
-            old_keys = old_codes.astype(np.int64) * STRIDE + (old_times.astype(np.int64) - EPOCH_MS)
-            if len(times):
-                np.maximum.at(last, new_codes, times)
-                new_keys = np.sort(new_codes.astype(np.int64) * STRIDE + (times - EPOCH_MS))
-                keys = np.insert(old_keys, np.searchsorted(old_keys, new_keys), new_keys)
-            else:
-                keys = old_keys
-            codes = keys // STRIDE
-            all_times = keys - codes * STRIDE + EPOCH_MS
-            drop = all_times <= horizon
-            if drop.any():
-                pruned = pruned + np.bincount(codes[drop], minlength=n)
-                codes, all_times = codes[~drop], all_times[~drop]
-            counts = np.bincount(codes, minlength=n)
-            merged.append((all_times, counts, pruned))
-        return dict(zip(touched, _encode_many(watermark, last, merged), strict=True))
+        return _Plan(states, seen_new, meta_new, counters, horizon, report)
 
     # ------------------------------------------------------------------ lookup
 
