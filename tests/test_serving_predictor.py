@@ -44,6 +44,7 @@ from pipelines.serving.request_log import (
     window_frame,
 )
 from pipelines.serving.routing import Router, unit_hash
+from pipelines.serving.sources import SnapshotFeatureSource
 from pipelines.stages.packaging import previous_prod_tag
 from tests.support.project import REPO
 from tests.support.serving import (
@@ -519,6 +520,34 @@ def test_admin_changes_reach_every_worker_before_the_call_answers(
     assert time.monotonic() - started >= 1.0
     for p in (first, late, racing):
         p.close()
+
+
+def test_a_reload_naming_the_same_snapshot_reuses_its_index(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    """Building the snapshot's index is the cost of a reload (about a second of CPU on the
+    full preset, in every worker at once, while serving); the same file (by md5 and
+    sha256) reuses the index already built, a changed one is checked and refused."""
+    release, model_path = release_for(ServingSettings(), raw_dir, models["prod"])
+    first = Runtime.load(release, model_path)
+    again = Runtime.load(release, model_path)
+    assert isinstance(first.features, SnapshotFeatureSource)
+    assert isinstance(again.features, SnapshotFeatureSource)
+    assert again.features.index is first.features.index
+    t = np.full(3, pd.Timestamp(at).value // 1_000_000, dtype=np.int64)
+    keys = (["u1", "u2", "u3"], ["i1", "i2", "i3"], ["feed"] * 3, ["mobile"] * 3, t)
+    np.testing.assert_array_equal(again.lookup(*keys).X, first.lookup(*keys).X)
+    # a snapshot file whose content changed is refused by its hashes, never reused
+    copy = tmp_path / "snapshot"
+    shutil.copytree(raw_dir, copy)
+    with (copy / "events.parquet").open("ab") as handle:
+        handle.write(b"x")
+
+    def changed(tag: str) -> Path:
+        return copy if tag == release.feature_source.tag else model_path(tag)
+
+    refused = Runtime.load(release, changed)
+    assert refused.features is None and any("feature" in p for p in refused.problems)
 
 
 def test_every_workers_request_log_health_is_visible_from_any_worker(
