@@ -165,7 +165,12 @@ def open_loop_soak(
     many = lines(work / "bodies.txt", [json.loads(b) for b in bodies])
     script = wrk_script(work)
     wrk(served.url, "/predict", many, 8, 3, script)  # warm up
-    closed = wrk(served.url, "/predict", many, 8, 10, script)
+    # two rounds, the lower one taken: a 10 s closed-loop burst on 2 shared cores varied
+    # by 1.6x between runs of the same bento (421 and 675 req/s), and the soak rate is a
+    # share of it
+    rounds = [wrk(served.url, "/predict", many, 8, 10, script) for _ in range(2)]
+    closed = min(rounds, key=lambda r: r["req_per_s"])
+    closed["rounds_req_per_s"] = [r["req_per_s"] for r in rounds]
     cap = closed["req_per_s"]
     rate = round(cap * share, 1)
     print(f"capacity (wrk, c8) {cap} req/s; soak at {rate} req/s for {seconds:g} s", flush=True)
@@ -551,8 +556,10 @@ def markdown(r: dict[str, Any]) -> str:
         b = r["refusals_beside_load"]
         w, wo, amp = b["with_refusals"], b["without"], b.get("refusals") or {}
         lines[4:] = [
-            f"Capacity (wrk closed loop, concurrency 8, real bodies): {r['capacity_req_per_s']} "
-            f"req/s ({s['capacity_closed_loop'].get('p50_ms')} ms p50 at capacity). Soak by "
+            f"Capacity (wrk closed loop, concurrency 8, real bodies; the lower of two 10 s "
+            f"rounds, {s['capacity_closed_loop'].get('rounds_req_per_s')}): "
+            f"{r['capacity_req_per_s']} req/s ({s['capacity_closed_loop'].get('p50_ms')} ms p50 "
+            "at capacity). Soak by "
             f"the open-loop generator (own process, Poisson arrivals, real bodies; "
             f"{s['generator_cpu_s']} s of generator CPU) at {r['rate_req_per_s']} req/s:",
             "",
