@@ -27,7 +27,6 @@ from pipelines.features.definitions import CTR_V1, FeatureSet, to_ms
 from pipelines.features.offline import build_point_in_time
 from pipelines.features.online_store import EntityState, OnlineStore, StoreError, arrivals
 from tests.support.project import REPO, project_env
-from tests.support.store import RedisServer
 from tests.support.strategies import FEATURE_SETS, assert_frames_identical, event_logs
 
 LATENESS_S = 3600.0
@@ -39,16 +38,6 @@ def project_events() -> pd.DataFrame:
     from pipelines.simulation.generate import generate_events
 
     return generate_events("small", seed=42)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=False)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def _open(url: str, fs: FeatureSet = CTR_V1, lateness_s: float = LATENESS_S) -> OnlineStore:

@@ -21,7 +21,6 @@ from pipelines.features.offline import build_point_in_time
 from pipelines.features.online_store import OnlineStore, StoreError, arrivals
 from tests.support.loadtest import free_port
 from tests.support.project import REPO, project_env
-from tests.support.store import RedisServer
 from tests.support.strategies import (
     BASE_MS,
     EDGE_SET,
@@ -180,17 +179,6 @@ def test_pruned_history_keeps_all_time_counts_exact(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- Redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port (installed by .ci/run)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=False)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @settings(
