@@ -4,7 +4,9 @@ Loads the project's built release (``build/release/release.json``, models from i
 store) as the service does, then times, per call of one row and of 1000 rows / candidates:
 request validation (pydantic, from JSON bytes), the feature lookup (and the one-user path
 of ``/rank``), routing, the model (compiled library and scikit-learn), the request-log
-line (what the writer thread serializes) and the whole ``Predictor`` call; and a reload
+line (what the writer thread serializes) and the whole ``Predictor`` call; a full garbage
+collection while a profile window of 90,000 calls is held (as ``LogBatch`` objects, and
+column-wise as the request log holds it now); and a reload
 (``Runtime.load``) with the feature snapshot's index built again and reused. Median of
 repeated calls. Writes ``benchmarks/results/request_path.json`` and ``.md``.
 
@@ -133,34 +135,57 @@ def main() -> None:
             "1000 rows": timed(lambda: sk.predict(X), 20),
         },
     }
-    from pipelines.serving.request_log import LogBatch
+    from pipelines.serving.request_log import LogBatch, WindowRows
 
     def log_line(k: int) -> bytes:
+        return batch(k).to_line()
+
+    def batch(k: int, offset: int = 0) -> LogBatch:
+        sl = slice(offset, offset + k)
         return LogBatch(
             "predict",
             "r",
             time.time(),
             1.0,
-            ids[:k],
-            users[:k],
-            its[:k],
-            surfaces[:k],
-            devices[:k],
-            t[:k],
-            X[:k, 0],
+            ids[sl],
+            users[sl],
+            its[sl],
+            surfaces[sl],
+            devices[sl],
+            t[sl],
+            X[sl, 0],
             ["prod"] * k,
             ["m"] * k,
             [None] * k,
             np.zeros(k),
-            release.feature_source.names,
-            X[:k],
-        ).to_line()
+            list(release.feature_source.names),
+            X[sl],
+        )
+
+    # A full garbage collection while the request log holds one profile window: 5 minutes
+    # of one-row calls at 300 calls/s, as LogBatch objects (before) or column-wise
+    # (WindowRows, now). Every thread waits for a full collection.
+    import gc
+
+    calls = 90_000
+    gc.collect()
+    gc.freeze()  # as the service does once its release is loaded
+    gc_ms = {"no window held": timed(gc.collect, 5)}
+    held: list[LogBatch] = [batch(1, i % 1000) for i in range(calls)]
+    gc_ms["window as LogBatch objects (before)"] = timed(gc.collect, 5)
+    rows = WindowRows()
+    for b in held:
+        rows.add(b)
+    del held, b
+    gc_ms["window column-wise (WindowRows)"] = timed(gc.collect, 5)
+    del rows
 
     steps["request-log line (writer thread)"] = {
         "1 row": timed(lambda: log_line(1), args.repeat),
         "1000 rows": timed(lambda: log_line(1000), 20),
     }
     steps["reload (Runtime.load of the release)"] = reload_ms
+    steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
         "1000 rows": timed(lambda: predictor.predict_json(reqs), 20),
