@@ -135,7 +135,8 @@ def main() -> None:
             "1000 rows": timed(lambda: sk.predict(X), 20),
         },
     }
-    from pipelines.serving.request_log import LogBatch, WindowRows
+    from pipelines.serving.request_log import LogBatch
+    from pipelines.serving.window_rows import WindowRows
 
     def log_line(k: int) -> bytes:
         return batch(k).to_line()

@@ -41,10 +41,10 @@ from pipelines.serving.request_log import (
     pending_windows,
     read_shards,
     settle_profiles,
-    window_frame,
 )
 from pipelines.serving.routing import Router, unit_hash
 from pipelines.serving.sources import SnapshotFeatureSource
+from pipelines.serving.window_rows import window_frame
 from pipelines.stages.packaging import previous_prod_tag
 from tests.support.project import REPO
 from tests.support.serving import (
