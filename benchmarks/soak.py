@@ -54,6 +54,7 @@ from tests.support.loadtest import (  # noqa: E402
     Served,
     encode,
     fixed_rate,
+    id_accounting,
     log_accounting,
     shutdown_under_load,
     summarize,
@@ -200,20 +201,6 @@ def open_loop_soak(
     beside.pop("raw")
     alone.pop("raw")
     return cap, rate, summary, {"with_refusals": beside, "without": alone, "refusals": amp}
-
-
-def id_accounting(log_dir: Path, ids: list[str]) -> dict[str, Any]:
-    """Which of the answered request ids are in the request log."""
-    from pipelines.serving.request_log import read_shards
-
-    log = read_shards(log_dir) if log_dir.is_dir() else None
-    logged = set(log["request_id"]) if log is not None and len(log) else set()
-    answered = set(ids)
-    return {
-        "answered_rows": len(answered),
-        "logged_rows_of_these": len(answered & logged),
-        "missing_rows": len(answered - logged),
-    }
 
 
 def clock_range(url: str) -> dict[str, Any]:

@@ -212,9 +212,15 @@ def timeline(outcomes: Sequence[Outcome], fault_at: float) -> dict[str, Any]:
 
 def log_accounting(log_dir: Path, answered: Sequence[Outcome]) -> dict[str, Any]:
     """Which answered request ids are in the request log (rows logged vs rows answered)."""
+
+    return id_accounting(log_dir, [i for o in answered for i in o.request_ids])
+
+
+def id_accounting(log_dir: Path, answered_ids: Sequence[str]) -> dict[str, Any]:
+    """Which of these answered request ids are in the request log."""
     from pipelines.serving.request_log import read_shards
 
-    ids = {i for o in answered for i in o.request_ids}
+    ids = set(answered_ids)
     log = read_shards(log_dir) if log_dir.is_dir() else pd.DataFrame()
     logged = set(log["request_id"]) if len(log) else set()
     return {
@@ -236,6 +242,7 @@ __all__ = [
     "encode",
     "fixed_rate",
     "free_port",
+    "id_accounting",
     "log_accounting",
     "summarize",
     "timeline",
