@@ -37,7 +37,10 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from pipelines.features.contracts import ContractViolation  # noqa: E402
 from pipelines.modeling.release import load_release  # noqa: E402
-from pipelines.serving.http_limits import install_header_timeout  # noqa: E402
+from pipelines.serving.http_limits import (  # noqa: E402
+    install_header_timeout,
+    install_request_timer_release,
+)
 from pipelines.serving.overload import ARRIVAL_INFLIGHT, GcPauses, InFlight  # noqa: E402
 from pipelines.serving.pod import read_state  # noqa: E402
 from pipelines.serving.predictor import (  # noqa: E402
@@ -83,6 +86,8 @@ ADMIN_SYNC_SECONDS = TIMEOUT_SECONDS - 2.0
 # Refused requests: one line each from Guard, no BentoML traceback; slow request heads: 408.
 quiet_bentoml_client_errors()
 install_header_timeout(POLICY.header_timeout_seconds)
+# BentoML's per-request timeout timer holds each finished request for 10 s: released.
+install_request_timer_release()
 
 
 def _local_path(setting: str, env: str) -> Path:

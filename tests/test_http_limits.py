@@ -1,12 +1,18 @@
-"""The body-size middleware in process: declared, chunked and invalid lengths."""
+"""HTTP limits in process: body sizes (declared, chunked, invalid) and the request timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import json
+import weakref
 from typing import Any
 
-from pipelines.serving.http_limits import BodySizeLimit
+import pytest
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+from pipelines.serving.http_limits import BodySizeLimit, ReleasingTimeoutMiddleware
 
 
 async def _echo(scope: Any, receive: Any, send: Any) -> None:
@@ -52,3 +58,95 @@ def test_bodies_within_the_limit_pass_unchanged() -> None:
 def test_chunked_body_growing_past_the_limit_is_refused() -> None:
     status, body = _call([], [b"x" * 6, b"y" * 6])
     assert status == 413 and "chunked" in json.loads(body)["error"]
+
+
+_REQUEST: contextvars.ContextVar[object] = contextvars.ContextVar("request")
+
+
+class _Request:
+    """Stands for a request's object graph (its tracing span, request objects)."""
+
+
+async def _answer(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def _after_requests(middleware: type, n: int = 50) -> tuple[int, int]:
+    """Run ``n`` requests through ``middleware`` on one loop, then collect garbage:
+    (finished requests still reachable, timers still live on the loop)."""
+    refs: list[weakref.ref[_Request]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def one(wrapped: Any) -> None:
+        request = _Request()
+        refs.append(weakref.ref(request))
+        _REQUEST.set(request)  # as the tracing middleware sets the current span
+        await wrapped({"type": "http", "path": "/predict", "headers": []}, receive, send)
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        wrapped = middleware(_answer, timeout=10.0)
+        for _ in range(n):
+            await loop.create_task(one(wrapped), context=contextvars.Context())
+        await asyncio.sleep(0)  # the last task's wake-up of this one has run
+        gc.collect()
+        live = sum(1 for h in loop._scheduled if not h.cancelled())  # type: ignore[attr-defined]
+        return sum(1 for r in refs if r() is not None), live
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("middleware", [TimeoutMiddleware, ReleasingTimeoutMiddleware])
+def test_a_finished_request_is_not_kept_by_its_timeout_timer(middleware: type) -> None:
+    """BentoML 1.4's TimeoutMiddleware leaves each request's 10 s timer armed, holding the
+    request's context: at 200 req/s ~2,000 finished requests stay reachable and every full
+    garbage collection scans them (50-110 ms pauses). The service installs the releasing
+    one; if BentoML fixes its own, the first case fails and the replacement can go."""
+    reachable, live_timers = _after_requests(middleware)
+    if middleware is TimeoutMiddleware:
+        assert (reachable, live_timers) == (50, 50)
+    else:
+        assert (reachable, live_timers) == (0, 0)
+
+
+def test_the_releasing_timeout_still_answers_504_in_time() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(5)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ReleasingTimeoutMiddleware(slow, timeout=0.05)({"type": "http"}, receive, send)
+        return loop.time() - started
+
+    assert asyncio.run(main()) < 1.0
+    assert sent[0]["status"] == 504
+    assert b"0.05 seconds" in sent[1]["body"]
+
+
+def test_the_service_installs_the_releasing_timeout() -> None:
+    """BentoML builds its middleware list from ``traffic.TimeoutMiddleware`` at start-up."""
+    from bentoml._internal.server.http import traffic
+
+    from pipelines.serving.http_limits import install_request_timer_release
+
+    original = traffic.TimeoutMiddleware
+    try:
+        install_request_timer_release()
+        assert traffic.TimeoutMiddleware is ReleasingTimeoutMiddleware
+    finally:
+        traffic.TimeoutMiddleware = original  # type: ignore[misc]

@@ -6,6 +6,7 @@ Details: docs/serving.md.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -181,3 +182,60 @@ def install_header_timeout(seconds: float) -> None:
     target = f"{__name__}:HeaderTimeoutH11Protocol"
     uvicorn.config.HTTP_PROTOCOLS["auto"] = target
     uvicorn.config.HTTP_PROTOCOLS["h11"] = target
+
+
+def install_request_timer_release() -> None:
+    """Make BentoML's per-request timeout timer let go of the request when it ends.
+
+    BentoML 1.4's ``TimeoutMiddleware`` arms a ``traffic.timeout`` timer per request
+    and never cancels it: for 10 s every finished request stays reachable from the
+    event loop's timer heap (the timer holds the request's context, with its tracing
+    spans and request objects). At 200 req/s that is ~2,000 request graphs, ~100k
+    objects the full garbage collections scan: 50-110 ms pauses. The replacement is
+    the same middleware with the timer cancelled when the request ends and armed in
+    an empty context. BentoML builds its middleware list from ``traffic`` when the
+    app starts, after the service module (which calls this) is imported.
+    """
+    from bentoml._internal.server.http import traffic
+
+    traffic.TimeoutMiddleware = ReleasingTimeoutMiddleware  # type: ignore[misc]
+
+
+def _bentoml_timeout_middleware() -> type:
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    return TimeoutMiddleware
+
+
+class ReleasingTimeoutMiddleware(_bentoml_timeout_middleware()):  # type: ignore[misc]
+    """BentoML's ``TimeoutMiddleware`` (504 after ``timeout``), its timer cancelled at the end."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(
+            self.timeout, self._set_timer_out, waiter, context=contextvars.Context()
+        )
+
+        async def _send(message: Message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            await waiter
+        except TimeoutError:
+            if fut.cancel():
+                await send_json(
+                    send,
+                    504,
+                    {"error": f"Not able to process the request in {self.timeout} seconds"},
+                )
+        else:
+            await fut
+        finally:
+            timer.cancel()
+        return None
