@@ -20,7 +20,7 @@ from tests.support.project import REPO, run
 
 GROUP_COMMANDS = {
     "data": {"generate", "obtain"},
-    "features": {"catalog", "ingest", "materialize", "lookup", "parity"},
+    "features": {"catalog", "ingest", "materialize", "build", "lookup", "parity"},
     "model": {"register", "promote", "rollback", "status", "history", "lineage", "repair"},
     "monitor": {"drift", "report", "replay", "canary"},
     "notebooks": {"check", "git-setup", "sample", "lab"},

@@ -7,6 +7,10 @@ and CTR-bound checks cost a few queries instead of one per example.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,6 +131,126 @@ def test_without_pyspark_the_engine_says_make_setup_spark() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "SparkUnavailableError" in done.stderr and "make setup-spark" in done.stderr
+
+
+# --- The training set built on Spark (pipelines/features/spark_dataset.py) --------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def spark_built(spark: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Small-preset events shuffled into three parquet files; the dataset `mlops features
+    build` wrote from them over a previous output; the numpy stage's table and meta."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli.main import app
+    from pipelines.core.settings import load_settings
+    from pipelines.features.definitions import get_feature_set
+    from pipelines.simulation.generate import generate_events
+    from pipelines.stages import dataset
+    from tests.support.project import REPO
+
+    root = tmp_path_factory.mktemp("spark_dataset")
+    (root / "events").mkdir()
+    events = generate_events("small", 42).sample(frac=1.0, random_state=0)
+    for k, rows in enumerate(np.array_split(np.arange(len(events)), 3)):
+        events.iloc[rows].to_parquet(root / "events" / f"part-{k}.parquet", index=False)
+    stale = root / "out" / "split=train" / "day=2020-01-01"  # a previous output to replace
+    stale.mkdir(parents=True)
+    (stale / "old.parquet").write_bytes(b"previous run")
+    args = ["features", "build", "--events", str(root / "events"), "--out", str(root / "out")]
+    result = CliRunner().invoke(
+        app, [*args, "--master", "local[2]"], env={"MLOPS_PROJECT_ROOT": str(REPO)}
+    )
+    settings = load_settings(REPO)
+    table, meta = dataset.build_training_set(
+        dataset.load_raw_events(root / "events"),
+        get_feature_set(settings.features.feature_set),
+        settings.build_dataset,
+        "numpy",
+    )
+    return {"root": root, "cli": result, "table": table, "meta": meta}
+
+
+def test_spark_dataset_equals_the_numpy_stage_per_split(spark_built: dict[str, Any]) -> None:
+    """`mlops features build`: split=/day= partitions whose rows, read back, equal the numpy
+    stage's table per split (values, dtypes, order); _meta.json equals its meta.json."""
+    from pipelines.features.spark_dataset import read_split
+
+    cli, table, out = spark_built["cli"], spark_built["table"], spark_built["root"] / "out"
+    assert cli.exit_code == 0, cli.output
+    assert f"train {spark_built['meta']['rows']['train']:,} row(s) over 3 day(s)" in cli.stdout
+    assert str(out) in cli.stdout.splitlines()[-1]
+    listed = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert listed == {"_SUCCESS", "_meta.json", "split=train", "split=valid", "split=test"}
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp
+    for split in ("train", "valid", "test"):
+        expected = table[table["split"] == split].drop(columns="split").reset_index(drop=True)
+        got = read_split(out, split)
+        assert len(got) > 1000
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+        days = {p.name for p in (out / f"split={split}").iterdir()}
+        assert days == {f"day={d}" for d in expected["ts"].dt.strftime("%Y-%m-%d").unique()}
+    # pandas alone: the partition columns come back as categories, the rest as written
+    whole = pd.read_parquet(out)
+    assert isinstance(whole["split"].dtype, pd.CategoricalDtype) and len(whole) == len(table)
+    meta = json.loads((out / "_meta.json").read_text())
+    assert meta.pop("feature_engine") == "spark"
+    assert meta == {k: v for k, v in spark_built["meta"].items() if k != "feature_engine"}
+
+
+def test_spark_dataset_contract_violation_leaves_the_previous_output(
+    spark: object, spark_built: dict[str, Any]
+) -> None:
+    """A clicked row whose click_ts is before its ts: the function raises the violation with
+    the count, an example and what to do; the CLI says it in one line and exits 1; a
+    missing events path likewise; the previous output is untouched, no temp is left."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli.main import app
+    from pipelines.core.settings import BuildDatasetSettings
+    from pipelines.features.contracts import ContractViolation
+    from pipelines.features.definitions import CTR_V1
+    from pipelines.features.spark_dataset import build_dataset_spark
+    from tests.support.project import REPO
+
+    root = spark_built["root"]
+    out = root / "out"
+    before = _files(out)
+    events = pd.read_parquet(root / "events")
+    row = events.index[events["clicked"] == 1][10]
+    events.loc[row, "click_ts"] = events.loc[row, "ts"] - pd.Timedelta(seconds=5)
+    (root / "bad").mkdir()
+    events.to_parquet(root / "bad" / "events.parquet", index=False)
+    with pytest.raises(ContractViolation) as info:
+        build_dataset_spark(
+            spark,  # type: ignore[arg-type]
+            str(root / "bad"),
+            str(out),
+            CTR_V1,
+            BuildDatasetSettings(),
+        )
+    report = info.value.report
+    assert "column 'click_ts': check later than ts failed 1 time(s)" in report
+    assert events.loc[row, "event_id"] in report and "What to do" in report
+    runner = CliRunner()
+    for source, message in [
+        (root / "bad", "Contract RawEvents violated"),
+        (root / "no", "no events"),
+    ]:
+        result = runner.invoke(
+            app,
+            ["features", "build", "--events", str(source), "--out", str(out)],
+            env={"MLOPS_PROJECT_ROOT": str(REPO)},
+        )
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert _files(out) == before
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
 
 
 # --- The reference profile per partition, merged (pipelines/features/spark_profile.py) --------

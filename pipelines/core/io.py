@@ -81,10 +81,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def json_text(data: Any) -> str:
+    """Pretty, key-sorted JSON (stable diffs for metrics files), as ``write_json`` writes it."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write pretty, key-sorted JSON atomically (stable diffs for metrics files)."""
+    """Write ``json_text(data)`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:

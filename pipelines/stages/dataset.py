@@ -7,7 +7,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.config import ConfigError
 from pipelines.core.io import atomic_dir, write_json
 from pipelines.core.settings import BuildDatasetSettings
 from pipelines.features.contracts import (
@@ -18,6 +17,7 @@ from pipelines.features.contracts import (
 )
 from pipelines.features.definitions import FeatureSet, get_feature_set
 from pipelines.features.offline import point_in_time_features
+from pipelines.features.splits import split_boundaries, training_set_meta
 
 
 class RawDataError(ValueError):
@@ -58,27 +58,6 @@ def load_raw_events(raw_dir: Path) -> pd.DataFrame:
     return events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
 
 
-def split_boundaries(ts: pd.Series, policy: BuildDatasetSettings) -> dict[str, pd.Timestamp]:
-    """Start of train, valid and test and the end of data, on whole days from the end."""
-    end = ts.max().ceil("D")
-    test_start = end - pd.Timedelta(days=policy.test_days)
-    valid_start = test_start - pd.Timedelta(days=policy.valid_days)
-    train_start = ts.min().floor("D") + pd.Timedelta(hours=policy.warmup_hours)
-    if train_start >= valid_start:
-        days = (end - ts.min().floor("D")).days
-        raise ConfigError(
-            f"no training window left: the data covers {days} day(s), warm-up is "
-            f"{policy.warmup_hours} h, valid {policy.valid_days} d and test {policy.test_days} d; "
-            "lower build_dataset.valid_days/test_days/warmup_hours or generate more days"
-        )
-    return {
-        "train_start": train_start,
-        "valid_start": valid_start,
-        "test_start": test_start,
-        "end": end,
-    }
-
-
 def build_training_set(
     events: pd.DataFrame,
     feature_set: FeatureSet,
@@ -103,20 +82,10 @@ def build_training_set(
     table = table[ts >= bounds["train_start"]].reset_index(drop=True)
     table = validate(training_set_schema(feature_set), table, "the training set")
     counts = table["split"].value_counts()
-    rates = table.groupby("split")["clicked"].mean()
-    meta = {
-        "feature_set": feature_set.name,
-        "feature_set_fingerprint": feature_set.fingerprint,
-        "feature_engine": engine,
-        "features": feature_set.names,
-        "rows": {s: int(counts.get(s, 0)) for s in ("train", "valid", "test")},
-        "click_rate": {
-            s: round(float(rates.get(s, float("nan"))), 6) for s in ("train", "valid", "test")
-        },
-        "windows": {k: v.isoformat() for k, v in bounds.items()},
-        "raw_events": len(events),
-        "warmup_rows_dropped": int(len(events) - len(table)),
-    }
+    clicks = table.groupby("split")["clicked"].sum()
+    meta = training_set_meta(
+        feature_set, engine, bounds, counts.to_dict(), clicks.to_dict(), len(events)
+    )
     return table, meta
 
 
