@@ -14,7 +14,6 @@ from pipelines.features.definitions import CONTEXT, ENTITY_KEYS, FeatureSet
 
 CONTEXT_COLUMNS = ("surface", "device")
 RANGE_JOIN_BUDGET = 4.0  # estimated joined rows per input row below which a range join wins
-CONTEXT_COLUMNS = ("surface", "device")
 
 
 def _ident(*parts: str | None) -> str:
@@ -50,8 +49,11 @@ def point_in_time_sql(
 ) -> str:
     """The SQL statement computing ``feature_set`` for relation ``labels`` from ``events``.
 
-    ``dialect`` is ``duckdb`` or ``spark`` (Spark SQL): the statement is the same
-    but for how a column name is quoted.
+    ``dialect`` is ``duckdb`` or ``spark`` (Spark SQL). The statements differ in how a
+    column name is quoted and in windowed counts of window-aggregate entities: DuckDB
+    counts over a sliding ``RANGE`` frame; Spark, which re-aggregates a sliding frame's
+    whole buffer each time it moves, subtracts a running count of exits (each event
+    again at ``t + window - 1``) from the running count of events.
 
     ``events`` needs the key columns (any type: strings or integer codes),
     ``t`` (ms), ``clicked`` and ``ct`` (click time in ms); ``labels`` needs
@@ -75,6 +77,7 @@ def point_in_time_sql(
         if range_join_span(feature_set, entity) is None:
             raise ValueError(f"entity {entity!r} has an all-history feature: no range join")
     aggregates: dict[str, str] = {}  # window-aggregate columns over the stream
+    exits: dict[tuple[str, int], str] = {}  # (source, window) -> exit column (spark)
     joined: dict[str, dict[str, str]] = {e: {} for e in range_join}  # range-join columns
 
     def frame(entity: str, start: str) -> str:
@@ -88,6 +91,16 @@ def point_in_time_sql(
                 f"count(*) FILTER (WHERE e.{source} = 1 AND e.t > l.t - {window}) AS {name}"
             )
             return f"coalesce({name}, 0)"
+        if window is not None and dialect == "spark":
+            # Spark re-aggregates a sliding frame's whole buffer whenever it moves (rows x
+            # events per window: quadratic for hot keys). A windowed count is the running
+            # count of events minus the running count of their exits at t + window - 1.
+            leaving = exits.setdefault((source, window), _ident("x", source, str(window)))
+            run = frame(entity, "UNBOUNDED PRECEDING")
+            aggregates[name] = (
+                f"coalesce(sum({source}) {run}, 0) - coalesce(sum({leaving}) {run}, 0) AS {name}"
+            )
+            return name
         start = "UNBOUNDED PRECEDING" if window is None else f"{window - 1} PRECEDING"
         aggregates[name] = f"coalesce(sum({source}) {frame(entity, start)}, 0) AS {name}"
         return name
@@ -136,12 +149,22 @@ def point_in_time_sql(
     ctes = []
     renamed = ", ".join(f"ctx_{c} AS {c}" for c in CONTEXT_COLUMNS)
     if aggregates:
+        names = "".join(f", 0 AS {x}" for x in exits.values())
+        zeros = ", 0" * len(exits)
         stream = (
-            f"SELECT rid, {key_list}, {ctx}, t, 0 AS impressions, 0 AS clicks FROM {labels}\n"
-            f"  UNION ALL SELECT NULL, {key_list}, {ctx_null}, t, 1, 0 FROM {events}\n"
-            f"  UNION ALL SELECT NULL, {key_list}, {ctx_null}, ct, 0, 1 FROM {events} "
+            f"SELECT rid, {key_list}, {ctx}, t, 0 AS impressions, 0 AS clicks{names} "
+            f"FROM {labels}\n"
+            f"  UNION ALL SELECT NULL, {key_list}, {ctx_null}, t, 1, 0{zeros} FROM {events}\n"
+            f"  UNION ALL SELECT NULL, {key_list}, {ctx_null}, ct, 0, 1{zeros} FROM {events} "
             "WHERE clicked = 1"
         )
+        for (source, window), x in exits.items():
+            flags = "".join(", 1" if other == x else ", 0" for other in exits.values())
+            time, where = ("ct", " WHERE clicked = 1") if source == "clicks" else ("t", "")
+            stream += (
+                f"\n  UNION ALL SELECT NULL, {key_list}, {ctx_null}, {time} + {window - 1}, 0, 0"
+                f"{flags} FROM {events}{where}"
+            )
         agg_list = ",\n    ".join(aggregates.values())
         ctes.append(f"stream AS (\n  {stream}\n)")
         ctes.append(f"agg AS (\n  SELECT rid, t, {ctx},\n    {agg_list}\n  FROM stream\n)")
