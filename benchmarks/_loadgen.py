@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.loadtest import percentiles
+
 # wrk: cycle through the bodies in BODIES (one JSON body per line); print JSON at the end.
 WRK_LUA = r"""
 local bodies = {}
@@ -92,10 +94,7 @@ def hey_result(csv_text: str, rate: float, seconds: float) -> dict[str, Any]:
         "answered_200": sum(c == "200" for c in codes),
         "errors": sum(c != "200" for c in codes),
     }
-    for q in (50, 95, 99):
-        out[f"p{q}_ms"] = round(float(np.percentile(lat, q)), 2) if len(lat) else None
-    out["max_ms"] = round(float(lat.max()), 2) if len(lat) else None
-    return out
+    return {**out, **percentiles(lat)}
 
 
 def hey(url: str, body: Path, rate: float, conc: int, seconds: float) -> dict[str, Any]:

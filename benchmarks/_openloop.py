@@ -151,6 +151,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     """Counts and percentiles (ms) of the answered requests of one run."""
     import numpy as np
 
+    from tests.support.loadtest import percentiles
+
     ok = np.array(
         [x for x, s in zip(result["latency_ms"], result["status"], strict=True) if s == "200"]
     )
@@ -162,10 +164,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "errors": result["sent"] - int(len(ok)),
         "statuses": {s: result["status"].count(s) for s in sorted(set(result["status"]))},
     }
-    for q in (50, 95, 99):
-        out[f"p{q}_ms"] = round(float(np.percentile(ok, q)), 2) if len(ok) else None
-    out["max_ms"] = round(float(ok.max()), 2) if len(ok) else None
-    return out
+    return {**out, **percentiles(ok)}
 
 
 def open_loop(

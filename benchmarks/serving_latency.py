@@ -51,27 +51,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import save_results  # noqa: E402
-from tests.support.loadtest import free_port, workload_frame  # noqa: E402
+from tests.support.loadtest import free_port, percentiles, workload_frame  # noqa: E402
 
 BENCH_TOKEN = "serving-bench-admin-token"
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """``benchmarks._machine.machine()`` plus the serving stack's versions and platform."""
     import bentoml  # noqa: F401  # version only; BENTOML_HOME is already set
     import sklearn
 
+    from benchmarks._machine import machine as base
+
     return {
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
+        **base(),
         "bentoml": sys.modules["bentoml"].__version__,
         "scikit_learn": sklearn.__version__,
         "platform": platform.platform(),
@@ -175,10 +168,7 @@ def summarize(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": round(wall, 2),
         "req_per_s": round(calls / wall, 1),
         "rows_per_s": round(rows / wall, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p95_ms": round(float(np.percentile(lat, 95)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
-        "max_ms": round(float(lat.max()), 2),
+        **percentiles(lat),
         "rounds_req_per_s": [round(len(p["latencies"]) / p["wall"], 1) for p in parts],
     }
 

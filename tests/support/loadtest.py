@@ -179,6 +179,18 @@ async def _fixed_rate(
     return outcomes
 
 
+def percentiles(latencies_ms: Any, digits: int = 2) -> dict[str, float | None]:
+    """p50, p95, p99 and max of latencies in ms (``None`` each when there are none)."""
+    lat = np.asarray(latencies_ms, dtype=float)
+    if not len(lat):
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    out: dict[str, float | None] = {
+        f"p{q}_ms": round(float(np.percentile(lat, q)), digits) for q in (50, 95, 99)
+    }
+    out["max_ms"] = round(float(lat.max()), digits)
+    return out
+
+
 def summarize(outcomes: Sequence[Outcome], seconds: float | None = None) -> dict[str, Any]:
     """Counts by status, 5xx and transport errors, latency percentiles of the answered."""
     statuses = Counter(str(o.status) for o in outcomes)
@@ -194,8 +206,7 @@ def summarize(outcomes: Sequence[Outcome], seconds: float | None = None) -> dict
         "routes": dict(Counter(o.route for o in outcomes if o.route)),
     }
     if len(ok):
-        out.update({f"p{q}_ms": round(float(np.percentile(ok, q)), 1) for q in (50, 95, 99)})
-        out["max_ms"] = round(float(ok.max()), 1)
+        out.update(percentiles(ok, digits=1))
     return out
 
 
