@@ -112,6 +112,15 @@ def wait_pod_log(env: Env, ok: Any, seconds: float = 6.0) -> dict[str, Any]:
         time.sleep(0.25)
 
 
+def assert_prod_answered(summary: dict[str, Any]) -> None:
+    """Prod answered every row but those shed to the rule baseline when a worker's queue
+    momentarily reached serving.shed_inflight (2 shared cores): at most 1%, nothing else."""
+    shed = summary["degraded"].get("shed under overload", 0)
+    assert summary["routes"].get("prod", 0) + shed == summary["sent"], summary
+    assert shed <= summary["sent"] // 100, summary
+    assert set(summary["degraded"]) <= {"shed under overload"}, summary
+
+
 def test_short_soak_answers_everything_logs_everything_memory_flat(env: Env) -> None:
     fixed_rate(env.served.url, env.bodies[:50], RATE, 2)  # warm up both workers
     with MemorySampler(env.served, 1.0) as memory:
@@ -120,7 +129,7 @@ def test_short_soak_answers_everything_logs_everything_memory_flat(env: Env) -> 
     print("soak", summary, memory.summary())
     assert summary["server_errors_5xx"] == 0 and summary["transport_errors"] == 0
     assert summary["answered_200"] == summary["sent"] == int(RATE * 20)
-    assert summary["routes"] == {"prod": summary["sent"]}  # fresh features, prod answers
+    assert_prod_answered(summary)  # fresh features
     accounting = wait_logged(env, outcomes)
     assert accounting["missing_rows"] == 0 and accounting["duplicate_rows"] == 0, accounting
     mem = memory.summary()
@@ -187,8 +196,7 @@ def test_missing_model_file_under_load_falls_back_then_recovers(env: Env) -> Non
     assert set(summary["routes"]) <= {"baseline", "prod"} and summary["routes"].get("baseline")
     restored = post(env, "/admin/reload", token=TOKEN).json()
     assert restored["problems"] == [] and restored["workers"]["applied"] == 2, restored
-    after = summarize(fixed_rate(env.served.url, env.bodies, RATE, 2))
-    assert after["routes"] == {"prod": after["sent"]}
+    assert_prod_answered(summarize(fixed_rate(env.served.url, env.bodies, RATE, 2)))
 
 
 def test_admin_call_answers_202_in_time_when_a_worker_lags(
@@ -233,7 +241,7 @@ def test_release_pointing_at_a_missing_version_is_refused_and_prod_keeps_serving
         outcomes = fixed_rate(env.served.url, env.bodies, RATE, 2)
     finally:
         env.release_file.write_text(original)
-    assert summarize(outcomes)["routes"] == {"prod": len(outcomes)}
+    assert_prod_answered(summarize(outcomes))
 
 
 def test_oversized_bodies_get_413_and_batches_over_the_limit_400(env: Env) -> None:

@@ -46,6 +46,7 @@ class Outcome:
     latency: float  # seconds from the scheduled send time
     request_ids: list[str] = field(default_factory=list)
     route: str | None = None
+    reason: str | None = None  # degraded_reason of the first answer
 
 
 def workload_frame(raw_dir: Path, n: int, seed: int = 0) -> pd.DataFrame:
@@ -157,13 +158,13 @@ async def _fixed_rate(
                 return
             latency = time.perf_counter() - t0 - due
             ids: list[str] = []
-            route = None
+            route = reason = None
             if response.status_code == 200:
                 data = response.json()
                 answers = data if isinstance(data, list) else [data]
                 ids = [a["request_id"] for a in answers]
-                route = answers[0]["route"]
-            outcomes.append(Outcome(due, response.status_code, latency, ids, route))
+                route, reason = answers[0]["route"], answers[0].get("degraded_reason")
+            outcomes.append(Outcome(due, response.status_code, latency, ids, route, reason))
 
         async def at(when: float, action: Callable[[], None]) -> None:
             delay = t0 + when - time.perf_counter()
@@ -204,6 +205,8 @@ def summarize(outcomes: Sequence[Outcome], seconds: float | None = None) -> dict
         "statuses": dict(statuses),
         "rate_per_s": round(len(outcomes) / span, 1) if span else None,
         "routes": dict(Counter(o.route for o in outcomes if o.route)),
+        # what degraded an answer, up to the first colon ("shed under overload", ...)
+        "degraded": dict(Counter(o.reason.split(":")[0] for o in outcomes if o.reason)),
     }
     if len(ok):
         out.update(percentiles(ok, digits=1))
