@@ -219,6 +219,73 @@ def test_spark_dataset_equals_the_numpy_stage_per_split(spark_built: dict[str, A
     assert meta == {k: v for k, v in spark_built["meta"].items() if k != "feature_engine"}
 
 
+def _mutations() -> dict[str, Any]:
+    """One change per RawEvents rule (row 3 is clicked, row 4 is not)."""
+
+    def setter(column: str, value: Any, row: int = 3) -> Any:
+        def change(frame: pd.DataFrame) -> None:
+            frame.loc[row, column] = value
+
+        return change
+
+    def duplicate(frame: pd.DataFrame) -> None:
+        frame.loc[4, "event_id"] = frame.loc[3, "event_id"]
+
+    def click_before(frame: pd.DataFrame) -> None:
+        frame.loc[3, "click_ts"] = frame.loc[3, "ts"] - pd.Timedelta(seconds=1)
+
+    def click_unclicked(frame: pd.DataFrame) -> None:
+        frame.loc[4, "click_ts"] = frame.loc[4, "ts"] + pd.Timedelta(seconds=1)
+
+    return {
+        "valid": lambda frame: None,
+        "empty user_id": setter("user_id", ""),
+        "empty event_id": setter("event_id", ""),
+        "unknown surface": setter("surface", "homepage"),
+        "unknown device": setter("device", "fridge"),
+        "position 0": setter("position", 0),
+        "position 101": setter("position", 101),
+        "clicked 2": setter("clicked", 2),
+        "duplicate event_id": duplicate,
+        "click_ts before ts": click_before,
+        "click_ts without a click": click_unclicked,
+        "clicked without click_ts": setter("click_ts", pd.NaT),
+        "ts before 2020": setter("ts", pd.Timestamp("2019-12-31", tz="UTC")),
+    }
+
+
+@pytest.mark.parametrize("mutation", list(_mutations()))
+def test_spark_contract_check_agrees_with_the_raw_events_contract(
+    spark: Any, mutation: str
+) -> None:
+    """The Spark check (aggregates, never collecting rows) accepts and refuses the events
+    the pandas path does (the pandera RawEvents contract, then the engines' time range),
+    one case per rule."""
+    from pipelines.features.contracts import RAW_EVENTS, ContractViolation, validate
+    from pipelines.features.definitions import check_times
+    from pipelines.features.spark_dataset import check_raw_events
+    from pipelines.simulation.generate import generate_events
+
+    frame = generate_events("small", 7).head(40).reset_index(drop=True)
+    frame.loc[3, ["clicked", "click_ts"]] = [1, frame.loc[3, "ts"] + pd.Timedelta(seconds=9)]
+    frame.loc[4, ["clicked", "click_ts"]] = [0, pd.NaT]
+    _mutations()[mutation](frame)
+    verdicts = []
+
+    def pandas_path() -> None:
+        checked = validate(RAW_EVENTS, frame.copy(), "pandas")
+        check_times(to_ms(checked["ts"]), "impression times (ts)")
+
+    for check in (pandas_path, lambda: check_raw_events(spark.createDataFrame(frame), "spark")):
+        try:
+            check()
+            verdicts.append("accepted")
+        except (ContractViolation, ValueError):
+            verdicts.append("refused")
+    expected = "accepted" if mutation == "valid" else "refused"
+    assert verdicts == [expected, expected], verdicts
+
+
 def test_spark_dataset_contract_violation_leaves_the_previous_output(
     spark: object, spark_built: dict[str, Any]
 ) -> None:
