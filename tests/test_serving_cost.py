@@ -13,6 +13,7 @@ import json
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,48 @@ def test_shedding_rule_levels() -> None:
     assert shed_reasons(off, 100, ["recs"]) == {}
     with pytest.raises(ValueError, match="unknown surfaces"):
         ServingSettings(surface_priority={"email": 1})
+
+
+def test_priority_lane_takes_the_most_critical_queued_call_first() -> None:
+    import asyncio
+    import contextvars
+
+    from pipelines.serving.overload import PriorityLane, call_level
+
+    policy = ServingSettings(surface_priority={"search": 0, "feed": 1, "recs": 2})
+    assert call_level(policy, ["recs", "feed"]) == 1 and call_level(policy, []) == 0
+    lane = PriorityLane()
+    order: list[str] = []
+    who: contextvars.ContextVar[str] = contextvars.ContextVar("who")
+    gate = threading.Event()
+
+    def job(name: str) -> str:
+        gate.wait(5)  # the first call holds the thread while the others queue
+        order.append(f"{name}:{who.get()}")
+        if name == "boom":
+            raise KeyError(name)
+        return name
+
+    async def main() -> list[Any]:
+        async def submit(name: str, level: int) -> Any:
+            who.set(name)  # each call runs in the context it was submitted from
+            return await lane.run(level, job, name)
+
+        tasks = [asyncio.create_task(submit("holder", 0))]
+        await asyncio.sleep(0.05)
+        for name, level in [("recs", 2), ("feed", 1), ("boom", 1), ("search", 0)]:
+            tasks.append(asyncio.create_task(submit(name, level)))
+        await asyncio.sleep(0.05)
+        assert lane.queued() == {2: 1, 1: 2, 0: 1}
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    lane.close()
+    assert order == ["holder:holder", "search:search", "feed:feed", "boom:boom", "recs:recs"]
+    assert results[:3] == ["holder", "recs", "feed"] and isinstance(results[3], KeyError)
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(lane.run(0, job, "late"))
 
 
 def test_a_library_built_for_another_platform_is_refused(
@@ -289,19 +332,28 @@ def test_low_priority_surfaces_are_shed_first_when_the_worker_is_saturated(
     server.post("/admin/fault", {"target": "prod", "kind": "slow", "delay_ms": 400}, TOKEN)
     answers: dict[str, list[dict[str, Any]]] = {"hold": [], "late": []}
     try:
-        holders = [
-            threading.Thread(target=lambda: answers["hold"].append(call("search")))
-            for _ in range(4)
-        ]
+        held: list[float] = []
+
+        def hold() -> None:
+            answers["hold"].append(call("search"))
+            held.append(time.monotonic())
+
+        holders = [threading.Thread(target=hold) for _ in range(4)]
         for t in holders:
             t.start()
         threading.Event().wait(0.3)
+        done: dict[str, float] = {}
+
+        def late_call(surface: str) -> None:
+            answers["late"].append(call(surface))
+            done[surface] = time.monotonic()
+
         late = {
-            s: threading.Thread(target=lambda s=s: answers["late"].append(call(s)))
-            for s in ("recs", "feed", "search")
+            s: threading.Thread(target=late_call, args=(s,)) for s in ("recs", "feed", "search")
         }
-        for t in late.values():
+        for surface, t in late.items():  # search queues last, behind recs and feed
             t.start()
+            threading.Event().wait(0.1 if surface == "feed" else 0.0)
         for t in [*holders, *late.values()]:
             t.join(60)
     finally:
@@ -314,6 +366,11 @@ def test_low_priority_surfaces_are_shed_first_when_the_worker_is_saturated(
     assert all(a["runtime"] == "rule" for a in shed)
     assert [a["route"] for a in answers["late"] if a not in shed] == ["prod"]  # search
     assert {a["route"] for a in answers["hold"]} == {"prod"}
+    # The critical call queued last is taken first: its slow (400 ms) prod call runs after
+    # the holders and before the shed recs and feed calls, which BentoML's own queue (first
+    # come, first served) answered right after the holders.
+    assert min(done["recs"], done["feed"]) - max(held) > 0.2, (done, held)
+    assert done["search"] - max(held) > 0.2, (done, held)
     counters = server.metadata()["counters"]
     assert counters["shed_rows"] == {"recs": 1, "feed": 1}
     assert counters["degraded_reasons"]["shed_overload"] == 2

@@ -108,3 +108,91 @@ class GcPauses:
         entry["collections"] += 1
         entry["total_ms"] = round(entry["total_ms"] + ms, 3)
         entry["max_ms"] = round(max(entry["max_ms"], ms), 3)
+
+
+class PriorityLane:
+    """The worker's request thread, taking queued scoring calls most critical surface first.
+
+    BentoML queues sync API calls for its one request thread first come, first served,
+    so under a flood of low-priority calls a critical one waits behind all of them
+    (shedding makes each of those cheaper, not fewer). The service's scoring endpoints
+    are ``async`` and hand their call here instead: the lowest ``serving.surface_priority``
+    level runs next, in arrival order within a level. A call runs in the context it was
+    submitted from; one whose caller is gone (BentoML's timeout) is dropped if not started.
+    """
+
+    def __init__(self, name: str = "scoring") -> None:
+        import threading
+
+        self._queue: list[tuple[int, int, Any]] = []
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, level: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the lane's thread, after every queued call of a lower level."""
+        import asyncio
+        import heapq
+
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job = (contextvars.copy_context(), fn, args, loop, future)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scoring lane is closed (the worker is shutting down)")
+            self._seq += 1
+            heapq.heappush(self._queue, (level, self._seq, job))
+            self._cond.notify()
+        return await future
+
+    def queued(self) -> dict[int, int]:
+        """Calls waiting per level (not the one running)."""
+        with self._cond:
+            out: dict[int, int] = {}
+            for level, _, _ in self._queue:
+                out[level] = out.get(level, 0) + 1
+            return out
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Run what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import heapq
+
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                _, _, (ctx, fn, args, loop, future) = heapq.heappop(self._queue)
+            if future.cancelled():
+                continue
+            try:
+                result, error = ctx.run(fn, *args), None
+            except BaseException as exc:  # handed to the awaiting call
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
+
+
+def _settle(future: Any, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def call_level(policy: ServingSettings, surfaces: Sequence[str]) -> int:
+    """The lane level of a call: its most critical surface's priority (0 = critical)."""
+    return min((policy.surface_priority.get(s, 0) for s in surfaces), default=0)
