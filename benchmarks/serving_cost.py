@@ -193,16 +193,21 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         capacity = results["full"]["predict_c8"]["req_per_s"]
         one = work / "one.json"
         one.write_text(json.dumps(single[0]))
+        window = release["policy"]["profile_window_seconds"]
+        began = time.time()
         results["full"]["predict_fixed_rate_60pct"] = hey(
             full_url + "/predict", one, 0.6 * capacity, 8, max(args.seconds * 1.5, 10)
         )
+        results["full"]["predict_fixed_rate_60pct"]["profile_window_closed"] = closed(began, window)
         print("fixed rate", results["full"]["predict_fixed_rate_60pct"], flush=True)
         # the same rate from the open-loop generator: Poisson arrivals, latency from the
         # scheduled time (hey's workers tick together and slow down with the server)
+        began = time.time()
         poisson = open_loop(
             full_url, "/predict", files["full_single"], 0.6 * capacity, max(args.seconds * 1.5, 10)
         )
         poisson.pop("raw")
+        poisson["profile_window_closed"] = closed(began, window)
         results["full"]["predict_open_loop_60pct"] = poisson
         print("open loop", poisson, flush=True)
         meta = post_json(full_url + "/metadata")
@@ -289,6 +294,12 @@ def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def closed(began: float, window: float) -> bool:
+    """Whether a request-log profile window (aligned to wall-clock multiples) closed between
+    ``began`` and now: the worker then hands the window's rows to its profiling helper."""
+    return int(began // window) != int(time.time() // window)
+
+
 def overload(
     tag: str,
     release: dict[str, Any],
@@ -309,9 +320,12 @@ def overload(
         body[surface].write_text(json.dumps({**single[0], "surface": surface}))
     out: dict[str, Any] = {}
     on = release["policy"]["shed_inflight"] or 8
-    for label, shed in (("priorities_on", on), ("priorities_off", 0)):
+    levels = release["policy"]["surface_priority"]
+    flat = dict.fromkeys(levels, 0)  # off: no shedding and one level (first come, first served)
+    for label, shed, priority in (("priorities_on", on, levels), ("priorities_off", 0, flat)):
         rel = json.loads(json.dumps(release))
         rel["policy"]["shed_inflight"] = shed
+        rel["policy"]["surface_priority"] = priority
         proc, url = serve_release(tag, rel, env, work, label)
         try:
             flood = subprocess.Popen(
@@ -330,7 +344,7 @@ def overload(
                 )
                 for s in ("search", "feed")
             }
-            got: dict[str, Any] = {"shed_inflight": shed}
+            got: dict[str, Any] = {"shed_inflight": shed, "surface_priority": priority}
             for s, p in probes.items():
                 result = hey_result(p.communicate()[0], rate, seconds)
                 got[s] = {k: result[k] for k in ("requests", "p50_ms", "p95_ms", "p99_ms")}
@@ -345,6 +359,12 @@ def overload(
         finally:
             stop(proc)
     return out
+
+
+def _rolled(phase: dict[str, Any]) -> str:
+    if not phase.get("profile_window_closed"):
+        return ""
+    return " (a profile window closed during this phase: its rows went to the profiling helper)"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -388,14 +408,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Fixed rate (hey) at 60% of capacity ({fr['target_rate']} req/s target, "
         f"{fr['achieved_rate']} achieved): p50 {fr['p50_ms']}, p95 {fr['p95_ms']}, "
-        f"p99 {fr['p99_ms']} ms, {fr['errors']} errors.",
+        f"p99 {fr['p99_ms']} ms, {fr['errors']} errors{_rolled(fr)}.",
     ]
     ol = full.get("predict_open_loop_60pct")
     if ol:
         lines_.append(
             f"Same rate, open loop (`benchmarks/_openloop.py`: Poisson arrivals, real bodies, "
             f"latency from the scheduled send time; {ol['achieved_rate']} req/s): p50 "
-            f"{ol['p50_ms']}, p95 {ol['p95_ms']}, p99 {ol['p99_ms']} ms, {ol['errors']} errors."
+            f"{ol['p50_ms']}, p95 {ol['p95_ms']}, p99 {ol['p99_ms']} ms, {ol['errors']} errors"
+            f"{_rolled(ol)}."
         )
     lines_ += [
         "",
@@ -418,7 +439,8 @@ def markdown(report: dict[str, Any]) -> str:
         rr = o.get("recs_rank") or {}
         rate = rr.get("requests", 0) / max(rr.get("seconds", 1), 1e-9)
         lines_.append(
-            f"| {label} (shed_inflight {o['shed_inflight']}) | {s['p50_ms']} / {s['p95_ms']} / "
+            f"| {label} (shed_inflight {o['shed_inflight']}, levels "
+            f"{o.get('surface_priority')}) | {s['p50_ms']} / {s['p95_ms']} / "
             f"{s['p99_ms']} | {f['p50_ms']} / {f['p95_ms']} / {f['p99_ms']} | {rate:.1f}, "
             f"{rr.get('p50_ms', 0):.1f} | {o['shed_rows']} |"
         )
