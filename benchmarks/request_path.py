@@ -179,6 +179,23 @@ def main() -> None:
         rows.add(b)
     del held, b
     gc_ms["window column-wise (WindowRows)"] = timed(gc.collect, 5)
+    # Closing a window: the writer thread builds its frame and writes it for the profiling
+    # helper (request_log._profile_window), while the worker serves.
+    import tempfile
+
+    handoff: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "window.parquet"
+
+        def handoff_ms(window: WindowRows) -> float:
+            return timed(lambda: window.frame().to_parquet(out, index=False), 3)
+
+        handoff[f"{calls:,} one-row calls"] = handoff_ms(rows)
+        big = WindowRows()
+        for _ in range(2000):
+            big.add(batch(1000))
+        handoff["2,000 calls of 1,000 rows (2M rows)"] = handoff_ms(big)
+        del big
     del rows
 
     steps["request-log line (writer thread)"] = {
@@ -186,6 +203,7 @@ def main() -> None:
         "1000 rows": timed(lambda: log_line(1000), 20),
     }
     steps["reload (Runtime.load of the release)"] = reload_ms
+    steps["profile-window handoff (frame and parquet, writer thread)"] = handoff
     steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
