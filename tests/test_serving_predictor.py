@@ -683,3 +683,42 @@ def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_pat
     assert log.counters["profiles"] == 1 and log.counters["profile_errors"] == 1, log.counters
     view = wl.read_profile(profiles[0])
     assert wl.column_sketches(view)["prediction"].count == rows
+
+
+def test_the_window_written_for_the_helper_reads_back_as_its_frame(tmp_path: Path) -> None:
+    """``WindowRows.write`` (Arrow, no pandas in the worker) gives the file the profiling
+    helper read before (``frame().to_parquet``), with and without feature vectors."""
+    import pandas as pd
+
+    from pipelines.serving.window_rows import WindowRows
+
+    def batch(rows: int, features: bool) -> LogBatch:
+        return LogBatch(
+            "predict",
+            "r",
+            0.0,
+            1.0,
+            [f"q{k}" for k in range(rows)],
+            ["u"] * rows,
+            ["i"] * rows,
+            ["feed", "search", "recs"][: min(rows, 3)] * (rows // 3) + ["feed"] * (rows % 3),
+            ["mobile"] * rows,
+            np.zeros(rows, np.int64),
+            np.linspace(0.01, 0.5, rows),
+            ["prod"] * rows,
+            ["m"] * rows,
+            [None] * rows,
+            np.zeros(rows),
+            ["f1", "f2"],
+            np.arange(rows * 2, dtype=np.float64).reshape(rows, 2) if features else None,
+        )
+
+    for batches in ([batch(5, True), batch(1, True)], [batch(3, True), batch(2, False)]):
+        window = WindowRows()
+        for b in batches:
+            window.add(b)
+        window.write(tmp_path / "new.parquet")
+        window.frame().to_parquet(tmp_path / "old.parquet", index=False)
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "new.parquet"), pd.read_parquet(tmp_path / "old.parquet")
+        )

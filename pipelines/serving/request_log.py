@@ -426,7 +426,7 @@ class RequestLog:
         frame_file = self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
         try:
             with atomic_path(frame_file) as tmp:
-                rows.frame().to_parquet(tmp, index=False)
+                rows.write(tmp)
             self._start_helper(frame_file)
         except Exception:
             self.counters["profile_errors"] += 1

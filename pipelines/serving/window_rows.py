@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 class WindowRows:
@@ -52,6 +54,27 @@ class WindowRows:
         frame["prediction"] = np.concatenate(self.probability) if self.probability else np.empty(0)
         frame["route"] = self.routes
         return frame
+
+    def table(self) -> pa.Table:
+        """``frame()`` as an Arrow table, built without pandas: what the writer thread hands
+        to the profiling helper, while the worker serves (benchmarks/request_path.py,
+        "profile-window handoff"). ``pd.read_parquet`` of it equals ``frame()``."""
+        columns: dict[str, pa.Array] = {
+            "surface": pa.array(self.surfaces, pa.large_string()),
+            "device": pa.array(self.devices, pa.large_string()),
+        }
+        if self.all_have_features and self.features:
+            X = np.concatenate(self.features)
+            for j, name in enumerate(self.feature_names or []):
+                columns[name] = pa.array(np.ascontiguousarray(X[:, j]))
+        prediction = np.concatenate(self.probability) if self.probability else np.empty(0)
+        columns["prediction"] = pa.array(prediction)
+        columns["route"] = pa.array(self.routes, pa.large_string())
+        return pa.table(columns)
+
+    def write(self, path: Any) -> None:
+        """Write the window's rows as parquet (``table()``)."""
+        pq.write_table(self.table(), path)
 
 
 def window_frame(batches: list[Any]) -> pd.DataFrame:
