@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,26 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
         fn()
         out.append(time.perf_counter() - started)
     return round(float(np.median(out)) * 1000.0, 4)
+
+
+def loop_lag(work: Callable[[], Any]) -> dict[str, float]:
+    """How late a 1 ms asyncio ticker wakes (ms) while ``work`` runs in another thread: how
+    long the thread keeps the event loop from running."""
+    import asyncio
+    import threading
+
+    async def tick() -> list[float]:
+        thread = threading.Thread(target=work)
+        thread.start()
+        lags = []
+        while thread.is_alive():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append((time.perf_counter() - started - 0.001) * 1000.0)
+        return lags
+
+    lags = np.array(asyncio.run(tick()))
+    return {"max": round(float(lags.max()), 1), "p99": round(float(np.percentile(lags, 99)), 2)}
 
 
 def main() -> None:
@@ -199,6 +220,9 @@ def main() -> None:
         for name, window in ((f"{calls:,} one-row calls", rows), ("2M rows", big)):
             handoff[f"{name}, through pandas (before)"] = through_pandas(window)
             handoff[f"{name}, Arrow table (WindowRows.write)"] = arrow(window)
+        lag = loop_lag(functools.partial(big.write, out))
+        handoff["2M rows, event-loop lag during WindowRows.write: longest"] = lag["max"]
+        handoff["2M rows, event-loop lag during WindowRows.write: p99"] = lag["p99"]
         del big
     del rows
 
