@@ -641,14 +641,9 @@ def test_request_log_keeps_every_answered_row_and_counts_drops(
     assert len(read_shards(tmp_path / "tiny")) == accepted == tiny.counters["written_rows"]
 
 
-def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:
-    """Stopping the server does not wait for the last window's profile: a helper that did
-    not finish (killed with the container) leaves the saved window, which the next start
-    profiles; a window that cannot be profiled is kept aside, reported, not retried."""
-    live = tmp_path / "live"
-    live.mkdir()
-    rows = 50
-    batch = LogBatch(
+def _window_batch(rows: int, features: np.ndarray | None = None) -> LogBatch:
+    """A logged call of ``rows`` rows as the profile window receives it."""
+    return LogBatch(
         "predict",
         "r",
         0.0,
@@ -656,7 +651,7 @@ def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_pat
         [f"q{k}" for k in range(rows)],
         ["u"] * rows,
         ["i"] * rows,
-        ["feed", "search"] * (rows // 2),
+        (["feed", "search"] * rows)[:rows],
         ["mobile"] * rows,
         np.zeros(rows, np.int64),
         np.linspace(0.01, 0.5, rows),
@@ -664,9 +659,19 @@ def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_pat
         ["m"] * rows,
         [None] * rows,
         np.zeros(rows),
-        [],
-        None,
+        [] if features is None else [f"f{j + 1}" for j in range(features.shape[1])],
+        features,
     )
+
+
+def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:
+    """Stopping the server does not wait for the last window's profile: a helper that did
+    not finish (killed with the container) leaves the saved window, which the next start
+    profiles; a window that cannot be profiled is kept aside, reported, not retried."""
+    live = tmp_path / "live"
+    live.mkdir()
+    rows = 50
+    batch = _window_batch(rows)
     left = live / ".window-20261001T000000-gone-7.parquet"
     window_frame([batch]).to_parquet(left, index=False)
     broken = live / ".window-20261001T000500-gone-7.parquet"
@@ -693,25 +698,8 @@ def test_the_window_written_for_the_helper_reads_back_as_its_frame(tmp_path: Pat
     from pipelines.serving.window_rows import WindowRows
 
     def batch(rows: int, features: bool) -> LogBatch:
-        return LogBatch(
-            "predict",
-            "r",
-            0.0,
-            1.0,
-            [f"q{k}" for k in range(rows)],
-            ["u"] * rows,
-            ["i"] * rows,
-            ["feed", "search", "recs"][: min(rows, 3)] * (rows // 3) + ["feed"] * (rows % 3),
-            ["mobile"] * rows,
-            np.zeros(rows, np.int64),
-            np.linspace(0.01, 0.5, rows),
-            ["prod"] * rows,
-            ["m"] * rows,
-            [None] * rows,
-            np.zeros(rows),
-            ["f1", "f2"],
-            np.arange(rows * 2, dtype=np.float64).reshape(rows, 2) if features else None,
-        )
+        matrix = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
+        return _window_batch(rows, matrix if features else None)
 
     for batches in ([batch(5, True), batch(1, True)], [batch(3, True), batch(2, False)]):
         window = WindowRows()
