@@ -10,6 +10,7 @@ every stage notebook runs with its defaults under nbval in tests/test_notebooks.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import sys
@@ -17,6 +18,7 @@ import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.support.chromium import DevToolsPage
@@ -72,11 +74,17 @@ def test_notebooks_run_through_the_server_kernel_with_their_defaults(lab: LabSer
     status = run([sys.executable, "-m", "dvc", "status", "--json"], root).stdout
     assert json.loads(status) == {}, status  # the pipeline's outputs are untouched
 
-    # The monitoring notebook against the request log, as `mlops monitor drift` reads it.
-    run([sys.executable, "-m", "pipelines.cli", "monitor", "replay", "--last-days", "1"], root)
+    # The monitoring notebook: with its defaults, the latest day of the request log.
+    run([sys.executable, "-m", "pipelines.cli", "monitor", "replay", "--last-days", "2"], root)
+    from pipelines.monitoring.requests import read_request_log
+
+    times = read_request_log(root / "monitors/requests")["request_time"]
     report = run_notebook(lab, "monitors/drift_report.ipynb")
     first = text_of(report[1])
     assert "requests from" in first and "monitors/requests" in first, first
+    shown = int(re.search(r"([\d,]+) requests from", first)[1].replace(",", ""))
+    in_last_day = int((times > times.max() - pd.Timedelta("1D")).sum())
+    assert shown == in_last_day < len(times), (first, len(times))
 
 
 def test_notebook_and_kernel_render_in_jupyterlab(lab: LabServer, tmp_path: Path) -> None:

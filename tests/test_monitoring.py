@@ -13,6 +13,7 @@ from pipelines.monitoring.requests import (
     LogReadStats,
     RequestLogError,
     SignalSettings,
+    latest,
     live_frame,
     normalize_request_log,
     read_request_log,
@@ -142,7 +143,7 @@ def test_round_trip_through_a_shard(tmp_path: Path) -> None:
 
 
 def test_bad_logs_get_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(RequestLogError, match="does not exist"):
+    with pytest.raises(RequestLogError, match=r"does not exist.*mlops monitor replay"):
         read_request_log(tmp_path / "nowhere")
     with pytest.raises(RequestLogError, match="no request-log rows"):
         read_request_log(tmp_path)
@@ -162,6 +163,15 @@ def test_windows_live_frame_and_profiles(tmp_path: Path) -> None:
     part = select_window(log, pd.Timestamp("2026-10-07T01:00Z"), pd.Timestamp("2026-10-07T02:00"))
     assert part["request_time"].min() >= pd.Timestamp("2026-10-07T01:00Z")
     assert part["request_time"].max() < pd.Timestamp("2026-10-07T02:00Z")
+    newest = log["request_time"].max()
+    hour = latest(log, "1h")  # the last hour, ending at the newest request
+    assert hour["request_time"].max() == newest
+    assert hour["request_time"].min() > newest - pd.Timedelta("1h")
+    assert len(hour) == (log["request_time"] > newest - pd.Timedelta("1h")).sum() < len(log)
+    assert latest(log, "") is log and len(latest(log, "30D")) == len(log)
+    for bad in ("yesterday", "-1h", "0s"):
+        with pytest.raises(RequestLogError, match="duration"):
+            latest(log, bad)
     frame = live_frame(log, ["user_ctr_7d", "surface_code", "absent_feature"])
     assert list(frame.columns) == [
         "surface",

@@ -24,9 +24,18 @@ LOG_FILE_OPTION = typer.Option(None, help="A request log as one parquet or JSONL
 CLICKS_OPTION = typer.Option(None, help="Click parquet file/folder (default: monitor.clicks_path).")
 SINCE_OPTION = typer.Option(None, help="Only requests at or after this UTC time.")
 UNTIL_OPTION = typer.Option(None, help="Only requests before this UTC time.")
+LAST_OPTION = typer.Option(
+    None, help="Only the last span of the log, ending at its newest request (e.g. 1D, 6h)."
+)
 
 
-def _load(log_dir: Path | None, log_file: Path | None, since: str | None, until: str | None):
+def _load(
+    log_dir: Path | None,
+    log_file: Path | None,
+    since: str | None,
+    until: str | None,
+    last: str | None = None,
+):
     """Config, the normalized request log and the clicks (None when there are none)."""
     from pipelines.core.config import ConfigError
     from pipelines.monitoring import report as monitor_report
@@ -36,7 +45,7 @@ def _load(log_dir: Path | None, log_file: Path | None, since: str | None, until:
     try:
         cfg = MonitorConfig.load()
         log, source = monitor_report.load_log(
-            cfg, str(log_dir or ""), str(log_file or ""), since or "", until or ""
+            cfg, str(log_dir or ""), str(log_file or ""), since or "", until or "", last or ""
         )
     except (ConfigError, RequestLogError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -59,6 +68,7 @@ def drift(
     clicks: Path | None = CLICKS_OPTION,
     since: str | None = SINCE_OPTION,
     until: str | None = UNTIL_OPTION,
+    last: str | None = LAST_OPTION,
     retrain: str | None = typer.Option(
         None, help="On a retraining trigger run: none, repro or exp (default: monitor.retrain.run)."
     ),
@@ -83,7 +93,7 @@ def drift(
 
     if retrain not in (None, "none", "repro", "exp"):
         fail(f"--retrain must be none, repro or exp, got {retrain!r}")
-    cfg, log, source = _load(log_dir, log_file, since, until)
+    cfg, log, source = _load(log_dir, log_file, since, until, last)
     click_table = _clicks(cfg, clicks)
     route_alert_log(alert_log or cfg.out_dir / "alerts.log", echo=show_alerts)
     try:
@@ -116,6 +126,7 @@ def monitor_report_cmd(
     clicks: Path | None = CLICKS_OPTION,
     since: str | None = SINCE_OPTION,
     until: str | None = UNTIL_OPTION,
+    last: str | None = LAST_OPTION,
     events: Path | None = typer.Option(
         None, help="Raw events parquet: also compute value-level skew."
     ),
@@ -127,13 +138,14 @@ def monitor_report_cmd(
     from pipelines.monitoring import report as monitor_report
     from pipelines.monitoring.monitor import MonitorConfig
 
-    cfg, _, _ = _load(log_dir, log_file, since, until)  # fail fast, before starting a kernel
+    cfg, _, _ = _load(log_dir, log_file, since, until, last)  # fail fast, before starting a kernel
     params = {
         "log_dir": str(log_dir or ""),
         "log_file": str(log_file or ""),
         "clicks_path": str(clicks or ""),
         "since": since or "",
         "until": until or "",
+        "last": last or "",
         "events_path": str(events or ""),
     }
     output = monitor_report.render(cfg, params, out.resolve() if out else None)

@@ -24,9 +24,11 @@ def load_log(
     log_file: str = "",
     since: str = "",
     until: str = "",
+    last: str = "",
 ) -> tuple[pd.DataFrame, str]:
-    """A normalized request log from a parquet/JSONL file or a shard folder (default: params)."""
-    from pipelines.monitoring.requests import select_window
+    """A normalized request log from a parquet/JSONL file or a shard folder (default: params),
+    cut to ``since``/``until`` and then to its ``last`` span (e.g. ``1D``; empty: all)."""
+    from pipelines.monitoring.requests import latest, select_window
 
     if log_file:
         path = cfg.root / log_file
@@ -45,6 +47,7 @@ def load_log(
     log = select_window(
         log, pd.Timestamp(since) if since else None, pd.Timestamp(until) if until else None
     )
+    log = latest(log, last)
     if log.empty:
         raise RequestLogError(
             f"no request-log rows in {source} between {since or '-'} and {until or '-'}"

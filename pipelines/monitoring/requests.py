@@ -82,7 +82,9 @@ def read_request_log(
     stats = stats if stats is not None else LogReadStats()
     if not log_dir.is_dir():
         raise RequestLogError(
-            f"request log folder {log_dir} does not exist; point --log-dir (or "
+            f"request log folder {log_dir} does not exist: no traffic has been logged yet. "
+            "Serve the bento (make serve) or write a log without a service "
+            "(mlops monitor replay --last-days 1), or point --log-dir (or "
             "serving.request_log_dir in params.yaml) at the folder the service writes"
         )
     shards = sorted(log_dir.glob("requests-*.jsonl"))
@@ -252,6 +254,23 @@ def select_window(
     if until is not None:
         keep &= (log["request_time"] < _utc(until)).to_numpy()
     return log[keep].reset_index(drop=True)
+
+
+def latest(log: pd.DataFrame, span: str) -> pd.DataFrame:
+    """The rows of the last ``span`` (a pandas duration such as ``1D`` or ``6h``) of ``log``,
+    ending at its newest request; all rows when ``span`` is empty."""
+    if not span or log.empty:
+        return log
+    try:
+        width = pd.Timedelta(span)
+    except ValueError as exc:
+        raise RequestLogError(
+            f"last={span!r} is not a duration; use a pandas duration such as 1D, 6h or 30min"
+        ) from exc
+    if width <= pd.Timedelta(0):
+        raise RequestLogError(f"last={span!r} must be a positive duration (for example 1D)")
+    newest = log["request_time"].max()
+    return log[(log["request_time"] > newest - width).to_numpy()].reset_index(drop=True)
 
 
 def _utc(stamp: Any) -> pd.Timestamp:
