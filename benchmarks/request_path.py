@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -200,30 +199,65 @@ def main() -> None:
         rows.add(b)
     del held, b
     gc_ms["window column-wise (WindowRows)"] = timed(gc.collect, 5)
-    # Closing a window: the writer thread builds its frame and writes it for the profiling
-    # helper (request_log._profile_window), while the worker serves.
+    # A window's rows on their way to the profiling helper (request_log): before, the whole
+    # window was converted and written when it closed; now the writer thread writes a row
+    # group of SPILL_ROWS rows while the window is open and, at the close, the rest and the
+    # footer. Both while the worker serves.
     import tempfile
+
+    import pyarrow.parquet as pq
+
+    from pipelines.serving.window_rows import SPILL_ROWS
+
+    def spilled(k: int) -> tuple[WindowRows, Path]:
+        window = WindowRows()
+        for _ in range(k // 1000):
+            window.add(batch(1000))
+        window.add(batch(k % 1000))
+        return window, out
+
+    def first_spill() -> None:  # opens the file and writes one row group
+        window, path = spilled(SPILL_ROWS)
+        started = time.perf_counter()
+        window.spill(path)
+        spill_ms.append((time.perf_counter() - started) * 1000.0)
+        window.abandon()
+
+    def close_after_spills() -> None:  # the rest (under SPILL_ROWS) and the footer
+        window, path = spilled(SPILL_ROWS)
+        window.spill(path)
+        window.add(batch(1000))
+        started = time.perf_counter()
+        window.finish(path)
+        close_ms.append((time.perf_counter() - started) * 1000.0)
 
     handoff: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "window.parquet"
-
-        def through_pandas(window: WindowRows) -> float:  # before
-            return timed(lambda: window.frame().to_parquet(out, index=False), 3)
-
-        def arrow(window: WindowRows) -> float:  # WindowRows.write, now
-            return timed(lambda: window.write(out), 3)
-
         big = WindowRows()
         for _ in range(2000):
             big.add(batch(1000))
         for name, window in ((f"{calls:,} one-row calls", rows), ("2M rows", big)):
-            handoff[f"{name}, through pandas (before)"] = through_pandas(window)
-            handoff[f"{name}, Arrow table (WindowRows.write)"] = arrow(window)
-        lag = loop_lag(functools.partial(big.write, out))
-        handoff["2M rows, event-loop lag during WindowRows.write: longest"] = lag["max"]
-        handoff["2M rows, event-loop lag during WindowRows.write: p99"] = lag["p99"]
+            handoff[f"{name}: whole window at its close (before)"] = timed(
+                lambda w=window: pq.write_table(w.table(), out), 3
+            )
+        lag = loop_lag(lambda w=big: pq.write_table(w.table(), out))
+        handoff["2M rows: event-loop lag during the whole-window write, longest"] = lag["max"]
         del big
+        spill_ms: list[float] = []
+        close_ms: list[float] = []
+        for _ in range(7):
+            first_spill()
+            close_after_spills()
+        handoff[f"one row group of {SPILL_ROWS:,} rows, during the window (spill)"] = round(
+            float(np.median(spill_ms)), 4
+        )
+        handoff["window close after row groups: the rest and the footer"] = round(
+            float(np.median(close_ms)), 4
+        )
+        lag = loop_lag(lambda: [first_spill() for _ in range(20)])
+        handoff[f"event-loop lag during 20 row groups of {SPILL_ROWS:,}, longest"] = lag["max"]
+        handoff[f"event-loop lag during 20 row groups of {SPILL_ROWS:,}, p99"] = lag["p99"]
     del rows
 
     steps["request-log line (writer thread)"] = {
@@ -231,7 +265,7 @@ def main() -> None:
         "1000 rows": timed(lambda: log_line(1000), 20),
     }
     steps["reload (Runtime.load of the release)"] = reload_ms
-    steps["profile-window handoff (frame and parquet, writer thread)"] = handoff
+    steps["profile-window handoff (writer thread)"] = handoff
     steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),

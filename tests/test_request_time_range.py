@@ -13,7 +13,13 @@ from pydantic import ValidationError
 
 from pipelines.monitoring.requests import read_request_log as read_monitor_log
 from pipelines.serving.predictor import PredictRequest
-from pipelines.serving.request_log import LogBatch, RequestLog, read_shards
+from pipelines.serving.request_log import (
+    REQUEST_TIME_MAX_MS,
+    REQUEST_TIME_MIN_MS,
+    LogBatch,
+    RequestLog,
+    read_shards,
+)
 
 ROW = {"user": "u1", "item": "i1", "surface": "feed", "device": "mobile"}
 
@@ -40,6 +46,27 @@ def test_a_timestamp_outside_the_supported_range_is_refused(stamp: str) -> None:
 )
 def test_timestamps_inside_the_range_are_accepted(stamp: object) -> None:
     assert PredictRequest.model_validate({**ROW, "timestamp": stamp}).timestamp is not None
+
+
+@pytest.mark.parametrize("zone", [None, dt.UTC, dt.timezone(dt.timedelta(hours=-11, minutes=-30))])
+def test_the_range_edges_are_exact_to_the_millisecond_the_log_stores(zone: object) -> None:
+    """Accepted exactly when the floored epoch milliseconds fit pandas' nanosecond range."""
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    lo = epoch + dt.timedelta(milliseconds=REQUEST_TIME_MIN_MS)
+    hi = epoch + dt.timedelta(milliseconds=REQUEST_TIME_MAX_MS)
+
+    def ok(t: dt.datetime) -> bool:
+        stamp = t.replace(tzinfo=None) if zone is None else t.astimezone(zone)  # type: ignore[arg-type]
+        try:
+            PredictRequest.model_validate({**ROW, "timestamp": stamp})
+        except ValidationError:
+            return False
+        return True
+
+    micro = dt.timedelta(microseconds=1)
+    assert ok(lo) and ok(hi) and ok(hi + dt.timedelta(microseconds=999))
+    assert not ok(lo - micro) and not ok(hi + dt.timedelta(milliseconds=1))
+    assert pd.Timestamp(REQUEST_TIME_MAX_MS, unit="ms", tz="UTC") == pd.Timestamp(hi)
 
 
 def _batch(request_id: str, t_ms: int) -> LogBatch:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -690,23 +691,90 @@ def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_pat
     assert wl.column_sketches(view)["prediction"].count == rows
 
 
-def test_the_window_written_for_the_helper_reads_back_as_its_frame(tmp_path: Path) -> None:
-    """``WindowRows.write`` (Arrow, no pandas in the worker) gives the file the profiling
-    helper read before (``frame().to_parquet``), with and without feature vectors."""
-    import pandas as pd
+def test_the_window_is_written_a_row_group_at_a_time_and_reads_back_whole(
+    tmp_path: Path,
+) -> None:
+    """``WindowRows.spill`` writes the waiting rows as a row group while the window is open;
+    the closed file holds every call's rows in order, as the profiling helper reads them.
+    Rows served without feature vectors, or with another release's names, have NaN there."""
+    import pyarrow.parquet as pq
 
     from pipelines.serving.window_rows import WindowRows
 
-    def batch(rows: int, features: bool) -> LogBatch:
-        matrix = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
-        return _window_batch(rows, matrix if features else None)
+    def matrix(rows: int, start: int) -> np.ndarray:
+        return np.arange(start, start + rows * 2, dtype=np.float64).reshape(rows, 2)
 
-    for batches in ([batch(5, True), batch(1, True)], [batch(3, True), batch(2, False)]):
-        window = WindowRows()
-        for b in batches:
+    renamed = _window_batch(2, matrix(2, 500))
+    renamed.feature_names = ["g1", "g2"]
+    groups = [
+        [_window_batch(5, matrix(5, 0)), _window_batch(1, matrix(1, 100))],
+        [_window_batch(3, None), renamed],
+        [_window_batch(4, matrix(4, 200))],
+    ]
+    last = _window_batch(2, matrix(2, 300))
+    path = tmp_path / "window.parquet"
+    window = WindowRows()
+    for group in groups:
+        for b in group:
             window.add(b)
-        window.write(tmp_path / "new.parquet")
-        window.frame().to_parquet(tmp_path / "old.parquet", index=False)
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(tmp_path / "new.parquet"), pd.read_parquet(tmp_path / "old.parquet")
-        )
+        window.spill(path)  # one row group per spill
+    window.add(last)
+    window.finish(path)  # the rest, and the footer
+
+    expected = []
+    for b in [*(b for group in groups for b in group), last]:
+        n = len(b.request_ids)
+        same = b.features is not None and b.feature_names == ["f1", "f2"]
+        X = b.features if same else np.full((n, 2), np.nan)
+        expected.append(
+            pd.DataFrame(
+                {"surface": b.surfaces, "device": b.devices, "f1": X[:, 0], "f2": X[:, 1],
+                 "prediction": b.probability, "route": b.routes}
+            )
+        )  # fmt: skip
+    want = pd.concat(expected, ignore_index=True)
+    got = pd.read_parquet(path)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    assert list(got.dtypes.astype(str)) == ["str", "str", "float64", "float64", "float64", "str"]
+    assert pq.ParquetFile(path).metadata.num_row_groups == 4 and len(window) == len(want) == 17
+
+    empty = WindowRows()  # nothing served: the file still has the columns
+    empty.finish(tmp_path / "empty.parquet")
+    assert list(pd.read_parquet(tmp_path / "empty.parquet").columns) == [
+        "surface", "device", "prediction", "route"
+    ]  # fmt: skip
+
+
+def test_a_large_window_is_on_disk_before_it_closes_and_handed_over_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer spills the open window once it holds ``SPILL_ROWS`` rows; the helper gets
+    one complete file when the window closes; row groups a dead writer left are removed,
+    those another live worker may still be writing are not."""
+    import pipelines.serving.request_log as request_log
+
+    monkeypatch.setattr(request_log, "SPILL_ROWS", 100)
+    live = tmp_path / "live"
+    live.mkdir()
+    stale = live / ".window-20261001T000000-gone-7.parquet.part"
+    stale.write_bytes(b"PAR1 row groups without a footer")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    other = live / ".window-20261001T000500-alive-8.parquet.part"
+    other.write_bytes(b"PAR1")
+    log = RequestLog(tmp_path / "requests", live, flush_seconds=0.05, profile_window_seconds=600)
+    assert not stale.exists() and other.exists()
+    for _ in range(5):
+        b = _window_batch(50, np.ones((50, 2)))
+        b.answered_at = time.time()
+        assert log.submit(b)
+    part = None
+    deadline = time.monotonic() + 30
+    while part is None:  # written while the window is still open
+        assert time.monotonic() < deadline, sorted(p.name for p in live.iterdir())
+        part = next(live.glob(f".window-*-{log.worker}.parquet.part"), None)
+        time.sleep(0.02)
+    log.close()  # closes the window: the rest, the footer, the helper
+    assert not part.exists()
+    profiles = [p for p in settle_profiles(live, 120) if log.worker in p.name]
+    assert len(profiles) == 1 and log.counters["profile_errors"] == 0, (profiles, log.counters)
+    assert wl.column_sketches(wl.read_profile(profiles[0]))["prediction"].count == 250

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -602,7 +603,9 @@ class EventIndex:
                     vocab = self._vocab[c]
                     self._maps[c] = dict(zip(vocab.tolist(), range(len(vocab)), strict=True))
                 get = self._maps[c].get
-                column_codes[c] = np.fromiter((get(v, -1) for v in values), np.int64, len(values))
+                column_codes[c] = np.fromiter(
+                    map(get, values, itertools.repeat(-1, len(values))), np.int64, len(values)
+                )
             else:
                 column_codes[c] = _lookup_codes(self._vocab[c], values)
         out = {}

@@ -22,8 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from pipelines.core.io import atomic_path
-from pipelines.serving.window_rows import WindowRows
+from pipelines.serving.window_rows import SPILL_ROWS, WindowRows
 
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
@@ -99,6 +98,7 @@ class LogBatch:
 
 
 WINDOW_PREFIX = ".window-"  # a window waiting for its profile: .window-<stamp>-<worker>.parquet
+PART_SUFFIX = ".part"  # the open window's row groups, renamed to .parquet when it closes
 
 
 def window_profile_path(frame_file: Path) -> Path:
@@ -197,6 +197,7 @@ class RequestLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_parts()
             for frame_file in pending_windows(profile_dir):  # left by a stopped process
                 try:
                     self._start_helper(frame_file)
@@ -275,6 +276,7 @@ class RequestLog:
                 self._flush(sync=True)
                 deadline = time.monotonic() + self.flush_seconds
                 self._profile_window(force=False)
+                self._spill_window()
                 self._finish_profiles()
 
     def _drain_nowait(self) -> bool:
@@ -413,24 +415,70 @@ class RequestLog:
             self._file = None
             self._unsynced = []
 
+    def _window_file(self) -> Path:
+        assert self.profile_dir is not None and self._window_start is not None
+        stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
+        return self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
+
+    def _spill_window(self) -> None:
+        """Write the open window's waiting rows as a row group once there are ``SPILL_ROWS``
+        (and its feature columns are known), so closing a window is never a burst."""
+        rows = self._window
+        if self.profile_dir is None or self._window_start is None or rows.waiting < SPILL_ROWS:
+            return
+        if rows.feature_names is None and rows.waiting < 8 * SPILL_ROWS:
+            return  # no call with features yet: wait a little for the columns
+        part = self._window_file().with_name(self._window_file().name + PART_SUFFIX)
+        try:
+            rows.spill(part)
+        except Exception:
+            self._drop_window(part)
+
+    def _drop_window(self, part: Path) -> None:
+        """A window that could not be written: counted, logged; its rows stay in the log."""
+        self.counters["profile_errors"] += 1
+        logger.exception("request log: could not write profile window %s", part.name)
+        try:
+            self._window.abandon()
+        except Exception:  # the file is removed below either way
+            logger.debug("request log: closing %s failed", part.name, exc_info=True)
+        part.unlink(missing_ok=True)
+        self._window = WindowRows()
+
+    def _remove_stale_parts(self) -> None:
+        """Row groups of windows whose writer died (no footer: unreadable) are removed once
+        no live writer can still own them; their rows are in the request log."""
+        assert self.profile_dir is not None
+        too_old = time.time() - 2 * self.profile_window_seconds - 60
+        for part in self.profile_dir.glob(f"{WINDOW_PREFIX}*.parquet{PART_SUFFIX}"):
+            try:
+                if part.stat().st_mtime < too_old:
+                    part.unlink()
+            except FileNotFoundError:
+                pass
+
     def _profile_window(self, force: bool) -> None:
-        """Save a finished window and hand it to a detached helper process that profiles
+        """Close a finished window and hand it to a detached helper process that profiles
         it: stopping the server neither waits for it nor cuts it short, and a window whose
         helper did not finish (the container stopped) is profiled when a worker starts."""
         if self.profile_dir is None or not self._window or self._window_start is None:
             return
         if not force and time.time() < self._window_start + self.profile_window_seconds:
             return
-        rows, self._window = self._window, WindowRows()
-        stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
-        frame_file = self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
+        frame_file = self._window_file()
+        part = frame_file.with_name(frame_file.name + PART_SUFFIX)
         try:
-            with atomic_path(frame_file) as tmp:
-                rows.write(tmp)
+            self._window.finish(part)
+        except Exception:
+            self._drop_window(part)
+            return
+        self._window = WindowRows()
+        try:
+            os.replace(part, frame_file)
             self._start_helper(frame_file)
         except Exception:
             self.counters["profile_errors"] += 1
-            logger.exception("request log: could not profile window %s", stamp)
+            logger.exception("request log: could not profile window %s", frame_file.name)
 
     def _start_helper(self, frame_file: Path) -> None:
         """Start the helper detached (through a launcher that exits at once): not a child of
