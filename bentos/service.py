@@ -8,6 +8,8 @@ Environment (all optional):
 * ``CTR_ENABLE_FAULT_INJECTION=1``: allow ``/admin/fault`` (chaos tests only);
 * ``CTR_FEATURE_STORE_URL``: online feature store to read (overrides the release's
   ``online_store``; ``none``: the packaged snapshot only). See pipelines/serving/store_source.py;
+* ``CTR_TRACE_SCORING=1``: let BentoML's OpenTelemetry middleware trace the scoring
+  routes too (off: they are excluded, see docs/serving.md, "Tail latency");
 * ``CTR_REQUEST_LOG_DIR``, ``CTR_PROFILE_DIR``, ``CTR_STATE_DIR``: override the
   ``serving.*_dir`` paths, which are otherwise relative to ``MLOPS_PROJECT_ROOT``
   (or the working directory).
@@ -40,6 +42,7 @@ from pipelines.modeling.release import load_release  # noqa: E402
 from pipelines.serving.http_limits import (  # noqa: E402
     install_header_timeout,
     install_request_timer_release,
+    tracing_config,
 )
 from pipelines.serving.overload import (  # noqa: E402
     ARRIVAL_INFLIGHT,
@@ -138,6 +141,7 @@ def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
     traffic={"timeout": TIMEOUT_SECONDS},
     workers=POLICY.workers,
     http={"host": "127.0.0.1"},
+    tracing=tracing_config(os.environ),  # type: ignore[arg-type]
 )
 class CtrService:
     """Click probability for (user, item, surface, device[, timestamp]), routed, with fallbacks."""

@@ -150,3 +150,48 @@ def test_the_service_installs_the_releasing_timeout() -> None:
         assert traffic.TimeoutMiddleware is ReleasingTimeoutMiddleware
     finally:
         traffic.TimeoutMiddleware = original  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_scoring_routes_are_left_out_of_tracing_unless_asked(traced: bool) -> None:
+    """BentoML's OpenTelemetry middleware, built as BentoML builds it from the service's
+    ``tracing`` config, with every span sampled: no span for a scoring call by default
+    (``CTR_TRACE_SCORING=1`` traces them); other routes keep theirs."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.util.http import ExcludeList
+
+    from pipelines.serving.http_limits import tracing_config
+
+    config = tracing_config({"CTR_TRACE_SCORING": "1"} if traced else {})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = OpenTelemetryMiddleware(
+        _echo, excluded_urls=ExcludeList(config.get("excluded_urls", [])), tracer_provider=provider
+    )
+
+    def spans_of(path: str, query: bytes = b"") -> int:
+        exporter.clear()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {
+            "type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+            "server": ("127.0.0.1", 3000), "client": ("127.0.0.1", 5000),
+            "headers": [(b"host", b"127.0.0.1:3000")],
+        }  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        return len(exporter.get_finished_spans())
+
+    scoring = [spans_of("/predict"), spans_of("/predict_batch"), spans_of("/rank", b"x=1")]
+    assert all(n > 0 for n in scoring) if traced else scoring == [0, 0, 0]
+    for other in ("/metadata", "/admin/reload", "/predictions", "/readyz"):
+        assert spans_of(other) > 0, other
