@@ -10,6 +10,8 @@ Environment (all optional):
   ``online_store``; ``none``: the packaged snapshot only). See pipelines/serving/store_source.py;
 * ``CTR_TRACE_SCORING=1``: let BentoML's OpenTelemetry middleware trace the scoring
   routes too (off: they are excluded, see docs/serving.md, "Tail latency");
+* ``CTR_ACCESS_LOG=1``: BentoML's access log (a line per request on stdout; off: the
+  request log records every call);
 * ``CTR_REQUEST_LOG_DIR``, ``CTR_PROFILE_DIR``, ``CTR_STATE_DIR``: override the
   ``serving.*_dir`` paths, which are otherwise relative to ``MLOPS_PROJECT_ROOT``
   (or the working directory).
@@ -42,6 +44,7 @@ from pipelines.modeling.release import load_release  # noqa: E402
 from pipelines.serving.http_limits import (  # noqa: E402
     install_header_timeout,
     install_request_timer_release,
+    logging_config,
     tracing_config,
 )
 from pipelines.serving.overload import (  # noqa: E402
@@ -142,6 +145,7 @@ def _refuse(ctx: bentoml.Context) -> dict[str, str] | None:
     workers=POLICY.workers,
     http={"host": "127.0.0.1"},
     tracing=tracing_config(os.environ),  # type: ignore[arg-type]
+    logging=logging_config(os.environ),  # type: ignore[arg-type]
 )
 class CtrService:
     """Click probability for (user, item, surface, device[, timestamp]), routed, with fallbacks."""

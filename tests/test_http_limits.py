@@ -195,3 +195,10 @@ def test_scoring_routes_are_left_out_of_tracing_unless_asked(traced: bool) -> No
     assert all(n > 0 for n in scoring) if traced else scoring == [0, 0, 0]
     for other in ("/metadata", "/admin/reload", "/predictions", "/readyz"):
         assert spans_of(other) > 0, other
+
+
+def test_bentomls_access_log_is_on_only_when_asked() -> None:
+    from pipelines.serving.http_limits import logging_config
+
+    assert logging_config({}) == {"access": {"enabled": False}}
+    assert logging_config({"CTR_ACCESS_LOG": "1"}) == {"access": {"enabled": True}}
