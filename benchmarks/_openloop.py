@@ -98,6 +98,7 @@ async def run(
     ids: list[bytes] = []
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.2
+    started_unix = time.time() + 0.2  # the wall-clock time of due_s 0
 
     async def one(k: int) -> None:
         await asyncio.sleep(max(0.0, start + due[k] - loop.time()))
@@ -142,6 +143,7 @@ async def run(
         "achieved_rate": round(len(due) / seconds, 1),
         "latency_ms": [round(x, 3) for x in latency],
         "due_s": [round(x, 4) for x in due],
+        "started_unix": round(started_unix, 4),
         "status": status,
         "request_ids": [i.decode() for i in ids],
     }
