@@ -46,7 +46,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_latency import bare_bodies, build_bento, full_bodies, machine, start, stop  # noqa: E402
+from serving_latency import (  # noqa: E402
+    bare_bodies,
+    build_bento,
+    full_bodies,
+    machine,
+    service_env,
+    start,
+    stop,
+)
 
 from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import save_results  # noqa: E402
@@ -86,18 +94,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     args = parser.parse_args()
     project = args.project.resolve()
     work = Path(tempfile.mkdtemp(prefix="serving-cost-"))
-    os.environ["BENTOML_HOME"] = str(work / "home")
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "CTR_REQUEST_LOG_DIR": str(work / "requests"),
-        "CTR_PROFILE_DIR": str(work / "live"),
-        "CTR_STATE_DIR": str(work / "state"),
-        "CTR_ADMIN_TOKEN": TOKEN,
-    }
-    env.pop("MLOPS_PROJECT_ROOT", None)
+    env = service_env(work, TOKEN)
     procs: list[subprocess.Popen[bytes]] = []
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()

@@ -71,6 +71,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def service_env(work: Path, token: str) -> dict[str, str]:
+    """The environment a benchmark serves a bento in: BentoML home, request log, profiles
+    and state under ``work``, one OpenMP thread, ``token`` for the admin endpoints (also
+    sets this process's BentoML home, for importing the bento)."""
+    os.environ["BENTOML_HOME"] = str(work / "home")
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CTR_REQUEST_LOG_DIR": str(work / "requests"),
+        "CTR_PROFILE_DIR": str(work / "live"),
+        "CTR_STATE_DIR": str(work / "state"),
+        "CTR_ADMIN_TOKEN": token,  # /metadata details need it
+    }
+    env.pop("MLOPS_PROJECT_ROOT", None)
+    return env
+
+
 def build_bento(project: Path, work: Path) -> tuple[str, dict[str, Any]]:
     """Package the project's model and events with this repository's code; returns the tag."""
     from pipelines.core import lineage
@@ -304,18 +323,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     ADMIN = {"authorization": f"Bearer {BENCH_TOKEN}"}
     home = work / "home"
-    os.environ["BENTOML_HOME"] = str(home)
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "CTR_REQUEST_LOG_DIR": str(work / "requests"),
-        "CTR_PROFILE_DIR": str(work / "live"),
-        "CTR_STATE_DIR": str(work / "state"),
-        "CTR_ADMIN_TOKEN": BENCH_TOKEN,  # /metadata details need it
-    }
-    env.pop("MLOPS_PROJECT_ROOT", None)
+    env = service_env(work, BENCH_TOKEN)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         started_at = dt.datetime.now(dt.UTC)

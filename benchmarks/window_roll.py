@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cost import TOKEN, post_json, serve_release  # noqa: E402
-from serving_latency import full_bodies, stop  # noqa: E402
+from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
@@ -44,7 +44,7 @@ def split(raw: dict[str, Any], boundary: float) -> dict[str, Any]:
     due = raw["started_unix"] + np.asarray(raw["due_s"])
     lat = np.asarray(raw["latency_ms"])
     ok = np.asarray([s == "200" for s in raw["status"]])
-    out = {}
+    out: dict[str, Any] = {}
     for name, keep in (("before the close", due < boundary), ("after the close", due >= boundary)):
         out[name] = {"requests": int(keep.sum()), **percentiles(lat[keep & ok])}
     second = np.floor(due - boundary).astype(int)
@@ -69,18 +69,7 @@ def main() -> None:
         sys.exit("--window must be at least three times --lead")
     project = args.project.resolve()
     work = Path(tempfile.mkdtemp(prefix="window-roll-"))
-    os.environ["BENTOML_HOME"] = str(work / "home")
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "CTR_REQUEST_LOG_DIR": str(work / "requests"),
-        "CTR_PROFILE_DIR": str(work / "live"),
-        "CTR_STATE_DIR": str(work / "state"),
-        "CTR_ADMIN_TOKEN": TOKEN,
-    }
-    env.pop("MLOPS_PROJECT_ROOT", None)
+    env = service_env(work, TOKEN)
     from pipelines.modeling.release import load_release
     from pipelines.stages.packaging import import_bento
 
