@@ -111,10 +111,6 @@ class WindowRows:
         if writer is not None:
             writer.close()
 
-    def write(self, path: Path) -> None:
-        """The whole window in one file at once (``spill`` then ``finish``)."""
-        self.finish(path)
-
 
 def window_frame(batches: list[Any]) -> pd.DataFrame:
     """Served rows of a window with columns named like the training reference profile."""
