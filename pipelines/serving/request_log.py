@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from pipelines.serving.window_rows import SPILL_ROWS, WindowRows
+from pipelines.serving.window_rows import PART_SUFFIX, SPILL_ROWS, WindowRows, remove_stale_parts
 
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
@@ -98,7 +98,6 @@ class LogBatch:
 
 
 WINDOW_PREFIX = ".window-"  # a window waiting for its profile: .window-<stamp>-<worker>.parquet
-PART_SUFFIX = ".part"  # the open window's row groups, renamed to .parquet when it closes
 
 
 def window_profile_path(frame_file: Path) -> Path:
@@ -197,7 +196,11 @@ class RequestLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_parts()
+            remove_stale_parts(
+                profile_dir,
+                f"{WINDOW_PREFIX}*.parquet{PART_SUFFIX}",
+                2 * profile_window_seconds + 60,
+            )
             for frame_file in pending_windows(profile_dir):  # left by a stopped process
                 try:
                     self._start_helper(frame_file)
@@ -444,18 +447,6 @@ class RequestLog:
             logger.debug("request log: closing %s failed", part.name, exc_info=True)
         part.unlink(missing_ok=True)
         self._window = WindowRows()
-
-    def _remove_stale_parts(self) -> None:
-        """Row groups of windows whose writer died (no footer: unreadable) are removed once
-        no live writer can still own them; their rows are in the request log."""
-        assert self.profile_dir is not None
-        too_old = time.time() - 2 * self.profile_window_seconds - 60
-        for part in self.profile_dir.glob(f"{WINDOW_PREFIX}*.parquet{PART_SUFFIX}"):
-            try:
-                if part.stat().st_mtime < too_old:
-                    part.unlink()
-            except FileNotFoundError:
-                pass
 
     def _profile_window(self, force: bool) -> None:
         """Close a finished window and hand it to a detached helper process that profiles

@@ -3,6 +3,7 @@ a row group at a time while the window is open (see ``WindowRows``)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 # the writer thread each, instead of one burst of seconds when a large window closes
 # (benchmarks/request_path.py, "profile-window handoff"; docs/serving.md, "Tail latency").
 SPILL_ROWS = 16_384
+PART_SUFFIX = ".part"  # an open window's row groups, renamed to .parquet when it closes
 
 
 class WindowRows:
@@ -110,6 +112,19 @@ class WindowRows:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+
+
+def remove_stale_parts(folder: Path, pattern: str, older_than_s: float) -> None:
+    """Remove the row groups of windows whose writer died (no footer: unreadable) once no
+    live writer can still own them (untouched for ``older_than_s``); their rows are in the
+    request log."""
+    too_old = time.time() - older_than_s
+    for part in folder.glob(pattern):
+        try:
+            if part.stat().st_mtime < too_old:
+                part.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def window_frame(batches: list[Any]) -> pd.DataFrame:
