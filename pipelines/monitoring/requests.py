@@ -269,8 +269,8 @@ def latest(log: pd.DataFrame, span: str) -> pd.DataFrame:
         ) from exc
     if width <= pd.Timedelta(0):
         raise RequestLogError(f"last={span!r} must be a positive duration (for example 1D)")
-    newest = log["request_time"].max()
-    return log[(log["request_time"] > newest - width).to_numpy()].reset_index(drop=True)
+    # the rows after newest - width: select_window keeps since <= t
+    return select_window(log, log["request_time"].max() - width + pd.Timedelta(1, "ns"))
 
 
 def _utc(stamp: Any) -> pd.Timestamp:

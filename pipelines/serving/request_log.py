@@ -418,10 +418,12 @@ class RequestLog:
             self._file = None
             self._unsynced = []
 
-    def _window_file(self) -> Path:
+    def _window_files(self) -> tuple[Path, Path]:
+        """The open window's file for the helper, and the part file its row groups go to."""
         assert self.profile_dir is not None and self._window_start is not None
         stamp = dt.datetime.fromtimestamp(self._window_start, dt.UTC).strftime("%Y%m%dT%H%M%S")
-        return self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
+        frame_file = self.profile_dir / f"{WINDOW_PREFIX}{stamp}-{self.worker}.parquet"
+        return frame_file, frame_file.with_name(frame_file.name + PART_SUFFIX)
 
     def _spill_window(self) -> None:
         """Write the open window's waiting rows as a row group once there are ``SPILL_ROWS``
@@ -431,7 +433,7 @@ class RequestLog:
             return
         if rows.feature_names is None and rows.waiting < 8 * SPILL_ROWS:
             return  # no call with features yet: wait a little for the columns
-        part = self._window_file().with_name(self._window_file().name + PART_SUFFIX)
+        _, part = self._window_files()
         try:
             rows.spill(part)
         except Exception:
@@ -456,8 +458,7 @@ class RequestLog:
             return
         if not force and time.time() < self._window_start + self.profile_window_seconds:
             return
-        frame_file = self._window_file()
-        part = frame_file.with_name(frame_file.name + PART_SUFFIX)
+        frame_file, part = self._window_files()
         try:
             self._window.finish(part)
         except Exception:
