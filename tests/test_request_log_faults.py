@@ -5,11 +5,14 @@ The same fault against a running ``bentoml serve`` is in ``tests/test_serving_re
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipelines.serving.request_log import LogBatch, RequestLog, read_shards
 
@@ -124,3 +127,32 @@ def test_unwritable_directory_is_retried_twice_a_second_with_contiguous_shard_nu
     during = {f"during-{i}" for i in range(k)}
     # "first" was not fsynced yet when its shard went, so it is written again (test above).
     assert set(read_shards(log_dir)["request_id"]) - {"first"} == during
+
+
+def test_a_slow_fsync_never_holds_rows_back_from_the_os(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows taken while an fsync waits on the disk reach the shard at once: a SIGKILL then
+    loses only what is queued, not what was answered during the fsync."""
+    real_fsync, started, release = os.fsync, threading.Event(), threading.Event()
+
+    def slow_fsync(fd: int) -> None:  # a busy disk: this fsync takes until released
+        started.set()
+        release.wait(10.0)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    log = RequestLog(tmp_path / "requests", None, flush_seconds=0.05)
+    try:
+        log.submit(batch("before"))
+        assert started.wait(5.0)  # the first deadline's fsync is waiting on the disk
+        for k in range(3):
+            log.submit(batch(f"during-{k}"))
+        shard = next((tmp_path / "requests").glob("*.jsonl"))
+        wait_for(lambda: shard.read_bytes().count(b'"during-') == 3, 2.0)
+    finally:
+        release.set()
+        log.close()
+    assert set(read_shards(tmp_path / "requests")["request_id"]) == {
+        "before", "during-0", "during-1", "during-2"
+    }  # fmt: skip

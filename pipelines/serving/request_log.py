@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from pipelines.serving.shard_sync import ShardSync
 from pipelines.serving.window_rows import PART_SUFFIX, SPILL_ROWS, WindowRows, remove_stale_parts
 
 logger = logging.getLogger("ctr.request_log")
@@ -186,7 +187,7 @@ class RequestLog:
         self._file: Any = None
         self._path = log_dir
         self._file_bytes = 0
-        self._unsynced: list[tuple[bytes, int]] = []  # written since the last fsync
+        self._sync = ShardSync()  # fsync off the writer thread; lines not yet covered
         self._seq = 0
         self._retry_at = 0.0  # after a failed write, no new attempt before this (monotonic)
         self._window_start: float | None = None
@@ -271,9 +272,11 @@ class RequestLog:
                     logger.exception("request log: closing the shard failed")
                 self._profile_window(force=True)
                 self._finish_profiles()
+                self._sync.close()
                 return
             # Hand the lines to the OS at once: a killed process then loses only what is
-            # still queued; fsync (power-loss durability) waits for the deadline.
+            # still queued; fsync (power-loss durability) runs on its own thread from the
+            # deadline on, so a slow disk never holds the hand-over (shard_sync.py).
             self._flush(sync=False)
             if time.monotonic() >= deadline:
                 self._flush(sync=True)
@@ -330,12 +333,12 @@ class RequestLog:
                 deleted = os.fstat(self._file.fileno()).st_nlink == 0
                 self._file.close()
                 self._file = None
+                lost = self._sync.forget()
                 if deleted:
-                    again = sum(n for _, n in self._unsynced)
-                    self._backlog[:0] = self._unsynced
+                    again = sum(n for _, n in lost)
+                    self._backlog[:0] = lost
                     self.counters["backlog_rows"] += again
                     self.counters["written_rows"] -= again
-                self._unsynced = []
                 raise OSError(f"shard {self._path} was {'deleted' if deleted else 'moved'}")
             if self._file is None or self._file_bytes >= self.rotate_bytes:
                 self._close_shard()
@@ -348,11 +351,10 @@ class RequestLog:
                 self._file_bytes += len(data)
                 self.counters["written_rows"] += rows
                 self.counters["backlog_rows"] -= rows
-                self._unsynced.extend(self._backlog)
+                self._sync.unsynced.extend(self._backlog)
                 self._backlog = []
             if sync:
-                os.fsync(self._file.fileno())
-                self._unsynced = []
+                self._sync.start(self._file.fileno())
         except OSError as exc:  # unwritable: keep the rows (bounded) and retry next flush
             self.counters["write_errors"] += 1
             self._retry_at = time.monotonic() + RETRY_SECONDS
@@ -413,10 +415,9 @@ class RequestLog:
     def _close_shard(self) -> None:
         if self._file is not None:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            self._sync.now(self._file.fileno())
             self._file.close()
             self._file = None
-            self._unsynced = []
 
     def _window_files(self) -> tuple[Path, Path]:
         """The open window's file for the helper, and the part file its row groups go to."""
