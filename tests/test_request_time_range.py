@@ -37,8 +37,20 @@ ROW = {"user": "u1", "item": "i1", "surface": "feed", "device": "mobile"}
 def test_a_timestamp_outside_the_supported_range_is_refused(stamp: str) -> None:
     with pytest.raises(ValidationError) as err:
         PredictRequest.model_validate({**ROW, "timestamp": stamp})
-    assert err.value.errors()[0]["loc"] == ("timestamp",)
-    assert "supported range" in str(err.value)
+    error = err.value.errors()[0]
+    assert error["loc"] == ("timestamp",)
+    bound = {
+        "greater_than_equal": "1677-09-21T00:12:43.146",
+        "less_than": "2262-04-11T23:47:16.855",
+    }
+    assert bound[error["type"]] in error["msg"]  # says which bound the time is past
+
+
+def test_the_supported_range_is_in_the_api_schema() -> None:
+    described = PredictRequest.model_json_schema()["properties"]["timestamp"]["anyOf"][0]
+    assert (
+        "1677-09-21T00:12:43.146+00:00 .. 2262-04-11T23:47:16.854+00:00" in described["description"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -53,12 +53,13 @@ def test_one_user_lookup_equals_the_row_by_row_lookup(small_project: Path) -> No
     items = [*pd.unique(events["item_id"])[:300].tolist(), "i-never-seen"]
     n = len(items)
     t = int(to_ms(rows.ts)[0])
-    one = source.lookup_one_user(rows.user_id[0], items, "search", "tablet", t)
-    each = source.lookup(
-        [rows.user_id[0]] * n, items, ["search"] * n, ["tablet"] * n, np.full(n, t, dtype=np.int64)
-    )
-    np.testing.assert_array_equal(one.X, each.X)
-    np.testing.assert_array_equal(one.as_of_ms, each.as_of_ms)
+    for user in (rows.user_id[0], "u-never-seen"):
+        one = source.lookup_one_user(user, items, "search", "tablet", t)
+        each = source.lookup(
+            [user] * n, items, ["search"] * n, ["tablet"] * n, np.full(n, t, dtype=np.int64)
+        )
+        np.testing.assert_array_equal(one.X, each.X)
+        np.testing.assert_array_equal(one.as_of_ms, each.as_of_ms)
 
 
 def test_shedding_rule_levels() -> None:

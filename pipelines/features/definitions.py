@@ -70,8 +70,9 @@ def _code_of(vocabulary: tuple[str, ...]) -> Callable[[object], np.ndarray]:
     codes = {v: i for i, v in enumerate(vocabulary)}
 
     def encode(values: object) -> np.ndarray:
-        if isinstance(values, (list, tuple)) and len(values) < 64:  # the online hot path
-            return np.array([codes.get(v, 0) for v in values], dtype=np.int64)
+        if isinstance(values, (list, tuple)):  # the online path: a dict lookup per value
+            get = codes.get
+            return np.fromiter(map(get, values, itertools.repeat(0, len(values))), np.int64)
         return np.maximum(index.get_indexer(np.asarray(values, dtype=object)), 0)
 
     return encode

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import Release, load_release
@@ -61,12 +61,28 @@ Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-# The range as datetimes: ``floor(ms) >= MIN`` iff ``t >= epoch + MIN ms`` and
-# ``floor(ms) <= MAX`` iff ``t < epoch + (MAX + 1) ms``. Comparing datetimes costs a tenth
-# of the arithmetic per row (benchmarks/request_path.py, validation rows).
+# Request times pandas can hold, to the millisecond the log stores: ``floor(ms) >= MIN``
+# iff ``t >= epoch + MIN ms`` and ``floor(ms) <= MAX`` iff ``t < epoch + (MAX + 1) ms``.
+# pydantic-core checks the bounds itself (a time without a zone is compared as UTC): a
+# Python validator per row cost more than the rest of a 1000-row batch's validation
+# (benchmarks/request_path.py).
 _TIME_LO = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MIN_MS)
 _TIME_HI = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MAX_MS + 1)
-_TIME_LO_NAIVE, _TIME_HI_NAIVE = _TIME_LO.replace(tzinfo=None), _TIME_HI.replace(tzinfo=None)
+RequestTime = Annotated[
+    dt.datetime,
+    Field(
+        ge=_TIME_LO,
+        lt=_TIME_HI,
+        description=(
+            "time of the request (ISO 8601; without a zone it is UTC), within the range the "
+            f"request log can store: {_TIME_LO.isoformat(timespec='milliseconds')} .. "
+            f"{(_TIME_HI - dt.timedelta(milliseconds=1)).isoformat(timespec='milliseconds')}"
+            "; default: when the request arrives"
+        ),
+    ),
+]
+_EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
+_MS = dt.timedelta(milliseconds=1)
 
 
 _row_tail_cache: list[str] = []
@@ -83,20 +99,6 @@ def _row_tails(n: int) -> list[str]:
     return tails[:n]
 
 
-def _in_time_range(stamp: dt.datetime) -> dt.datetime:
-    """Refuse times pandas cannot hold (they would be logged and read back misdated)."""
-    if stamp.tzinfo is None:  # read as UTC
-        inside = _TIME_LO_NAIVE <= stamp < _TIME_HI_NAIVE
-    else:
-        inside = _TIME_LO <= stamp < _TIME_HI
-    if not inside:
-        raise ValueError(
-            f"timestamp {stamp.isoformat()} is outside the supported range "
-            f"{iso_ms(REQUEST_TIME_MIN_MS)} .. {iso_ms(REQUEST_TIME_MAX_MS)} (UTC)"
-        )
-    return stamp
-
-
 class PredictRequest(BaseModel):
     """One scoring request; ``timestamp`` defaults to the time the request arrives.
 
@@ -110,7 +112,7 @@ class PredictRequest(BaseModel):
     item: Id
     surface: Surface
     device: Device
-    timestamp: Annotated[dt.datetime, AfterValidator(_in_time_range)] | None = None
+    timestamp: RequestTime | None = None
 
 
 class PredictResponse(BaseModel):
@@ -167,7 +169,7 @@ class RankRequest(BaseModel):
     user: Id
     surface: Surface
     device: Device
-    timestamp: Annotated[dt.datetime, AfterValidator(_in_time_range)] | None = None
+    timestamp: RequestTime | None = None
     items: list[Id] = Field(min_length=1)
 
     @field_validator("items")
@@ -409,7 +411,7 @@ class Predictor:
         probs = np.round(scored.prob, 6).tolist()
         first = int(order[0])
         uniform = all(
-            len(set(v)) == 1
+            v.count(v[0]) == n
             for v in (scored.routes, scored.models, scored.reasons, scored.runtimes)
         )
         ranked = order.tolist()
@@ -678,17 +680,21 @@ class Predictor:
             route = rt.router.answering_route() if role == "candidate" else _ROLE_ROUTE[role]
             reason = "; ".join(w for _, w in failures) or None
             code = failures[0][0] if failures else None
-            for i in rows:
-                routes[i] = route
-                models[i] = tier.ref.label
-                runtimes[i] = runtime
-                reasons[i], codes[i] = reason, code
+            label = tier.ref.label
+            for column, value in (
+                (routes, route),
+                (models, label),
+                (runtimes, runtime),
+                (reasons, reason),
+                (codes, code),
+            ):
+                _fill(column, rows, value)
             answered[rows] = True
             return
         reason = "; ".join(w for _, w in failures) or "no model tier loaded"
         code = failures[0][0] if failures else "no_model"
-        for i in rows:
-            reasons[i], codes[i] = reason, code
+        _fill(reasons, rows, reason)
+        _fill(codes, rows, code)
 
     def _count(
         self, routes: list[str], codes: list[str | None], surfaces: list[str] | None = None
@@ -697,12 +703,12 @@ class Predictor:
             c = self.counters
             c["requests"] += 1
             c["rows"] += len(routes)
-            for route in routes:
-                c["routes"][route] = c["routes"].get(route, 0) + 1
-            for code in codes:
+            for route, k in Counter(routes).items():
+                c["routes"][route] = c["routes"].get(route, 0) + k
+            for code, k in Counter(codes).items():
                 if code is not None:
-                    c["degraded_rows"] += 1
-                    c["degraded_reasons"][code] = c["degraded_reasons"].get(code, 0) + 1
+                    c["degraded_rows"] += k
+                    c["degraded_reasons"][code] = c["degraded_reasons"].get(code, 0) + k
             if surfaces is not None:  # rows shed under overload, per surface
                 for code, surface in zip(codes, surfaces, strict=True):
                     if code == "shed_overload":
@@ -941,10 +947,19 @@ def _set_fault(rt: Runtime, target: str, fault: Fault | None, reset_breaker: boo
     tier.fault = fault
 
 
+def _fill(column: list[Any], rows: np.ndarray, value: Any) -> None:
+    """Set ``column[i] = value`` for the ``rows`` (in place; all of it in one step)."""
+    if len(rows) == len(column):
+        column[:] = [value] * len(column)
+    else:
+        for i in rows.tolist():
+            column[i] = value
+
+
 def _epoch_ms(stamp: dt.datetime) -> int:
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.UTC)
-    return int(stamp.timestamp() * 1000)
+    """Epoch milliseconds, floored as the range check and the log assume (a time without a
+    zone is UTC); integer arithmetic, so a pre-1970 time is not truncated towards zero."""
+    return (stamp - (_EPOCH_NAIVE if stamp.tzinfo is None else _EPOCH)) // _MS
 
 
 __all__ = [

@@ -127,13 +127,10 @@ class SnapshotFeatureSource:
         n = len(items)
         fs = self.index.feature_set
         user_side, item_side = _split_by_item(fs)
+        # The call's user, surface and device are coded once: the codes of entities made of
+        # them alone have one entry, those with the item one per item (numpy broadcasting).
         codes = self.index.entity_codes(
-            {
-                "user_id": [user] * n,
-                "item_id": items,
-                "surface": [surface] * n,
-                "device": [device] * n,
-            }
+            {"user_id": [user], "item_id": list(items), "surface": [surface], "device": [device]}
         )
         t = np.full(n, t_ms, dtype=np.int64)
         X = np.empty((n, len(fs.features)), dtype=np.float64)
