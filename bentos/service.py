@@ -197,14 +197,10 @@ class CtrService:
     @bentoml.api(route="/predict")
     async def predict(self, request: PredictRequest, /) -> PredictResponse:
         """Score one impression."""
-        level = call_level(POLICY, [request.surface])
-        try:
-            answers = await self.lane.run(
-                level, self.predictor.predict, [request], "predict", ARRIVAL_INFLIGHT.get()
-            )
-            return answers[0]  # type: ignore[no-any-return]
-        except NoTierAvailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
+        answers = await self._score(
+            [request.surface], self.predictor.predict, [request], "predict", ARRIVAL_INFLIGHT.get()
+        )
+        return answers if isinstance(answers, Response) else answers[0]  # type: ignore[no-any-return]
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(
@@ -216,31 +212,34 @@ class CtrService:
         ],
     ) -> list[PredictResponse]:
         """Score 1 to ``serving.max_batch_size`` impressions in one call."""
-        level = call_level(POLICY, [r.surface for r in requests])
-        try:
-            body = await self.lane.run(
-                level,
-                self.predictor.predict_json,
-                requests,
-                "predict_batch",
-                ARRIVAL_INFLIGHT.get(),
-            )
-            return Response(body, media_type="application/json")  # type: ignore[return-value]
-        except NoTierAvailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
+        return await self._score(  # type: ignore[no-any-return]
+            [r.surface for r in requests],
+            self.predictor.predict_json,
+            requests,
+            "predict_batch",
+            ARRIVAL_INFLIGHT.get(),
+        )
 
     @bentoml.api(route="/rank")
     async def rank(self, request: RankRequest, /) -> RankResponse:  # type: ignore[valid-type]
         """Rank 1 to ``serving.max_rank_items`` candidate items for one user, surface and
         device: each item's click probability, highest first."""
-        level = call_level(POLICY, [request.surface])  # type: ignore[attr-defined]
+        return await self._score(  # type: ignore[no-any-return]
+            [request.surface],  # type: ignore[attr-defined]
+            self.predictor.rank_json,
+            request,
+            ARRIVAL_INFLIGHT.get(),
+        )
+
+    async def _score(self, surfaces: list[str], fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the scoring lane at the level of the call's most critical surface;
+        JSON bytes become the response as they are; 503 when no tier, baseline included, can
+        answer."""
         try:
-            body = await self.lane.run(
-                level, self.predictor.rank_json, request, ARRIVAL_INFLIGHT.get()
-            )
-            return Response(body, media_type="application/json")  # type: ignore[return-value]
+            out = await self.lane.run(call_level(POLICY, surfaces), fn, *args)
         except NoTierAvailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)  # type: ignore[return-value]
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return Response(out, media_type="application/json") if isinstance(out, bytes) else out
 
     @bentoml.api(route="/metadata")
     def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:

@@ -14,7 +14,10 @@ baseline answers it, ``degraded_reason`` says why, and it is counted per surface
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import heapq
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,8 +125,6 @@ class PriorityLane:
     """
 
     def __init__(self, name: str = "scoring") -> None:
-        import threading
-
         self._queue: list[tuple[int, int, Any]] = []
         self._seq = 0
         self._cond = threading.Condition()
@@ -133,9 +134,6 @@ class PriorityLane:
 
     async def run(self, level: int, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the lane's thread, after every queued call of a lower level."""
-        import asyncio
-        import heapq
-
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         job = (contextvars.copy_context(), fn, args, loop, future)
@@ -163,8 +161,6 @@ class PriorityLane:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        import heapq
-
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
