@@ -60,7 +60,7 @@ from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_sc
 from benchmarks._machine import save_results  # noqa: E402
 from benchmarks._openloop import open_loop  # noqa: E402
 from pipelines.modeling.release import reseal_release_dict  # noqa: E402
-from tests.support.loadtest import free_port, workload_frame  # noqa: E402
+from tests.support.loadtest import free_port, percentiles, workload_frame  # noqa: E402
 
 TOKEN = "serving-cost-bench-token"
 QPS_TARGET = 120_000
@@ -216,6 +216,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         results["gc"] = meta.get("gc")  # GC pauses of the full service's worker
         stop(full)
         procs.remove(full)
+        results["full_scoring_ms"] = scoring_time(Path(env["CTR_REQUEST_LOG_DIR"]))
         # the same service with the scikit-learn model answering
         sk, sk_url = serve_release(tag, release, env, work, "sklearn", CTR_MODEL_RUNTIME="sklearn")
         procs.append(sk)
@@ -263,6 +264,26 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         for p in procs:
             stop(p)
         shutil.rmtree(work, ignore_errors=True)
+
+
+_CALL = re.compile(rb'"endpoint":"(\w+)","release_id":"[^"]*","latency_ms":([0-9.eE+-]+)')
+
+
+def scoring_time(log_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per endpoint, the time each call spent in the Predictor's scoring (the request log's
+    ``latency_ms``: features, shedding, routing, model, log hand-off), to set against the
+    served latency. Read from the head of each line: a batch line holds its whole matrix."""
+    found: dict[str, list[float]] = {}
+    for shard in sorted(log_dir.glob("*.jsonl")):
+        with shard.open("rb") as handle:
+            for line in handle:
+                match = _CALL.search(line, 0, 400)
+                if match:
+                    found.setdefault(match[1].decode(), []).append(float(match[2]))
+    return {
+        endpoint: {"calls": len(values), **percentiles(np.asarray(values))}
+        for endpoint, values in sorted(found.items())
+    }
 
 
 def post_json(url: str) -> dict[str, Any]:
@@ -445,6 +466,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines_ += [
             "",
             f"GC pauses of the full service's worker (count, total ms, max ms): {r['gc']}.",
+        ]
+    if r.get("full_scoring_ms"):
+        lines_ += [
+            "",
+            "Time in the Predictor's scoring per call, full service, all its phases (request "
+            "log `latency_ms`; the served latency adds parsing, validation, the answer's "
+            "encoding and HTTP): "
+            + "; ".join(
+                f"{e} p50 / p95 / p99 {v['p50_ms']} / {v['p95_ms']} / {v['p99_ms']} ms "
+                f"({v['calls']} calls)"
+                for e, v in r["full_scoring_ms"].items()
+            )
+            + ".",
         ]
     c = r.get("full_counters", {})
     lines_ += [

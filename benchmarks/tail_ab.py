@@ -1,0 +1,125 @@
+"""Tail latency of two builds of the service, side by side under the same open-loop load.
+
+A tail measured in one run and compared with another run's reads the host as much as the
+code. This serves two bentos of a BentoML home (for example the bento of a change and the
+one built before it; `bentoml list` names them), one worker each, measures each one's
+``/predict`` capacity at concurrency 8 (``wrk``), then sends both the same Poisson
+arrivals (``benchmarks/_openloop.py``) at ``--share`` of the lower capacity, in rounds
+that alternate their order, and reports p50/p95/p99 per round and pooled.
+
+Usage::
+
+    python benchmarks/tail_ab.py --project . --home .bentoml \\
+        --tags ctr_service:<before> ctr_service:<after>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serving_cost import TOKEN, serve_release  # noqa: E402
+from serving_latency import full_bodies, service_env, stop  # noqa: E402
+
+from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._machine import machine, save_results  # noqa: E402
+from benchmarks._openloop import open_loop  # noqa: E402
+from pipelines.modeling.release import load_release  # noqa: E402
+from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
+    parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--share", type=float, default=0.6, help="of the lower capacity")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per round and bento")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tail-ab-"))
+    env = {**service_env(work, TOKEN), "BENTOML_HOME": str(args.home.resolve())}
+    script = wrk_script(work)
+    bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
+    load_before = os.getloadavg()
+    procs, urls = [], {}
+    try:
+        for k, tag in enumerate(args.tags):
+            name, version = tag.split(":")
+            found = args.home.resolve() / "bentos" / name / version
+            release = load_release(next(found.rglob("release.json"))).to_json_dict()
+            release["policy"]["workers"] = 1
+            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
+            procs.append(proc)
+        for url in urls.values():  # warm up
+            wrk(url, "/predict", bodies, 2, 2, script)
+        capacity = {
+            t: wrk(u, "/predict", bodies, 8, 6, script)["req_per_s"] for t, u in urls.items()
+        }
+        rate = args.share * min(capacity.values())
+        print(f"capacity at concurrency 8: {capacity}; open loop at {rate:.0f} req/s", flush=True)
+        rounds: list[dict[str, Any]] = []
+        latencies: dict[str, list[float]] = {t: [] for t in args.tags}
+        for r in range(args.rounds):
+            for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
+                got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
+                raw = got.pop("raw")
+                latencies[tag].extend(
+                    x for x, s in zip(raw["latency_ms"], raw["status"], strict=True) if s == "200"
+                )
+                rounds.append({"round": r, "tag": tag, **got})
+                print(r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+    report = {
+        "machine": machine(),
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "capacity_c8": capacity,
+        "rate": round(rate, 1),
+        "rounds": rounds,
+        "pooled": {t: percentiles(np.asarray(v)) for t, v in latencies.items()},
+        "command": "python benchmarks/tail_ab.py " + " ".join(sys.argv[1:]),
+    }
+    print(save_results(args.out, "tail_ab", report, markdown))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines_ = [
+        "# Tail latency, two bentos side by side",
+        "",
+        f"{report['started_at']}; {report['machine']['cores']} cores ({report['machine']['cpu']}); "
+        "load average "
+        f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} "
+        f"after. `/predict` capacity at concurrency 8: {report['capacity_c8']}; open loop at "
+        f"{report['rate']} req/s for both.",
+        "",
+        "| round | bento | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rounds"]:
+        lines_.append(
+            f"| {r['round']} | {r['tag']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} |"
+        )
+    for tag, p in report["pooled"].items():
+        lines_.append(f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} |")
+    lines_ += ["", f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(lines_)
+
+
+if __name__ == "__main__":
+    main()
