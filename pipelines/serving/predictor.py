@@ -410,10 +410,13 @@ class Predictor:
         order = np.argsort(-scored.prob, kind="stable")
         probs = np.round(scored.prob, 6).tolist()
         first = int(order[0])
-        uniform = all(
-            v.count(v[0]) == n
-            for v in (scored.routes, scored.models, scored.reasons, scored.runtimes)
+        labels: tuple[list[Any], ...] = (
+            scored.routes,
+            scored.models,
+            scored.reasons,
+            scored.runtimes,
         )
+        uniform = all(v.count(v[0]) == n for v in labels)
         ranked = order.tolist()
         names = request.items
         items: list[dict[str, Any]] = [{"item": names[i], "probability": probs[i]} for i in ranked]
