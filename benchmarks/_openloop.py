@@ -149,15 +149,18 @@ async def run(
     }
 
 
+def answered(result: dict[str, Any]) -> list[float]:
+    """Latencies (ms) of the requests of one run that were answered 200."""
+    return [x for x, s in zip(result["latency_ms"], result["status"], strict=True) if s == "200"]
+
+
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """Counts and percentiles (ms) of the answered requests of one run."""
     import numpy as np
 
     from tests.support.loadtest import percentiles
 
-    ok = np.array(
-        [x for x, s in zip(result["latency_ms"], result["status"], strict=True) if s == "200"]
-    )
+    ok = np.array(answered(result))
     out: dict[str, Any] = {
         "sent": result["sent"],
         "target_rate": result["rate"],

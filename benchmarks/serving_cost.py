@@ -66,6 +66,16 @@ TOKEN = "serving-cost-bench-token"
 QPS_TARGET = 120_000
 
 
+def bento_release(folder: Path, **policy: Any) -> dict[str, Any]:
+    """The release a bento under ``folder`` ships, with one worker (the benchmarks compare one
+    worker per service) and any other ``policy`` values changed."""
+    from pipelines.modeling.release import load_release
+
+    release = load_release(next(folder.rglob("release.json"))).to_json_dict()
+    release["policy"].update({"workers": 1, **policy})
+    return release
+
+
 def serve_release(
     tag: str, release: dict[str, Any], env: dict[str, str], work: Path, name: str, **extra: str
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -106,11 +116,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
         else:
             tag, _ = build_bento(project, work)
-        from pipelines.modeling.release import load_release
-
-        home_release = next((work / "home" / "bentos").rglob("release.json"))
-        release = load_release(home_release).to_json_dict()
-        release["policy"]["workers"] = 1
+        release = bento_release(work / "home" / "bentos")
         rows = workload_frame(project / "data", 3000)
         single = full_bodies(rows)
         feats = bare_bodies(rows, project / "data")

@@ -29,13 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, serve_release  # noqa: E402
+from serving_cost import TOKEN, bento_release, serve_release  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
-from benchmarks._openloop import open_loop  # noqa: E402
-from pipelines.modeling.release import load_release  # noqa: E402
+from benchmarks._openloop import answered, open_loop  # noqa: E402
 from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
 
@@ -57,10 +56,7 @@ def main() -> None:
     procs, urls = [], {}
     try:
         for k, tag in enumerate(args.tags):
-            name, version = tag.split(":")
-            found = args.home.resolve() / "bentos" / name / version
-            release = load_release(next(found.rglob("release.json"))).to_json_dict()
-            release["policy"]["workers"] = 1
+            release = bento_release(args.home.resolve() / "bentos" / tag.replace(":", "/"))
             proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
             procs.append(proc)
         for url in urls.values():  # warm up
@@ -75,10 +71,7 @@ def main() -> None:
         for r in range(args.rounds):
             for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
                 got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
-                raw = got.pop("raw")
-                latencies[tag].extend(
-                    x for x, s in zip(raw["latency_ms"], raw["status"], strict=True) if s == "200"
-                )
+                latencies[tag].extend(answered(got.pop("raw")))
                 rounds.append({"round": r, "tag": tag, **got})
                 print(r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
     finally:

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, post_json, serve_release  # noqa: E402
+from serving_cost import TOKEN, bento_release, post_json, serve_release  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -70,13 +70,10 @@ def main() -> None:
     project = args.project.resolve()
     work = Path(tempfile.mkdtemp(prefix="window-roll-"))
     env = service_env(work, TOKEN)
-    from pipelines.modeling.release import load_release
     from pipelines.stages.packaging import import_bento
 
     tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
-    release = load_release(next((work / "home" / "bentos").rglob("release.json"))).to_json_dict()
-    release["policy"]["workers"] = 1
-    release["policy"]["profile_window_seconds"] = args.window
+    release = bento_release(work / "home" / "bentos", profile_window_seconds=args.window)
     rows = workload_frame(project / "data", 3000)
     single = full_bodies(rows)
     single_file = lines(work / "single.txt", single)
