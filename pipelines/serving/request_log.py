@@ -351,7 +351,7 @@ class RequestLog:
                 self._file_bytes += len(data)
                 self.counters["written_rows"] += rows
                 self.counters["backlog_rows"] -= rows
-                self._sync.unsynced.extend(self._backlog)
+                self._sync.written(self._backlog)
                 self._backlog = []
             if sync:
                 self._sync.start(self._file.fileno())

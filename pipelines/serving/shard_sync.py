@@ -20,11 +20,11 @@ def _fsync_and_close(fd: int) -> None:
 
 
 class ShardSync:
-    """One fsync at a time on a helper thread; ``unsynced`` holds the (line, rows) written
-    since the last fsync that finished (a deleted shard takes those lines with it)."""
+    """One fsync at a time on a helper thread, and the (line, rows) written since the last
+    fsync that finished (a deleted shard takes those lines with it)."""
 
     def __init__(self) -> None:
-        self.unsynced: list[tuple[bytes, int]] = []
+        self._unsynced: list[tuple[bytes, int]] = []
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="request-log-fsync")
         self._pending: tuple[cf.Future[None], int, int] | None = None
         self._generation = 0  # a new shard (or a lost one) makes a running fsync moot
@@ -36,7 +36,7 @@ class ShardSync:
         if self._pending is None:
             fd = os.dup(fileno)  # closing or rotating the shard meanwhile is safe
             future = self._pool.submit(_fsync_and_close, fd)
-            self._pending = (future, len(self.unsynced), self._generation)
+            self._pending = (future, len(self._unsynced), self._generation)
 
     def settle(self) -> None:
         """Drop the lines a finished fsync covered; raise its ``OSError``."""
@@ -46,7 +46,11 @@ class ShardSync:
         self._pending = None
         future.result()
         if generation == self._generation:
-            del self.unsynced[:covered]
+            del self._unsynced[:covered]
+
+    def written(self, lines: list[tuple[bytes, int]]) -> None:
+        """These lines are in the shard now, not yet covered by an fsync."""
+        self._unsynced.extend(lines)
 
     def now(self, fileno: int) -> None:
         """fsync in this thread (a shard being closed), then start over."""
@@ -55,7 +59,7 @@ class ShardSync:
 
     def forget(self) -> list[tuple[bytes, int]]:
         """The shard is closed or gone: its unsynced lines, handed back; start over."""
-        lines, self.unsynced = self.unsynced, []
+        lines, self._unsynced = self._unsynced, []
         self._generation += 1
         return lines
 
