@@ -160,3 +160,67 @@ def test_online_single_lookup_equals_offline_row() -> None:
             [row.user_id], [row.item_id], [row.surface], [row.device], to_ms([row.ts])
         )
         assert one.iloc[0].tolist() == table.iloc[i][CTR_V1.names].tolist()
+
+
+def test_locate_equals_searchsorted_on_the_whole_array() -> None:
+    """The compiled per-entity search gives ``np.searchsorted`` of the whole sorted array
+    clipped to the entity's slice: empty entities, unknown codes (-1), ties with the query
+    time and window edges, times before and after every event, long and short histories."""
+    from pipelines.features.definitions import STRIDE
+    from pipelines.features.search import locate
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n_codes = int(rng.integers(1, 30))
+        sizes = rng.integers(0, 3000 if trial % 4 == 0 else 40, n_codes)
+        sizes[rng.random(n_codes) < 0.2] = 0  # entities without events of this source
+        code = np.repeat(np.arange(n_codes), sizes)
+        times = rng.integers(0, 50_000, len(code))  # dense: many ties
+        arr = np.sort(code * STRIDE + times)
+        starts = np.searchsorted(arr, np.arange(n_codes + 1) * STRIDE, side="left")
+        queries = int(rng.integers(1, 500))
+        codes = rng.integers(-1, n_codes, queries)
+        t_rel = np.where(
+            rng.random(queries) < 0.3,
+            arr[rng.integers(0, max(len(arr), 1), queries)] % STRIDE if len(arr) else 0,
+            rng.integers(0, 60_000, queries),
+        ).astype(np.int64)
+        windows = np.array(sorted(rng.choice([1, 10, 999, 5_000, 40_000], 3, replace=False)))
+
+        lo, hi, first = locate(arr, starts, codes, t_rel, windows, STRIDE)
+
+        safe = np.maximum(codes, 0)
+        want_lo = starts[safe]
+        want_hi = np.clip(np.searchsorted(arr, safe * STRIDE + t_rel, "left"), want_lo, None)
+        known = codes >= 0
+        assert (lo[known] == want_lo[known]).all()
+        assert (hi[known] == want_hi[known]).all()
+        assert (hi[~known] == lo[~known]).all()
+        for k, w in enumerate(windows):
+            keys = safe * STRIDE + np.maximum(t_rel - w, -1)
+            want = np.clip(np.searchsorted(arr, keys, "right"), want_lo, want_hi)
+            assert (first[known, k] == want[known]).all(), (trial, w)
+            assert (first[~known, k] == lo[~known]).all()
+
+
+def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
+    """A read-only install (no writable ``__pycache__`` nor user cache) still imports and
+    answers: numba refuses ``cache=True`` there at import, and the kernel compiles in memory.
+    Simulated with numba's locator override naming a locator that never applies to a file."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from pipelines.features import search\n"
+        "from numba.core.caching import NullCache\n"
+        "assert isinstance(search.locate._cache, NullCache), search.locate._cache\n"
+        "a = np.array([5, 9], np.int64)\n"
+        "lo, hi, first = search.locate(a, np.array([0, 2]), np.array([0]), np.array([9]),"
+        " np.array([1]), 100)\n"
+        "assert (lo.tolist(), hi.tolist(), first.tolist()) == ([0], [1], [[1]])\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from pipelines.features import search
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import Release, load_release
 from pipelines.serving.overload import shed_reasons
@@ -257,6 +258,7 @@ class Runtime:
             # The online store when the release or CTR_FEATURE_STORE_URL names one, the
             # snapshot as its fallback (pipelines.serving.store_source).
             features = feature_source_for(release, features, problems)
+        search.warm_up()  # compiled (or read from numba's cache) before any request waits
         policy = release.policy
         router = Router(
             policy.routing, policy.candidate_share, policy.shadow_sample_rate, policy.routing_salt
