@@ -3,8 +3,9 @@
 Loads the project's built release (``build/release/release.json``, models from its BentoML
 store) as the service does, then times, per call of one row and of 1000 rows / candidates:
 request validation (pydantic, from JSON bytes), the feature lookup (and the one-user path
-of ``/rank``), routing, the model (compiled library and scikit-learn), the request-log
-line (what the writer thread serializes) and the whole ``Predictor`` call; a full garbage
+of ``/rank``; and with the searches as they were, over the whole array), routing, the
+model (compiled library and scikit-learn), the request-log line (what the writer thread
+serializes) and the whole ``Predictor`` call; a full garbage
 collection while a profile window of 90,000 calls is held (as ``LogBatch`` objects, and
 column-wise as the request log holds it now); and a reload
 (``Runtime.load``) with the feature snapshot's index built again and reused. Median of
@@ -69,6 +70,14 @@ def loop_lag(work: Callable[[], Any]) -> dict[str, float]:
     return {"max": round(float(lags.max()), 1), "p99": round(float(np.percentile(lags, 99)), 2)}
 
 
+def timed_with(module: Any, name: str, stand_in: Any, fn: Callable[[], Any], repeat: int) -> float:
+    """``timed(fn)`` with ``module.name`` replaced by ``stand_in`` meanwhile."""
+    from unittest import mock
+
+    with mock.patch.object(module, name, stand_in):
+        return timed(fn, repeat)
+
+
 def python_range_check_model() -> Any:
     """``PredictRequest`` as it was: the request-time range checked by a Python function that
     pydantic calls per row (now pydantic-core's own ``ge``/``lt`` bounds)."""
@@ -93,6 +102,32 @@ def python_range_check_model() -> Any:
     )
 
 
+def whole_array_locate(
+    arr: np.ndarray,
+    starts: np.ndarray,
+    codes: np.ndarray,
+    t_rel: np.ndarray,
+    windows: np.ndarray,
+    stride: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``search.locate`` as it was: ``np.searchsorted`` over the whole sorted array (queries
+    visited in sorted order), one search per window, clipped to the entity's slice."""
+    safe = np.maximum(codes, 0)
+    base = safe * stride
+    lo = starts[safe]
+    keys = base + t_rel
+    order = np.argsort(keys, kind="stable")
+    hi = np.empty(len(codes), np.int64)
+    hi[order] = np.searchsorted(arr, keys[order], side="left")
+    hi = np.where(codes >= 0, hi, lo)
+    first = np.empty((len(codes), len(windows)), np.int64)
+    for k, window in enumerate(windows):
+        found = np.empty(len(codes), np.int64)
+        found[order] = np.searchsorted(arr, (base + np.maximum(t_rel - window, -1))[order], "right")
+        first[:, k] = np.clip(found, lo, hi)
+    return lo, hi, first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=REPO)
@@ -104,6 +139,7 @@ def main() -> None:
     import bentoml
     from pydantic import TypeAdapter
 
+    from pipelines.features import search
     from pipelines.modeling.release import load_release
     from pipelines.serving.predictor import Predictor, PredictRequest, RankRequest, Runtime
     from pipelines.serving.sources import SnapshotFeatureSource
@@ -159,6 +195,13 @@ def main() -> None:
                 lambda: rt.lookup(users[:1], its[:1], surfaces[:1], devices[:1], t[:1]), args.repeat
             ),
             "1000 rows": timed(lambda: rt.lookup(users, its, surfaces, devices, t), 20),
+            "1000 rows, np.searchsorted over the whole array (before)": timed_with(
+                search,
+                "locate",
+                whole_array_locate,
+                lambda: rt.lookup(users, its, surfaces, devices, t),
+                20,
+            ),
             f"rank, {n_items} items (user once)": timed(
                 lambda: rt.lookup(
                     [rank.user] * n_items,

@@ -1,0 +1,176 @@
+"""Where a served worker spends the GIL: py-spy samples the thread holding it under wrk load.
+
+Serves a bento with one worker (as ``serving_cost.py`` does), drives one endpoint with
+``wrk`` at concurrency 1 and records the worker with ``py-spy record --gil --nonblocking``:
+only the thread holding the GIL is sampled, so native code that releases it (the compiled
+trees, the feature searches) is not counted. Each sample is assigned to a phase of the
+call by the frames on its stack; the report gives each phase's share of the samples, the
+GIL time per request that share stands for, and the functions with the most samples.
+Writes ``benchmarks/results/served_profile_<endpoint>.json`` and ``.md``.
+
+Usage::
+
+    python benchmarks/served_profile.py --project . --bento build/bento/ctr_service.bento \\
+        --endpoint predict_batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serving_cost import TOKEN, bento_release, serve_release  # noqa: E402
+from serving_latency import full_bodies, machine, service_env, stop  # noqa: E402
+
+from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._machine import save_results  # noqa: E402
+from tests.support.loadtest import workload_frame  # noqa: E402
+
+# A sample belongs to the first phase whose marker is on its stack (in this order).
+PHASES = [
+    ("request validation (pydantic, event loop)", "model_validate_json"),
+    ("feature lookup", "Runtime.lookup"),
+    ("model", "ModelTier.predict"),
+    ("request bookkeeping (columns, epoch ms, routing, counters)", "Predictor._requests"),
+    ("request bookkeeping (columns, epoch ms, routing, counters)", "Predictor._score"),
+    ("answer encoding", "Predictor._answers"),
+    ("answer encoding", "Predictor.rank_json"),
+    ("request log (writer thread)", "RequestLog._run"),
+    ("scoring lane hand-over", "PriorityLane"),
+    ("HTTP, middleware and BentoML (event loop)", "_run_module_as_main"),
+]
+
+
+def worker_pid(arbiter: int) -> int:
+    import psutil
+
+    for child in psutil.Process(arbiter).children(recursive=True):
+        if any("_bentoml_impl.worker" in part for part in child.cmdline()):
+            return child.pid
+    raise RuntimeError("no BentoML worker process found under the server")
+
+
+def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
+    """Samples in all, per phase, and per leaf function (py-spy's raw format)."""
+    total, by_phase, by_leaf = 0, collections.Counter[str](), collections.Counter[str]()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        phase = next((name for name, mark in PHASES if mark in stack), "other threads")
+        by_phase[phase] += n
+        leaf = re.sub(r" \(.*/(site-packages|main|lib/python3\.\d+)/", " (", stack.split(";")[-1])
+        by_leaf[leaf] += n
+    return total, by_phase, by_leaf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--bento", type=Path, required=True, help="an exported bento")
+    parser.add_argument("--endpoint", choices=["predict", "predict_batch", "rank"], required=True)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    project = args.project.resolve()
+    work = Path(tempfile.mkdtemp(prefix="served-profile-"))
+    env = service_env(work, TOKEN)
+    load_before = os.getloadavg()
+    from pipelines.stages.packaging import import_bento
+
+    tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
+    rows = workload_frame(project / "data", 3000)
+    single = full_bodies(rows)
+    bodies: list[Any] = {
+        "predict": single,
+        "predict_batch": [{"requests": single[k * 1000 : k * 1000 + 1000]} for k in range(3)],
+        "rank": [
+            {k: single[i][k] for k in ("user", "surface", "device", "timestamp")}
+            | {"items": list(dict.fromkeys(rows.item_id))[:1000]}
+            for i in range(5)
+        ],
+    }[args.endpoint]
+    body_file = lines(work / "bodies.txt", bodies)
+    script = wrk_script(work)
+    proc, url = serve_release(tag, bento_release(work / "home" / "bentos"), env, work, "full")
+    try:
+        path = f"/{args.endpoint}"
+        wrk(url, path, body_file, 1, 3, script)  # warm up
+        raw_file = work / "gil.raw"
+        cmd = [spy, "record", "--gil", "--nonblocking", "--format", "raw", "--rate"]
+        cmd += [str(args.rate), "--duration", str(int(args.seconds)), "--output", str(raw_file)]
+        cmd += ["--pid", str(worker_pid(proc.pid))]
+        print(f"py-spy on the worker for {args.seconds:.0f} s while wrk drives {path}", flush=True)
+        recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        load = wrk(url, path, body_file, 1, args.seconds - 2, script)
+        _, err = recorder.communicate(timeout=args.seconds + 60)
+        if recorder.returncode != 0:
+            raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+    finally:
+        stop(proc)
+    total, by_phase, by_leaf = phases(raw_file.read_text())
+    seconds_held = total / args.rate
+    per_request = 1000.0 * seconds_held / max(load["req_per_s"] * args.seconds, 1)
+    report = {
+        "machine": machine(),
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "bento": tag,
+        "endpoint": args.endpoint,
+        "wrk": load,
+        "samples": total,
+        "rate": args.rate,
+        "gil_ms_per_request": round(per_request, 2),
+        "phases": {
+            k: {"share": round(v / total, 3), "ms_per_request": round(per_request * v / total, 2)}
+            for k, v in by_phase.most_common()
+        },
+        "top_functions": {k: round(v / total, 3) for k, v in by_leaf.most_common(15)},
+        "command": "python benchmarks/served_profile.py --project . --bento "
+        f"build/bento/ctr_service.bento --endpoint {args.endpoint}",
+    }
+    print(save_results(args.out, f"served_profile_{args.endpoint}", report, markdown))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, w = r["machine"], r["wrk"]
+    out = [
+        f"# Where the GIL goes: `/{r['endpoint']}`, one worker, wrk at concurrency 1",
+        "",
+        f"{r['started_at']}; {m['cores']} cores ({m['cpu']}), Python {m['python']}; load "
+        f"average before {r['load_average_before'][0]}. Bento {r['bento']}. Under the profiler "
+        f"wrk measured {w['req_per_s']} req/s, p50 {w['p50_ms']} ms. py-spy `--gil` "
+        f"(`--nonblocking`, {r['rate']} Hz) took {r['samples']} samples: about "
+        f"**{r['gil_ms_per_request']} ms of GIL time per request**. Native code that releases "
+        "the GIL (compiled trees, feature searches) is not counted.",
+        "",
+        "| phase | share of GIL samples | ms per request |",
+        "|---|---|---|",
+    ]
+    out += [f"| {k} | {v['share']:.1%} | {v['ms_per_request']} |" for k, v in r["phases"].items()]
+    out += ["", "| function (leaf frame) | share |", "|---|---|"]
+    out += [f"| `{k}` | {v:.1%} |" for k, v in r["top_functions"].items()]
+    out += ["", f"Reproduce: `{r['command']}`", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
