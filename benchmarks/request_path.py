@@ -102,16 +102,11 @@ def python_range_check_model() -> Any:
     )
 
 
-def whole_array_locate(
-    arr: np.ndarray,
-    starts: np.ndarray,
-    codes: np.ndarray,
-    t_rel: np.ndarray,
-    windows: np.ndarray,
-    stride: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``search.locate`` as it was: ``np.searchsorted`` over the whole sorted array (queries
-    visited in sorted order), one search per window, clipped to the entity's slice."""
+def whole_array_locate(*args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``search.locate(arr, starts, codes, t_rel, windows, stride)`` as it was:
+    ``np.searchsorted`` over the whole sorted array (queries visited in sorted order), one
+    search per window, clipped to the entity's slice."""
+    arr, starts, codes, t_rel, windows, stride = args
     safe = np.maximum(codes, 0)
     base = safe * stride
     lo = starts[safe]
