@@ -53,6 +53,13 @@ PHASES = [
     ("scoring lane hand-over", "PriorityLane"),
     ("HTTP, middleware and BentoML (event loop)", "_run_module_as_main"),
 ]
+# py-spy's --nonblocking samples can hold a coroutine's frames without the thread's root:
+# frames of these packages are the event loop's too.
+EVENT_LOOP = tuple(
+    f"{lead}{package}/"
+    for lead in "(/"
+    for package in ("starlette", "uvicorn", "asyncio", "_bentoml_impl", "_bentoml_sdk", "h11")
+) + ("serving/http_limits.py", "serving/security.py", "InFlight.__call__")
 
 
 def worker_pid(arbiter: int) -> int:
@@ -72,6 +79,8 @@ def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter
         n = int(count)
         total += n
         phase = next((name for name, mark in PHASES if mark in stack), "other threads")
+        if phase == "other threads" and any(mark in stack for mark in EVENT_LOOP):
+            phase = PHASES[-1][0]
         by_phase[phase] += n
         leaf = re.sub(r" \(.*/(site-packages|main|lib/python3\.\d+)/", " (", stack.split(";")[-1])
         by_leaf[leaf] += n
