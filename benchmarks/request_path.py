@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import machine  # noqa: E402
 from tests.support.loadtest import workload  # noqa: E402
+from tests.support.search import whole_array_locate  # noqa: E402
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
@@ -100,27 +101,6 @@ def python_range_check_model() -> Any:
     return create_model(
         "PredictRequestBefore", __base__=PredictRequest, timestamp=(checked | None, None)
     )
-
-
-def whole_array_locate(*args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``search.locate(arr, starts, codes, t_rel, windows, stride)`` as it was:
-    ``np.searchsorted`` over the whole sorted array (queries visited in sorted order), one
-    search per window, clipped to the entity's slice."""
-    arr, starts, codes, t_rel, windows, stride = args
-    safe = np.maximum(codes, 0)
-    base = safe * stride
-    lo = starts[safe]
-    keys = base + t_rel
-    order = np.argsort(keys, kind="stable")
-    hi = np.empty(len(codes), np.int64)
-    hi[order] = np.searchsorted(arr, keys[order], side="left")
-    hi = np.where(codes >= 0, hi, lo)
-    first = np.empty((len(codes), len(windows)), np.int64)
-    for k, window in enumerate(windows):
-        found = np.empty(len(codes), np.int64)
-        found[order] = np.searchsorted(arr, (base + np.maximum(t_rel - window, -1))[order], "right")
-        first[:, k] = np.clip(found, lo, hi)
-    return lo, hi, first
 
 
 def main() -> None:

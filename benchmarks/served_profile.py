@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, serve_release  # noqa: E402
+from serving_cost import TOKEN, bento_release, rank_requests, serve_release  # noqa: E402
 from serving_latency import full_bodies, machine, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import save_results  # noqa: E402
+from pipelines.simulation.launcher import worker_pids  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
 # A sample belongs to the first phase whose marker is on its stack (in this order).
@@ -51,24 +52,13 @@ PHASES = [
     ("answer encoding", "Predictor.rank_json"),
     ("request log (writer thread)", "RequestLog._run"),
     ("scoring lane hand-over", "PriorityLane"),
-    ("HTTP, middleware and BentoML (event loop)", "_run_module_as_main"),
 ]
-# py-spy's --nonblocking samples can hold a coroutine's frames without the thread's root:
-# frames of these packages are the event loop's too.
-EVENT_LOOP = tuple(
-    f"{lead}{package}/"
-    for lead in "(/"
-    for package in ("starlette", "uvicorn", "asyncio", "_bentoml_impl", "_bentoml_sdk", "h11")
-) + ("serving/http_limits.py", "serving/security.py", "InFlight.__call__")
-
-
-def worker_pid(arbiter: int) -> int:
-    import psutil
-
-    for child in psutil.Process(arbiter).children(recursive=True):
-        if any("_bentoml_impl.worker" in part for part in child.cmdline()):
-            return child.pid
-    raise RuntimeError("no BentoML worker process found under the server")
+# The rest of the event loop's samples; py-spy's --nonblocking samples can hold a
+# coroutine's frames without the thread's root, so the loop's packages mark them too.
+EVENT_LOOP = "HTTP, middleware and BentoML (event loop)"
+EVENT_LOOP_MARKS = ("_run_module_as_main", "starlette/", "uvicorn/", "asyncio/", "h11/")
+EVENT_LOOP_MARKS += ("_bentoml_impl/", "_bentoml_sdk/", "serving/http_limits.py")
+EVENT_LOOP_MARKS += ("serving/security.py", "InFlight.__call__")
 
 
 def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
@@ -78,9 +68,10 @@ def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        phase = next((name for name, mark in PHASES if mark in stack), "other threads")
-        if phase == "other threads" and any(mark in stack for mark in EVENT_LOOP):
-            phase = PHASES[-1][0]
+        phase = next((name for name, mark in PHASES if mark in stack), None)
+        if phase is None:
+            loop = any(mark in stack for mark in EVENT_LOOP_MARKS)
+            phase = EVENT_LOOP if loop else "other threads"
         by_phase[phase] += n
         leaf = re.sub(r" \(.*/(site-packages|main|lib/python3\.\d+)/", " (", stack.split(";")[-1])
         by_leaf[leaf] += n
@@ -109,11 +100,7 @@ def main() -> None:
     bodies: list[Any] = {
         "predict": single,
         "predict_batch": [{"requests": single[k * 1000 : k * 1000 + 1000]} for k in range(3)],
-        "rank": [
-            {k: single[i][k] for k in ("user", "surface", "device", "timestamp")}
-            | {"items": list(dict.fromkeys(rows.item_id))[:1000]}
-            for i in range(5)
-        ],
+        "rank": rank_requests(single, list(rows.item_id), 1000),
     }[args.endpoint]
     body_file = lines(work / "bodies.txt", bodies)
     script = wrk_script(work)
@@ -124,7 +111,7 @@ def main() -> None:
         raw_file = work / "gil.raw"
         cmd = [spy, "record", "--gil", "--nonblocking", "--format", "raw", "--rate"]
         cmd += [str(args.rate), "--duration", str(int(args.seconds)), "--output", str(raw_file)]
-        cmd += ["--pid", str(worker_pid(proc.pid))]
+        cmd += ["--pid", str(worker_pids(proc.pid)[0])]
         print(f"py-spy on the worker for {args.seconds:.0f} s while wrk drives {path}", flush=True)
         recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)

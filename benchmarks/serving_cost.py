@@ -76,6 +76,14 @@ def bento_release(folder: Path, **policy: Any) -> dict[str, Any]:
     return release
 
 
+def rank_requests(single: list[dict[str, Any]], items: list[str], n: int) -> list[dict[str, Any]]:
+    """Five ``/rank`` bodies: the user, surface, device and time of the first five
+    ``/predict`` bodies, each with the first ``n`` distinct ``items`` as candidates."""
+    candidates = list(dict.fromkeys(items))[:n]
+    keys = ("user", "surface", "device", "timestamp")
+    return [{k: body[k] for k in keys} | {"items": candidates} for body in single[:5]]
+
+
 def serve_release(
     tag: str, release: dict[str, Any], env: dict[str, str], work: Path, name: str, **extra: str
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -133,13 +141,8 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
                 [{"rows": feats[k * b % 2000 : k * b % 2000 + b]} for k in range(3)],
             ),
         }
-        items = list(dict.fromkeys(rows.item_id))
-        items = (items * (args.rank_items // max(len(items), 1) + 1))[: args.rank_items]
-        items = list(dict.fromkeys(items))
-        rank_bodies = [
-            {k: single[i][k] for k in ("user", "surface", "device", "timestamp")} | {"items": items}
-            for i in range(5)
-        ]
+        rank_bodies = rank_requests(single, list(rows.item_id), args.rank_items)
+        items = rank_bodies[0]["items"]
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
         full, full_url = serve_release(tag, release, env, work, "full")
         procs.append(full)

@@ -427,45 +427,45 @@ def evaluate(
     n = len(t_ms)
     t_rel = np.clip(t_ms - EPOCH_MS, 0, STRIDE - 1)
     out = np.empty((n, len(feature_set.features)), dtype=np.float64)
-    stats: dict[tuple[str, ...], Any] = {}
+    located: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]] = {}
+    counted: dict[tuple[str, str, int | None], np.ndarray] = {}
+    latest_of: dict[tuple[str, str], np.ndarray] = {}
 
     def position(entity: str, source: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         """Start of the entity's events, index of its first event >= t, and per window the
         index of its first event inside the window (all windows of the source at once)."""
-        key = ("pos", entity, source)
-        if key not in stats:
-            windows = feature_set.windows[(entity, source)]
+        key = (entity, source)
+        if key not in located:
+            windows = feature_set.windows[key]
             lo, hi, first = search.locate(
-                histories.arrays[(entity, source)],
-                histories.starts[(entity, source)],
-                codes[entity],
-                t_rel,
-                windows,
-                STRIDE,
+                histories.arrays[key], histories.starts[key], codes[entity], t_rel, windows, STRIDE
             )
-            stats[key] = (lo, hi, {int(w): first[:, k] for k, w in enumerate(windows)})
-        return stats[key]  # type: ignore[no-any-return]
+            located[key] = (lo, hi, {int(w): first[:, k] for k, w in enumerate(windows)})
+        return located[key]
 
     def count(entity: str, source: str, window: int | None) -> np.ndarray:
-        lo, hi, first = position(entity, source)
-        if window is not None:
-            return hi - first[window]
-        result = hi - lo
-        pruned = histories.pruned.get((entity, source))
-        if pruned is not None and len(pruned):
-            code = codes[entity]
-            result = result + np.where(code >= 0, pruned[np.maximum(code, 0)], 0)
-        return result
+        key = (entity, source, window)
+        if key not in counted:
+            lo, hi, first = position(entity, source)
+            if window is not None:
+                counted[key] = hi - first[window]
+            else:
+                counted[key] = hi - lo
+                pruned = histories.pruned.get((entity, source))
+                if pruned is not None and len(pruned):
+                    code = codes[entity]
+                    counted[key] += np.where(code >= 0, pruned[np.maximum(code, 0)], 0)
+        return counted[key]
 
     def latest(entity: str, source: str) -> np.ndarray:
-        key = ("latest", entity, source)
-        if key not in stats:
+        key = (entity, source)
+        if key not in latest_of:
             lo, hi, _ = position(entity, source)
-            arr = histories.arrays[(entity, source)]
+            arr = histories.arrays[key]
             base = np.maximum(codes[entity], 0).astype(np.int64) * STRIDE
             prev = arr[np.maximum(hi - 1, 0)] - base if len(arr) else np.zeros(n, np.int64)
-            stats[key] = np.where(hi > lo, prev, NO_EVENT)
-        return stats[key]  # type: ignore[no-any-return]
+            latest_of[key] = np.where(hi > lo, prev, NO_EVENT)
+        return latest_of[key]
 
     fs = feature_set
     for j, f in enumerate(fs.features):

@@ -90,20 +90,7 @@ class Served:
 
     def worker_pids(self) -> list[int]:
         """The service worker processes (children of the arbiter running the service)."""
-        import psutil
-
-        try:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        pids = []
-        for child in children:
-            try:
-                if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
-                    pids.append(child.pid)
-            except psutil.NoSuchProcess:
-                continue
-        return sorted(pids)
+        return worker_pids(self.proc.pid)
 
     def rss_mb(self) -> float:
         """Resident memory of the arbiter and every process under it, in MiB."""
@@ -155,3 +142,21 @@ class Served:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+def worker_pids(arbiter: int) -> list[int]:
+    """The BentoML service worker processes under the arbiter process ``arbiter``."""
+    import psutil
+
+    try:
+        children = psutil.Process(arbiter).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    pids = []
+    for child in children:
+        try:
+            if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(pids)
