@@ -6,6 +6,8 @@ only the thread holding the GIL is sampled, so native code that releases it (the
 trees, the feature searches) is not counted. Each sample is assigned to a phase of the
 call by the frames on its stack; the report gives each phase's share of the samples, the
 GIL time per request that share stands for, and the functions with the most samples.
+A second run of the same load without the profiler gives each thread's CPU time per
+request (user and system, from ``/proc``), GIL or not.
 Writes ``benchmarks/results/served_profile_<endpoint>.json`` and ``.md``.
 
 Usage::
@@ -78,6 +80,44 @@ def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter
     return total, by_phase, by_leaf
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[int, int]]:
+    """User and system CPU time (clock ticks) of each thread of ``pid`` so far."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (int(fields[11]), int(fields[12]))
+    return out
+
+
+def thread_names(spy: str, pid: int) -> dict[int, str]:
+    """Python thread names by native thread id (``py-spy dump``)."""
+    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True)
+    found = re.findall(r'^Thread (?:0x[0-9A-Fa-f]+|(\d+)) \([^)]*\): "([^"]*)"', dump.stdout, re.M)
+    return {int(tid): name for tid, name in found if tid}
+
+
+def cpu_per_request(
+    before: dict[int, tuple[int, int]],
+    after: dict[int, tuple[int, int]],
+    names: dict[int, str],
+    requests: int,
+) -> dict[str, dict[str, float]]:
+    """CPU ms per request by thread (user, system), threads that used any."""
+    ms = 1000.0 / os.sysconf("SC_CLK_TCK") / max(requests, 1)
+    out: dict[str, dict[str, float]] = {}
+    for tid, (user, system) in after.items():
+        u0, s0 = before.get(tid, (0, 0))
+        if user - u0 or system - s0:
+            name = names.get(tid, "native threads")
+            got = out.setdefault(name, {"user_ms": 0.0, "system_ms": 0.0})
+            got["user_ms"] = round(got["user_ms"] + (user - u0) * ms, 2)
+            got["system_ms"] = round(got["system_ms"] + (system - s0) * ms, 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, required=True)
@@ -111,7 +151,8 @@ def main() -> None:
         raw_file = work / "gil.raw"
         cmd = [spy, "record", "--gil", "--nonblocking", "--format", "raw", "--rate"]
         cmd += [str(args.rate), "--duration", str(int(args.seconds)), "--output", str(raw_file)]
-        cmd += ["--pid", str(worker_pids(proc.pid)[0])]
+        worker = worker_pids(proc.pid)[0]
+        cmd += ["--pid", str(worker)]
         print(f"py-spy on the worker for {args.seconds:.0f} s while wrk drives {path}", flush=True)
         recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
@@ -119,6 +160,10 @@ def main() -> None:
         _, err = recorder.communicate(timeout=args.seconds + 60)
         if recorder.returncode != 0:
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+        # CPU by thread, without the profiler: a second run of the same load
+        names, before = thread_names(spy, worker), thread_cpu(worker)
+        unprofiled = wrk(url, path, body_file, 1, args.seconds, script)
+        cpu = cpu_per_request(before, thread_cpu(worker), names, unprofiled["requests"])
     finally:
         stop(proc)
     total, by_phase, by_leaf = phases(raw_file.read_text())
@@ -139,6 +184,8 @@ def main() -> None:
             for k, v in by_phase.most_common()
         },
         "top_functions": {k: round(v / total, 3) for k, v in by_leaf.most_common(15)},
+        "wrk_unprofiled": unprofiled,
+        "cpu_ms_per_request_by_thread": cpu,
         "command": "python benchmarks/served_profile.py --project . --bento "
         f"build/bento/ctr_service.bento --endpoint {args.endpoint}",
     }
@@ -164,6 +211,19 @@ def markdown(r: dict[str, Any]) -> str:
     out += [f"| {k} | {v['share']:.1%} | {v['ms_per_request']} |" for k, v in r["phases"].items()]
     out += ["", "| function (leaf frame) | share |", "|---|---|"]
     out += [f"| `{k}` | {v:.1%} |" for k, v in r["top_functions"].items()]
+    u = r["wrk_unprofiled"]
+    cpu = r["cpu_ms_per_request_by_thread"]
+    total_cpu = sum(v["user_ms"] + v["system_ms"] for v in cpu.values())
+    out += [
+        "",
+        f"CPU time per request by thread, from `/proc` over a second run without the profiler "
+        f"(wrk: {u['req_per_s']} req/s, p50 {u['p50_ms']} ms): **{total_cpu:.2f} ms in all**, "
+        "with or without the GIL.",
+        "",
+        "| thread | user ms | system ms |",
+        "|---|---|---|",
+    ]
+    out += [f"| {k} | {v['user_ms']} | {v['system_ms']} |" for k, v in cpu.items()]
     out += ["", f"Reproduce: `{r['command']}`", ""]
     return "\n".join(out)
 

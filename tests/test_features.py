@@ -165,10 +165,16 @@ def test_online_single_lookup_equals_offline_row() -> None:
 def test_locate_equals_searchsorted_on_the_whole_array() -> None:
     """The compiled per-entity search gives ``np.searchsorted`` of the whole sorted array
     clipped to the entity's slice: empty entities, unknown codes (-1), ties with the query
-    time and window edges, times before and after every event, long and short histories."""
+    time and window edges, times before and after every event, long and short histories.
+    Both kernels (the one that keeps the GIL for small calls and the one that releases it)."""
     from pipelines.features.definitions import STRIDE
-    from pipelines.features.search import locate
+    from pipelines.features.search import KERNELS, RELEASE_GIL_QUERIES, locate
     from tests.support.search import whole_array_locate
+
+    assert locate(*[np.zeros(k, np.int64) for k in (1, 2, 1, 1, 1)], 1)[0].tolist() == [0]
+    assert 1 < RELEASE_GIL_QUERIES < 500  # the random query counts below cover both sides
+    held, released = KERNELS
+    assert not held.targetoptions.get("nogil") and released.targetoptions["nogil"]
 
     rng = np.random.default_rng(7)
     for trial in range(40):
@@ -188,18 +194,18 @@ def test_locate_equals_searchsorted_on_the_whole_array() -> None:
         ).astype(np.int64)
         windows = np.array(sorted(rng.choice([1, 10, 999, 5_000, 40_000], 3, replace=False)))
 
-        lo, hi, first = locate(arr, starts, codes, t_rel, windows, STRIDE)
-
         want_lo, want_hi, want_first = whole_array_locate(
             arr, starts, codes, t_rel, windows, STRIDE
         )
         known = codes >= 0
-        assert (lo[known] == want_lo[known]).all()
-        assert (hi[known] == want_hi[known]).all()
-        assert (hi[~known] == lo[~known]).all()
-        for k, w in enumerate(windows):
-            assert (first[known, k] == want_first[known, k]).all(), (trial, w)
-            assert (first[~known, k] == lo[~known]).all()
+        for kernel in KERNELS:
+            lo, hi, first = kernel(arr, starts, codes, t_rel, windows, STRIDE)
+            assert (lo[known] == want_lo[known]).all()
+            assert (hi[known] == want_hi[known]).all()
+            assert (hi[~known] == lo[~known]).all()
+            for k, w in enumerate(windows):
+                assert (first[known, k] == want_first[known, k]).all(), (trial, w, kernel)
+                assert (first[~known, k] == lo[~known]).all()
 
 
 def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
@@ -214,7 +220,8 @@ def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
         "import numpy as np\n"
         "from pipelines.features import search\n"
         "from numba.core.caching import NullCache\n"
-        "assert isinstance(search.locate._cache, NullCache), search.locate._cache\n"
+        "for kernel in (search._search, *search.KERNELS):\n"
+        "    assert isinstance(kernel._cache, NullCache), kernel._cache\n"
         "a = np.array([5, 9], np.int64)\n"
         "lo, hi, first = search.locate(a, np.array([0, 2]), np.array([0]), np.array([9]),"
         " np.array([1]), 100)\n"

@@ -132,6 +132,34 @@ def test_a_library_built_for_another_platform_is_refused(
         CompiledModel.load(copy)
 
 
+def test_small_calls_keep_the_gil_and_answer_exactly_as_tl2cgen(small_project: Path) -> None:
+    """Fewer than HOLD_GIL_ROWS rows go through tl2cgen's C API without letting go of the
+    GIL; the probabilities are those of ``tl2cgen.Predictor.predict``, bit for bit, with
+    missing values and extreme ones, and ``predict`` picks the path by the row count."""
+    import tl2cgen
+
+    from pipelines.modeling.compiled import HOLD_GIL_ROWS
+
+    release = json.loads((small_project / "build/release/release.json").read_text())
+    model = CompiledModel.load(_model_folder(small_project / ".bentoml", release["prod"]["tag"]))
+    rng = np.random.default_rng(11)
+    X = rng.normal(0, 50, (3 * HOLD_GIL_ROWS, model.meta["features"]))
+    X[rng.random(X.shape) < 0.15] = np.nan
+    X[0, :] = np.nan
+    X[1, :] = [1e300, -1e300] * (X.shape[1] // 2) + [0.0] * (X.shape[1] % 2)
+    want = np.asarray(model._predictor.predict(tl2cgen.DMatrix(X, dtype="float64"))).ravel()
+    for n in (1, 2, HOLD_GIL_ROWS - 1):
+        assert np.array_equal(model.predict_holding_gil(X[:n]), want[:n]), n
+        assert np.array_equal(model.predict(X[:n]), want[:n]), n
+    assert np.array_equal(model.predict(X), want)  # the tl2cgen path, GIL let go
+    calls: list[int] = []
+    held = model.predict_holding_gil
+    model.predict_holding_gil = lambda X: calls.append(len(X)) or held(X)  # type: ignore[method-assign]
+    model.predict(X[: HOLD_GIL_ROWS - 1])
+    model.predict(X[:HOLD_GIL_ROWS])
+    assert calls == [HOLD_GIL_ROWS - 1]
+
+
 # --- one real server ---------------------------------------------------------------------
 class Server:
     def __init__(self, served: Served, home: Path, work: Path, release: dict[str, Any]) -> None:

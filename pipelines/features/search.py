@@ -5,6 +5,11 @@ The results equal ``np.searchsorted`` on the whole sorted array clipped to the e
 slice (tests check it); why this layout is faster is in docs/serving.md. numba compiles
 ``locate`` once per process and caches the machine code beside this file (``__pycache__``)
 or in its user cache; where neither is writable it compiles in memory instead.
+
+A call of at least ``RELEASE_GIL_QUERIES`` queries runs without the GIL (the service's
+event loop goes on meanwhile); a smaller one keeps it: its search takes microseconds, and
+taking the GIL back from a busy thread can take up to the interpreter's 5 ms switch
+interval (docs/serving.md, "Tail latency").
 """
 
 from __future__ import annotations
@@ -14,15 +19,22 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-
-def _compiled(fn: Any) -> Any:
-    try:
-        return njit(nogil=True, cache=True)(fn)
-    except RuntimeError:  # numba found no writable cache location: compile in memory
-        return njit(nogil=True)(fn)
+RELEASE_GIL_QUERIES = 64
 
 
-@_compiled
+def _compiled(nogil: bool) -> Any:
+    def compiled(fn: Any) -> Any:
+        try:
+            return njit(nogil=nogil, cache=True)(fn)
+        except RuntimeError:  # numba found no writable cache location: compile in memory
+            return njit(nogil=nogil)(fn)
+
+    return compiled
+
+
+Located = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def locate(
     arr: np.ndarray,
     starts: np.ndarray,
@@ -30,7 +42,7 @@ def locate(
     t_rel: np.ndarray,
     windows: np.ndarray,
     stride: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Located:
     """Where each query's events lie in ``arr`` (composite ``code * stride + time``, sorted).
 
     Per query i of entity code ``codes[i]`` at relative time ``t_rel[i]``: ``lo[i]``, the
@@ -38,6 +50,19 @@ def locate(
     before it count); ``first[i, k]``, its first event after ``t_rel[i] - windows[k]`` (the
     window holds ``hi - first``). An unknown entity (code -1) gets an empty slice.
     """
+    kernel = _locate_released if len(codes) >= RELEASE_GIL_QUERIES else _locate_held
+    return kernel(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
+
+
+@_compiled(nogil=False)
+def _search(
+    arr: np.ndarray,
+    starts: np.ndarray,
+    codes: np.ndarray,
+    t_rel: np.ndarray,
+    windows: np.ndarray,
+    stride: int,
+) -> Located:
     n, n_windows = len(codes), len(windows)
     lo = np.empty(n, np.int64)
     hi = np.empty(n, np.int64)
@@ -80,7 +105,22 @@ def locate(
     return lo, hi, first
 
 
+# Two entry points with their own names, so numba caches each one's machine code apart.
+@_compiled(nogil=True)
+def _locate_released(arr, starts, codes, t_rel, windows, stride):  # type: ignore[no-untyped-def]
+    return _search(arr, starts, codes, t_rel, windows, stride)
+
+
+@_compiled(nogil=False)
+def _locate_held(arr, starts, codes, t_rel, windows, stride):  # type: ignore[no-untyped-def]
+    return _search(arr, starts, codes, t_rel, windows, stride)
+
+
+KERNELS = (_locate_held, _locate_released)
+
+
 def warm_up() -> None:
-    """Compile (or load from the cache) ``locate`` now, so that no request waits for it."""
+    """Compile (or load from the cache) both kernels now, so that no request waits for them."""
     one = np.zeros(1, np.int64)
-    locate(one, np.zeros(2, np.int64), one, one, one, 1)
+    for kernel in KERNELS:
+        kernel(one, np.zeros(2, np.int64), one, one, one, 1)

@@ -11,6 +11,7 @@ scikit-learn model answers instead. Details: docs/serving.md ("Compiled trees").
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -35,6 +36,12 @@ META = "compiled.json"
 CODEGEN = {"quantize": 1, "parallel_comp": 8}
 TOOLCHAIN = "gcc"
 TOLERANCE = 1e-9  # largest |compiled - scikit-learn| accepted on the test set
+# Fewer rows than this are scored without letting go of the GIL: the trees take microseconds
+# there, and each of tl2cgen's five ctypes calls per prediction would let go of it and wait
+# to take it back from a busy thread (docs/serving.md, "Tail latency").
+HOLD_GIL_ROWS = 64
+_DOUBLES = ctypes.POINTER(ctypes.c_double)
+_NAN = np.array([np.nan])  # the missing-value marker, as tl2cgen.DMatrix passes it
 
 
 class CompileError(RuntimeError):
@@ -165,8 +172,13 @@ class CompiledModel:
         self._lock = threading.Lock()
         self.meta = meta
         import tl2cgen
+        from tl2cgen.libloader import _LIB, _check_call
 
         self._dmatrix = tl2cgen.DMatrix
+        self._check = _check_call
+        # The same loaded library through ctypes.PyDLL: its functions keep the GIL.
+        self._held = ctypes.PyDLL(str(_LIB.path), handle=_LIB._handle)
+        self._can_hold = predictor.leaf_output_type == "float64"
 
     @classmethod
     def load(cls, folder: Path) -> CompiledModel:
@@ -186,10 +198,47 @@ class CompiledModel:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Probability of the positive class per row (float64)."""
-        data = self._dmatrix(np.ascontiguousarray(X, dtype=np.float64), dtype="float64")
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        if len(X) < HOLD_GIL_ROWS and self._can_hold:
+            return self.predict_holding_gil(X)
+        data = self._dmatrix(X, dtype="float64")
         with self._lock:
             out = self._predictor.predict(data)
         return np.asarray(out, dtype=np.float64).reshape(len(X))
+
+    def predict_holding_gil(self, X: np.ndarray) -> np.ndarray:
+        """``predict`` by the calls ``tl2cgen.Predictor.predict`` makes (tl2cgen's C API),
+        without letting go of the GIL; ``X`` is C-contiguous float64."""
+        api, check, n = self._held, self._check, len(X)
+        dmat, shape, ndim = ctypes.c_void_p(), ctypes.POINTER(ctypes.c_uint64)(), ctypes.c_uint64()
+        check(
+            api.TL2cgenDMatrixCreateFromMat(
+                X.ctypes.data_as(_DOUBLES),
+                ctypes.c_char_p(b"float64"),
+                ctypes.c_size_t(n),
+                ctypes.c_size_t(X.shape[1]),
+                _NAN.ctypes.data_as(_DOUBLES),
+                ctypes.byref(dmat),
+            )
+        )
+        try:
+            with self._lock:
+                handle = self._predictor.handle
+                check(
+                    api.TL2cgenPredictorGetOutputShape(
+                        handle, dmat, ctypes.byref(shape), ctypes.byref(ndim)
+                    )
+                )
+                out = np.zeros(int(np.prod(shape[: ndim.value])), dtype=np.float64)
+                zero = ctypes.c_int(0)  # not verbose; probabilities, not margins
+                check(
+                    api.TL2cgenPredictorPredictBatch(
+                        handle, dmat, zero, zero, out.ctypes.data_as(_DOUBLES)
+                    )
+                )
+        finally:
+            check(api.TL2cgenDMatrixFree(dmat))
+        return out.reshape(n)
 
 
 def max_abs_difference(model: Any, compiled: CompiledModel, X: np.ndarray) -> float:

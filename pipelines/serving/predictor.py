@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +85,12 @@ RequestTime = Annotated[
 _EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
 _MS = dt.timedelta(milliseconds=1)
 
+
+# Call ids: 64 random bits from a generator seeded from os.urandom (again in a forked
+# child). uuid4 reads os.urandom on every call, which lets go of the GIL (see
+# "Tail latency" in docs/serving.md); these ids correlate log rows, they guard nothing.
+_CALL_IDS = random.Random()
+os.register_at_fork(after_in_child=_CALL_IDS.seed)
 
 _row_tail_cache: list[str] = []
 
@@ -511,7 +517,7 @@ class Predictor:
         rt = self.runtime
         policy = rt.release.policy
         n = len(users)
-        call_id = uuid.uuid4().hex[:16]
+        call_id = f"{_CALL_IDS.getrandbits(64):016x}"
         request_ids = [call_id] if n == 1 else [call_id + tail for tail in _row_tails(n)]
 
         prob = np.full(n, np.nan)
@@ -650,6 +656,7 @@ class Predictor:
         policy = rt.release.policy
         budget_s = (policy.latency_budget_ms + policy.batch_row_budget_ms * len(rows)) / 1000.0
         failures: list[tuple[str, str]] = []
+        X_rows = X if len(rows) == len(X) else X[rows]  # fancy indexing lets go of the GIL
         for role in chain:
             tier = rt.tiers.get(role)
             if tier is None:
@@ -665,9 +672,9 @@ class Predictor:
                     # Native code on a fixed number of trees: bounded and fast (0.1-0.2 ms a
                     # row), so it runs here; the hop to a helper thread, which lets a hung
                     # scikit-learn call be abandoned at the budget, cost more than the call.
-                    out, runtime = tier.predict(X[rows])
+                    out, runtime = tier.predict(X_rows)
                 else:
-                    future = self._pool.submit(tier.predict, X[rows])
+                    future = self._pool.submit(tier.predict, X_rows)
                     out, runtime = future.result(timeout=budget_s)
             except cf.TimeoutError:
                 why = f"{role} model exceeded the {budget_s * 1000:.0f} ms latency budget"
