@@ -3,7 +3,7 @@ entity's events, and a window's start is found by galloping back from the query 
 
 The results equal ``np.searchsorted`` on the whole sorted array clipped to the entity's
 slice (tests check it); why this layout is faster is in docs/serving.md. numba compiles
-``locate`` once per process and caches the machine code beside this file (``__pycache__``)
+the kernels once per process and caches the machine code beside this file (``__pycache__``)
 or in its user cache; where neither is writable it compiles in memory instead.
 
 A call of at least ``RELEASE_GIL_QUERIES`` queries runs without the GIL (the service's
@@ -107,13 +107,27 @@ def _search(
 
 # Two entry points with their own names, so numba caches each one's machine code apart.
 @_compiled(nogil=True)
-def _locate_released(arr, starts, codes, t_rel, windows, stride):  # type: ignore[no-untyped-def]
-    return _search(arr, starts, codes, t_rel, windows, stride)
+def _locate_released(
+    arr: np.ndarray,
+    starts: np.ndarray,
+    codes: np.ndarray,
+    t_rel: np.ndarray,
+    windows: np.ndarray,
+    stride: int,
+) -> Located:
+    return _search(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
 
 
 @_compiled(nogil=False)
-def _locate_held(arr, starts, codes, t_rel, windows, stride):  # type: ignore[no-untyped-def]
-    return _search(arr, starts, codes, t_rel, windows, stride)
+def _locate_held(
+    arr: np.ndarray,
+    starts: np.ndarray,
+    codes: np.ndarray,
+    t_rel: np.ndarray,
+    windows: np.ndarray,
+    stride: int,
+) -> Located:
+    return _search(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
 
 
 KERNELS = (_locate_held, _locate_released)
