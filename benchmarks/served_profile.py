@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, rank_requests, serve_release  # noqa: E402
+from serving_cost import TOKEN, batches, bento_release, rank_requests, serve_release  # noqa: E402
 from serving_latency import full_bodies, machine, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
     single = full_bodies(rows)
     bodies: list[Any] = {
         "predict": single,
-        "predict_batch": [{"requests": single[k * 1000 : k * 1000 + 1000]} for k in range(3)],
+        "predict_batch": batches(single, 1000, "requests"),
         "rank": rank_requests(single, list(rows.item_id), 1000),
     }[args.endpoint]
     body_file = lines(work / "bodies.txt", bodies)

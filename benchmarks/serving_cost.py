@@ -76,6 +76,11 @@ def bento_release(folder: Path, **policy: Any) -> dict[str, Any]:
     return release
 
 
+def batches(rows: list[Any], size: int, key: str) -> list[dict[str, Any]]:
+    """Batch bodies ``{key: rows}`` of ``size`` consecutive rows each, every row once."""
+    return [{key: rows[k : k + size]} for k in range(0, len(rows) - size + 1, size)]
+
+
 def rank_requests(single: list[dict[str, Any]], items: list[str], n: int) -> list[dict[str, Any]]:
     """Five ``/rank`` bodies: the user, surface, device and time of the first five
     ``/predict`` bodies, each with the first ``n`` distinct ``items`` as candidates."""
@@ -134,11 +139,11 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             "bare_single": lines(work / "bare_single.txt", [{"features": f} for f in feats]),
             "full_batch": lines(
                 work / "full_batch.txt",
-                [{"requests": single[k * b % 2000 : k * b % 2000 + b]} for k in range(3)],
+                batches(single, b, "requests"),
             ),
             "bare_batch": lines(
                 work / "bare_batch.txt",
-                [{"rows": feats[k * b % 2000 : k * b % 2000 + b]} for k in range(3)],
+                batches(feats, b, "rows"),
             ),
         }
         rank_bodies = rank_requests(single, list(rows.item_id), args.rank_items)

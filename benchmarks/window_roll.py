@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, post_json, serve_release  # noqa: E402
+from serving_cost import TOKEN, batches, bento_release, post_json, serve_release  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -77,9 +77,7 @@ def main() -> None:
     rows = workload_frame(project / "data", 3000)
     single = full_bodies(rows)
     single_file = lines(work / "single.txt", single)
-    batch_file = lines(
-        work / "batch.txt", [{"requests": single[k * 1000 : k * 1000 + 1000]} for k in range(3)]
-    )
+    batch_file = lines(work / "batch.txt", batches(single, 1000, "requests"))
     script = wrk_script(work)
     load_before = os.getloadavg()
     proc, url = serve_release(tag, release, env, work, "full")
