@@ -107,27 +107,13 @@ def _search(
 
 # Two entry points with their own names, so numba caches each one's machine code apart.
 @_compiled(nogil=True)
-def _locate_released(
-    arr: np.ndarray,
-    starts: np.ndarray,
-    codes: np.ndarray,
-    t_rel: np.ndarray,
-    windows: np.ndarray,
-    stride: int,
-) -> Located:
-    return _search(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
+def _locate_released(*args: Any) -> Located:
+    return _search(*args)  # type: ignore[no-any-return]
 
 
 @_compiled(nogil=False)
-def _locate_held(
-    arr: np.ndarray,
-    starts: np.ndarray,
-    codes: np.ndarray,
-    t_rel: np.ndarray,
-    windows: np.ndarray,
-    stride: int,
-) -> Located:
-    return _search(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
+def _locate_held(*args: Any) -> Located:
+    return _search(*args)  # type: ignore[no-any-return]
 
 
 KERNELS = (_locate_held, _locate_released)
