@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks._machine import machine, save_results  # noqa: E402
+from pipelines.core.vcs import git  # noqa: E402
 
 # The calls under gdb: SIGUSR1 before the measured calls, SIGUSR2 after them.
 DRIVER = """
@@ -95,10 +96,7 @@ def callers(output: str) -> collections.Counter[str]:
 
 def commit_of(checkout: Path) -> str:
     """The short commit a checkout is at (its label in the report)."""
-    out = subprocess.run(
-        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or str(checkout)
+    return git(checkout, "rev-parse", "--short", "HEAD", check=False) or str(checkout)
 
 
 def count(gdb: str, project: Path, code: Path, rows: int, calls: int) -> collections.Counter[str]:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -80,16 +82,9 @@ def phases(raw: str) -> tuple[int, collections.Counter[str], collections.Counter
     return total, by_phase, by_leaf
 
 
-def thread_cpu(pid: int) -> dict[int, tuple[int, int]]:
-    """User and system CPU time (clock ticks) of each thread of ``pid`` so far."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-        out[int(task.name)] = (int(fields[11]), int(fields[12]))
-    return out
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """User and system CPU seconds of each thread of ``pid`` so far (psutil)."""
+    return {t.id: (t.user_time, t.system_time) for t in psutil.Process(pid).threads()}
 
 
 def thread_names(spy: str, pid: int) -> dict[int, str]:
@@ -100,16 +95,16 @@ def thread_names(spy: str, pid: int) -> dict[int, str]:
 
 
 def cpu_per_request(
-    before: dict[int, tuple[int, int]],
-    after: dict[int, tuple[int, int]],
+    before: dict[int, tuple[float, float]],
+    after: dict[int, tuple[float, float]],
     names: dict[int, str],
     requests: int,
 ) -> dict[str, dict[str, float]]:
     """CPU ms per request by thread (user, system), threads that used any."""
-    ms = 1000.0 / os.sysconf("SC_CLK_TCK") / max(requests, 1)
+    ms = 1000.0 / max(requests, 1)
     out: dict[str, dict[str, float]] = {}
     for tid, (user, system) in after.items():
-        u0, s0 = before.get(tid, (0, 0))
+        u0, s0 = before.get(tid, (0.0, 0.0))
         if user - u0 or system - s0:
             name = names.get(tid, "native threads")
             got = out.setdefault(name, {"user_ms": 0.0, "system_ms": 0.0})

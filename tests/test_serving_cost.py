@@ -133,12 +133,12 @@ def test_a_library_built_for_another_platform_is_refused(
 
 
 def test_small_calls_keep_the_gil_and_answer_exactly_as_tl2cgen(small_project: Path) -> None:
-    """Fewer than HOLD_GIL_ROWS rows go through tl2cgen's C API without letting go of the
+    """Fewer than RELEASE_GIL_QUERIES rows go through tl2cgen's C API without letting go of the
     GIL; the probabilities are those of ``tl2cgen.Predictor.predict``, bit for bit, with
     missing values and extreme ones, and ``predict`` picks the path by the row count."""
     import tl2cgen
 
-    from pipelines.modeling.compiled import HOLD_GIL_ROWS
+    from pipelines.features.search import RELEASE_GIL_QUERIES as HOLD_GIL_ROWS
 
     release = json.loads((small_project / "build/release/release.json").read_text())
     model = CompiledModel.load(_model_folder(small_project / ".bentoml", release["prod"]["tag"]))

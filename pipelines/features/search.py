@@ -5,11 +5,7 @@ The results equal ``np.searchsorted`` on the whole sorted array clipped to the e
 slice (tests check it); why this layout is faster is in docs/serving.md. numba compiles
 the kernels once per process and caches the machine code beside this file (``__pycache__``)
 or in its user cache; where neither is writable it compiles in memory instead.
-
-A call of at least ``RELEASE_GIL_QUERIES`` queries runs without the GIL (the service's
-event loop goes on meanwhile); a smaller one keeps it: its search takes microseconds, and
-taking the GIL back from a busy thread can take up to the interpreter's 5 ms switch
-interval (docs/serving.md, "Tail latency").
+Smaller calls keep the GIL (``RELEASE_GIL_QUERIES``; docs/serving.md, "Tail latency").
 """
 
 from __future__ import annotations
@@ -19,6 +15,10 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+# A call of at least this many queries runs without the GIL (the event loop goes on
+# meanwhile); a smaller one keeps it, as the compiled trees do for as few rows: it takes
+# microseconds, and taking the GIL back from a busy thread can take up to the 5 ms switch
+# interval.
 RELEASE_GIL_QUERIES = 64
 
 

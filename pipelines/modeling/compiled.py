@@ -28,6 +28,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from pipelines.features.search import RELEASE_GIL_QUERIES
+
 LIBRARY = "model.so"
 META = "compiled.json"
 # Quantized thresholds: the comparisons run on integer bins (faster, same splits); a fixed
@@ -36,10 +38,10 @@ META = "compiled.json"
 CODEGEN = {"quantize": 1, "parallel_comp": 8}
 TOOLCHAIN = "gcc"
 TOLERANCE = 1e-9  # largest |compiled - scikit-learn| accepted on the test set
-# Fewer rows than this are scored without letting go of the GIL: the trees take microseconds
-# there, and each of tl2cgen's five ctypes calls per prediction would let go of it and wait
-# to take it back from a busy thread (docs/serving.md, "Tail latency").
-HOLD_GIL_ROWS = 64
+# Fewer rows than the searches' cut (search.RELEASE_GIL_QUERIES) are scored without letting
+# go of the GIL: the trees take microseconds there, and each of tl2cgen's five ctypes calls
+# per prediction would let go of it and wait to take it back from a busy thread
+# (docs/serving.md, "Tail latency").
 _DOUBLES = ctypes.POINTER(ctypes.c_double)
 _NAN = np.array([np.nan])  # the missing-value marker, as tl2cgen.DMatrix passes it
 
@@ -199,7 +201,7 @@ class CompiledModel:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Probability of the positive class per row (float64)."""
         X = np.ascontiguousarray(X, dtype=np.float64)
-        if len(X) < HOLD_GIL_ROWS and self._can_hold:
+        if len(X) < RELEASE_GIL_QUERIES and self._can_hold:
             return self.predict_holding_gil(X)
         data = self._dmatrix(X, dtype="float64")
         with self._lock:
