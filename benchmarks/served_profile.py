@@ -37,7 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, batches, bento_release, rank_requests, serve_release  # noqa: E402
+from serving_cost import (  # noqa: E402
+    TOKEN,
+    batches,
+    bento_release,
+    column_batches,
+    rank_requests,
+    serve_release,
+)
 from serving_latency import full_bodies, machine, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -54,6 +61,8 @@ PHASES = [
     ("request bookkeeping (columns, epoch ms, routing, counters)", "Predictor._score"),
     ("answer encoding", "Predictor._answers"),
     ("answer encoding", "Predictor.rank_json"),
+    ("answer encoding", "Predictor._answer_columns"),
+    ("request bookkeeping (columns, epoch ms, routing, counters)", "predict_columns_json"),
     ("request log (writer thread)", "RequestLog._run"),
     ("scoring lane hand-over", "PriorityLane"),
 ]
@@ -117,7 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, required=True)
     parser.add_argument("--bento", type=Path, required=True, help="an exported bento")
-    parser.add_argument("--endpoint", choices=["predict", "predict_batch", "rank"], required=True)
+    parser.add_argument(
+        "--endpoint", choices=["predict", "predict_batch", "predict_columns", "rank"], required=True
+    )
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
@@ -135,6 +146,7 @@ def main() -> None:
     bodies: list[Any] = {
         "predict": single,
         "predict_batch": batches(single, 1000, "requests"),
+        "predict_columns": column_batches(single, 1000),
         "rank": rank_requests(single, list(rows.item_id), 1000),
     }[args.endpoint]
     body_file = lines(work / "bodies.txt", bodies)

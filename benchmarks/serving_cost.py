@@ -7,7 +7,8 @@ What it does (loopback, one BentoML worker per service, OMP_NUM_THREADS=1):
    whose policy has ``workers: 1`` (and, for the overload scenario, shedding on or off);
    serves ``benchmarks/bare_service.py`` (the scikit-learn model on precomputed features);
 2. closed loop with ``wrk`` (a Lua script cycles through real request bodies and reports
-   p50/p95/p99): ``/predict`` at concurrency 1 and 8, ``/predict_batch`` (1000 rows) and
+   p50/p95/p99): ``/predict`` at concurrency 1 and 8, ``/predict_batch`` and
+   ``/predict_columns`` (1000 rows; the bare service's batch endpoint for both) and
    ``/rank`` (1000 candidates) at concurrency 1 and 2, alternating full and bare in rounds;
 3. ``hey`` at a fixed rate of 60% of the measured concurrency-8 capacity (per-request
    latencies from its CSV output), then the same rate from the open-loop generator
@@ -81,6 +82,22 @@ def batches(rows: list[Any], size: int, key: str) -> list[dict[str, Any]]:
     return [{key: rows[k : k + size]} for k in range(0, len(rows) - size + 1, size)]
 
 
+def column_batches(single: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """``/predict_columns`` bodies of the same rows as ``batches(single, size, ...)``."""
+    import pandas as pd
+
+    from pipelines.features.definitions import to_ms
+
+    out = []
+    for body in batches(single, size, "rows"):
+        rows = body["rows"]
+        columns = {k: [r[k] for r in rows] for k in ("user", "item", "surface", "device")}
+        times = pd.to_datetime([r["timestamp"] for r in rows], format="ISO8601", utc=True)
+        columns["timestamp_ms"] = to_ms(times).tolist()
+        out.append(columns)
+    return out
+
+
 def rank_requests(single: list[dict[str, Any]], items: list[str], n: int) -> list[dict[str, Any]]:
     """Five ``/rank`` bodies: the user, surface, device and time of the first five
     ``/predict`` bodies, each with the first ``n`` distinct ``items`` as candidates."""
@@ -145,7 +162,9 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
                 work / "bare_batch.txt",
                 batches(feats, b, "rows"),
             ),
+            "full_columns": lines(work / "full_columns.txt", column_batches(single, b)),
         }
+        files["bare_columns"] = files["bare_batch"]  # the bare service has one batch form
         rank_bodies = rank_requests(single, list(rows.item_id), args.rank_items)
         items = rank_bodies[0]["items"]
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
@@ -178,13 +197,21 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             ("predict_c8", "/predict", "single", 8, 1),
             ("batch1000_c1", "/predict_batch", "batch", 1, b),
             ("batch1000_c2", "/predict_batch", "batch", 2, b),
+            ("columns1000_c1", "/predict_columns", "columns", 1, b),
+            ("columns1000_c2", "/predict_columns", "columns", 2, b),
         ]
+        bare_path = {"/predict_columns": "/predict_batch"}
         for name, path, kind, conc, per_call in scenarios:
             parts: dict[str, list[dict[str, Any]]] = {"full": [], "bare": []}
             for r in range(args.rounds):
                 for label in list(urls) if r % 2 == 0 else list(reversed(urls)):
                     got = wrk(
-                        urls[label], path, files[f"{label}_{kind}"], conc, args.seconds, script
+                        urls[label],
+                        bare_path.get(path, path) if label == "bare" else path,
+                        files[f"{label}_{kind}"],
+                        conc,
+                        args.seconds,
+                        script,
                     )
                     got["rows_per_s"] = round(got["req_per_s"] * per_call, 1)
                     parts[label].append(got)
@@ -415,7 +442,9 @@ def markdown(report: dict[str, Any]) -> str:
         "| bare p50/p95/p99 ms |",
         "|---|---|---|---|---|---|",
     ]
-    for name in ("predict_c1", "predict_c8", "batch1000_c1", "batch1000_c2"):
+    scenarios = ("predict_c1", "predict_c8", "batch1000_c1", "batch1000_c2")
+    scenarios += ("columns1000_c1", "columns1000_c2")
+    for name in (n for n in scenarios if n in full):
         f, b = full[name], bare[name]
         lines_.append(
             f"| {name} | {f['req_per_s']} ({f.get('rows_per_s', f['req_per_s'])} rows/s) | "

@@ -56,6 +56,7 @@ from pipelines.serving.overload import (  # noqa: E402
 )
 from pipelines.serving.pod import read_state  # noqa: E402
 from pipelines.serving.predictor import (  # noqa: E402
+    ColumnsResponse,
     Fault,
     NoTierAvailable,
     Predictor,
@@ -63,6 +64,7 @@ from pipelines.serving.predictor import (  # noqa: E402
     PredictResponse,
     RankResponse,
     Runtime,
+    columns_request_model,
     rank_request_model,
 )
 from pipelines.serving.request_log import RequestLog  # noqa: E402
@@ -89,6 +91,7 @@ RELEASE = load_release(RELEASE_FILE)
 POLICY = RELEASE.policy
 MAX_BATCH = POLICY.max_batch_size
 RankRequest = rank_request_model(POLICY.max_rank_items)
+ColumnsRequest = columns_request_model(MAX_BATCH)
 MAX_INGEST = RELEASE.online_store.max_ingest_rows if RELEASE.online_store else 10_000
 MAX_INGEST_BYTES = MAX_INGEST * 2048  # a RawEvents row as JSON is ~250 bytes
 # BentoML cuts any request at TIMEOUT_SECONDS with a 5xx; an admin change waits for the
@@ -217,6 +220,18 @@ class CtrService:
             self.predictor.predict_json,
             requests,
             "predict_batch",
+            ARRIVAL_INFLIGHT.get(),
+        )
+
+    @bentoml.api(route="/predict_columns")
+    async def predict_columns(self, columns: ColumnsRequest, /) -> ColumnsResponse:  # type: ignore[valid-type]
+        """Score 1 to ``serving.max_batch_size`` impressions given as columns (one list per
+        field, request times in epoch ms); the answers as columns."""
+        return await self._score(  # type: ignore[no-any-return]
+            columns.surface,  # type: ignore[attr-defined]
+            self.predictor.predict_columns_json,
+            columns,
+            "predict_columns",
             ARRIVAL_INFLIGHT.get(),
         )
 

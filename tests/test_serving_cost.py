@@ -38,6 +38,7 @@ from tests.support.project import project_env
 
 TOKEN = "cost-test-admin-token-1234"
 MAX_RANK = 50
+MAX_BATCH = 250
 
 
 def _model_folder(home: Path, tag: str) -> Path:
@@ -165,6 +166,7 @@ class Server:
     def __init__(self, served: Served, home: Path, work: Path, release: dict[str, Any]) -> None:
         self.served, self.home, self.work, self.release = served, home, work, release
         self.ranked_items = 0
+        self.column_rows: list[str] = []
 
     def post(self, path: str, body: Any, token: str | None = None) -> httpx.Response:
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -187,7 +189,11 @@ def server(small_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     bento_tag = json.loads((small_project / "build/bento/bento.json").read_text())["bento_tag"]
     release = json.loads((small_project / "build/release/release.json").read_text())
     release["policy"].update(
-        workers=1, max_rank_items=MAX_RANK, shed_inflight=2, latency_budget_ms=5000
+        workers=1,
+        max_rank_items=MAX_RANK,
+        max_batch_size=MAX_BATCH,
+        shed_inflight=2,
+        latency_budget_ms=5000,
     )
     release["policy"]["surface_priority"] = {"search": 0, "feed": 1, "recs": 2}
     release = reseal_release_dict(release)
@@ -317,6 +323,34 @@ def test_rank_sorts_scores_like_the_batch_endpoint_and_logs_every_item(
     server.ranked_items = len(items)
 
 
+@pytest.mark.slow
+def test_columns_answer_as_the_batch_endpoint_and_refuse_bad_calls(
+    server: Server, rows: pd.DataFrame
+) -> None:
+    bodies = _bodies(rows)
+    batch = server.post("/predict_batch", {"requests": bodies}).json()
+    columns = {
+        "user": rows.user_id.tolist(),
+        "item": rows.item_id.tolist(),
+        "surface": rows.surface.tolist(),
+        "device": rows.device.tolist(),
+        "timestamp_ms": to_ms(rows.ts).tolist(),
+    }
+    response = server.post("/predict_columns", columns)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    for field in ("probability", "route", "runtime", "model_version", "features_fresh"):
+        assert answer[field] == [a[field] for a in batch], field
+    assert set(answer["runtime"]) == {"compiled"} and not any(answer["degraded"])
+    server.column_rows = answer["request_id"]
+    too_many = {k: v * 2 for k, v in columns.items()}  # 400 rows, the limit is 250
+    unequal = {**columns, "item": columns["item"][:-1]}
+    for body, words in ((too_many, "at most 250"), (unequal, "one value per row")):
+        refused = server.post("/predict_columns", body)
+        assert refused.status_code == 400 and words in refused.text, refused.text
+    assert server.post("/predict_batch", {"requests": bodies * 2}).status_code == 400
+
+
 BAD_RANKS: list[tuple[dict[str, Any], str]] = [
     ({"items": []}, "items"),
     ({"items": [f"i{k}" for k in range(MAX_RANK + 1)]}, "items"),
@@ -406,12 +440,14 @@ def test_low_priority_surfaces_are_shed_first_when_the_worker_is_saturated(
 
 
 @pytest.mark.slow
-def test_request_log_holds_every_ranked_item_and_every_shed_row(server: Server) -> None:
+def test_request_log_holds_every_ranked_item_column_row_and_shed_row(server: Server) -> None:
     assert server.served.stop() == 0  # clean shutdown: the log is flushed
     log = read_shards(server.work / "requests")
     ranked = log[log["endpoint"] == "rank"]
     assert len(ranked) >= server.ranked_items > 0
     assert ranked["request_id"].is_unique
+    columns = log[log["endpoint"] == "predict_columns"]
+    assert sorted(columns["request_id"]) == sorted(server.column_rows) != []
     shed = log[log["degraded_reason"].fillna("").str.startswith("shed under overload")]
     assert sorted(shed["surface"]) == ["feed", "recs"]
     assert set(shed["route"]) == {"baseline"}

@@ -29,12 +29,14 @@ from pipelines.modeling.release import (
     load_release,
 )
 from pipelines.serving.predictor import (
+    ColumnsResponse,
     Fault,
     NoTierAvailable,
     Predictor,
     PredictRequest,
     PredictResponse,
     Runtime,
+    columns_request_model,
 )
 from pipelines.serving.request_log import (
     LogBatch,
@@ -369,6 +371,86 @@ def test_canary_answers_its_share_with_the_candidate(
     assert {r.route for r in again} == {"prod"}
     assert all(r.degraded == c for r, c in zip(again, canary, strict=True))
     predictor.close()
+
+
+def test_columns_answer_as_the_rows_do_canary_shedding_and_log_included(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
+) -> None:
+    predictor = make(
+        models,
+        raw_dir,
+        tmp_path,
+        tiers=("prod", "candidate"),
+        routing="canary",
+        candidate_share=0.3,
+        shadow_sample_rate=0.0,
+        shed_inflight=2,
+        surface_priority={"search": 0, "feed": 1, "recs": 2},
+    )
+    reqs = requests_for(600, at)
+    t_ms = to_ms([r.timestamp for r in reqs]).tolist()
+    columns = columns_request_model(1000).model_validate_json(
+        json.dumps(
+            {
+                "user": [r.user for r in reqs],
+                "item": [r.item for r in reqs],
+                "surface": [r.surface for r in reqs],
+                "device": [r.device for r in reqs],
+                "timestamp_ms": t_ms,
+            }
+        )
+    )
+    for inflight in (None, 2):  # 2 in flight: recs rows are shed, the rest scored
+        rows = json.loads(predictor.predict_json(reqs, inflight=inflight))
+        answer = json.loads(predictor.predict_columns_json(columns, inflight=inflight))
+        ColumnsResponse.model_validate(answer)
+        assert {len(v) for v in answer.values()} == {600}
+        assert len(set(answer["request_id"])) == 600
+        as_rows = [
+            dict(zip(answer, values, strict=True)) for values in zip(*answer.values(), strict=True)
+        ]
+        drop = {"request_id"}
+        assert [{k: v for k, v in a.items() if k not in drop} for a in as_rows] == [
+            {k: v for k, v in a.items() if k not in drop} for a in rows
+        ]
+        routes = set(answer["route"])
+        assert routes == (
+            {"prod", "canary"} if inflight is None else {"prod", "canary", "baseline"}
+        )
+    shed = [i for i, r in enumerate(answer["route"]) if r == "baseline"]
+    assert shed and {reqs[i].surface for i in shed} == {"recs"}
+    assert all(answer["degraded_reason"][i].startswith("shed under overload") for i in shed)
+    # without request times every row is scored now: weeks after the snapshot, stale
+    no_time = columns.model_copy(update={"timestamp_ms": None})
+    late = json.loads(predictor.predict_columns_json(no_time))
+    assert not any(late["features_fresh"])
+    predictor.close()
+    log = read_shards(tmp_path / "requests")
+    ours = log[log["endpoint"] == "predict_columns"]
+    assert len(ours) == 3 * 600 and ours["request_id"].is_unique
+    assert set(answer["request_id"]) <= set(ours["request_id"])
+
+
+BAD_COLUMNS: list[tuple[dict[str, Any], str]] = [
+    ({"item": ["i1", "i2"]}, "one value per row"),
+    ({"user": [], "item": [], "surface": [], "device": []}, "at least 1"),
+    ({"user": ["bad user"]}, "user"),
+    ({"surface": ["email"]}, "surface"),
+    ({"timestamp_ms": [1.5]}, "timestamp_ms"),
+    ({"timestamp_ms": ["1700000000000"]}, "timestamp_ms"),
+    ({"timestamp_ms": [2**62]}, "timestamp_ms"),
+    ({"extra": [1]}, "extra"),
+    ({"user": [f"u{k}" for k in range(11)]}, "at most 10"),
+]
+
+
+def test_columns_are_refused_with_the_field_and_the_reason() -> None:
+    model = columns_request_model(10)
+    base = {"user": ["u1"], "item": ["i1"], "surface": ["feed"], "device": ["mobile"]}
+    assert model.model_validate({**base, "timestamp_ms": [0]}).timestamp_ms == [0]
+    for change, words in BAD_COLUMNS:
+        with pytest.raises(ValueError, match=words):
+            model.model_validate_json(json.dumps({**base, **change}))
 
 
 def test_shadow_scores_candidate_in_background_without_changing_answers(

@@ -20,7 +20,7 @@ from pipelines.core.settings import SignalSettings
 REQUEST_LOG_FIELDS: dict[str, str] = {
     "request_id": "unique id of the answered row; delayed clicks are joined on it",
     "answered_at": "ISO-8601 UTC time the service answered",
-    "endpoint": "predict or predict_batch",
+    "endpoint": "predict, predict_batch, predict_columns or rank",
     "release_id": "id of the release that answered",
     "user": "user id of the request",
     "item": "item id of the request",

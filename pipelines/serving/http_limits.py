@@ -54,7 +54,7 @@ class BodySizeLimit:
             413,
             {
                 "error": f"request body of {size} is over the {self.max_bytes:,} byte limit "
-                "(serving.max_body_mb); send fewer rows per /predict_batch call",
+                "(serving.max_body_mb); send fewer rows per batch call",
                 "max_body_bytes": self.max_bytes,
             },
         )
@@ -186,7 +186,7 @@ def install_header_timeout(seconds: float) -> None:
 
 # The scoring routes as OpenTelemetry's ExcludeList matches them: a regex searched in the
 # full request URL (scheme, host and path, with any query).
-SCORING_URLS = r"^[a-z]+://[^/]+/(predict|predict_batch|rank)/?(\?.*)?$"
+SCORING_URLS = r"^[a-z]+://[^/]+/(predict|predict_batch|predict_columns|rank)/?(\?.*)?$"
 
 
 def tracing_config(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Surface priorities under overload: who is answered by the rule baseline when a worker is full.
 
 *Saturated* is measured per worker process: the number of scoring calls (``/predict``,
-``/predict_batch``, ``/rank``) it holds, queued or running, when a call arrives, that
-call included (``InFlight`` counts them at the ASGI layer, before BentoML queues the
-call for its worker thread). With ``serving.shed_inflight`` = T and
+``/predict_batch``, ``/predict_columns``, ``/rank``) it holds, queued or running, when a
+call arrives, that call included (``InFlight`` counts them at the ASGI layer, before
+BentoML queues the call for its worker thread). With ``serving.shed_inflight`` = T and
 ``serving.surface_priority`` giving each surface a level (0 = critical, never shed), a
 call on a surface of level p >= 1 is shed when it arrives to at least
 ``T * (1 + max_level - p)`` calls in flight: the lowest level first, at T; each level
@@ -23,7 +23,7 @@ from typing import Any
 
 from pipelines.core.settings import ServingSettings
 
-SCORING_PATHS = frozenset({"/predict", "/predict_batch", "/rank"})
+SCORING_PATHS = frozenset({"/predict", "/predict_batch", "/predict_columns", "/rank"})
 # In flight at this worker when the current call arrived (None outside a served call).
 ARRIVAL_INFLIGHT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "arrival_inflight", default=None

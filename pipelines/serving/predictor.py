@@ -21,11 +21,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from pipelines.features import search
 from pipelines.modeling.model import RuleBaseline
@@ -82,6 +82,16 @@ RequestTime = Annotated[
         ),
     ),
 ]
+RequestTimeMs = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=REQUEST_TIME_MIN_MS,
+        le=REQUEST_TIME_MAX_MS,
+        description="time of the request in epoch milliseconds (UTC), within the range the "
+        "request log can store",
+    ),
+]
 _EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
 _MS = dt.timedelta(milliseconds=1)
 
@@ -134,6 +144,62 @@ class PredictResponse(BaseModel):
     feature_age_seconds: float | None
     features_fresh: bool
     runtime: ModelRuntime  # compiled library, scikit-learn model, or rule baseline
+
+
+class ColumnsRequest(BaseModel):
+    """Impressions as columns (``/predict_columns``): row i is the i-th value of each.
+
+    The service builds a subclass whose columns hold at most ``serving.max_batch_size``
+    values (``columns_request_model``). Request times are epoch milliseconds; without
+    ``timestamp_ms`` every row is scored at the time the call arrives.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: list[Id] = Field(min_length=1)
+    item: list[Id] = Field(min_length=1)
+    surface: list[Surface] = Field(min_length=1)
+    device: list[Device] = Field(min_length=1)
+    timestamp_ms: list[RequestTimeMs] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ColumnsRequest:
+        sizes = {c: len(getattr(self, c)) for c in _COLUMNS if getattr(self, c) is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"columns must have one value per row; lengths: {sizes}")
+        return self
+
+
+_COLUMNS = ("user", "item", "surface", "device", "timestamp_ms")
+
+
+def columns_request_model(max_rows: int) -> type[ColumnsRequest]:
+    """``ColumnsRequest`` with at most ``max_rows`` rows (validation stops at the first bad
+    value)."""
+    limit = Field(min_length=1, max_length=max_rows, fail_fast=True)
+    return create_model(
+        "ColumnsRequest",
+        __base__=ColumnsRequest,
+        user=(Annotated[list[Id], limit], ...),
+        item=(Annotated[list[Id], limit], ...),
+        surface=(Annotated[list[Surface], limit], ...),
+        device=(Annotated[list[Device], limit], ...),
+        timestamp_ms=(Annotated[list[RequestTimeMs], limit] | None, None),
+    )
+
+
+class ColumnsResponse(BaseModel):
+    """The answers of ``/predict_batch`` as columns: value i of each belongs to row i."""
+
+    request_id: list[str]
+    probability: list[float]
+    model_version: list[str]
+    route: list[Route]
+    degraded: list[bool]
+    degraded_reason: list[str | None]
+    feature_age_seconds: list[float | None]
+    features_fresh: list[bool]
+    runtime: list[ModelRuntime]
 
 
 class RankedItem(BaseModel):
@@ -400,6 +466,26 @@ class Predictor:
         skips building and re-serializing one pydantic object per row)."""
         return orjson.dumps(self._answers(self._requests(requests, endpoint, inflight)))
 
+    def predict_columns_json(
+        self,
+        columns: ColumnsRequest,
+        endpoint: str = "predict_columns",
+        inflight: int | None = None,
+    ) -> bytes:
+        """The answers of ``predict`` for rows given as columns, as JSON columns (no object
+        per row on the way in or out)."""
+        n = len(columns.user)
+        t_ms = (
+            np.full(n, int(time.time() * 1000), dtype=np.int64)
+            if columns.timestamp_ms is None
+            else np.array(columns.timestamp_ms, dtype=np.int64)
+        )
+        surfaces, devices = cast(list[str], columns.surface), cast(list[str], columns.device)
+        scored = self._score(
+            columns.user, columns.item, surfaces, devices, t_ms, endpoint, inflight
+        )
+        return orjson.dumps(self._answer_columns(scored))
+
     def rank_json(self, request: RankRequest, inflight: int | None = None) -> bytes:
         """One user's candidate items scored and sorted by probability (highest first), as
         JSON. The user's features are computed once for the call; every item is one row of
@@ -473,32 +559,40 @@ class Predictor:
         )
 
     @staticmethod
-    def _answers(scored: Scored) -> list[dict[str, Any]]:
-        probs = np.round(scored.prob, 6).tolist()
-        ages = np.round(scored.age, 3).tolist()
-        fresh = scored.fresh.tolist()
+    def _answer_columns(scored: Scored) -> dict[str, list[Any]]:
+        """Every answer field as a column, in ``PredictResponse``'s order."""
+        return {
+            "request_id": scored.request_ids,
+            "probability": np.round(scored.prob, 6).tolist(),
+            "model_version": scored.models,
+            "route": scored.routes,
+            "degraded": [why is not None for why in scored.reasons],
+            "degraded_reason": scored.reasons,
+            "feature_age_seconds": [
+                None if a != a else a for a in np.round(scored.age, 3).tolist()
+            ],
+            "features_fresh": scored.fresh.tolist(),
+            "runtime": scored.runtimes,
+        }
+
+    @classmethod
+    def _answers(cls, scored: Scored) -> list[dict[str, Any]]:
+        """The same answers row by row (a dict display per row: half the cost of
+        ``dict(zip(names, row))``)."""
         return [
             {
                 "request_id": rid,
                 "probability": p,
                 "model_version": model,
                 "route": route,
-                "degraded": why is not None,
+                "degraded": degraded,
                 "degraded_reason": why,
-                "feature_age_seconds": None if age != age else age,
+                "feature_age_seconds": age,
                 "features_fresh": ok,
                 "runtime": runtime,
             }
-            for rid, p, model, route, why, age, ok, runtime in zip(
-                scored.request_ids,
-                probs,
-                scored.models,
-                scored.routes,
-                scored.reasons,
-                ages,
-                fresh,
-                scored.runtimes,
-                strict=True,
+            for rid, p, model, route, degraded, why, age, ok, runtime in zip(
+                *cls._answer_columns(scored).values(), strict=True
             )
         ]
 
@@ -982,12 +1076,15 @@ __all__ = [
     "FeatureStoreUnavailable",
     "ModelTier",
     "NoTierAvailable",
+    "ColumnsRequest",
+    "ColumnsResponse",
     "PredictRequest",
     "PredictResponse",
     "Predictor",
     "RankRequest",
     "RankResponse",
     "InjectedFault",
+    "columns_request_model",
     "rank_request_model",
     "Runtime",
     "SnapshotFeatureSource",
