@@ -26,7 +26,7 @@ import pytest
 
 from pipelines.core.settings import ServingSettings
 from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
-from pipelines.modeling.compiled import META, CompiledModel, CompileError
+from pipelines.modeling.compiled import META, SPLIT_ROWS, CompiledModel, CompileError
 from pipelines.modeling.release import reseal_release_dict
 from pipelines.serving.overload import shed_reasons, shed_threshold
 from pipelines.serving.request_log import read_shards
@@ -159,6 +159,26 @@ def test_small_calls_keep_the_gil_and_answer_exactly_as_tl2cgen(small_project: P
     model.predict(X[: HOLD_GIL_ROWS - 1])
     model.predict(X[:HOLD_GIL_ROWS])
     assert calls == [HOLD_GIL_ROWS - 1]
+
+
+def test_a_large_call_with_a_spare_core_scores_its_halves_on_two_threads(
+    small_project: Path,
+) -> None:
+    release = json.loads((small_project / "build/release/release.json").read_text())
+    model = CompiledModel.load(_model_folder(small_project / ".bentoml", release["prod"]["tag"]))
+    rng = np.random.default_rng(5)
+    X = rng.normal(0, 50, (SPLIT_ROWS + 1, model.meta["features"]))
+    X[rng.random(X.shape) < 0.15] = np.nan
+    want = model.predict(X)
+    threads: list[str] = []
+    released = model._released
+    model._released = lambda *a: threads.append(threading.current_thread().name) or released(*a)  # type: ignore[method-assign]
+    assert np.array_equal(model.predict(X, spare_core=True), want)  # both halves, in order
+    assert sorted(t.startswith("trees") for t in threads) == [False, True]
+    threads.clear()
+    model.predict(X[:-2], spare_core=True)  # under SPLIT_ROWS: one call on this thread
+    model.predict(X)  # no spare core
+    assert threads == [threading.current_thread().name] * 2
 
 
 # --- one real server ---------------------------------------------------------------------

@@ -692,6 +692,7 @@ class Predictor:
                     (routes, models, runtimes, reasons, codes),
                     scores,
                     answered,
+                    inflight == 1,  # alone in the worker: the trees may use a second core
                 )
         rest = np.flatnonzero(~answered)
         if len(rest):
@@ -745,6 +746,7 @@ class Predictor:
         labels: tuple[list[str], list[str], list[str], list[str | None], list[str | None]],
         scores: dict[str, np.ndarray],
         answered: np.ndarray,
+        spare_core: bool = False,
     ) -> None:
         routes, models, runtimes, reasons, codes = labels
         policy = rt.release.policy
@@ -766,7 +768,7 @@ class Predictor:
                     # Native code on a fixed number of trees: bounded and fast (0.1-0.2 ms a
                     # row), so it runs here; the hop to a helper thread, which lets a hung
                     # scikit-learn call be abandoned at the budget, cost more than the call.
-                    out, runtime = tier.predict(X_rows)
+                    out, runtime = tier.predict(X_rows, spare_core)
                 else:
                     future = self._pool.submit(tier.predict, X_rows)
                     out, runtime = future.result(timeout=budget_s)
