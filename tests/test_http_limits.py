@@ -202,3 +202,63 @@ def test_bentomls_access_log_is_on_only_when_asked() -> None:
 
     assert logging_config({}) == {"access": {"enabled": False}}
     assert logging_config({"CTR_ACCESS_LOG": "1"}) == {"access": {"enabled": True}}
+
+
+@pytest.mark.parametrize("protocol", ["HeaderTimeoutHttpToolsProtocol", "HeaderTimeoutH11Protocol"])
+def test_both_http_parsers_cut_a_slow_head_and_keep_serving(protocol: str) -> None:
+    """uvicorn with either protocol (httptools when installed, h11 otherwise): a head that
+    trickles in gets 408 at the limit; a connection kept alive between requests is not cut;
+    ``install_header_timeout`` picks httptools for BentoML's ``http="auto"``."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    import uvicorn.config
+
+    from pipelines.serving import http_limits
+    from tests.support.loadtest import free_port
+
+    http_limits.install_header_timeout(0.5)
+    assert uvicorn.config.HTTP_PROTOCOLS["auto"].endswith(":HeaderTimeoutHttpToolsProtocol")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=getattr(http_limits, protocol), log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as kept:
+            kept.sendall(request)
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # idle between requests, past the head limit: still open
+            kept.sendall(request)
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            started = time.monotonic()
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            answer = b""
+            while time.monotonic() - started < 4 and not answer:
+                slow.sendall(b"X-Slow: 1\r\n")
+                slow.settimeout(0.2)
+                try:
+                    answer = slow.recv(4096)
+                except TimeoutError:
+                    continue
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+            assert time.monotonic() - started < 2.0
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -195,7 +195,7 @@ def rollback(
         f"BentoML store: {record['bentoml_store']})"
     )
     typer.echo(
-        f"serve it: BENTOML_HOME={reg.project.base.bentoml_home} "
+        f"serve it: BENTOML_HOME={(reg.root / reg.project.base.bentoml_home).resolve()} "
         f"bentoml serve {record['bento_tag']}"
     )
 

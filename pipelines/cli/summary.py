@@ -39,6 +39,6 @@ def summary() -> None:
     typer.echo(f"bento archive: {b['archive']} ({b['archive_bytes'] / 1e6:.1f} MB)")
     typer.echo("reports: " + ", ".join(str(p.relative_to(root)) for p in reports))
     typer.echo(
-        f"serve it: BENTOML_HOME={settings.base.bentoml_home} "
+        f"serve it: BENTOML_HOME={(root / settings.base.bentoml_home).resolve()} "
         f".venv/bin/bentoml serve {b['bento_tag']} --port 3000"
     )

@@ -124,42 +124,34 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus a timer for the request head (``header_timeout``).
+class _HeaderTimer:
+    """A timer for the request head (``header_timeout``), for a uvicorn HTTP protocol.
 
-    The timer runs from the connection's start, and again whenever bytes of a new
-    request arrive, until h11 has the whole head; idle keep-alive connections are
-    closed by uvicorn's own keep-alive timeout.
+    It runs from the connection's start, and again whenever bytes of a new request
+    arrive, until the parser has the whole head; idle keep-alive connections are closed
+    by uvicorn's own keep-alive timeout.
     """
 
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_timer()
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
-            if self._header_timer is None:
-                self._arm_header_timer()
-        elif self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        super().connection_lost(exc)
 
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+    def _head_pending(self) -> bool:
+        raise NotImplementedError
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        if not self._head_pending() or self.transport.is_closing():
             return
         body = b'{"error": "request headers not received in time (serving.header_timeout_seconds)"}'
         self.transport.write(
@@ -169,8 +161,70 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self.transport.close()
 
 
+class HeaderTimeoutH11Protocol(_HeaderTimer, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the head timer: where httptools is not
+    installed."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()
+        else:
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _head_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+
+def _httptools_protocol() -> type | None:
+    """uvicorn's httptools protocol (a C parser) with the head timer, if httptools is here."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class HeaderTimeoutHttpToolsProtocol(_HeaderTimer, HttpToolsProtocol):
+        _in_head = True  # from the connection's start, and from each request's first byte
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._arm_header_timer()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._cancel_header_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _head_pending(self) -> bool:
+            return self._in_head
+
+    HeaderTimeoutHttpToolsProtocol.__module__ = __name__
+    return HeaderTimeoutHttpToolsProtocol
+
+
+HeaderTimeoutHttpToolsProtocol = _httptools_protocol()
+
+
 def install_header_timeout(seconds: float) -> None:
-    """Make uvicorn, as BentoML's workers start it, use ``HeaderTimeoutH11Protocol``.
+    """Make uvicorn, as BentoML's workers start it, use the head timer: on httptools' C
+    parser when it is installed (the bento's requirements ship it), else on h11.
 
     BentoML builds the uvicorn config itself with ``http="auto"``; uvicorn resolves
     the protocol from ``uvicorn.config.HTTP_PROTOCOLS`` when the server starts, after
@@ -178,10 +232,13 @@ def install_header_timeout(seconds: float) -> None:
     """
     import uvicorn.config
 
-    HeaderTimeoutH11Protocol.header_timeout = seconds
-    target = f"{__name__}:HeaderTimeoutH11Protocol"
-    uvicorn.config.HTTP_PROTOCOLS["auto"] = target
-    uvicorn.config.HTTP_PROTOCOLS["h11"] = target
+    _HeaderTimer.header_timeout = seconds
+    h11_target = f"{__name__}:HeaderTimeoutH11Protocol"
+    fast = HeaderTimeoutHttpToolsProtocol is not None
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = (
+        f"{__name__}:HeaderTimeoutHttpToolsProtocol" if fast else h11_target
+    )
+    uvicorn.config.HTTP_PROTOCOLS["h11"] = h11_target
 
 
 # The scoring routes as OpenTelemetry's ExcludeList matches them: a regex searched in the

@@ -175,8 +175,9 @@ def distributions_of(import_names: Iterable[str]) -> set[str]:
 
 
 # Imported by libraries at run time, never by name in the service's code: pandas reads the
-# feature snapshot (parquet) through pyarrow.
-RUNTIME_IMPORTS = frozenset({"pyarrow"})
+# feature snapshot (parquet) through pyarrow; uvicorn, under BentoML, serves with uvloop's
+# event loop and httptools' parser when they are installed.
+RUNTIME_IMPORTS = frozenset({"pyarrow", "uvloop", "httptools"})
 
 
 def bento_requirements(root: Path) -> str:
