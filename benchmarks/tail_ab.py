@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, serve_release  # noqa: E402
+from serving_cost import TOKEN, bento_release, closed, post_json, serve_release  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -68,12 +69,16 @@ def main() -> None:
         print(f"capacity at concurrency 8: {capacity}; open loop at {rate:.0f} req/s", flush=True)
         rounds: list[dict[str, Any]] = []
         latencies: dict[str, list[float]] = {t: [] for t in args.tags}
+        window = release["policy"]["profile_window_seconds"]
         for r in range(args.rounds):
             for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
+                began = time.time()
                 got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
+                got["profile_window_closed"] = closed(began, window)
                 latencies[tag].extend(answered(got.pop("raw")))
                 rounds.append({"round": r, "tag": tag, **got})
                 print(r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
+        gc_pauses = {t: post_json(u + "/metadata").get("gc") for t, u in urls.items()}
     finally:
         for proc in procs:
             stop(proc)
@@ -86,6 +91,7 @@ def main() -> None:
         "rate": round(rate, 1),
         "rounds": rounds,
         "pooled": {t: percentiles(np.asarray(v)) for t, v in latencies.items()},
+        "gc": gc_pauses,
         "command": "python benchmarks/tail_ab.py " + " ".join(sys.argv[1:]),
     }
     print(save_results(args.out, "tail_ab", report, markdown))
@@ -101,15 +107,30 @@ def markdown(report: dict[str, Any]) -> str:
         f"after. `/predict` capacity at concurrency 8: {report['capacity_c8']}; open loop at "
         f"{report['rate']} req/s for both.",
         "",
-        "| round | bento | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|",
+        "| round | bento | p50 ms | p95 ms | p99 ms | a profile window closed |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["rounds"]:
         lines_.append(
-            f"| {r['round']} | {r['tag']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} |"
+            f"| {r['round']} | {r['tag']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+            f"{'yes' if r.get('profile_window_closed') else ''} |"
         )
     for tag, p in report["pooled"].items():
-        lines_.append(f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} |")
+        lines_.append(f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | |")
+    lines_ += [
+        "",
+        "Garbage-collector pauses per generation over the whole run (`/metadata` gc):",
+        "",
+    ]
+    for tag, gens in (report.get("gc") or {}).items():
+        lines_.append(
+            f"* {tag}: "
+            + "; ".join(
+                f"gen {g}: {v['collections']} collections, {v['total_ms']:.0f} ms, "
+                f"longest {v['max_ms']:.1f} ms"
+                for g, v in (gens or {}).items()
+            )
+        )
     lines_ += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines_)
 
