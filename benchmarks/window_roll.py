@@ -97,7 +97,7 @@ def main() -> None:
         meta = post_json(url + "/metadata")
     finally:
         stop(proc)
-    # the helper that profiles the closed window (detached, nice 10) outlives the server;
+    # the helper that profiles the closed window (detached, nice 19) outlives the server;
     # wait for it so that the next benchmark does not share the cores with it
     from pipelines.serving.request_log import pending_windows, settle_profiles
 
@@ -151,7 +151,7 @@ def main() -> None:
         out += ["", f"p99 per second from the close (ms): {per_second}", ""]
         out += [
             f"The closed window's profile was written within {r['window_profiled_within_s']} s "
-            f"of the close by its helper process (nice 10); not profiled: "
+            f"of the close by its helper process (nice 19); not profiled: "
             f"{r['windows_not_profiled'] or 'none'}.",
             "",
         ]

@@ -747,6 +747,28 @@ def _window_batch(rows: int, features: np.ndarray | None = None) -> LogBatch:
     )
 
 
+def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_path: Path) -> None:
+    """The launcher lowers itself to nice 19 before it starts the helper, which inherits it
+    before its first import."""
+    import subprocess
+    import sys
+
+    from pipelines.serving.request_log import _DETACH
+
+    out = tmp_path / "nice.txt"
+    probe = f"import os; open({str(out)!r}, 'w').write(str(os.nice(0)))"
+    subprocess.run(
+        [sys.executable, "-c", _DETACH, str(tmp_path / "err"), sys.executable, "-c", probe],
+        check=True,
+        timeout=60,
+    )
+    deadline = time.monotonic() + 30
+    while not out.is_file() or not out.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert out.read_text() == "19"
+
+
 def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:
     """Stopping the server does not wait for the last window's profile: a helper that did
     not finish (killed with the container) leaves the saved window, which the next start

@@ -511,9 +511,14 @@ class RequestLog:
         self._profiles = still
 
 
-# Launcher of a detached helper: argv = [stderr file, command...]
+# Launcher of a detached helper: argv = [stderr file, command...]. It lowers its own
+# priority to the least (nice 19) before it starts the helper, which inherits it from its
+# first instruction: the helper's imports (pandas, whylogs) used to run at the service's
+# priority. Not the idle class: under sustained full load that would never profile, and
+# saved windows would pile up on disk.
 _DETACH = (
-    "import subprocess, sys\n"
+    "import os, subprocess, sys\n"
+    "os.nice(19 - os.nice(0))\n"
     "with open(sys.argv[1], 'wb') as err:\n"
     "    subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, "
     "stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)\n"
@@ -595,5 +600,4 @@ if (
 ):  # the profiling helper: python -m pipelines.serving.request_log profile IN OUT
     if len(sys.argv) != 3 or sys.argv[1] != "profile":
         sys.exit("usage: python -m pipelines.serving.request_log profile .window-*.parquet")
-    os.nice(10)  # yield the CPU to the service it profiles for
-    profile_file(Path(sys.argv[2]))
+    profile_file(Path(sys.argv[2]))  # at idle priority, set by its launcher (_DETACH)
