@@ -116,7 +116,13 @@ def main() -> None:
 
     from pipelines.features import search
     from pipelines.modeling.release import load_release
-    from pipelines.serving.predictor import Predictor, PredictRequest, RankRequest, Runtime
+    from pipelines.serving.predictor import (
+        Predictor,
+        PredictRequest,
+        RankRequest,
+        Runtime,
+        columns_request_model,
+    )
     from pipelines.serving.sources import SnapshotFeatureSource
     from pipelines.serving.tiers import load_tier
 
@@ -155,6 +161,17 @@ def main() -> None:
     devices = [r.device for r in reqs]
     t = np.array([int(r.timestamp.timestamp() * 1000) for r in reqs], dtype=np.int64)  # type: ignore[union-attr]
     X = rt.lookup(users, its, surfaces, devices, t).X
+    columns_model = columns_request_model(5000)
+    as_columns = json.dumps(
+        {
+            "user": users,
+            "item": its,
+            "surface": surfaces,
+            "device": devices,
+            "timestamp_ms": t.tolist(),
+        }
+    ).encode()
+    columns = columns_model.model_validate_json(as_columns)
     n_items = len(items)
     ids = [f"r{i}" for i in range(1000)]
     steps: dict[str, dict[str, float]] = {
@@ -163,6 +180,9 @@ def main() -> None:
             "1000 rows": timed(lambda: adapter.validate_json(many), 20),
             "1000 rows, the range checked by a Python validator per row (before)": timed(
                 lambda: per_row_check.validate_json(many), 20
+            ),
+            "1000 rows as columns (/predict_columns)": timed(
+                lambda: columns_model.model_validate_json(as_columns), 20
             ),
         },
         "features (point-in-time lookup)": {
@@ -195,6 +215,9 @@ def main() -> None:
         f"model, {prod.runtime}": {
             "1 row": timed(lambda: prod.predict(X[:1]), args.repeat),
             "1000 rows": timed(lambda: prod.predict(X), 20),
+            "1000 rows, halves on two threads (a call alone in its worker)": timed(
+                lambda: prod.predict(X, spare_core=True), 20
+            ),
         },
         "model, sklearn": {
             "1 row": timed(lambda: sk.predict(X[:1]), args.repeat),
@@ -316,6 +339,10 @@ def main() -> None:
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
         "1000 rows": timed(lambda: predictor.predict_json(reqs), 20),
+        "1000 rows as columns": timed(lambda: predictor.predict_columns_json(columns), 20),
+        "1000 rows as columns, alone in the worker (trees on two threads)": timed(
+            lambda: predictor.predict_columns_json(columns, inflight=1), 20
+        ),
         f"rank, {n_items} items": timed(lambda: predictor.rank_json(rank), 20),
     }
     predictor.close()

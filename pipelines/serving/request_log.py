@@ -511,11 +511,8 @@ class RequestLog:
         self._profiles = still
 
 
-# Launcher of a detached helper: argv = [stderr file, command...]. It lowers its own
-# priority to the least (nice 19) before it starts the helper, which inherits it from its
-# first instruction: the helper's imports (pandas, whylogs) used to run at the service's
-# priority. Not the idle class: under sustained full load that would never profile, and
-# saved windows would pile up on disk.
+# Launcher of a detached helper: argv = [stderr file, command...]. At nice 19 before the
+# helper starts (inherited by its imports too); not the idle class, which could starve.
 _DETACH = (
     "import os, subprocess, sys\n"
     "os.nice(19 - os.nice(0))\n"
