@@ -344,18 +344,19 @@ def test_corrupt_model_file_is_refused_and_reported(
 
 
 # --- canary, shadow, A/B, kill switch ----------------------------------------------------
+# A canary at 30% of users, no shadow scoring (make's keyword arguments).
+CANARY_30: dict[str, Any] = {
+    "tiers": ("prod", "candidate"),
+    "routing": "canary",
+    "candidate_share": 0.3,
+    "shadow_sample_rate": 0.0,
+}
+
+
 def test_canary_answers_its_share_with_the_candidate(
     models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str
 ) -> None:
-    predictor = make(
-        models,
-        raw_dir,
-        tmp_path,
-        tiers=("prod", "candidate"),
-        routing="canary",
-        candidate_share=0.3,
-        shadow_sample_rate=0.0,
-    )
+    predictor = make(models, raw_dir, tmp_path, **CANARY_30)
     reqs = requests_for(1500, at)
     out = predictor.predict(reqs)
     canary = np.array([r.route == "canary" for r in out])
@@ -380,10 +381,7 @@ def test_columns_answer_as_the_rows_do_canary_shedding_and_log_included(
         models,
         raw_dir,
         tmp_path,
-        tiers=("prod", "candidate"),
-        routing="canary",
-        candidate_share=0.3,
-        shadow_sample_rate=0.0,
+        **CANARY_30,
         shed_inflight=2,
         surface_priority={"search": 0, "feed": 1, "recs": 2},
     )
