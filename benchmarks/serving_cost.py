@@ -442,9 +442,14 @@ def markdown(report: dict[str, Any]) -> str:
         "| bare p50/p95/p99 ms |",
         "|---|---|---|---|---|---|",
     ]
-    scenarios = ("predict_c1", "predict_c8", "batch1000_c1", "batch1000_c2")
-    scenarios += ("columns1000_c1", "columns1000_c2")
-    for name in (n for n in scenarios if n in full):
+    for name in (
+        "predict_c1",
+        "predict_c8",
+        "batch1000_c1",
+        "batch1000_c2",
+        "columns1000_c1",
+        "columns1000_c2",
+    ):
         f, b = full[name], bare[name]
         lines_.append(
             f"| {name} | {f['req_per_s']} ({f.get('rows_per_s', f['req_per_s'])} rows/s) | "

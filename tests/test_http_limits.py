@@ -219,6 +219,7 @@ def test_both_http_parsers_cut_a_slow_head_and_keep_serving(protocol: str) -> No
     from pipelines.serving import http_limits
     from tests.support.loadtest import free_port
 
+    saved = (http_limits._HeaderTimer.header_timeout, dict(uvicorn.config.HTTP_PROTOCOLS))
     http_limits.install_header_timeout(0.5)
     assert uvicorn.config.HTTP_PROTOCOLS["auto"].endswith(":HeaderTimeoutHttpToolsProtocol")
 
@@ -262,3 +263,5 @@ def test_both_http_parsers_cut_a_slow_head_and_keep_serving(protocol: str) -> No
     finally:
         server.should_exit = True
         thread.join(10)
+        http_limits._HeaderTimer.header_timeout = saved[0]
+        uvicorn.config.HTTP_PROTOCOLS.update(saved[1])

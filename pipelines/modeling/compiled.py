@@ -43,11 +43,11 @@ TOLERANCE = 1e-9  # largest |compiled - scikit-learn| accepted on the test set
 # go of the GIL: the trees take microseconds there, and each of tl2cgen's five ctypes calls
 # per prediction would let go of it and wait to take it back from a busy thread
 # (docs/serving.md, "Tail latency").
+_DOUBLES = ctypes.POINTER(ctypes.c_double)
+_NAN = np.array([np.nan])  # the missing-value marker, as tl2cgen.DMatrix passes it
 # A call of at least SPLIT_ROWS rows, when the worker has a core to spare, scores its two
 # halves on two threads (two handles of the library; the second on a helper thread).
 SPLIT_ROWS = 512
-_DOUBLES = ctypes.POINTER(ctypes.c_double)
-_NAN = np.array([np.nan])  # the missing-value marker, as tl2cgen.DMatrix passes it
 
 
 class CompileError(RuntimeError):

@@ -215,7 +215,6 @@ def _httptools_protocol() -> type | None:
         def _head_pending(self) -> bool:
             return self._in_head
 
-    HeaderTimeoutHttpToolsProtocol.__module__ = __name__
     return HeaderTimeoutHttpToolsProtocol
 
 

@@ -191,4 +191,4 @@ def _settle(future: Any, result: Any, error: BaseException | None) -> None:
 
 def call_level(policy: ServingSettings, surfaces: Sequence[str]) -> int:
     """The lane level of a call: its most critical surface's priority (0 = critical)."""
-    return min((policy.surface_priority.get(s, 0) for s in surfaces), default=0)
+    return min((policy.surface_priority.get(s, 0) for s in set(surfaces)), default=0)

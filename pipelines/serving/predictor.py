@@ -164,13 +164,10 @@ class ColumnsRequest(BaseModel):
 
     @model_validator(mode="after")
     def _same_length(self) -> ColumnsRequest:
-        sizes = {c: len(getattr(self, c)) for c in _COLUMNS if getattr(self, c) is not None}
+        sizes = {name: len(column) for name, column in self if column is not None}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"columns must have one value per row; lengths: {sizes}")
         return self
-
-
-_COLUMNS = ("user", "item", "surface", "device", "timestamp_ms")
 
 
 def columns_request_model(max_rows: int) -> type[ColumnsRequest]:

@@ -597,4 +597,4 @@ if (
 ):  # the profiling helper: python -m pipelines.serving.request_log profile IN OUT
     if len(sys.argv) != 3 or sys.argv[1] != "profile":
         sys.exit("usage: python -m pipelines.serving.request_log profile .window-*.parquet")
-    profile_file(Path(sys.argv[2]))  # at idle priority, set by its launcher (_DETACH)
+    profile_file(Path(sys.argv[2]))  # at nice 19, set by its launcher (_DETACH)
