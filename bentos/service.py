@@ -201,7 +201,12 @@ class CtrService:
     async def predict(self, request: PredictRequest, /) -> PredictResponse:
         """Score one impression."""
         answers = await self._score(
-            [request.surface], self.predictor.predict, [request], "predict", ARRIVAL_INFLIGHT.get()
+            1,
+            [request.surface],
+            self.predictor.predict,
+            [request],
+            "predict",
+            ARRIVAL_INFLIGHT.get(),
         )
         return answers if isinstance(answers, Response) else answers[0]  # type: ignore[no-any-return]
 
@@ -216,6 +221,7 @@ class CtrService:
     ) -> list[PredictResponse]:
         """Score 1 to ``serving.max_batch_size`` impressions in one call."""
         return await self._score(  # type: ignore[no-any-return]
+            len(requests),
             [r.surface for r in requests],
             self.predictor.predict_json,
             requests,
@@ -228,6 +234,7 @@ class CtrService:
         """Score 1 to ``serving.max_batch_size`` impressions given as columns (one list per
         field, request times in epoch ms); the answers as columns."""
         return await self._score(  # type: ignore[no-any-return]
+            len(columns.user),  # type: ignore[attr-defined]
             columns.surface,  # type: ignore[attr-defined]
             self.predictor.predict_columns_json,
             columns,
@@ -240,18 +247,26 @@ class CtrService:
         """Rank 1 to ``serving.max_rank_items`` candidate items for one user, surface and
         device: each item's click probability, highest first."""
         return await self._score(  # type: ignore[no-any-return]
+            len(request.items),  # type: ignore[attr-defined]
             [request.surface],  # type: ignore[attr-defined]
             self.predictor.rank_json,
             request,
             ARRIVAL_INFLIGHT.get(),
         )
 
-    async def _score(self, surfaces: list[str], fn: Any, *args: Any) -> Any:
+    async def _score(self, rows: int, surfaces: list[str], fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the scoring lane at the level of the call's most critical surface;
         JSON bytes become the response as they are; 503 when no tier, baseline included, can
-        answer."""
+        answer. A call alone in the worker that keeps the GIL throughout anyway runs here:
+        another thread would run it no sooner, and no other call could use the loop meanwhile
+        (with calls in flight, the loop reads them while the lane's thread scores)."""
+        level = call_level(POLICY, surfaces)
+        inline = self.predictor.keeps_gil(rows)
+        if inline:
+            await asyncio.sleep(0)  # requests that came in with this one enter the count
+            inline = InFlight.count == 1
         try:
-            out = await self.lane.run(call_level(POLICY, surfaces), fn, *args)
+            out = await self.lane.run(level, fn, *args, inline=inline)
         except NoTierAvailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         return Response(out, media_type="application/json") if isinstance(out, bytes) else out
@@ -260,7 +275,7 @@ class CtrService:
     def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:
         """The release and model versions answering; with the admin token also the lineage,
         policy, load problems and counters."""
-        full = {**self.predictor.metadata(), "gc": self.gc_pauses.stats}
+        full = {**self.predictor.metadata(), "gc": self.gc_pauses.stats, "lane": self.lane.calls}
         token = ctx.request.headers.get("authorization", "")
         if check_bearer(token, POLICY.admin_token_env) is None:
             return full

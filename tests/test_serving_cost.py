@@ -119,6 +119,43 @@ def test_priority_lane_takes_the_most_critical_queued_call_first() -> None:
         asyncio.run(lane.run(0, job, "late"))
 
 
+def test_a_call_that_keeps_the_gil_runs_on_the_loop_only_when_the_lane_is_idle() -> None:
+    import asyncio
+
+    from pipelines.serving.overload import PriorityLane
+
+    lane = PriorityLane()
+    gate = threading.Event()
+    ran: list[tuple[str, str]] = []
+
+    def job(name: str, wait: bool = False) -> str:
+        if wait:
+            gate.wait(5)
+        ran.append((name, threading.current_thread().name))
+        return name
+
+    async def main() -> list[Any]:
+        loop_thread = threading.current_thread().name
+        assert await lane.run(0, job, "idle", inline=True) == "idle"
+        assert ran == [("idle", loop_thread)]
+        assert await lane.run(0, job, "not inline") == "not inline"
+        assert ran[-1] == ("not inline", "scoring")
+        holder = asyncio.create_task(lane.run(1, job, "holder", True))
+        await asyncio.sleep(0.05)  # the holder runs on the lane: nothing may overtake it
+        low = asyncio.create_task(lane.run(2, job, "low"))
+        small = asyncio.create_task(lane.run(0, job, "small", inline=True))
+        await asyncio.sleep(0.05)
+        assert lane.queued() == {2: 1, 0: 1}
+        gate.set()
+        return await asyncio.gather(holder, low, small)
+
+    assert asyncio.run(main()) == ["holder", "low", "small"]
+    lane.close()
+    assert [name for name, _ in ran[2:]] == ["holder", "small", "low"]
+    assert {thread for _, thread in ran[2:]} == {"scoring"}
+    assert lane.calls == {"inline": 1, "lane": 4}
+
+
 def test_a_library_built_for_another_platform_is_refused(
     small_project: Path, tmp_path: Path
 ) -> None:
@@ -457,6 +494,33 @@ def test_low_priority_surfaces_are_shed_first_when_the_worker_is_saturated(
     counters = server.metadata()["counters"]
     assert counters["shed_rows"] == {"recs": 1, "feed": 1}
     assert counters["degraded_reasons"]["shed_overload"] == 2
+
+
+@pytest.mark.slow
+def test_small_calls_run_on_the_event_loop_unless_a_call_may_wait(
+    server: Server, rows: pd.DataFrame
+) -> None:
+    body = _bodies(rows)[0]
+
+    def calls() -> dict[str, int]:
+        return server.metadata()["lane"]  # type: ignore[no-any-return]
+
+    before = calls()
+    assert server.post("/predict", body).status_code == 200
+    one = calls()
+    assert one == {**before, "inline": before["inline"] + 1}
+    assert server.post("/predict_batch", {"requests": _bodies(rows)}).status_code == 200
+    batch = calls()  # 200 rows let go of the GIL in the searches and the trees
+    assert batch == {**one, "lane": one["lane"] + 1}
+    slow = {"target": "features", "kind": "slow", "delay_ms": 1}
+    assert server.post("/admin/fault", slow, TOKEN).status_code == 200
+    try:  # a call that may wait (here on the feature source) waits on the lane's thread
+        assert server.post("/predict", body).json()["route"] == "prod"
+    finally:
+        server.post("/admin/fault", {"target": "features", "kind": "none"}, TOKEN)
+    assert calls() == {**batch, "lane": batch["lane"] + 1}
+    assert server.post("/predict", body).status_code == 200
+    assert calls()["inline"] == batch["inline"] + 1
 
 
 @pytest.mark.slow

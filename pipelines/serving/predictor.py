@@ -439,6 +439,19 @@ class Predictor:
             self.pod.start()
 
     # --- the request path ------------------------------------------------------
+    def keeps_gil(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows keeps the GIL from start to end: the searches and
+        the trees keep it under ``search.RELEASE_GIL_QUERIES`` rows, the features come from
+        the packaged snapshot (no store round trip) and every tier is compiled with no fault
+        (no wait on a helper thread)."""
+        rt = self.runtime
+        return (
+            rows < search.RELEASE_GIL_QUERIES
+            and rt.features_fault is None
+            and isinstance(rt.features, SnapshotFeatureSource)
+            and all(t.compiled is not None and t.fault is None for t in rt.tiers.values())
+        )
+
     def predict(
         self,
         requests: Sequence[PredictRequest],
