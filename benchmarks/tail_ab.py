@@ -5,7 +5,8 @@ code. This serves two bentos of a BentoML home (for example the bento of a chang
 one built before it; `bentoml list` names them), one worker each, measures each one's
 ``/predict`` capacity at concurrency 8 (``wrk``), then sends both the same Poisson
 arrivals (``benchmarks/_openloop.py``) at ``--share`` of the lower capacity, in rounds
-that alternate their order, and reports p50/p95/p99 per round and pooled.
+that alternate their order, and reports p50/p95/p99 per round and pooled. Each round also
+times ``/predict`` at concurrency 1 (``wrk``, ``--c1-seconds``; 0 skips it).
 
 Usage::
 
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.6, help="of the lower capacity")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0, help="per round and bento")
+    parser.add_argument("--c1-seconds", type=float, default=0.0, help="wrk at concurrency 1")
+    parser.add_argument("--name", default="tail_ab", help="results file name")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tail-ab-"))
@@ -72,13 +75,17 @@ def main() -> None:
         window = release["policy"]["profile_window_seconds"]
         for r in range(args.rounds):
             for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
+                c1 = {}
+                if args.c1_seconds > 0:
+                    c1 = wrk(urls[tag], "/predict", bodies, 1, args.c1_seconds, script)
                 began = time.time()
                 got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
+                got["c1"] = {k: c1[k] for k in ("req_per_s", "p50_ms", "p99_ms") if k in c1}
                 got["profile_window_closed"] = closed(began, window)
                 latencies[tag].extend(answered(got.pop("raw")))
                 rounds.append({"round": r, "tag": tag, **got})
                 print(r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
-        gc_pauses = {t: post_json(u + "/metadata").get("gc") for t, u in urls.items()}
+        metadata = {t: post_json(u + "/metadata") for t, u in urls.items()}
     finally:
         for proc in procs:
             stop(proc)
@@ -91,10 +98,11 @@ def main() -> None:
         "rate": round(rate, 1),
         "rounds": rounds,
         "pooled": {t: percentiles(np.asarray(v)) for t, v in latencies.items()},
-        "gc": gc_pauses,
+        "gc": {t: m.get("gc") for t, m in metadata.items()},
+        "lane": {t: m.get("lane") for t, m in metadata.items()},
         "command": "python benchmarks/tail_ab.py " + " ".join(sys.argv[1:]),
     }
-    print(save_results(args.out, "tail_ab", report, markdown))
+    print(save_results(args.out, args.name, report, markdown))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -107,16 +115,28 @@ def markdown(report: dict[str, Any]) -> str:
         f"after. `/predict` capacity at concurrency 8: {report['capacity_c8']}; open loop at "
         f"{report['rate']} req/s for both.",
         "",
-        "| round | bento | p50 ms | p95 ms | p99 ms | a profile window closed |",
-        "|---|---|---|---|---|---|",
+        "| round | bento | p50 ms | p95 ms | p99 ms | a profile window closed "
+        "| concurrency 1: req/s, p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
     ]
+    c1_rates: dict[str, list[float]] = {}
     for r in report["rounds"]:
+        c1 = r.get("c1") or {}
+        if c1:
+            c1_rates.setdefault(r["tag"], []).append(c1["req_per_s"])
         lines_.append(
             f"| {r['round']} | {r['tag']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-            f"{'yes' if r.get('profile_window_closed') else ''} |"
+            f"{'yes' if r.get('profile_window_closed') else ''} | "
+            + (f"{c1['req_per_s']}, {c1['p50_ms']} / {c1['p99_ms']}" if c1 else "")
+            + " |"
         )
     for tag, p in report["pooled"].items():
-        lines_.append(f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | |")
+        mean = c1_rates.get(tag)
+        lines_.append(
+            f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | | "
+            + (f"{sum(mean) / len(mean):.1f} (mean)" if mean else "")
+            + " |"
+        )
     lines_ += [
         "",
         "Garbage-collector pauses per generation over the whole run (`/metadata` gc):",
@@ -131,6 +151,9 @@ def markdown(report: dict[str, Any]) -> str:
                 for g, v in (gens or {}).items()
             )
         )
+    for tag, calls in (report.get("lane") or {}).items():
+        if calls:
+            lines_.append(f"* {tag}: scoring calls run on the event loop / the lane: {calls}")
     lines_ += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines_)
 

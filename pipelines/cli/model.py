@@ -14,6 +14,7 @@ from pipelines.cli.common import (
     forms,
     open_registry,
     resolve_version,
+    serve_hint,
     version_name,
     version_number,
 )
@@ -194,10 +195,7 @@ def rollback(
         f"bento {record['bento_tag']}: {record['archive']} (md5 {record['archive_md5']}, "
         f"BentoML store: {record['bentoml_store']})"
     )
-    typer.echo(
-        f"serve it: BENTOML_HOME={(reg.root / reg.project.base.bentoml_home).resolve()} "
-        f"bentoml serve {record['bento_tag']}"
-    )
+    typer.echo(serve_hint(reg.root / reg.project.base.bentoml_home, record["bento_tag"]))
 
 
 @app.command("status")

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from pipelines.cli.common import fail
+from pipelines.cli.common import fail, serve_hint
 from pipelines.core import config
 from pipelines.core.settings import load_settings
 
@@ -38,7 +38,4 @@ def summary() -> None:
     typer.echo(f"model {b['model_tag']} | features {b['features_tag']} | bento {b['bento_tag']}")
     typer.echo(f"bento archive: {b['archive']} ({b['archive_bytes'] / 1e6:.1f} MB)")
     typer.echo("reports: " + ", ".join(str(p.relative_to(root)) for p in reports))
-    typer.echo(
-        f"serve it: BENTOML_HOME={(root / settings.base.bentoml_home).resolve()} "
-        f".venv/bin/bentoml serve {b['bento_tag']} --port 3000"
-    )
+    typer.echo(serve_hint(root / settings.base.bentoml_home, b["bento_tag"]))
