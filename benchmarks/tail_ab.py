@@ -57,6 +57,7 @@ def main() -> None:
     script = wrk_script(work)
     bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
     load_before = os.getloadavg()
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     procs, urls = [], {}
     try:
         for k, tag in enumerate(args.tags):
@@ -91,7 +92,7 @@ def main() -> None:
             stop(proc)
     report = {
         "machine": machine(),
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "started_at": started_at,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "capacity_c8": capacity,
