@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -168,3 +169,13 @@ def test_docs_name_no_retired_command() -> None:
             continue  # it lists the old spellings with their new ones
         hits = [m.group(0) for m in old.finditer(path.read_text())]
         assert not hits, f"{path.relative_to(REPO)} still says {sorted(set(hits))}"
+
+
+def test_the_serve_hint_is_a_command_a_shell_runs_as_printed(tmp_path: Path) -> None:
+    import shlex
+
+    home = tmp_path / ".dot dir" / "project" / ".bentoml"
+    words = shlex.split(common.serve_hint(home, "ctr_service:abc"))
+    assert words[:2] == ["serve", "it:"]
+    assert words[2] == f"BENTOML_HOME={home.resolve()}"  # absolute, one word with its space
+    assert words[3:] == [".venv/bin/bentoml", "serve", "ctr_service:abc", "--port", "3000"]

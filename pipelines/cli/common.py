@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,10 +26,8 @@ _MODEL = re.compile(r"^[a-z0-9]([a-z0-9_/-]*[a-z0-9])?$")
 def serve_hint(bentoml_home: Path, bento_tag: str) -> str:
     """The command that serves a bento from the project's BentoML store (an absolute home:
     a relative one names another store from any other folder)."""
-    return (
-        f"serve it: BENTOML_HOME={bentoml_home.resolve()} "
-        f".venv/bin/bentoml serve {bento_tag} --port 3000"
-    )
+    home = shlex.quote(str(bentoml_home.resolve()))  # a folder name may hold a space
+    return f"serve it: BENTOML_HOME={home} .venv/bin/bentoml serve {bento_tag} --port 3000"
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
