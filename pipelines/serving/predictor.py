@@ -449,7 +449,7 @@ class Predictor:
             rows < search.RELEASE_GIL_QUERIES
             and rt.features_fault is None
             and isinstance(rt.features, SnapshotFeatureSource)
-            and all(t.compiled is not None and t.fault is None for t in rt.tiers.values())
+            and all(t.runs_on_caller for t in rt.tiers.values())
         )
 
     def predict(
@@ -774,10 +774,7 @@ class Predictor:
                 )
                 continue
             try:
-                if tier.compiled is not None and tier.fault is None:
-                    # Native code on a fixed number of trees: bounded and fast (0.1-0.2 ms a
-                    # row), so it runs here; the hop to a helper thread, which lets a hung
-                    # scikit-learn call be abandoned at the budget, cost more than the call.
+                if tier.runs_on_caller:  # the hop to a helper thread cost more than the call
                     out, runtime = tier.predict(X_rows, spare_core)
                 else:
                     future = self._pool.submit(tier.predict, X_rows)

@@ -68,6 +68,14 @@ class ModelTier:
         """What answers for this tier now: ``compiled`` or ``sklearn``."""
         return "compiled" if self.compiled is not None else "sklearn"
 
+    @property
+    def runs_on_caller(self) -> bool:
+        """Whether a call runs on the calling thread: the compiled library with no injected
+        fault, native code on a fixed number of trees (bounded and fast, 0.1-0.2 ms a row).
+        Otherwise it runs on a helper thread, so that a hung scikit-learn call (or a slow
+        fault) can be abandoned at the latency budget."""
+        return self.compiled is not None and self.fault is None
+
     def unavailable(self, now: float) -> str | None:
         """Why the tier cannot be tried now, or None."""
         if self.model is None:
