@@ -208,6 +208,56 @@ def test_locate_equals_searchsorted_on_the_whole_array() -> None:
                 assert (first[~known, k] == lo[~known]).all()
 
 
+def test_searches_of_a_large_call_with_a_spare_core_run_on_two_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``spare_core``, a call of ``SPLIT_QUERIES`` queries or more runs part of its
+    searches on a helper thread; the results are the same searches' results, in the same
+    order. Smaller calls, and calls without a spare core, stay on the calling thread."""
+    import threading
+
+    from pipelines.features import search
+
+    rng = np.random.default_rng(3)
+    searches = {}
+    for key, size in (("a", 5000), ("b", 300), ("c", 2000), ("d", 40)):
+        code = np.repeat(np.arange(20), rng.integers(0, size // 10, 20))
+        arr = np.sort(code * 1_000_000 + rng.integers(0, 900_000, len(code)))
+        starts = np.searchsorted(arr, np.arange(21) * 1_000_000, side="left")
+        n = search.SPLIT_QUERIES
+        searches[key] = (
+            arr,
+            starts,
+            rng.integers(-1, 20, n),
+            rng.integers(0, 900_000, n),
+            np.array([1000, 50_000]),
+            1_000_000,
+        )
+    where: dict[str, str] = {}
+    plain_locate = search.locate
+
+    def traced(*args: object) -> search.Located:
+        key = next(k for k, s in searches.items() if s[0] is args[0])
+        where[key] = threading.current_thread().name
+        return plain_locate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search, "locate", traced)
+    alone = search.locate_all(searches)
+    assert set(where.values()) == {threading.current_thread().name}
+    with search.spare_core():
+        split = search.locate_all(searches)
+        assert len(set(where.values())) == 2, where
+        small = {k: (*s[:2], s[2][:-1], s[3][:-1], *s[4:]) for k, s in searches.items()}
+        where.clear()
+        search.locate_all(small)  # one query under SPLIT_QUERIES
+        assert set(where.values()) == {threading.current_thread().name}
+    assert list(split) == list(searches)
+    for key in searches:
+        for got, want in zip(split[key], alone[key], strict=True):
+            assert np.array_equal(got, want)
+        assert np.array_equal(alone[key][1], plain_locate(*searches[key])[1])
+
+
 def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
     """A read-only install (no writable ``__pycache__`` nor user cache) still imports and
     answers: numba refuses ``cache=True`` there at import, and the kernel compiles in memory.

@@ -427,21 +427,30 @@ def evaluate(
     n = len(t_ms)
     t_rel = np.clip(t_ms - EPOCH_MS, 0, STRIDE - 1)
     out = np.empty((n, len(feature_set.features)), dtype=np.float64)
-    located: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]] = {}
     counted: dict[tuple[str, str, int | None], np.ndarray] = {}
     latest_of: dict[tuple[str, str], np.ndarray] = {}
+    # Per (entity, source): start of the entity's events, index of its first event >= t,
+    # and per window the index of its first event inside the window (all windows at once).
+    searched = search.locate_all(
+        {
+            (entity, source): (
+                histories.arrays[(entity, source)],
+                histories.starts[(entity, source)],
+                codes[entity],
+                t_rel,
+                windows,
+                STRIDE,
+            )
+            for (entity, source), windows in feature_set.windows.items()
+        }
+    )
+    located = {
+        key: (lo, hi, {int(w): first[:, k] for k, w in enumerate(feature_set.windows[key])})
+        for key, (lo, hi, first) in searched.items()
+    }
 
     def position(entity: str, source: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        """Start of the entity's events, index of its first event >= t, and per window the
-        index of its first event inside the window (all windows of the source at once)."""
-        key = (entity, source)
-        if key not in located:
-            windows = feature_set.windows[key]
-            lo, hi, first = search.locate(
-                histories.arrays[key], histories.starts[key], codes[entity], t_rel, windows, STRIDE
-            )
-            located[key] = (lo, hi, {int(w): first[:, k] for k, w in enumerate(windows)})
-        return located[key]
+        return located[(entity, source)]
 
     def count(entity: str, source: str, window: int | None) -> np.ndarray:
         key = (entity, source, window)

@@ -10,6 +10,10 @@ Smaller calls keep the GIL (``RELEASE_GIL_QUERIES``; docs/serving.md, "Tail late
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,11 @@ from numba import njit
 # microseconds, and taking the GIL back from a busy thread can take up to the 5 ms switch
 # interval.
 RELEASE_GIL_QUERIES = 64
+# A call of at least this many queries, made where a core is idle (``spare_core``), runs
+# half of its searches on a helper thread (docs/serving.md, "Batch scoring").
+SPLIT_QUERIES = 512
+_SPARE_CORE: contextvars.ContextVar[bool] = contextvars.ContextVar("spare_core", default=False)
+_helper: cf.ThreadPoolExecutor | None = None
 
 
 def _compiled(nogil: bool) -> Any:
@@ -33,6 +42,43 @@ def _compiled(nogil: bool) -> Any:
 
 
 Located = tuple[np.ndarray, np.ndarray, np.ndarray]
+Search = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+@contextlib.contextmanager
+def spare_core(idle: bool = True) -> Iterator[None]:
+    """Within it, in this thread, ``locate_all`` may use a second thread: the caller knows a
+    core is idle (a call alone in its worker)."""
+    token = _SPARE_CORE.set(idle)
+    try:
+        yield
+    finally:
+        _SPARE_CORE.reset(token)
+
+
+def locate_all(searches: Mapping[Hashable, Search]) -> dict[Hashable, Located]:
+    """``locate`` of each search (arguments in ``locate``'s order). Under ``spare_core``,
+    with ``SPLIT_QUERIES`` queries or more, about half of the work runs on a helper thread
+    meanwhile: the kernels let go of the GIL, so the two halves run on two cores."""
+    keys = list(searches)
+    n = len(searches[keys[0]][2]) if keys else 0
+    if len(keys) < 2 or n < SPLIT_QUERIES or not _SPARE_CORE.get():
+        return {key: locate(*searches[key]) for key in keys}
+    global _helper  # noqa: PLW0603 - one helper thread per process, made on first use
+    if _helper is None:
+        _helper = cf.ThreadPoolExecutor(1, thread_name_prefix="searches")
+    # Longest first to the lighter side; a query's cost: a binary search per window and
+    # one for its time, each about log2 of the array's length.
+    cost = {k: (1 + len(s[4])) * np.log2(len(s[0]) + 2) for k, s in searches.items()}
+    mine: list[Hashable] = []
+    theirs: list[Hashable] = []
+    for key in sorted(keys, key=cost.__getitem__, reverse=True):
+        side = mine if sum(map(cost.__getitem__, mine)) <= sum(map(cost.__getitem__, theirs)) else theirs
+        side.append(key)
+    later = _helper.submit(lambda: [locate(*searches[key]) for key in theirs])
+    out = {key: locate(*searches[key]) for key in mine}
+    out.update(zip(theirs, later.result(), strict=True))
+    return {key: out[key] for key in keys}
 
 
 def locate(

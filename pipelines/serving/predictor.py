@@ -648,22 +648,24 @@ class Predictor:
         feature_note: str | None = None
         if len(keep):
             try:
-                if len(keep) == n:
-                    batch = rt.lookup(users, items, surfaces, devices, t_ms)
-                    X = batch.X
-                    as_of = batch.as_of_ms
-                else:
-                    batch = rt.lookup(
-                        [users[i] for i in keep],
-                        [items[i] for i in keep],
-                        [surfaces[i] for i in keep],
-                        [devices[i] for i in keep],
-                        t_ms[keep],
-                    )
-                    X = np.full((n, batch.X.shape[1]), np.nan)
-                    X[keep] = batch.X
-                    as_of = np.zeros(n, dtype=np.int64)
-                    as_of[keep] = batch.as_of_ms
+                # alone in the worker: the searches may use a second core (so may the trees)
+                with search.spare_core(inflight == 1):
+                    if len(keep) == n:
+                        batch = rt.lookup(users, items, surfaces, devices, t_ms)
+                        X = batch.X
+                        as_of = batch.as_of_ms
+                    else:
+                        batch = rt.lookup(
+                            [users[i] for i in keep],
+                            [items[i] for i in keep],
+                            [surfaces[i] for i in keep],
+                            [devices[i] for i in keep],
+                            t_ms[keep],
+                        )
+                        X = np.full((n, batch.X.shape[1]), np.nan)
+                        X[keep] = batch.X
+                        as_of = np.zeros(n, dtype=np.int64)
+                        as_of[keep] = batch.as_of_ms
                 feature_note = batch.note
                 age[keep] = np.maximum(t_ms[keep] - as_of[keep], 0) / 1000.0
                 fresh[keep] = age[keep] <= policy.freshness_sla_seconds
