@@ -72,9 +72,11 @@ def locate_all(searches: Mapping[Hashable, Search]) -> dict[Hashable, Located]:
     cost = {k: (1 + len(s[4])) * np.log2(len(s[0]) + 2) for k, s in searches.items()}
     mine: list[Hashable] = []
     theirs: list[Hashable] = []
+    load = [0.0, 0.0]
     for key in sorted(keys, key=cost.__getitem__, reverse=True):
-        side = mine if sum(map(cost.__getitem__, mine)) <= sum(map(cost.__getitem__, theirs)) else theirs
-        side.append(key)
+        side = 0 if load[0] <= load[1] else 1
+        (mine, theirs)[side].append(key)
+        load[side] += cost[key]
     later = _helper.submit(lambda: [locate(*searches[key]) for key in theirs])
     out = {key: locate(*searches[key]) for key in mine}
     out.update(zip(theirs, later.result(), strict=True))
