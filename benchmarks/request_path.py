@@ -2,8 +2,9 @@
 
 Loads the project's built release (``build/release/release.json``, models from its BentoML
 store) as the service does, then times, per call of one row and of 1000 rows / candidates:
-request validation (pydantic, from JSON bytes), the feature lookup (and the one-user path
-of ``/rank``; and with the searches as they were, over the whole array), routing, the
+request validation (pydantic, from JSON bytes), the feature lookup (its searches on one
+thread and on two; the one-user path of ``/rank``; and with the searches as they were,
+over the whole array), routing, the
 model (compiled library and scikit-learn), the request-log line (what the writer thread
 serializes) and the whole ``Predictor`` call; a full garbage
 collection while a profile window of 90,000 calls is held (as ``LogBatch`` objects, and
@@ -19,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -82,7 +84,6 @@ def timed_with(module: Any, name: str, stand_in: Any, fn: Callable[[], Any], rep
 def python_range_check_model() -> Any:
     """``PredictRequest`` as it was: the request-time range checked by a Python function that
     pydantic calls per row (now pydantic-core's own ``ge``/``lt`` bounds)."""
-    import datetime as dt
     from typing import Annotated
 
     from pydantic import AfterValidator, create_model
@@ -162,6 +163,55 @@ def main() -> None:
     t = np.array([int(r.timestamp.timestamp() * 1000) for r in reqs], dtype=np.int64)  # type: ignore[union-attr]
     X = rt.lookup(users, its, surfaces, devices, t).X
     columns_model = columns_request_model(5000)
+
+    def rotating_searches(spare: bool) -> float:
+        """Median ms of the searches of 50 different 1000-row batches, as a served worker
+        meets them (repeating one batch finds its data in cache)."""
+        from pipelines.features.definitions import EPOCH_MS, STRIDE
+
+        index = rt.features.index  # type: ignore[union-attr]
+        jobs = []
+        for seed in range(1, 51):
+            rows = workload(project / "data", 1000, seed=seed)
+            codes = index.entity_codes(
+                {
+                    "user_id": [r["user"] for r in rows],
+                    "item_id": [r["item"] for r in rows],
+                    "surface": [r["surface"] for r in rows],
+                    "device": [r["device"] for r in rows],
+                }
+            )
+            t_ms = np.array(
+                [int(dt.datetime.fromisoformat(r["timestamp"]).timestamp() * 1000) for r in rows]
+            )
+            t_rel = np.clip(t_ms - EPOCH_MS, 0, STRIDE - 1)
+            jobs.append(
+                {
+                    key: (
+                        index.histories.arrays[key],
+                        index.histories.starts[key],
+                        codes[key[0]],
+                        t_rel,
+                        windows,
+                        STRIDE,
+                    )
+                    for key, windows in index.feature_set.windows.items()
+                }
+            )
+        took = []
+        with search.spare_core(spare):
+            search.locate_all(jobs[0])
+            for _ in range(3):
+                for job in jobs:
+                    started = time.perf_counter()
+                    search.locate_all(job)
+                    took.append(time.perf_counter() - started)
+        return round(float(np.median(took)) * 1000.0, 4)
+
+    def spare_lookup(*query: Any) -> Any:
+        with search.spare_core():
+            return rt.lookup(*query)
+
     as_columns = json.dumps(
         {
             "user": users,
@@ -190,6 +240,9 @@ def main() -> None:
                 lambda: rt.lookup(users[:1], its[:1], surfaces[:1], devices[:1], t[:1]), args.repeat
             ),
             "1000 rows": timed(lambda: rt.lookup(users, its, surfaces, devices, t), 20),
+            "1000 rows, searches on two threads (a call alone in its worker)": timed(
+                lambda: spare_lookup(users, its, surfaces, devices, t), 20
+            ),
             "1000 rows, np.searchsorted over the whole array (before)": timed_with(
                 search,
                 "locate",
@@ -206,6 +259,12 @@ def main() -> None:
                     np.full(n_items, t[0]),
                 ),
                 20,
+            ),
+        },
+        "searches of the lookup (search.locate_all), 1000 rows": {
+            "50 different batches, on one thread": rotating_searches(False),
+            "50 different batches, on two threads (a call alone in its worker)": (
+                rotating_searches(True)
             ),
         },
         "routing": {
@@ -340,7 +399,7 @@ def main() -> None:
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
         "1000 rows": timed(lambda: predictor.predict_json(reqs), 20),
         "1000 rows as columns": timed(lambda: predictor.predict_columns_json(columns), 20),
-        "1000 rows as columns, alone in the worker (trees on two threads)": timed(
+        "1000 rows as columns, alone in the worker (trees and searches on two threads)": timed(
             lambda: predictor.predict_columns_json(columns, inflight=1), 20
         ),
         f"rank, {n_items} items": timed(lambda: predictor.rank_json(rank), 20),

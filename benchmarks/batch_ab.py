@@ -1,0 +1,138 @@
+"""Batch scoring of two builds of the service, side by side: rows/s of the batch endpoints.
+
+``tail_ab.py`` compares two bentos on ``/predict``; this one on ``/predict_columns`` and
+``/predict_batch`` (1000-row calls, wrk at concurrency 1 and 2), in rounds that alternate
+the two builds, since a change of a few percent is within what this host's noise does to
+two runs. Both serve one worker with a profile window of an hour, so that no profiling
+helper takes a core during a round (the window is production's concern, measured by
+``serving_cost.py``). Reports each phase per round, the mean per build and the ratio.
+
+Usage::
+
+    python benchmarks/batch_ab.py --project . --home .bentoml \\
+        --tags ctr_service:<before> ctr_service:<after>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serving_cost import TOKEN, batches, bento_release, column_batches, serve_release  # noqa: E402
+from serving_latency import full_bodies, service_env, stop  # noqa: E402
+
+from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._machine import machine, save_results  # noqa: E402
+from tests.support.loadtest import workload_frame  # noqa: E402
+
+ROWS = 1000
+PHASES = (  # name, endpoint, bodies, concurrency
+    ("columns_c1", "/predict_columns", "columns", 1),
+    ("columns_c2", "/predict_columns", "columns", 2),
+    ("rows_c1", "/predict_batch", "rows", 1),
+    ("rows_c2", "/predict_batch", "rows", 2),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
+    parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per phase, round and bento")
+    parser.add_argument("--name", default="batch_ab", help="results file name")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    args = parser.parse_args()
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="batch-ab-"))
+    env = {**service_env(work, TOKEN), "BENTOML_HOME": str(args.home.resolve())}
+    script = wrk_script(work)
+    single = full_bodies(workload_frame(args.project / "data", 20 * ROWS))
+    bodies = {
+        "columns": lines(work / "columns.txt", column_batches(single, ROWS)),
+        "rows": lines(work / "rows.txt", batches(single, ROWS, "requests")),
+    }
+    procs, urls = [], {}
+    rounds: list[dict[str, Any]] = []
+    try:
+        for k, tag in enumerate(args.tags):
+            folder = args.home.resolve() / "bentos" / tag.replace(":", "/")
+            release = bento_release(folder, profile_window_seconds=3600)
+            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
+            procs.append(proc)
+        for url in urls.values():  # warm up
+            wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)
+        for r in range(args.rounds):
+            for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
+                for name, path, kind, conc in PHASES:
+                    got = wrk(urls[tag], path, bodies[kind], conc, args.seconds, script)
+                    rounds.append(
+                        {
+                            "round": r,
+                            "tag": tag,
+                            "phase": name,
+                            "rows_per_s": round(got["req_per_s"] * ROWS),
+                            "p50_ms": got["p50_ms"],
+                            "p99_ms": got["p99_ms"],
+                        }
+                    )
+                    print(r, tag, name, rounds[-1]["rows_per_s"], got["p50_ms"], flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+    report = {
+        "machine": machine(),
+        "started_at": started_at,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "tags": args.tags,
+        "rows_per_call": ROWS,
+        "rounds": rounds,
+        "command": "python benchmarks/batch_ab.py " + " ".join(sys.argv[1:]),
+    }
+    print(save_results(args.out, args.name, report, markdown))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    before, after = report["tags"]
+    out = [
+        "# Batch scoring, two bentos side by side",
+        "",
+        f"{report['started_at']}; {report['machine']['cores']} cores "
+        f"({report['machine']['cpu']}); load average "
+        f"{report['load_average_before'][0]:.2f} before, "
+        f"{report['load_average_after'][0]:.2f} after. {report['rows_per_call']}-row calls, "
+        "wrk closed loop, one worker each; rows/s per round (p50 ms).",
+        "",
+        f"| phase | {before} | {after} | after / before (mean of rounds) |",
+        "|---|---|---|---|",
+    ]
+    for name, *_ in PHASES:
+        got = {
+            tag: [r for r in report["rounds"] if r["phase"] == name and r["tag"] == tag]
+            for tag in (before, after)
+        }
+        mean = {tag: sum(r["rows_per_s"] for r in v) / max(len(v), 1) for tag, v in got.items()}
+        cells = [
+            ", ".join(f"{r['rows_per_s']:,} ({r['p50_ms']})" for r in got[tag])
+            for tag in (before, after)
+        ]
+        ratio = mean[after] / mean[before] if mean[before] else float("nan")
+        out.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio:.2f} |")
+    out += ["", f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
