@@ -14,7 +14,7 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 from collections.abc import Hashable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numba import njit
@@ -43,6 +43,7 @@ def _compiled(nogil: bool) -> Any:
 
 Located = tuple[np.ndarray, np.ndarray, np.ndarray]
 Search = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+K = TypeVar("K", bound=Hashable)
 
 
 @contextlib.contextmanager
@@ -56,7 +57,7 @@ def spare_core(idle: bool = True) -> Iterator[None]:
         _SPARE_CORE.reset(token)
 
 
-def locate_all(searches: Mapping[Hashable, Search]) -> dict[Hashable, Located]:
+def locate_all(searches: Mapping[K, Search]) -> dict[K, Located]:
     """``locate`` of each search (arguments in ``locate``'s order). Under ``spare_core``,
     with ``SPLIT_QUERIES`` queries or more, about half of the work runs on a helper thread
     meanwhile: the kernels let go of the GIL, so the two halves run on two cores."""
@@ -70,8 +71,8 @@ def locate_all(searches: Mapping[Hashable, Search]) -> dict[Hashable, Located]:
     # Longest first to the lighter side; a query's cost: a binary search per window and
     # one for its time, each about log2 of the array's length.
     cost = {k: (1 + len(s[4])) * np.log2(len(s[0]) + 2) for k, s in searches.items()}
-    mine: list[Hashable] = []
-    theirs: list[Hashable] = []
+    mine: list[K] = []
+    theirs: list[K] = []
     load = [0.0, 0.0]
     for key in sorted(keys, key=cost.__getitem__, reverse=True):
         side = 0 if load[0] <= load[1] else 1
