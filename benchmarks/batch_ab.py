@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, batches, bento_release, column_batches, serve_release  # noqa: E402
+from serving_cost import TOKEN, batches, column_batches, serve_tags  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -63,14 +63,9 @@ def main() -> None:
         "columns": lines(work / "columns.txt", column_batches(single, ROWS)),
         "rows": lines(work / "rows.txt", batches(single, ROWS, "requests")),
     }
-    procs, urls = [], {}
     rounds: list[dict[str, Any]] = []
+    procs, urls = serve_tags(args.home, args.tags, env, work, profile_window_seconds=3600)
     try:
-        for k, tag in enumerate(args.tags):
-            folder = args.home.resolve() / "bentos" / tag.replace(":", "/")
-            release = bento_release(folder, profile_window_seconds=3600)
-            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
-            procs.append(proc)
         for url in urls.values():  # warm up
             wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)
         for r in range(args.rounds):

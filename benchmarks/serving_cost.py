@@ -123,6 +123,26 @@ def serve_release(
     return proc, url
 
 
+def serve_tags(
+    home: Path, tags: list[str], env: dict[str, str], work: Path, **policy: Any
+) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
+    """Serve each bento ``tags`` names from the BentoML ``home`` (one worker, ``policy``
+    values changed): the processes, and each tag's URL. On a failure the ones started are
+    stopped."""
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    try:
+        for k, tag in enumerate(tags):
+            release = bento_release(home.resolve() / "bentos" / tag.replace(":", "/"), **policy)
+            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
+            procs.append(proc)
+    except BaseException:
+        for proc in procs:
+            stop(proc)
+        raise
+    return procs, urls
+
+
 def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, required=True)

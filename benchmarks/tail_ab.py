@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, closed, post_json, serve_release  # noqa: E402
+from serving_cost import TOKEN, bento_release, closed, post_json, serve_tags  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -58,12 +58,10 @@ def main() -> None:
     bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    procs, urls = [], {}
+    procs, urls = serve_tags(args.home, args.tags, env, work)
+    first = bento_release(args.home.resolve() / "bentos" / args.tags[0].replace(":", "/"))
+    window = first["policy"]["profile_window_seconds"]
     try:
-        for k, tag in enumerate(args.tags):
-            release = bento_release(args.home.resolve() / "bentos" / tag.replace(":", "/"))
-            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
-            procs.append(proc)
         for url in urls.values():  # warm up
             wrk(url, "/predict", bodies, 2, 2, script)
         capacity = {
@@ -73,7 +71,6 @@ def main() -> None:
         print(f"capacity at concurrency 8: {capacity}; open loop at {rate:.0f} req/s", flush=True)
         rounds: list[dict[str, Any]] = []
         latencies: dict[str, list[float]] = {t: [] for t in args.tags}
-        window = release["policy"]["profile_window_seconds"]
         for r in range(args.rounds):
             for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
                 c1 = {}
