@@ -258,6 +258,44 @@ def test_searches_of_a_large_call_with_a_spare_core_run_on_two_threads(
         assert np.array_equal(alone[key][1], plain_locate(*searches[key])[1])
 
 
+def test_a_forked_child_splits_its_searches_on_its_own_helper() -> None:
+    """A process forked after the helper thread started gets a new helper: the parent's
+    thread does not exist in the child, and a call handed to it would wait forever."""
+    import os
+    import signal
+    import time
+
+    from pipelines.features import search
+
+    rng = np.random.default_rng(5)
+    n = search.SPLIT_QUERIES
+    arr = np.sort(rng.integers(0, 10**6, 5000))
+    starts = np.array([0, len(arr)])
+    one = (arr, starts, np.zeros(n, np.int64), rng.integers(0, 10**6, n), np.array([10]), 10**7)
+    searches = {"a": one, "b": one}
+    with search.spare_core():
+        want = search.locate_all(searches)  # the helper thread exists from here on
+        child = os.fork()
+        if child == 0:  # the child: exit 0 once its own split call answered alike
+            code = 4  # an exception: never back into pytest
+            try:
+                got = search.locate_all(searches)
+                pairs = [(g, w) for k in want for g, w in zip(got[k], want[k], strict=True)]
+                code = 0 if all(np.array_equal(g, w) for g, w in pairs) else 3
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child's split call never answered")
+
+
 def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
     """A read-only install (no writable ``__pycache__`` nor user cache) still imports and
     answers: numba refuses ``cache=True`` there at import, and the kernel compiles in memory.

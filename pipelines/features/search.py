@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import os
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -25,10 +26,30 @@ from numba import njit
 # interval.
 RELEASE_GIL_QUERIES = 64
 # A call of at least this many queries, made where a core is idle (``spare_core``), runs
-# half of its searches on a helper thread (docs/serving.md, "Batch scoring").
+# about half of its searches on a helper thread (docs/serving.md, "Performance").
 SPLIT_QUERIES = 512
 _SPARE_CORE: contextvars.ContextVar[bool] = contextvars.ContextVar("spare_core", default=False)
 _helper: cf.ThreadPoolExecutor | None = None
+HELPER_THREAD = "spare-core"  # the helper thread's name prefix
+
+
+def helper() -> cf.ThreadPoolExecutor:
+    """The process's thread for the second half of a split call (these searches, the
+    compiled trees), made on first use. A call splits only where a core is idle, so one
+    thread serves both: they never run at once."""
+    global _helper  # noqa: PLW0603 - the process's helper, made once
+    if _helper is None:
+        _helper = cf.ThreadPoolExecutor(1, thread_name_prefix=HELPER_THREAD)
+    return _helper
+
+
+def _forget_helper() -> None:
+    """In a forked child: the helper's thread did not come along, so make a new one."""
+    global _helper  # noqa: PLW0603 - the process's helper, rebound whole
+    _helper = None
+
+
+os.register_at_fork(after_in_child=_forget_helper)
 
 
 def _compiled(nogil: bool) -> Any:
@@ -65,9 +86,6 @@ def locate_all(searches: Mapping[K, Search]) -> dict[K, Located]:
     n = len(searches[keys[0]][2]) if keys else 0
     if len(keys) < 2 or n < SPLIT_QUERIES or not _SPARE_CORE.get():
         return {key: locate(*searches[key]) for key in keys}
-    global _helper  # noqa: PLW0603 - one helper thread per process, made on first use
-    if _helper is None:
-        _helper = cf.ThreadPoolExecutor(1, thread_name_prefix="searches")
     # Longest first to the lighter side; a query's cost: a binary search per window and
     # one for its time, each about log2 of the array's length.
     cost = {k: (1 + len(s[4])) * np.log2(len(s[0]) + 2) for k, s in searches.items()}
@@ -78,7 +96,7 @@ def locate_all(searches: Mapping[K, Search]) -> dict[K, Located]:
         side = 0 if load[0] <= load[1] else 1
         (mine, theirs)[side].append(key)
         load[side] += cost[key]
-    later = _helper.submit(lambda: [locate(*searches[key]) for key in theirs])
+    later = helper().submit(lambda: [locate(*searches[key]) for key in theirs])
     out = {key: locate(*searches[key]) for key in mine}
     out.update(zip(theirs, later.result(), strict=True))
     return {key: out[key] for key in keys}

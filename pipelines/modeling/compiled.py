@@ -10,7 +10,6 @@ scikit-learn model answers instead. Details: docs/serving.md ("Compiled trees").
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import ctypes
 import hashlib
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipelines.features.search import RELEASE_GIL_QUERIES
+from pipelines.features.search import RELEASE_GIL_QUERIES, helper
 
 LIBRARY = "model.so"
 META = "compiled.json"
@@ -46,7 +45,8 @@ TOLERANCE = 1e-9  # largest |compiled - scikit-learn| accepted on the test set
 _DOUBLES = ctypes.POINTER(ctypes.c_double)
 _NAN = np.array([np.nan])  # the missing-value marker, as tl2cgen.DMatrix passes it
 # A call of at least SPLIT_ROWS rows, when the worker has a core to spare, scores its two
-# halves on two threads (two handles of the library; the second on a helper thread).
+# halves on two threads (two handles of the library; the second on the process's helper
+# thread, search.helper).
 SPLIT_ROWS = 512
 
 
@@ -178,7 +178,6 @@ class CompiledModel:
         self._lock = threading.Lock()
         self._second = second  # another handle of the library, for the second half of a split
         self._second_lock = threading.Lock()
-        self._helper: cf.ThreadPoolExecutor | None = None
         self.meta = meta
         import tl2cgen
         from tl2cgen.libloader import _LIB, _check_call
@@ -213,10 +212,8 @@ class CompiledModel:
         if n < RELEASE_GIL_QUERIES and self._can_hold:
             return self.predict_holding_gil(X)
         if spare_core and n >= SPLIT_ROWS and self._second is not None:
-            if self._helper is None:
-                self._helper = cf.ThreadPoolExecutor(1, thread_name_prefix="trees")
             half = n // 2
-            later = self._helper.submit(self._released, self._second, self._second_lock, X[half:])
+            later = helper().submit(self._released, self._second, self._second_lock, X[half:])
             first = self._released(self._predictor, self._lock, X[:half])
             return np.concatenate([first, later.result()])
         return self._released(self._predictor, self._lock, X)

@@ -642,14 +642,14 @@ class Predictor:
                     live[i] = False
                     codes[i], reasons[i] = "shed_overload", why
         keep = np.flatnonzero(live)
+        alone = inflight == 1  # alone in the worker: the searches and trees may use 2 cores
         X: np.ndarray | None = None
         age = np.full(n, np.nan)
         fresh = np.zeros(n, dtype=bool)
         feature_note: str | None = None
         if len(keep):
             try:
-                # alone in the worker: the searches may use a second core (so may the trees)
-                with search.spare_core(inflight == 1):
+                with search.spare_core(alone):
                     if len(keep) == n:
                         batch = rt.lookup(users, items, surfaces, devices, t_ms)
                         X = batch.X
@@ -704,7 +704,7 @@ class Predictor:
                     (routes, models, runtimes, reasons, codes),
                     scores,
                     answered,
-                    inflight == 1,  # alone in the worker: the trees may use a second core
+                    alone,
                 )
         rest = np.flatnonzero(~answered)
         if len(rest):
