@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +87,7 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
+        shutil.rmtree(work, ignore_errors=True)  # request logs: gigabytes per run
     report = {
         "machine": machine(),
         "started_at": started_at,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
+        shutil.rmtree(work, ignore_errors=True)  # request logs: gigabytes per run
     report = {
         "machine": machine(),
         "started_at": started_at,

@@ -880,3 +880,36 @@ def test_a_large_window_is_on_disk_before_it_closes_and_handed_over_whole(
     profiles = [p for p in settle_profiles(live, 120) if log.worker in p.name]
     assert len(profiles) == 1 and log.counters["profile_errors"] == 0, (profiles, log.counters)
     assert wl.column_sketches(wl.read_profile(profiles[0]))["prediction"].count == 250
+
+
+def test_a_large_call_splits_its_searches_with_at_most_one_other_call_in_its_worker(
+    models: dict[str, Path], raw_dir: Path, tmp_path: Path, at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of ``search.SPLIT_QUERIES`` rows or more runs part of its searches on the
+    process's helper thread when at most one other call is in its worker (in flight 1 or
+    2): that core is then mostly idle. With more in flight, or unknown, all run on the
+    calling thread (the event loop needs that core). The answers are the same."""
+    import threading
+
+    from pipelines.features import search
+
+    predictor = make(models, raw_dir, tmp_path, log=False)
+    threads: list[str] = []
+    plain = search.locate
+
+    def traced(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return plain(*args)
+
+    monkeypatch.setattr(search, "locate", traced)
+    reqs = requests_for(search.SPLIT_QUERIES, at)
+    answers = []
+    for inflight, splits in ((1, True), (2, True), (3, False), (None, False)):
+        threads.clear()
+        answers.append(json.loads(predictor.predict_json(reqs, inflight=inflight)))
+        assert threads, "no search ran"
+        helper = any(name.startswith(search.HELPER_THREAD) for name in threads)
+        assert helper == splits, (inflight, sorted(set(threads)))
+    probabilities = [[a["probability"] for a in answer] for answer in answers]
+    assert all(p == probabilities[0] for p in probabilities)
+    predictor.close()

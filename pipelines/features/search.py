@@ -70,7 +70,7 @@ K = TypeVar("K", bound=Hashable)
 @contextlib.contextmanager
 def spare_core(idle: bool = True) -> Iterator[None]:
     """Within it, in this thread, ``locate_all`` may use a second thread: the caller knows a
-    core is idle (a call alone in its worker)."""
+    core is idle (the Predictor: at most one other call in its worker)."""
     token = _SPARE_CORE.set(idle)
     try:
         yield

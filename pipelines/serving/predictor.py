@@ -642,14 +642,16 @@ class Predictor:
                     live[i] = False
                     codes[i], reasons[i] = "shed_overload", why
         keep = np.flatnonzero(live)
-        alone = inflight == 1  # alone in the worker: the searches and trees may use 2 cores
+        # At most one other call in the worker: the other core is mostly idle (that call waits
+        # for the network, the GIL or this one), so the searches and trees may use it.
+        spare = inflight is not None and inflight <= 2
         X: np.ndarray | None = None
         age = np.full(n, np.nan)
         fresh = np.zeros(n, dtype=bool)
         feature_note: str | None = None
         if len(keep):
             try:
-                with search.spare_core(alone):
+                with search.spare_core(spare):
                     if len(keep) == n:
                         batch = rt.lookup(users, items, surfaces, devices, t_ms)
                         X = batch.X
@@ -704,7 +706,7 @@ class Predictor:
                     (routes, models, runtimes, reasons, codes),
                     scores,
                     answered,
-                    alone,
+                    spare,
                 )
         rest = np.flatnonzero(~answered)
         if len(rest):
