@@ -65,7 +65,7 @@ def main() -> None:
         "rows": lines(work / "rows.txt", batches(single, ROWS, "requests")),
     }
     rounds: list[dict[str, Any]] = []
-    procs, urls = serve_tags(args.home, args.tags, env, work, profile_window_seconds=3600)
+    procs, urls, _ = serve_tags(args.home, args.tags, env, work, profile_window_seconds=3600)
     try:
         for url in urls.values():  # warm up
             wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)

@@ -208,9 +208,10 @@ def main() -> None:
                     took.append(time.perf_counter() - started)
         return round(float(np.median(took)) * 1000.0, 4)
 
-    def spare_lookup(*query: Any) -> Any:
+    def spare(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` where a core is idle (a call alone in its worker)."""
         with search.spare_core():
-            return rt.lookup(*query)
+            return fn(*args)
 
     as_columns = json.dumps(
         {
@@ -241,7 +242,7 @@ def main() -> None:
             ),
             "1000 rows": timed(lambda: rt.lookup(users, its, surfaces, devices, t), 20),
             "1000 rows, searches on two threads (a call alone in its worker)": timed(
-                lambda: spare_lookup(users, its, surfaces, devices, t), 20
+                lambda: spare(rt.lookup, users, its, surfaces, devices, t), 20
             ),
             "1000 rows, np.searchsorted over the whole array (before)": timed_with(
                 search,
@@ -275,7 +276,7 @@ def main() -> None:
             "1 row": timed(lambda: prod.predict(X[:1]), args.repeat),
             "1000 rows": timed(lambda: prod.predict(X), 20),
             "1000 rows, halves on two threads (a call alone in its worker)": timed(
-                lambda: prod.predict(X, spare_core=True), 20
+                lambda: spare(prod.predict, X), 20
             ),
         },
         "model, sklearn": {

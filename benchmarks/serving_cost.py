@@ -125,22 +125,24 @@ def serve_release(
 
 def serve_tags(
     home: Path, tags: list[str], env: dict[str, str], work: Path, **policy: Any
-) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
+) -> tuple[list[subprocess.Popen[bytes]], dict[str, str], dict[str, dict[str, Any]]]:
     """Serve each bento ``tags`` names from the BentoML ``home`` (one worker, ``policy``
-    values changed): the processes, and each tag's URL. On a failure the ones started are
-    stopped."""
+    values changed): the processes, each tag's URL and each tag's release as served. On a
+    failure the ones started are stopped."""
     procs: list[subprocess.Popen[bytes]] = []
     urls: dict[str, str] = {}
+    releases: dict[str, dict[str, Any]] = {}
     try:
         for k, tag in enumerate(tags):
-            release = bento_release(home.resolve() / "bentos" / tag.replace(":", "/"), **policy)
-            proc, urls[tag] = serve_release(tag, release, env, work, f"bento{k}")
+            folder = home.resolve() / "bentos" / tag.replace(":", "/")
+            releases[tag] = bento_release(folder, **policy)
+            proc, urls[tag] = serve_release(tag, releases[tag], env, work, f"bento{k}")
             procs.append(proc)
     except BaseException:
         for proc in procs:
             stop(proc)
         raise
-    return procs, urls
+    return procs, urls, releases
 
 
 def main() -> None:  # noqa: PLR0915 - one benchmark, step by step

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, closed, post_json, serve_tags  # noqa: E402
+from serving_cost import TOKEN, closed, post_json, serve_tags  # noqa: E402
 from serving_latency import full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -59,9 +59,8 @@ def main() -> None:
     bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    procs, urls = serve_tags(args.home, args.tags, env, work)
-    first = bento_release(args.home.resolve() / "bentos" / args.tags[0].replace(":", "/"))
-    window = first["policy"]["profile_window_seconds"]
+    procs, urls, releases = serve_tags(args.home, args.tags, env, work)
+    window = releases[args.tags[0]]["policy"]["profile_window_seconds"]
     try:
         for url in urls.values():  # warm up
             wrk(url, "/predict", bodies, 2, 2, script)

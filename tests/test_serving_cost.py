@@ -26,7 +26,7 @@ import pytest
 
 from pipelines.core.settings import ServingSettings
 from pipelines.features.definitions import CTR_V1, EventIndex, to_ms
-from pipelines.features.search import HELPER_THREAD
+from pipelines.features.search import HELPER_THREAD, spare_core
 from pipelines.modeling.compiled import META, SPLIT_ROWS, CompiledModel, CompileError
 from pipelines.modeling.release import reseal_release_dict
 from pipelines.serving.overload import shed_reasons, shed_threshold
@@ -211,10 +211,12 @@ def test_a_large_call_with_a_spare_core_scores_its_halves_on_two_threads(
     threads: list[str] = []
     released = model._released
     model._released = lambda *a: threads.append(threading.current_thread().name) or released(*a)  # type: ignore[method-assign]
-    assert np.array_equal(model.predict(X, spare_core=True), want)  # both halves, in order
+    with spare_core():
+        assert np.array_equal(model.predict(X), want)  # both halves, in order
     assert sorted(t.startswith(HELPER_THREAD) for t in threads) == [False, True]
     threads.clear()
-    model.predict(X[:-2], spare_core=True)  # under SPLIT_ROWS: one call on this thread
+    with spare_core():
+        model.predict(X[:-2])  # under SPLIT_ROWS: one call on this thread
     model.predict(X)  # no spare core
     assert threads == [threading.current_thread().name] * 2
 

@@ -449,13 +449,10 @@ def evaluate(
         for key, (lo, hi, first) in searched.items()
     }
 
-    def position(entity: str, source: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        return located[(entity, source)]
-
     def count(entity: str, source: str, window: int | None) -> np.ndarray:
         key = (entity, source, window)
         if key not in counted:
-            lo, hi, first = position(entity, source)
+            lo, hi, first = located[(entity, source)]
             if window is not None:
                 counted[key] = hi - first[window]
             else:
@@ -469,7 +466,7 @@ def evaluate(
     def latest(entity: str, source: str) -> np.ndarray:
         key = (entity, source)
         if key not in latest_of:
-            lo, hi, _ = position(entity, source)
+            lo, hi, _ = located[(entity, source)]
             arr = histories.arrays[key]
             base = np.maximum(codes[entity], 0).astype(np.int64) * STRIDE
             prev = arr[np.maximum(hi - 1, 0)] - base if len(arr) else np.zeros(n, np.int64)

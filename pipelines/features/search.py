@@ -69,13 +69,19 @@ K = TypeVar("K", bound=Hashable)
 
 @contextlib.contextmanager
 def spare_core(idle: bool = True) -> Iterator[None]:
-    """Within it, in this thread, ``locate_all`` may use a second thread: the caller knows a
-    core is idle (the Predictor: at most one other call in its worker)."""
+    """Within it, in this thread, a large call may split onto ``helper()`` (``locate_all``,
+    ``CompiledModel.predict``): the caller knows a core is idle (the Predictor: at most one
+    other call in its worker)."""
     token = _SPARE_CORE.set(idle)
     try:
         yield
     finally:
         _SPARE_CORE.reset(token)
+
+
+def core_is_spare() -> bool:
+    """Whether this thread runs inside ``spare_core``."""
+    return _SPARE_CORE.get()
 
 
 def locate_all(searches: Mapping[K, Search]) -> dict[K, Located]:
@@ -84,7 +90,7 @@ def locate_all(searches: Mapping[K, Search]) -> dict[K, Located]:
     meanwhile: the kernels let go of the GIL, so the two halves run on two cores."""
     keys = list(searches)
     n = len(searches[keys[0]][2]) if keys else 0
-    if len(keys) < 2 or n < SPLIT_QUERIES or not _SPARE_CORE.get():
+    if len(keys) < 2 or n < SPLIT_QUERIES or not core_is_spare():
         return {key: locate(*searches[key]) for key in keys}
     # Longest first to the lighter side; a query's cost: a binary search per window and
     # one for its time, each about log2 of the array's length.

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipelines.features.search import RELEASE_GIL_QUERIES, helper
+from pipelines.features.search import RELEASE_GIL_QUERIES, core_is_spare, helper
 
 LIBRARY = "model.so"
 META = "compiled.json"
@@ -204,14 +204,14 @@ class CompiledModel:
             )
         return cls(predictor, meta, tl2cgen.Predictor(folder / LIBRARY, nthread=1))
 
-    def predict(self, X: np.ndarray, spare_core: bool = False) -> np.ndarray:
-        """Probability of the positive class per row (float64); with ``spare_core`` a call of
-        ``SPLIT_ROWS`` rows or more runs its halves on two threads at once."""
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Probability of the positive class per row (float64); under ``search.spare_core`` a
+        call of ``SPLIT_ROWS`` rows or more runs its halves on two threads at once."""
         X = np.ascontiguousarray(X, dtype=np.float64)
         n = len(X)
         if n < RELEASE_GIL_QUERIES and self._can_hold:
             return self.predict_holding_gil(X)
-        if spare_core and n >= SPLIT_ROWS and self._second is not None:
+        if n >= SPLIT_ROWS and self._second is not None and core_is_spare():
             half = n // 2
             later = helper().submit(self._released, self._second, self._second_lock, X[half:])
             first = self._released(self._predictor, self._lock, X[:half])

@@ -690,24 +690,26 @@ class Predictor:
         )
         answered = np.zeros(n, dtype=bool)
         if X is not None:
-            for wants_candidate in (True, False):
-                rows = np.flatnonzero(fresh & (plan.candidate == wants_candidate))
-                if len(rows) == 0:
-                    continue
-                chain = (
-                    ["candidate", "prod", "previous"] if wants_candidate else ["prod", "previous"]
-                )
-                self._score_chain(
-                    rt,
-                    chain,
-                    rows,
-                    X,
-                    prob,
-                    (routes, models, runtimes, reasons, codes),
-                    scores,
-                    answered,
-                    spare,
-                )
+            with search.spare_core(spare):  # the trees may split too
+                for wants_candidate in (True, False):
+                    rows = np.flatnonzero(fresh & (plan.candidate == wants_candidate))
+                    if len(rows) == 0:
+                        continue
+                    chain = (
+                        ["candidate", "prod", "previous"]
+                        if wants_candidate
+                        else ["prod", "previous"]
+                    )
+                    self._score_chain(
+                        rt,
+                        chain,
+                        rows,
+                        X,
+                        prob,
+                        (routes, models, runtimes, reasons, codes),
+                        scores,
+                        answered,
+                    )
         rest = np.flatnonzero(~answered)
         if len(rest):
             if rt.baseline is None:
@@ -760,7 +762,6 @@ class Predictor:
         labels: tuple[list[str], list[str], list[str], list[str | None], list[str | None]],
         scores: dict[str, np.ndarray],
         answered: np.ndarray,
-        spare_core: bool = False,
     ) -> None:
         routes, models, runtimes, reasons, codes = labels
         policy = rt.release.policy
@@ -779,7 +780,7 @@ class Predictor:
                 continue
             try:
                 if tier.runs_on_caller:  # the hop to a helper thread cost more than the call
-                    out, runtime = tier.predict(X_rows, spare_core)
+                    out, runtime = tier.predict(X_rows)
                 else:
                     future = self._pool.submit(tier.predict, X_rows)
                     out, runtime = future.result(timeout=budget_s)

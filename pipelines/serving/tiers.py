@@ -86,9 +86,8 @@ class ModelTier:
             )
         return None
 
-    def predict(self, X: np.ndarray, spare_core: bool = False) -> tuple[np.ndarray, str]:
-        """Probabilities and the runtime that produced them (``spare_core``: see
-        ``CompiledModel.predict``).
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, str]:
+        """Probabilities and the runtime that produced them.
 
         A compiled library that raises is dropped for good (logged, in /metadata) and
         the scikit-learn model answers the same call.
@@ -98,7 +97,7 @@ class ModelTier:
         compiled = self.compiled
         if compiled is not None:
             try:
-                return compiled.predict(X, spare_core), "compiled"
+                return compiled.predict(X), "compiled"
             except Exception as exc:
                 self.compiled = None
                 self.compiled_note = redact_paths(
