@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cost import TOKEN, batches, column_batches, serve_tags  # noqa: E402
-from serving_latency import full_bodies, service_env, stop  # noqa: E402
+from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
@@ -87,7 +86,7 @@ def main() -> None:
     finally:
         for proc in procs:
             stop(proc)
-        shutil.rmtree(work, ignore_errors=True)  # request logs: gigabytes per run
+        discard(work)
     report = {
         "machine": machine(),
         "started_at": started_at,

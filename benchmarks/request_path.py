@@ -32,6 +32,7 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import orjson  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -88,7 +89,7 @@ def python_range_check_model() -> Any:
 
     from pydantic import AfterValidator, create_model
 
-    from pipelines.serving.predictor import _TIME_HI, _TIME_LO, PredictRequest
+    from pipelines.serving.schema import _TIME_HI, _TIME_LO, PredictRequest
 
     lo, hi = _TIME_LO.replace(tzinfo=None), _TIME_HI.replace(tzinfo=None)
 
@@ -124,6 +125,7 @@ def main() -> None:
         Runtime,
         columns_request_model,
     )
+    from pipelines.serving.schema import RequestRows, read_rows
     from pipelines.serving.sources import SnapshotFeatureSource
     from pipelines.serving.tiers import load_tier
 
@@ -150,6 +152,7 @@ def main() -> None:
     one = json.dumps(bodies[0]).encode()
     many = json.dumps(bodies).encode()
     reqs = [PredictRequest.model_validate(b) for b in bodies]
+    rows = RequestRows.of(reqs)
     items = list(dict.fromkeys(b["item"] for b in bodies))
     rank = RankRequest.model_validate(
         {**{k: bodies[0][k] for k in ("user", "surface", "device", "timestamp")}, "items": items}
@@ -231,6 +234,12 @@ def main() -> None:
             "1000 rows": timed(lambda: adapter.validate_json(many), 20),
             "1000 rows, the range checked by a Python validator per row (before)": timed(
                 lambda: per_row_check.validate_json(many), 20
+            ),
+            "1000 rows, one object per row, as columns (/predict_batch before)": timed(
+                lambda: RequestRows.of(adapter.validate_json(many)), 20
+            ),
+            "1000 rows read as columns by orjson (/predict_batch)": timed(
+                lambda: read_rows(orjson.loads(many), len(bodies)), 20
             ),
             "1000 rows as columns (/predict_columns)": timed(
                 lambda: columns_model.model_validate_json(as_columns), 20
@@ -398,7 +407,7 @@ def main() -> None:
     steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
-        "1000 rows": timed(lambda: predictor.predict_json(reqs), 20),
+        "1000 rows": timed(lambda: predictor.predict_json(rows), 20),
         "1000 rows as columns": timed(lambda: predictor.predict_columns_json(columns), 20),
         "1000 rows as columns, alone in the worker (trees and searches on two threads)": timed(
             lambda: predictor.predict_columns_json(columns, inflight=1), 20

@@ -45,7 +45,7 @@ from serving_cost import (  # noqa: E402
     rank_requests,
     serve_release,
 )
-from serving_latency import full_bodies, machine, service_env, stop  # noqa: E402
+from serving_latency import discard, full_bodies, machine, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import save_results  # noqa: E402
@@ -197,7 +197,7 @@ def main() -> None:
         f"build/bento/ctr_service.bento --endpoint {args.endpoint}",
     }
     print(save_results(args.out, f"served_profile_{args.endpoint}", report, markdown))
-    shutil.rmtree(work, ignore_errors=True)
+    discard(work)
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from serving_latency import (  # noqa: E402
     bare_bodies,
     build_bento,
+    discard,
     full_bodies,
     machine,
     service_env,
@@ -326,7 +326,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     finally:
         for p in procs:
             stop(p)
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
 
 
 _CALL = re.compile(rb'"endpoint":"(\w+)","release_id":"[^"]*","latency_ms":([0-9.eE+-]+)')

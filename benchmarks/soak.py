@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
 from benchmarks._openloop import open_loop  # noqa: E402
+from benchmarks.serving_latency import discard  # noqa: E402
 from tests.support.loadtest import (  # noqa: E402
     MemorySampler,
     Outcome,
@@ -513,7 +514,7 @@ def main() -> None:
     final = log_accounting(log_dir, [])
     report["clean_shutdown_log_rows"] = final
     print(save_results(args.out, "soak", report, markdown))
-    shutil.rmtree(work, ignore_errors=True)
+    discard(work)
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -292,6 +292,27 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
         "item",
     ),
     ("/predict_batch", {"rows": []}, "requests"),
+    (
+        "/predict_batch",
+        {
+            "requests": [
+                {"user": "u1", "item": "i1", "surface": "feed", "device": "mobile"},
+                {
+                    "user": "u2",
+                    "item": "i1",
+                    "surface": "feed",
+                    "device": "mobile",
+                    "timestamp": "2026-02-30T00:00:00Z",
+                },
+            ]
+        },
+        "timestamp",
+    ),
+    (
+        "/predict_batch",
+        {"requests": [{"user": "u\n1", "item": "i1", "surface": "feed", "device": "mobile"}]},
+        "user",
+    ),
 ]
 
 
@@ -309,6 +330,22 @@ def test_malformed_requests_get_400_naming_the_field(
     assert any(field_name in [str(p) for p in d["loc"]] for d in detail), detail
     assert all(d["msg"] for d in detail)
     assert server.predict("u00001")["route"] in ("prod", "canary")  # still serving
+
+
+def test_a_batch_answers_the_same_whatever_the_time_layout(server: Server) -> None:
+    """The usual layouts are read as columns, others (a space for the 'T', epoch seconds) are
+    validated row by row: the same times, the same answers."""
+    at = pd.Timestamp(server.at).tz_convert("UTC")
+    layouts = [
+        at.isoformat(),
+        at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z",
+        at.tz_convert("Asia/Kolkata").isoformat(),
+        at.strftime("%Y-%m-%d %H:%M:%S.%f"),
+        at.timestamp(),
+    ]
+    answers = [server.batch(users(30), timestamp=layout) for layout in layouts]
+    probabilities = {tuple(a["probability"] for a in answer) for answer in answers}
+    assert len(probabilities) == 1, layouts
 
 
 def test_non_json_body_is_a_400_and_the_server_keeps_serving(server: Server) -> None:

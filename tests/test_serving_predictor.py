@@ -46,6 +46,7 @@ from pipelines.serving.request_log import (
     settle_profiles,
 )
 from pipelines.serving.routing import Router, unit_hash
+from pipelines.serving.schema import RequestRows
 from pipelines.serving.sources import SnapshotFeatureSource
 from pipelines.serving.window_rows import window_frame
 from pipelines.stages.packaging import previous_prod_tag
@@ -223,7 +224,9 @@ def test_prod_answers_fresh_requests_with_the_models_own_output(
     reqs = requests_for(50, at)
     out = predictor.predict(reqs)
     assert {r.route for r in out} == {"prod"} and not any(r.degraded for r in out)
-    encoded = json.loads(predictor.predict_json(reqs))  # the batch endpoint's encoding
+    encoded = json.loads(
+        predictor.predict_json(RequestRows.of(reqs))
+    )  # the batch endpoint's encoding
     assert [
         PredictResponse.model_validate(e).model_dump(exclude={"request_id"}) for e in encoded
     ] == [r.model_dump(exclude={"request_id"}) for r in out]
@@ -399,7 +402,7 @@ def test_columns_answer_as_the_rows_do_canary_shedding_and_log_included(
         )
     )
     for inflight in (None, 2):  # 2 in flight: recs rows are shed, the rest scored
-        rows = json.loads(predictor.predict_json(reqs, inflight=inflight))
+        rows = json.loads(predictor.predict_json(RequestRows.of(reqs), inflight=inflight))
         answer = json.loads(predictor.predict_columns_json(columns, inflight=inflight))
         ColumnsResponse.model_validate(answer)
         assert {len(v) for v in answer.values()} == {600}
@@ -906,7 +909,7 @@ def test_a_large_call_splits_its_searches_with_at_most_one_other_call_in_its_wor
     answers = []
     for inflight, splits in ((1, True), (2, True), (3, False), (None, False)):
         threads.clear()
-        answers.append(json.loads(predictor.predict_json(reqs, inflight=inflight)))
+        answers.append(json.loads(predictor.predict_json(RequestRows.of(reqs), inflight=inflight)))
         assert threads, "no search ran"
         helper = any(name.startswith(search.HELPER_THREAD) for name in threads)
         assert helper == splits, (inflight, sorted(set(threads)))

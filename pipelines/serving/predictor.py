@@ -21,11 +21,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from pipelines.features import search
 from pipelines.modeling.model import RuleBaseline
@@ -33,12 +32,22 @@ from pipelines.modeling.release import Release, load_release
 from pipelines.serving.overload import shed_reasons
 from pipelines.serving.pod import Pod, PodState, verdict
 from pipelines.serving.request_log import (
-    REQUEST_TIME_MAX_MS,
-    REQUEST_TIME_MIN_MS,
     LogBatch,
     RequestLog,
 )
 from pipelines.serving.routing import Router
+from pipelines.serving.schema import (
+    ColumnsRequest,
+    ColumnsResponse,
+    PredictRequest,
+    PredictResponse,
+    RankRequest,
+    RankResponse,
+    RequestRows,
+    columns_request_model,
+    epoch_ms,
+    rank_request_model,
+)
 from pipelines.serving.security import redact_paths
 from pipelines.serving.sources import (
     ArtifactMismatch,
@@ -53,47 +62,6 @@ from pipelines.serving.store_source import feature_source_for
 from pipelines.serving.tiers import Fault, InjectedFault, ModelTier, load_tier
 
 logger = logging.getLogger("ctr.serving")
-
-Surface = Literal["feed", "search", "recs"]
-Device = Literal["mobile", "desktop", "tablet"]
-Route = Literal["prod", "canary", "ab-variant", "fallback", "baseline"]
-ModelRuntime = Literal["compiled", "sklearn", "rule"]
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-# Request times pandas can hold, to the millisecond the log stores: ``floor(ms) >= MIN``
-# iff ``t >= epoch + MIN ms`` and ``floor(ms) <= MAX`` iff ``t < epoch + (MAX + 1) ms``.
-# pydantic-core checks the bounds itself (a time without a zone is compared as UTC): a
-# Python validator per row cost more than the rest of a 1000-row batch's validation
-# (benchmarks/request_path.py).
-_TIME_LO = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MIN_MS)
-_TIME_HI = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MAX_MS + 1)
-RequestTime = Annotated[
-    dt.datetime,
-    Field(
-        ge=_TIME_LO,
-        lt=_TIME_HI,
-        description=(
-            "time of the request (ISO 8601; without a zone it is UTC), within the range the "
-            f"request log can store: {_TIME_LO.isoformat(timespec='milliseconds')} .. "
-            f"{(_TIME_HI - dt.timedelta(milliseconds=1)).isoformat(timespec='milliseconds')}"
-            "; default: when the request arrives"
-        ),
-    ),
-]
-RequestTimeMs = Annotated[
-    int,
-    Field(
-        strict=True,
-        ge=REQUEST_TIME_MIN_MS,
-        le=REQUEST_TIME_MAX_MS,
-        description="time of the request in epoch milliseconds (UTC), within the range the "
-        "request log can store",
-    ),
-]
-_EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
-_MS = dt.timedelta(milliseconds=1)
 
 
 # Call ids: 64 random bits from a generator seeded from os.urandom (again in a forked
@@ -114,150 +82,6 @@ def _row_tails(n: int) -> list[str]:
         tails = [f"-{i}" for i in range(max(n, 2 * len(tails)))]
         _row_tail_cache = tails
     return tails[:n]
-
-
-class PredictRequest(BaseModel):
-    """One scoring request; ``timestamp`` defaults to the time the request arrives.
-
-    A timestamp without a zone is read as UTC. Unknown fields are refused so a
-    typo (``surfce``) is reported instead of silently ignored.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    user: Id
-    item: Id
-    surface: Surface
-    device: Device
-    timestamp: RequestTime | None = None
-
-
-class PredictResponse(BaseModel):
-    """Click probability and how it was produced."""
-
-    request_id: str
-    probability: float
-    model_version: str
-    route: Route
-    degraded: bool
-    degraded_reason: str | None = None
-    feature_age_seconds: float | None
-    features_fresh: bool
-    runtime: ModelRuntime  # compiled library, scikit-learn model, or rule baseline
-
-
-class ColumnsRequest(BaseModel):
-    """Impressions as columns (``/predict_columns``): row i is the i-th value of each.
-
-    The service builds a subclass whose columns hold at most ``serving.max_batch_size``
-    values (``columns_request_model``). Request times are epoch milliseconds; without
-    ``timestamp_ms`` every row is scored at the time the call arrives.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    user: list[Id] = Field(min_length=1)
-    item: list[Id] = Field(min_length=1)
-    surface: list[Surface] = Field(min_length=1)
-    device: list[Device] = Field(min_length=1)
-    timestamp_ms: list[RequestTimeMs] | None = None
-
-    @model_validator(mode="after")
-    def _same_length(self) -> ColumnsRequest:
-        sizes = {name: len(column) for name, column in self if column is not None}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"columns must have one value per row; lengths: {sizes}")
-        return self
-
-
-def columns_request_model(max_rows: int) -> type[ColumnsRequest]:
-    """``ColumnsRequest`` with at most ``max_rows`` rows (validation stops at the first bad
-    value)."""
-    limit = Field(min_length=1, max_length=max_rows, fail_fast=True)
-    return create_model(
-        "ColumnsRequest",
-        __base__=ColumnsRequest,
-        user=(Annotated[list[Id], limit], ...),
-        item=(Annotated[list[Id], limit], ...),
-        surface=(Annotated[list[Surface], limit], ...),
-        device=(Annotated[list[Device], limit], ...),
-        timestamp_ms=(Annotated[list[RequestTimeMs], limit] | None, None),
-    )
-
-
-class ColumnsResponse(BaseModel):
-    """The answers of ``/predict_batch`` as columns: value i of each belongs to row i."""
-
-    request_id: list[str]
-    probability: list[float]
-    model_version: list[str]
-    route: list[Route]
-    degraded: list[bool]
-    degraded_reason: list[str | None]
-    feature_age_seconds: list[float | None]
-    features_fresh: list[bool]
-    runtime: list[ModelRuntime]
-
-
-class RankedItem(BaseModel):
-    """One candidate of a ranking; route fields only when rows were answered differently."""
-
-    item: str
-    probability: float
-    route: Route | None = None
-    model_version: str | None = None
-    runtime: ModelRuntime | None = None
-    degraded_reason: str | None = None
-
-
-class RankResponse(BaseModel):
-    """The candidates sorted by click probability, highest first, and how they were scored."""
-
-    request_id: str
-    user: str
-    surface: Surface
-    device: Device
-    model_version: str
-    route: Route
-    runtime: ModelRuntime
-    degraded: bool
-    degraded_reason: str | None = None
-    feature_age_seconds: float | None
-    features_fresh: bool
-    items: list[RankedItem]
-
-
-class RankRequest(BaseModel):
-    """One user on one surface and device, with the candidate items to rank.
-
-    The service builds a subclass whose ``items`` limit is ``serving.max_rank_items``
-    (``rank_request_model``); items must be distinct.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    user: Id
-    surface: Surface
-    device: Device
-    timestamp: RequestTime | None = None
-    items: list[Id] = Field(min_length=1)
-
-    @field_validator("items")
-    @classmethod
-    def _distinct(cls, items: list[str]) -> list[str]:
-        if len(set(items)) != len(items):
-            repeated = sorted(i for i, k in Counter(items).items() if k > 1)
-            raise ValueError(f"items must be distinct; repeated: {repeated[:5]}")
-        return items
-
-
-def rank_request_model(max_items: int) -> type[RankRequest]:
-    """``RankRequest`` with at most ``max_items`` items (validation stops at the first bad one)."""
-    return create_model(
-        "RankRequest",
-        __base__=RankRequest,
-        items=(Annotated[list[Id], Field(min_length=1, max_length=max_items, fail_fast=True)], ...),
-    )
 
 
 # --- one loaded release ----------------------------------------------------------
@@ -463,18 +287,18 @@ class Predictor:
         # validating them again per row would cost more than scoring the row.
         return [
             PredictResponse.model_construct(**a)
-            for a in self._answers(self._requests(requests, endpoint, inflight))
+            for a in self._answers(self._rows(RequestRows.of(requests), endpoint, inflight))
         ]
 
     def predict_json(
         self,
-        requests: Sequence[PredictRequest],
+        rows: RequestRows,
         endpoint: str = "predict_batch",
         inflight: int | None = None,
     ) -> bytes:
-        """The same answers as ``predict``, already encoded as a JSON array (batch endpoint:
-        skips building and re-serializing one pydantic object per row)."""
-        return orjson.dumps(self._answers(self._requests(requests, endpoint, inflight)))
+        """The same answers as ``predict`` for rows read as columns, encoded as a JSON array
+        (batch endpoint: no pydantic object per row on the way in or out)."""
+        return orjson.dumps(self._answers(self._rows(rows, endpoint, inflight)))
 
     def predict_columns_json(
         self,
@@ -501,7 +325,7 @@ class Predictor:
         JSON. The user's features are computed once for the call; every item is one row of
         the request log (endpoint ``rank``)."""
         n = len(request.items)
-        t = int(time.time() * 1000) if request.timestamp is None else _epoch_ms(request.timestamp)
+        t = int(time.time() * 1000) if request.timestamp is None else epoch_ms(request.timestamp)
         scored = self._score(
             [request.user] * n,
             list(request.items),
@@ -550,20 +374,13 @@ class Predictor:
             }
         )
 
-    def _requests(
-        self, requests: Sequence[PredictRequest], endpoint: str, inflight: int | None
-    ) -> Scored:
-        now_ms = int(time.time() * 1000)
-        t_ms = np.array(
-            [now_ms if r.timestamp is None else _epoch_ms(r.timestamp) for r in requests],
-            dtype=np.int64,
-        )
+    def _rows(self, rows: RequestRows, endpoint: str, inflight: int | None) -> Scored:
         return self._score(
-            [r.user for r in requests],
-            [r.item for r in requests],
-            [r.surface for r in requests],
-            [r.device for r in requests],
-            t_ms,
+            rows.users,
+            rows.items,
+            rows.surfaces,
+            rows.devices,
+            rows.times(int(time.time() * 1000)),
             endpoint,
             inflight,
         )
@@ -1074,12 +891,6 @@ def _fill(column: list[Any], rows: np.ndarray, value: Any) -> None:
     else:
         for i in rows.tolist():
             column[i] = value
-
-
-def _epoch_ms(stamp: dt.datetime) -> int:
-    """Epoch milliseconds, floored as the range check and the log assume (a time without a
-    zone is UTC); integer arithmetic, so a pre-1970 time is not truncated towards zero."""
-    return (stamp - (_EPOCH_NAIVE if stamp.tzinfo is None else _EPOCH)) // _MS
 
 
 __all__ = [

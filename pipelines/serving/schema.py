@@ -1,0 +1,416 @@
+"""The service's request and answer models, and the rows of a batch read as columns.
+
+``batch_rows`` reads ``/predict_batch``'s rows straight into columns when they have the
+usual shape, and otherwise validates one ``PredictRequest`` per row: either way the same
+rows are accepted, with the same values, and the same errors refused (docs/serving.md,
+"Batch rows").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from pipelines.serving.request_log import REQUEST_TIME_MAX_MS, REQUEST_TIME_MIN_MS
+
+Surface = Literal["feed", "search", "recs"]
+Device = Literal["mobile", "desktop", "tablet"]
+Route = Literal["prod", "canary", "ab-variant", "fallback", "baseline"]
+ModelRuntime = Literal["compiled", "sklearn", "rule"]
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+# Request times pandas can hold, to the millisecond the log stores: ``floor(ms) >= MIN``
+# iff ``t >= epoch + MIN ms`` and ``floor(ms) <= MAX`` iff ``t < epoch + (MAX + 1) ms``.
+# pydantic-core checks the bounds itself (a time without a zone is compared as UTC): a
+# Python validator per row cost more than the rest of a 1000-row batch's validation
+# (benchmarks/request_path.py).
+_TIME_LO = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MIN_MS)
+_TIME_HI = _EPOCH + dt.timedelta(milliseconds=REQUEST_TIME_MAX_MS + 1)
+RequestTime = Annotated[
+    dt.datetime,
+    Field(
+        ge=_TIME_LO,
+        lt=_TIME_HI,
+        description=(
+            "time of the request (ISO 8601; without a zone it is UTC), within the range the "
+            f"request log can store: {_TIME_LO.isoformat(timespec='milliseconds')} .. "
+            f"{(_TIME_HI - dt.timedelta(milliseconds=1)).isoformat(timespec='milliseconds')}"
+            "; default: when the request arrives"
+        ),
+    ),
+]
+RequestTimeMs = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=REQUEST_TIME_MIN_MS,
+        le=REQUEST_TIME_MAX_MS,
+        description="time of the request in epoch milliseconds (UTC), within the range the "
+        "request log can store",
+    ),
+]
+_EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
+_MS = dt.timedelta(milliseconds=1)
+
+
+class PredictRequest(BaseModel):
+    """One scoring request; ``timestamp`` defaults to the time the request arrives.
+
+    A timestamp without a zone is read as UTC. Unknown fields are refused so a
+    typo (``surfce``) is reported instead of silently ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: Id
+    item: Id
+    surface: Surface
+    device: Device
+    timestamp: RequestTime | None = None
+
+
+class PredictResponse(BaseModel):
+    """Click probability and how it was produced."""
+
+    request_id: str
+    probability: float
+    model_version: str
+    route: Route
+    degraded: bool
+    degraded_reason: str | None = None
+    feature_age_seconds: float | None
+    features_fresh: bool
+    runtime: ModelRuntime  # compiled library, scikit-learn model, or rule baseline
+
+
+class ColumnsRequest(BaseModel):
+    """Impressions as columns (``/predict_columns``): row i is the i-th value of each.
+
+    The service builds a subclass whose columns hold at most ``serving.max_batch_size``
+    values (``columns_request_model``). Request times are epoch milliseconds; without
+    ``timestamp_ms`` every row is scored at the time the call arrives.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: list[Id] = Field(min_length=1)
+    item: list[Id] = Field(min_length=1)
+    surface: list[Surface] = Field(min_length=1)
+    device: list[Device] = Field(min_length=1)
+    timestamp_ms: list[RequestTimeMs] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ColumnsRequest:
+        sizes = {name: len(column) for name, column in self if column is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"columns must have one value per row; lengths: {sizes}")
+        return self
+
+
+def columns_request_model(max_rows: int) -> type[ColumnsRequest]:
+    """``ColumnsRequest`` with at most ``max_rows`` rows (validation stops at the first bad
+    value)."""
+    limit = Field(min_length=1, max_length=max_rows, fail_fast=True)
+    return create_model(
+        "ColumnsRequest",
+        __base__=ColumnsRequest,
+        user=(Annotated[list[Id], limit], ...),
+        item=(Annotated[list[Id], limit], ...),
+        surface=(Annotated[list[Surface], limit], ...),
+        device=(Annotated[list[Device], limit], ...),
+        timestamp_ms=(Annotated[list[RequestTimeMs], limit] | None, None),
+    )
+
+
+class ColumnsResponse(BaseModel):
+    """The answers of ``/predict_batch`` as columns: value i of each belongs to row i."""
+
+    request_id: list[str]
+    probability: list[float]
+    model_version: list[str]
+    route: list[Route]
+    degraded: list[bool]
+    degraded_reason: list[str | None]
+    feature_age_seconds: list[float | None]
+    features_fresh: list[bool]
+    runtime: list[ModelRuntime]
+
+
+class RankedItem(BaseModel):
+    """One candidate of a ranking; route fields only when rows were answered differently."""
+
+    item: str
+    probability: float
+    route: Route | None = None
+    model_version: str | None = None
+    runtime: ModelRuntime | None = None
+    degraded_reason: str | None = None
+
+
+class RankResponse(BaseModel):
+    """The candidates sorted by click probability, highest first, and how they were scored."""
+
+    request_id: str
+    user: str
+    surface: Surface
+    device: Device
+    model_version: str
+    route: Route
+    runtime: ModelRuntime
+    degraded: bool
+    degraded_reason: str | None = None
+    feature_age_seconds: float | None
+    features_fresh: bool
+    items: list[RankedItem]
+
+
+class RankRequest(BaseModel):
+    """One user on one surface and device, with the candidate items to rank.
+
+    The service builds a subclass whose ``items`` limit is ``serving.max_rank_items``
+    (``rank_request_model``); items must be distinct.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: Id
+    surface: Surface
+    device: Device
+    timestamp: RequestTime | None = None
+    items: list[Id] = Field(min_length=1)
+
+    @field_validator("items")
+    @classmethod
+    def _distinct(cls, items: list[str]) -> list[str]:
+        if len(set(items)) != len(items):
+            repeated = sorted(i for i, k in Counter(items).items() if k > 1)
+            raise ValueError(f"items must be distinct; repeated: {repeated[:5]}")
+        return items
+
+
+def rank_request_model(max_items: int) -> type[RankRequest]:
+    """``RankRequest`` with at most ``max_items`` items (validation stops at the first bad one)."""
+    return create_model(
+        "RankRequest",
+        __base__=RankRequest,
+        items=(Annotated[list[Id], Field(min_length=1, max_length=max_items, fail_fast=True)], ...),
+    )
+
+
+def epoch_ms(stamp: dt.datetime) -> int:
+    """Epoch milliseconds, floored as the range check and the log assume (a time without a
+    zone is UTC); integer arithmetic, so a pre-1970 time is not truncated towards zero."""
+    return (stamp - (_EPOCH_NAIVE if stamp.tzinfo is None else _EPOCH)) // _MS
+
+
+# --- the rows of a batch, as columns ------------------------------------------------
+class RequestRows:
+    """Validated impressions as columns; ``t_ms[i]`` (epoch ms) holds where ``given[i]``,
+    other rows are scored when the call is (``times``)."""
+
+    __slots__ = ("users", "items", "surfaces", "devices", "t_ms", "given")
+
+    def __init__(
+        self,
+        users: list[str],
+        items: list[str],
+        surfaces: list[str],
+        devices: list[str],
+        t_ms: np.ndarray,
+        given: np.ndarray,
+    ) -> None:
+        self.users, self.items, self.surfaces, self.devices = users, items, surfaces, devices
+        self.t_ms, self.given = t_ms, given
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @classmethod
+    def of(cls, requests: Sequence[PredictRequest]) -> RequestRows:
+        """The columns of validated requests."""
+        stamps = [r.timestamp for r in requests]
+        n = len(stamps)
+        return cls(
+            [r.user for r in requests],
+            [r.item for r in requests],
+            [r.surface for r in requests],
+            [r.device for r in requests],
+            np.fromiter((0 if s is None else epoch_ms(s) for s in stamps), np.int64, n),
+            np.fromiter((s is not None for s in stamps), bool, n),
+        )
+
+    def times(self, now_ms: int) -> np.ndarray:
+        """Request times in epoch ms, ``now_ms`` for rows that gave none."""
+        return np.where(self.given, self.t_ms, now_ms)
+
+
+_KEYS = [operator.itemgetter(k) for k in ("user", "item", "surface", "device")]
+_STAMP = operator.methodcaller("get", "timestamp")
+_HAS_STAMP = operator.methodcaller("__contains__", "timestamp")
+_SURFACES = frozenset(Surface.__args__)  # type: ignore[attr-defined]
+_DEVICES = frozenset(Device.__args__)  # type: ignore[attr-defined]
+# The Id pattern over the ids of a column joined by newlines (not an id character).
+_IDS = re.compile(r"[A-Za-z0-9_.:-]{1,128}(?:\n[A-Za-z0-9_.:-]{1,128})*")
+# The one time layout read here: date, 'T', time to the second, 1-9 digits of fraction
+# (pydantic keeps the first 6: microseconds), then nothing (UTC), 'Z' or an offset in
+# hours and minutes.
+_LAYOUT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)?")
+_LAYOUTS = 4
+
+
+def _times(stamps: list[str]) -> np.ndarray | None:
+    """Epoch ms of ISO 8601 times, floored as ``epoch_ms``; None unless every time has
+    ``_LAYOUT``'s shape (at most ``_LAYOUTS`` lengths, each read like the first of that
+    length) and is a valid time in the storable range (the per-row validation then
+    reports it)."""
+    n = len(stamps)
+    lengths = np.fromiter(map(len, stamps), np.int64, n)
+    try:
+        chars = np.frombuffer("".join(stamps).encode("ascii"), np.uint8)
+    except UnicodeEncodeError:
+        return None
+    widths = np.unique(lengths)
+    if len(widths) > _LAYOUTS:
+        return None
+    starts = np.cumsum(lengths) - lengths
+    t_ms = np.empty(n, np.int64)
+    for width in widths.tolist():
+        rows = np.flatnonzero(lengths == width)
+        read = _layout_times(chars[starts[rows, None] + np.arange(width)])
+        if read is None:
+            return None
+        t_ms[rows] = read
+    return t_ms
+
+
+def _layout_times(chars: np.ndarray) -> np.ndarray | None:
+    """``_times`` for rows of one length, one ASCII character per column."""
+    template = chars[0]
+    layout = _LAYOUT.fullmatch(template.tobytes().decode("ascii"))
+    if layout is None:
+        return None
+    digit = template - 48 <= 9  # uint8: characters below '0' wrap past 9
+    if not ((chars[:, digit] - 48 <= 9).all() and (chars[:, ~digit] == template[~digit]).all()):
+        return None
+    # Every number of every row at once: digit values times their place values.
+    year, month, day, hour, minute, second, micro, zone_h, zone_m = (
+        ((chars - 48) @ _place_values(len(template), layout)).astype(np.int64).T
+    )
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = _MONTH_DAYS[np.clip(month, 1, 12)] + ((month == 2) & leap)
+    if (
+        (month < 1)
+        | (month > 12)
+        | (day < 1)
+        | (day > month_days)
+        | (hour > 23)
+        | (minute > 59)
+        | (second > 59)
+        | (zone_h > 23)
+        | (zone_m > 59)
+    ).any():
+        return None
+    # Days from 1970-01-01, proleptic Gregorian (days_from_civil, H. Hinnant; years >= 0).
+    y = year - (month <= 2)
+    era, yoe = y // 400, y % 400
+    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+    offset = (zone_h * 60 + zone_m) * (-1 if (layout.group(2) or "Z")[0] == "-" else 1)
+    seconds = ((days * 24 + hour) * 60 + minute - offset) * 60 + second
+    t_ms = (seconds * 1_000_000 + micro) // 1000
+    if (t_ms < REQUEST_TIME_MIN_MS).any() or (t_ms > REQUEST_TIME_MAX_MS).any():
+        return None
+    return t_ms
+
+
+_MONTH_DAYS = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
+
+
+def _place_values(width: int, layout: re.Match[str]) -> np.ndarray:
+    """(width, 9) place values of a ``_LAYOUT`` match's columns: year, month, day, hour,
+    minute, second, microsecond, offset hours and minutes (zero where absent)."""
+    spans = [(0, 4), (5, 7), (8, 10), (11, 13), (14, 16), (17, 19), layout.span(1)]
+    offset = (layout.group(2) or "Z") != "Z"
+    spans += [(width - 5, width - 3), (width - 2, width)] if offset else [(0, 0), (0, 0)]
+    places = np.zeros((width, len(spans)))
+    for field, (start, stop) in enumerate(spans):
+        # a fraction's digits are tenths, hundredths... of a second: 1e5, 1e4... microseconds
+        # (digits past the sixth count for nothing)
+        top = 5 if field == 6 else stop - start - 1
+        for k in range(max(start, 0), min(stop, start + top + 1)):
+            places[k, field] = 10.0 ** (top - (k - start))
+    return places
+
+
+def _ids(column: list[Any]) -> bool:
+    joined = "\n".join(column)  # TypeError unless every value is a str
+    return _IDS.fullmatch(joined) is not None and joined.count("\n") == len(column) - 1
+
+
+def read_rows(value: Any, max_rows: int) -> RequestRows | None:
+    """``value`` (parsed JSON) as columns when every row has the usual shape: the four keys
+    and an optional timestamp, valid ids and labels, times in one ISO 8601 layout or
+    null. None otherwise: validating one ``PredictRequest`` per row then decides."""
+    if type(value) is not list or not 1 <= len(value) <= max_rows:
+        return None
+    n = len(value)
+    try:
+        if set(map(type, value)) != {dict}:
+            return None
+        users, items, surfaces, devices = (list(map(key, value)) for key in _KEYS)
+        stamps = list(map(_STAMP, value))
+        missing = stamps.count(None)
+        keys = 4 * n + (n if missing == 0 else sum(map(_HAS_STAMP, value)))
+        if sum(map(len, value)) != keys:
+            return None  # a key that is not a field
+        if not (
+            _ids(users)
+            and _ids(items)
+            and set(map(type, surfaces)) == {str}
+            and set(surfaces) <= _SURFACES
+            and set(map(type, devices)) == {str}
+            and set(devices) <= _DEVICES
+        ):
+            return None
+    except (KeyError, TypeError):
+        return None
+    given = np.fromiter(map(operator.is_not, stamps, [None] * n), bool, n)
+    t_ms = np.zeros(n, np.int64)
+    if missing < n:
+        present = stamps if missing == 0 else [s for s in stamps if s is not None]
+        if set(map(type, present)) != {str}:
+            return None
+        read = _times(present)
+        if read is None:
+            return None
+        t_ms[given] = read
+    return RequestRows(users, items, surfaces, devices, t_ms, given)
+
+
+def batch_rows(max_rows: int) -> Any:
+    """The type of ``/predict_batch``'s rows: a list of 1 to ``max_rows`` ``PredictRequest``
+    objects, validated row by row (stopping at the first bad row: a batch of bad rows costs
+    one error, not one per field), then given to the endpoint as ``RequestRows``. The
+    service reads the usual body with ``read_rows`` first."""
+    return Annotated[
+        list[PredictRequest],
+        Field(min_length=1, max_length=max_rows, fail_fast=True),
+        AfterValidator(RequestRows.of),
+    ]
