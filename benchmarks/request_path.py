@@ -152,7 +152,7 @@ def main() -> None:
     one = json.dumps(bodies[0]).encode()
     many = json.dumps(bodies).encode()
     reqs = [PredictRequest.model_validate(b) for b in bodies]
-    rows = RequestRows.of(reqs)
+    columns_of_rows = RequestRows.of(reqs)
     items = list(dict.fromkeys(b["item"] for b in bodies))
     rank = RankRequest.model_validate(
         {**{k: bodies[0][k] for k in ("user", "surface", "device", "timestamp")}, "items": items}
@@ -407,7 +407,7 @@ def main() -> None:
     steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
-        "1000 rows": timed(lambda: predictor.predict_json(rows), 20),
+        "1000 rows": timed(lambda: predictor.predict_json(columns_of_rows), 20),
         "1000 rows as columns": timed(lambda: predictor.predict_columns_json(columns), 20),
         "1000 rows as columns, alone in the worker (trees and searches on two threads)": timed(
             lambda: predictor.predict_columns_json(columns, inflight=1), 20
