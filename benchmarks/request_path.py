@@ -405,6 +405,13 @@ def main() -> None:
     steps["reload (Runtime.load of the release)"] = reload_ms
     steps["profile-window handoff (writer thread)"] = handoff
     steps[f"full GC pass, {calls:,} one-row calls in the profile window"] = gc_ms
+    scored = predictor._rows(columns_of_rows, "predict_batch", None)
+    steps["answer of /predict_batch (JSON objects)"] = {
+        "1000 rows, a dict per row (before)": timed(
+            lambda: orjson.dumps(Predictor._answers(scored)), 20
+        ),
+        "1000 rows, shared labels encoded once": timed(lambda: Predictor._answers_json(scored), 20),
+    }
     steps["whole Predictor call"] = {
         "1 row": timed(lambda: predictor.predict(reqs[:1]), args.repeat),
         "1000 rows": timed(lambda: predictor.predict_json(columns_of_rows), 20),

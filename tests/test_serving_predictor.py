@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -36,6 +37,7 @@ from pipelines.serving.predictor import (
     PredictRequest,
     PredictResponse,
     Runtime,
+    Scored,
     columns_request_model,
 )
 from pipelines.serving.request_log import (
@@ -235,6 +237,48 @@ def test_prod_answers_fresh_requests_with_the_models_own_output(
         [r.probability for r in out], direct(models["prod"], raw_dir, reqs), atol=1e-6
     )
     predictor.close()
+
+
+def test_batch_answers_joined_per_row_are_the_bytes_of_a_dict_per_row() -> None:
+    """``_answers_json`` (labels encoded once when every row shares them) writes exactly what
+    encoding one dict per row writes, shared labels or not."""
+    n, rng = 300, np.random.default_rng(5)
+    ids = [f"{i:016x}-{i}" for i in range(n)]
+    age, prob = rng.random(n) * 100, rng.random(n)
+    age[3], prob[7] = np.nan, np.nan
+
+    def scored(**changes: Any) -> Scored:
+        base: dict[str, Any] = {
+            "call_id": "c",
+            "request_ids": ids,
+            "prob": prob,
+            "routes": ["prod"] * n,
+            "models": ["m1"] * n,
+            "runtimes": ["compiled"] * n,
+            "reasons": [None] * n,
+            "age": age,
+            "fresh": np.ones(n, dtype=bool),
+        }
+        return Scored(**{**base, **changes})
+
+    stale = 'features are 400 s old, over the 300 s "SLA", say'
+    for case in (
+        scored(),
+        scored(reasons=[stale] * n, fresh=np.zeros(n, dtype=bool), routes=["baseline"] * n),
+        scored(routes=["prod", "canary"] * (n // 2)),
+        scored(reasons=[None] * (n - 1) + [stale]),
+        scored(
+            request_ids=ids[:1],
+            prob=prob[:1],
+            age=age[:1],
+            fresh=np.ones(1, dtype=bool),
+            routes=["prod"],
+            models=["m1"],
+            runtimes=["rule"],
+            reasons=[None],
+        ),
+    ):
+        assert Predictor._answers_json(case) == orjson.dumps(Predictor._answers(case))
 
 
 def test_stale_or_unavailable_features_get_the_baseline(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -63,6 +64,11 @@ from pipelines.serving.tiers import Fault, InjectedFault, ModelTier, load_tier
 
 logger = logging.getLogger("ctr.serving")
 
+
+# Answer fields that are usually the same for every row of a call.
+_LABELS = frozenset(
+    ("model_version", "route", "degraded", "degraded_reason", "features_fresh", "runtime")
+)
 
 # Call ids: 64 random bits from a generator seeded from os.urandom (again in a forked
 # child). uuid4 reads os.urandom on every call, which lets go of the GIL (see
@@ -298,7 +304,7 @@ class Predictor:
     ) -> bytes:
         """The same answers as ``predict`` for rows read as columns, encoded as a JSON array
         (batch endpoint: no pydantic object per row on the way in or out)."""
-        return orjson.dumps(self._answers(self._rows(rows, endpoint, inflight)))
+        return self._answers_json(self._rows(rows, endpoint, inflight))
 
     def predict_columns_json(
         self,
@@ -422,6 +428,28 @@ class Predictor:
                 *cls._answer_columns(scored).values(), strict=True
             )
         ]
+
+    @classmethod
+    def _answers_json(cls, scored: Scored) -> bytes:
+        """``orjson.dumps(cls._answers(scored))``, byte for byte. When every row has the same
+        labels (the usual case) each row's object is joined from its three encoded values
+        and the labels encoded once, at about half the cost of a dict per row."""
+        columns = cls._answer_columns(scored)
+        n = len(scored.request_ids)
+        if any(columns[k].count(columns[k][0]) != n for k in _LABELS):
+            return orjson.dumps(cls._answers(scored))
+        parts: list[bytes | list[bytes]] = []  # constant pieces and per-row values, in order
+        text = b"{"
+        for name, values in columns.items():
+            text += b'"' + name.encode() + b'":'
+            if name in _LABELS:
+                text += orjson.dumps(values[0]) + b","
+            else:  # numbers, null and the call's ids: no value holds a comma
+                parts += [text, orjson.dumps(values)[1:-1].split(b",")]
+                text = b","
+        parts.append(text[:-1] + b"}")
+        per_row = (itertools.repeat(p, n) if isinstance(p, bytes) else p for p in parts)
+        return b"[" + b",".join(map(b"".join, zip(*per_row, strict=True))) + b"]"
 
     def _score(
         self,
