@@ -13,6 +13,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -221,23 +222,17 @@ def epoch_ms(stamp: dt.datetime) -> int:
 
 
 # --- the rows of a batch, as columns ------------------------------------------------
+@dataclass(slots=True, eq=False)
 class RequestRows:
     """Validated impressions as columns; ``t_ms[i]`` (epoch ms) holds where ``given[i]``,
     other rows are scored when the call is (``times``)."""
 
-    __slots__ = ("users", "items", "surfaces", "devices", "t_ms", "given")
-
-    def __init__(
-        self,
-        users: list[str],
-        items: list[str],
-        surfaces: list[str],
-        devices: list[str],
-        t_ms: np.ndarray,
-        given: np.ndarray,
-    ) -> None:
-        self.users, self.items, self.surfaces, self.devices = users, items, surfaces, devices
-        self.t_ms, self.given = t_ms, given
+    users: list[str]
+    items: list[str]
+    surfaces: list[str]
+    devices: list[str]
+    t_ms: np.ndarray
+    given: np.ndarray
 
     def __len__(self) -> int:
         return len(self.users)
