@@ -59,11 +59,13 @@ def stamp(rng: random.Random) -> str:
         text = text[: rng.randint(text.index(".") + 2, len(text))]
     elif rng.random() < 0.2 and "." in text:  # 7 to 9 digits (pandas writes nanoseconds)
         text += "".join(rng.choice("0123456789") for _ in range(rng.choice([1, 3, 3])))
+    text = text.replace("T", rng.choice("TTTt _"))
     if zone is None:
         return text
     offset = local.replace(tzinfo=zone).isoformat()[19:].split("+")[-1].split("-")[-1]
     sign = "-" if zone.utcoffset(None) < dt.timedelta(0) else "+"
-    return text + ("Z" if zone is dt.UTC and rng.random() < 0.5 else sign + offset[-5:])
+    utc = rng.choice("Zz") if zone is dt.UTC and rng.random() < 0.5 else None
+    return text + (utc or sign + offset[-5:])
 
 
 def test_usual_rows_are_read_with_the_values_of_one_object_per_row() -> None:

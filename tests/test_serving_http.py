@@ -333,17 +333,31 @@ def test_malformed_requests_get_400_naming_the_field(
 
 
 def test_a_batch_answers_the_same_whatever_the_time_layout(server: Server) -> None:
-    """The usual layouts are read as columns, others (a space for the 'T', epoch seconds) are
-    validated row by row: the same times, the same answers."""
+    """The usual layouts are read as columns; epoch seconds, or more layouts in one call than
+    the reader groups, are validated row by row: the same times, the same answers."""
     at = pd.Timestamp(server.at).tz_convert("UTC")
-    layouts = [
+    layouts: list[Any] = [
         at.isoformat(),
         at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z",
         at.tz_convert("Asia/Kolkata").isoformat(),
         at.strftime("%Y-%m-%d %H:%M:%S.%f"),
+        at.strftime("%Y-%m-%dt%H:%M:%S.%f")[:-3] + "z",
         at.timestamp(),
     ]
     answers = [server.batch(users(30), timestamp=layout) for layout in layouts]
+    rows = [
+        {
+            "user": u,
+            "item": f"i{i % 400:05d}",
+            "surface": ("feed", "search", "recs")[i % 3],
+            "device": "mobile",
+            "timestamp": layouts[i % 5],
+        }
+        for i, u in enumerate(users(30))
+    ]
+    mixed = server.post("/predict_batch", {"requests": rows})
+    assert mixed.status_code == 200, mixed.text
+    answers.append(mixed.json())
     probabilities = {tuple(a["probability"] for a in answer) for answer in answers}
     assert len(probabilities) == 1, layouts
 

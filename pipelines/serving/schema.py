@@ -263,10 +263,10 @@ _SURFACES = frozenset(Surface.__args__)  # type: ignore[attr-defined]
 _DEVICES = frozenset(Device.__args__)  # type: ignore[attr-defined]
 # The Id pattern over the ids of a column joined by newlines (not an id character).
 _IDS = re.compile(r"[A-Za-z0-9_.:-]{1,128}(?:\n[A-Za-z0-9_.:-]{1,128})*")
-# The one time layout read here: date, 'T', time to the second, 1-9 digits of fraction
-# (pydantic keeps the first 6: microseconds), then nothing (UTC), 'Z' or an offset in
-# hours and minutes.
-_LAYOUT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)?")
+# The one time layout read here: date, 'T' (or 't', ' ', '_', as pydantic takes), time to
+# the second, 1-9 digits of fraction (pydantic keeps the first 6: microseconds), then
+# nothing (UTC), 'Z' ('z') or an offset in hours and minutes.
+_LAYOUT = re.compile(r"\d{4}-\d\d-\d\d[Tt _]\d\d:\d\d:\d\d(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)?")
 _LAYOUTS = 4
 
 
@@ -327,7 +327,7 @@ def _layout_times(chars: np.ndarray) -> np.ndarray | None:
     era, yoe = y // 400, y % 400
     doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
     days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    offset = (zone_h * 60 + zone_m) * (-1 if (layout.group(2) or "Z")[0] == "-" else 1)
+    offset = (zone_h * 60 + zone_m) * (-1 if (layout.group(2) or "+")[0] == "-" else 1)
     seconds = ((days * 24 + hour) * 60 + minute - offset) * 60 + second
     t_ms = (seconds * 1_000_000 + micro) // 1000
     if (t_ms < REQUEST_TIME_MIN_MS).any() or (t_ms > REQUEST_TIME_MAX_MS).any():
@@ -342,7 +342,7 @@ def _place_values(width: int, layout: re.Match[str]) -> np.ndarray:
     """(width, 9) place values of a ``_LAYOUT`` match's columns: year, month, day, hour,
     minute, second, microsecond, offset hours and minutes (zero where absent)."""
     spans = [(0, 4), (5, 7), (8, 10), (11, 13), (14, 16), (17, 19), layout.span(1)]
-    offset = (layout.group(2) or "Z") != "Z"
+    offset = len(layout.group(2) or "") == 6  # +hh:mm
     spans += [(width - 5, width - 3), (width - 2, width)] if offset else [(0, 0), (0, 0)]
     places = np.zeros((width, len(spans)))
     for field, (start, stop) in enumerate(spans):
