@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import sys
@@ -27,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, batches, column_batches, serve_tags  # noqa: E402
-from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
+from serving_cost import ab_arguments, batches, column_batches, serve_tags  # noqa: E402
+from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
@@ -44,19 +43,11 @@ PHASES = (  # name, endpoint, bodies, concurrency
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", type=Path, required=True)
-    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
-    parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0, help="per phase, round and bento")
-    parser.add_argument("--name", default="batch_ab", help="results file name")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    parser = ab_arguments(__doc__.split("\n\n")[0], rounds=3, seconds=6.0, name="batch_ab")
     args = parser.parse_args()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="batch-ab-"))
-    env = {**service_env(work, TOKEN), "BENTOML_HOME": str(args.home.resolve())}
     script = wrk_script(work)
     single = full_bodies(workload_frame(args.project / "data", 20 * ROWS))
     bodies = {
@@ -64,7 +55,7 @@ def main() -> None:
         "rows": lines(work / "rows.txt", batches(single, ROWS, "requests")),
     }
     rounds: list[dict[str, Any]] = []
-    procs, urls, _ = serve_tags(args.home, args.tags, env, work, profile_window_seconds=3600)
+    procs, urls, _ = serve_tags(args.home, args.tags, work, profile_window_seconds=3600)
     try:
         for url in urls.values():  # warm up
             wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)

@@ -123,12 +123,29 @@ def serve_release(
     return proc, url
 
 
+def ab_arguments(
+    description: str, rounds: int, seconds: float, name: str
+) -> argparse.ArgumentParser:
+    """The arguments of a benchmark of two bentos side by side (``tail_ab.py``,
+    ``batch_ab.py``); the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
+    parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=seconds, help="per phase, round and bento")
+    parser.add_argument("--name", default=name, help="results file name")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    return parser
+
+
 def serve_tags(
-    home: Path, tags: list[str], env: dict[str, str], work: Path, **policy: Any
+    home: Path, tags: list[str], work: Path, **policy: Any
 ) -> tuple[list[subprocess.Popen[bytes]], dict[str, str], dict[str, dict[str, Any]]]:
     """Serve each bento ``tags`` names from the BentoML ``home`` (one worker, ``policy``
-    values changed): the processes, each tag's URL and each tag's release as served. On a
-    failure the ones started are stopped."""
+    values changed; files under ``work``): the processes, each tag's URL and each tag's
+    release as served. On a failure the ones started are stopped."""
+    env = {**service_env(work, TOKEN), "BENTOML_HOME": str(home.resolve())}
     procs: list[subprocess.Popen[bytes]] = []
     urls: dict[str, str] = {}
     releases: dict[str, dict[str, Any]] = {}

@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import sys
@@ -31,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, closed, post_json, serve_tags  # noqa: E402
-from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
+from serving_cost import ab_arguments, closed, post_json, serve_tags  # noqa: E402
+from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import machine, save_results  # noqa: E402
@@ -41,24 +40,16 @@ from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", type=Path, required=True)
-    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
-    parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
+    parser = ab_arguments(__doc__.split("\n\n")[0], rounds=4, seconds=10.0, name="tail_ab")
     parser.add_argument("--share", type=float, default=0.6, help="of the lower capacity")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10.0, help="per round and bento")
     parser.add_argument("--c1-seconds", type=float, default=0.0, help="wrk at concurrency 1")
-    parser.add_argument("--name", default="tail_ab", help="results file name")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tail-ab-"))
-    env = {**service_env(work, TOKEN), "BENTOML_HOME": str(args.home.resolve())}
     script = wrk_script(work)
     bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    procs, urls, releases = serve_tags(args.home, args.tags, env, work)
+    procs, urls, releases = serve_tags(args.home, args.tags, work)
     window = releases[args.tags[0]]["policy"]["profile_window_seconds"]
     try:
         for url in urls.values():  # warm up

@@ -314,17 +314,16 @@ class Predictor:
     ) -> bytes:
         """The answers of ``predict`` for rows given as columns, as JSON columns (no object
         per row on the way in or out)."""
-        n = len(columns.user)
-        t_ms = (
-            np.full(n, int(time.time() * 1000), dtype=np.int64)
-            if columns.timestamp_ms is None
-            else np.array(columns.timestamp_ms, dtype=np.int64)
+        n, timed = len(columns.user), columns.timestamp_ms is not None
+        rows = RequestRows(
+            columns.user,
+            columns.item,
+            cast(list[str], columns.surface),
+            cast(list[str], columns.device),
+            np.array(columns.timestamp_ms, dtype=np.int64) if timed else np.zeros(n, np.int64),
+            np.full(n, timed),
         )
-        surfaces, devices = cast(list[str], columns.surface), cast(list[str], columns.device)
-        scored = self._score(
-            columns.user, columns.item, surfaces, devices, t_ms, endpoint, inflight
-        )
-        return orjson.dumps(self._answer_columns(scored))
+        return orjson.dumps(self._answer_columns(self._rows(rows, endpoint, inflight)))
 
     def rank_json(self, request: RankRequest, inflight: int | None = None) -> bytes:
         """One user's candidate items scored and sorted by probability (highest first), as
