@@ -199,6 +199,7 @@ class CtrService:
             rotate_bytes=int(POLICY.log_rotate_mb * (1 << 20)),
             queue_size=POLICY.log_queue_size,
             profile_window_seconds=POLICY.profile_window_seconds,
+            profile_sample_rows=POLICY.profile_sample_rows,
         )
         self.predictor = Predictor(
             runtime,

@@ -894,6 +894,72 @@ def test_the_window_is_written_a_row_group_at_a_time_and_reads_back_whole(
     ]  # fmt: skip
 
 
+def test_a_sampled_window_profiles_the_rows_of_the_smallest_keys_and_writes_few_rows(
+    tmp_path: Path,
+) -> None:
+    """With ``sample_rows`` the window's profile describes exactly the ``sample_rows`` rows
+    whose keys (one uniform draw per row, in served order) are smallest: a uniform sample,
+    in served order, with their own features; rows that can no longer be among them are
+    not written. The file says how many rows the window answered."""
+    import pyarrow.parquet as pq
+
+    from pipelines.serving.window_rows import WindowRows, read_window
+
+    k, calls, rows = 200, 60, 100
+    path = tmp_path / "window.parquet"
+    window = WindowRows(k, seed=7)
+    for i in range(calls):
+        first = i * rows
+        X = np.arange(2 * first, 2 * (first + rows), dtype=np.float64).reshape(rows, 2)
+        b = _window_batch(rows, None if i == 3 else X)  # one call without feature vectors
+        b.probability = np.arange(first, first + rows, dtype=np.float64)  # the row's number
+        window.add(b)
+        if i % 5 == 4:
+            window.spill(path)
+    window.finish(path)
+
+    draws = np.random.default_rng(7)
+    keys = np.concatenate([draws.random(rows) for _ in range(calls)])
+    chosen = np.sort(np.argsort(keys)[:k])
+    frame, counts = read_window(path)
+    assert counts == {"window_rows": calls * rows, "profiled_rows": k}
+    assert list(frame.columns) == ["surface", "device", "f1", "f2", "prediction", "route"]
+    np.testing.assert_array_equal(frame["prediction"].to_numpy(), chosen)
+    no_features = (chosen >= 300) & (chosen < 400)
+    assert no_features.any() and frame.loc[no_features, "f1"].isna().all()
+    np.testing.assert_array_equal(frame.loc[~no_features, "f1"], 2 * chosen[~no_features])
+    written = pq.ParquetFile(path).metadata.num_rows
+    assert k < written <= k * (2 + np.log2(calls * rows / k)), written
+
+    small = WindowRows(k, seed=1)  # fewer rows than the sample: every row
+    small.add(_window_batch(150, np.ones((150, 2))))
+    small.finish(tmp_path / "small.parquet")
+    frame, counts = read_window(tmp_path / "small.parquet")
+    assert counts == {"window_rows": 150, "profiled_rows": 150} and len(frame) == 150
+    WindowRows(k).finish(tmp_path / "empty.parquet")  # nothing served
+    frame, counts = read_window(tmp_path / "empty.parquet")
+    assert counts == {"window_rows": 0, "profiled_rows": 0} and "sample_key" not in frame
+
+
+def test_a_sampled_window_profile_counts_its_sample_and_says_how_many_rows_were_served(
+    tmp_path: Path,
+) -> None:
+    """Through the request log and its helper: the profile of a window of 250 rows with
+    ``profile_sample_rows`` 100 counts 100 rows and carries both numbers."""
+    live = tmp_path / "live"
+    log = RequestLog(tmp_path / "requests", live, flush_seconds=0.05, profile_sample_rows=100)
+    for _ in range(5):
+        b = _window_batch(50, np.ones((50, 2)))
+        b.answered_at = time.time()
+        assert log.submit(b)
+    log.close()
+    profiles = [p for p in settle_profiles(live, 120) if log.worker in p.name]
+    assert len(profiles) == 1 and log.counters["profile_errors"] == 0, (profiles, log.counters)
+    view = wl.read_profile(profiles[0])
+    assert wl.column_sketches(view)["prediction"].count == 100
+    assert view.metadata == {"window_rows": "250", "profiled_rows": "100"}
+
+
 def test_a_large_window_is_on_disk_before_it_closes_and_handed_over_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,9 +25,16 @@ import whylogs as why  # noqa: E402
 from whylogs.core import DatasetProfileView  # noqa: E402
 
 
-def profile(frame: pd.DataFrame) -> DatasetProfileView:
-    """Profile a DataFrame (numeric sketches, frequent items, counts) and return its view."""
-    return why.log(frame).view()
+def profile(frame: pd.DataFrame, metadata: dict[str, str] | None = None) -> DatasetProfileView:
+    """Profile a DataFrame (numeric sketches, frequent items, counts) and return its view,
+    carrying ``metadata`` when given."""
+    if metadata is None:
+        return why.log(frame).view()
+    from whylogs.core import DatasetProfile
+
+    built = DatasetProfile(metadata=metadata)
+    built.track(pandas=frame)
+    return built.view()
 
 
 def write_profile(view: DatasetProfileView, path: Path) -> None:

@@ -228,6 +228,9 @@ class ServingSettings(Section):
     log_rotate_mb: float = Field(64.0, gt=0)
     log_queue_size: int = Field(100_000, ge=1)
     profile_window_seconds: float = Field(300.0, gt=0)
+    profile_sample_rows: int = Field(
+        100_000, ge=0, description="rows of a window's whylogs profile (uniform sample); 0 = all"
+    )
     shadow_queue_size: int = Field(1000, ge=1)
     max_rank_items: int = Field(1000, ge=1, description="largest candidate list /rank takes")
     surface_priority: dict[str, Annotated[int, Field(ge=0)]] = Field(

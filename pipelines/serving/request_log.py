@@ -23,7 +23,15 @@ import orjson
 import pandas as pd
 
 from pipelines.serving.shard_sync import ShardSync
-from pipelines.serving.window_rows import PART_SUFFIX, SPILL_ROWS, WindowRows, remove_stale_parts
+from pipelines.serving.window_rows import (
+    PART_SUFFIX,
+    SPILL_ROWS,
+    WINDOW_PREFIX,
+    WindowRows,
+    profile_file,
+    remove_stale_parts,
+    window_profile_path,
+)
 
 logger = logging.getLogger("ctr.request_log")
 _STOP = object()
@@ -98,47 +106,6 @@ class LogBatch:
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
-WINDOW_PREFIX = ".window-"  # a window waiting for its profile: .window-<stamp>-<worker>.parquet
-
-
-def window_profile_path(frame_file: Path) -> Path:
-    """Where the profile of a saved window goes: profile-<stamp>-<worker>.bin beside it."""
-    stem = frame_file.name[len(WINDOW_PREFIX) :].removesuffix(".parquet")
-    return frame_file.with_name(f"profile-{stem}.bin")
-
-
-def profile_file(frame_file: Path) -> None:
-    """Profile a saved window, write its profile, then remove the window (helper process).
-
-    The helper holds a lock on the window while it works: another helper started for the
-    same window (a recovery) leaves it alone, and a window whose profile was written is gone.
-    """
-    import fcntl
-
-    try:
-        handle = frame_file.open("rb")
-    except FileNotFoundError:
-        return  # profiled already
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # another helper has it
-        if not frame_file.exists():
-            return
-        from pipelines.core import profiles as wl
-
-        try:
-            profile = wl.profile(pd.read_parquet(frame_file))
-            wl.write_profile(profile, window_profile_path(frame_file))
-        except BaseException:
-            # kept for a human (no longer pending): <window>.parquet.failed
-            frame_file.rename(frame_file.with_name(frame_file.name + ".failed"))
-            raise
-        frame_file.unlink()
-        frame_file.with_suffix(".err").unlink(missing_ok=True)  # this helper's stderr
-
-
 def pending_windows(profile_dir: Path) -> list[Path]:
     """Windows saved for profiling whose profile is not written yet (failed ones excluded)."""
     return sorted(profile_dir.glob(f"{WINDOW_PREFIX}*.parquet"))
@@ -163,12 +130,14 @@ class RequestLog:
         rotate_bytes: int = 64 << 20,
         queue_size: int = 100_000,
         profile_window_seconds: float = 300.0,
+        profile_sample_rows: int = 0,
     ) -> None:
         self.log_dir = log_dir
         self.profile_dir = profile_dir
         self.flush_seconds = flush_seconds
         self.rotate_bytes = rotate_bytes
         self.profile_window_seconds = profile_window_seconds
+        self.profile_sample_rows = profile_sample_rows  # 0: a window's profile has every row
         self.worker = f"{socket.gethostname()}-{os.getpid()}"
         self.counters: dict[str, int] = {
             "queued_rows": 0,
@@ -191,7 +160,7 @@ class RequestLog:
         self._seq = 0
         self._retry_at = 0.0  # after a failed write, no new attempt before this (monotonic)
         self._window_start: float | None = None
-        self._window = WindowRows()
+        self._window = WindowRows(profile_sample_rows)
         self._profiles: list[Path] = []  # windows handed to helpers, not yet done
         self._closed = False
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -449,7 +418,7 @@ class RequestLog:
         except Exception:  # the file is removed below either way
             logger.debug("request log: closing %s failed", part.name, exc_info=True)
         part.unlink(missing_ok=True)
-        self._window = WindowRows()
+        self._window = WindowRows(self.profile_sample_rows)
 
     def _profile_window(self, force: bool) -> None:
         """Close a finished window and hand it to a detached helper process that profiles
@@ -465,7 +434,7 @@ class RequestLog:
         except Exception:
             self._drop_window(part)
             return
-        self._window = WindowRows()
+        self._window = WindowRows(self.profile_sample_rows)
         try:
             os.replace(part, frame_file)
             self._start_helper(frame_file)
