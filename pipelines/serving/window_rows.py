@@ -149,6 +149,8 @@ class WindowRows:
         self.written += len(self.surfaces)
         self.surfaces, self.devices, self.routes = [], [], []
         self.probability, self.features, self.keys = [], [], []
+        if len(self._kept_keys) > 1:  # one array, not one per call, for the rest of the window
+            self._kept_keys = [np.concatenate(self._kept_keys)]
 
     def finish(self, path: Path) -> None:
         """Write the rest and close ``path``: a complete parquet file of the window, whose
