@@ -40,9 +40,10 @@ class WindowRows:
 
     With ``sample_rows`` > 0 the window's profile describes a uniform sample of at most that
     many of its rows (bottom-k sampling): each row draws a key, and ``read_window`` keeps the
-    ``sample_rows`` smallest. Rows whose key is already above the ``sample_rows``-th smallest
-    key kept so far can never be among them and are not kept, so a window of N rows writes
-    about ``sample_rows * (2 + log2(N / sample_rows))`` rows instead of N.
+    ``sample_rows`` smallest. Each time it has kept twice that many rows under its limit, the
+    window lowers the limit to the ``sample_rows``-th smallest key kept, and it keeps no row
+    at or above the limit (none can be among them), so a window of N rows writes about
+    ``sample_rows * (2 + log2(N / sample_rows))`` rows instead of N.
     """
 
     def __init__(self, sample_rows: int = 0, seed: int | None = None) -> None:
