@@ -130,7 +130,7 @@ class RequestLog:
         rotate_bytes: int = 64 << 20,
         queue_size: int = 100_000,
         profile_window_seconds: float = 300.0,
-        profile_sample_rows: int = 0,
+        profile_sample_rows: int = 100_000,
     ) -> None:
         self.log_dir = log_dir
         self.profile_dir = profile_dir

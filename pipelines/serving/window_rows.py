@@ -90,18 +90,18 @@ class WindowRows:
         if batch.features is not None and self.feature_names is None and not self.written:
             self.feature_names = list(batch.feature_names)
         same = batch.features is not None and list(batch.feature_names) == self.feature_names
-        if keep is None:
-            self.surfaces.extend(batch.surfaces)
-            self.devices.extend(batch.devices)
-            self.routes.extend(batch.routes)
-            self.probability.append(np.asarray(batch.probability, dtype=np.float64))
-            self.features.append(batch.features if same else n)
-        else:
-            self.surfaces.extend(itertools.compress(batch.surfaces, keep))
-            self.devices.extend(itertools.compress(batch.devices, keep))
-            self.routes.extend(itertools.compress(batch.routes, keep))
-            self.probability.append(np.asarray(batch.probability, dtype=np.float64)[keep])
-            self.features.append(batch.features[keep] if same else int(keep.sum()))
+        labels: list[Any] = [batch.surfaces, batch.devices, batch.routes]
+        probability = np.asarray(batch.probability, dtype=np.float64)
+        features = batch.features if same else None
+        if keep is not None:
+            labels = [list(itertools.compress(column, keep)) for column in labels]
+            probability = probability[keep]
+            features = None if features is None else features[keep]
+        self.surfaces.extend(labels[0])
+        self.devices.extend(labels[1])
+        self.routes.extend(labels[2])
+        self.probability.append(probability)
+        self.features.append(len(probability) if features is None else features)
         if self._kept > 2 * self.sample_rows > 0:
             self._tighten()
 
