@@ -122,6 +122,18 @@ def serve_release(
     return proc, url
 
 
+def serve_bare(
+    model_tag: str, env: dict[str, str], work: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Serve ``benchmarks/bare_service.py`` with the model ``model_tag`` (from the BentoML
+    home in ``env``); its process and URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bentoml", "serve", "benchmarks.bare_service:BareService"]
+    env = {**env, "BARE_MODEL_TAG": model_tag}
+    return start([*command, "--port", str(port)], env, REPO, url, work / "bare.log"), url
+
+
 def ab_arguments(
     description: str, rounds: int, seconds: float, name: str
 ) -> argparse.ArgumentParser:
@@ -208,23 +220,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
         full, full_url = serve_release(tag, release, env, work, "full")
         procs.append(full)
-        port = free_port()
-        bare_url = f"http://127.0.0.1:{port}"
-        bare = start(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "benchmarks.bare_service:BareService",
-                "--port",
-                str(port),
-            ],
-            {**env, "BARE_MODEL_TAG": release["prod"]["tag"]},
-            REPO,
-            bare_url,
-            work / "bare.log",
-        )
+        bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
         procs.append(bare)
         urls = {"full": full_url, "bare": bare_url}
         for name, url in urls.items():  # warm up
