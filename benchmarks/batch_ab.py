@@ -42,6 +42,16 @@ PHASES = (  # name, endpoint, bodies, concurrency
 )
 
 
+def batch_phase(load: tuple[Any, ...], **labels: Any) -> dict[str, Any]:
+    """One wrk phase of ``ROWS``-row calls (``load``: wrk's arguments): ``labels``, then
+    rows/s and p50 / p99 ms; printed as it ends."""
+    got = wrk(*load)
+    out = {**labels, "rows_per_s": round(got["req_per_s"] * ROWS)}
+    out.update(p50_ms=got["p50_ms"], p99_ms=got["p99_ms"])
+    print(*labels.values(), out["rows_per_s"], got["p50_ms"], flush=True)
+    return out
+
+
 def main() -> None:
     parser = ab_arguments(__doc__.split("\n\n")[0], rounds=3, seconds=6.0, name="batch_ab")
     args = parser.parse_args()
@@ -62,18 +72,14 @@ def main() -> None:
         for r in range(args.rounds):
             for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
                 for name, path, kind, conc in PHASES:
-                    got = wrk(urls[tag], path, bodies[kind], conc, args.seconds, script)
                     rounds.append(
-                        {
-                            "round": r,
-                            "tag": tag,
-                            "phase": name,
-                            "rows_per_s": round(got["req_per_s"] * ROWS),
-                            "p50_ms": got["p50_ms"],
-                            "p99_ms": got["p99_ms"],
-                        }
+                        batch_phase(
+                            (urls[tag], path, bodies[kind], conc, args.seconds, script),
+                            round=r,
+                            tag=tag,
+                            phase=name,
+                        )
                     )
-                    print(r, tag, name, rounds[-1]["rows_per_s"], got["p50_ms"], flush=True)
     finally:
         for proc in procs:
             stop(proc)

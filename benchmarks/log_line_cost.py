@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from batch_ab import ROWS, batch_phase  # noqa: E402
 from serving_cost import (  # noqa: E402
     TOKEN,
     batches,
@@ -50,7 +51,6 @@ from benchmarks._machine import machine, save_results  # noqa: E402
 from pipelines.stages.packaging import import_bento  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
-ROWS = 1000
 PHASES = (("columns_c1", "/predict_columns", "columns"), ("rows_c1", "/predict_batch", "rows"))
 BARE = "bare BentoML"
 _LINE = '        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\\n"\n'
@@ -124,18 +124,8 @@ def main() -> None:
         for r in range(args.rounds):
             for variant in names[r % len(names) :] + names[: r % len(names)]:
                 for phase, path, kind in JOBS[variant]:
-                    got = wrk(urls[variant], path, bodies[kind], 1, args.seconds, script)
-                    rounds.append(
-                        {
-                            "round": r,
-                            "variant": variant,
-                            "phase": phase,
-                            "rows_per_s": round(got["req_per_s"] * ROWS),
-                            "p50_ms": got["p50_ms"],
-                            "p99_ms": got["p99_ms"],
-                        }
-                    )
-                    print(r, variant, phase, rounds[-1]["rows_per_s"], got["p50_ms"], flush=True)
+                    load = (urls[variant], path, bodies[kind], 1, args.seconds, script)
+                    rounds.append(batch_phase(load, round=r, variant=variant, phase=phase))
     finally:
         for proc in procs:
             stop(proc)
@@ -148,8 +138,7 @@ def main() -> None:
         "bento": tag,
         "rows_per_call": ROWS,
         "rounds": rounds,
-        "command": "python benchmarks/log_line_cost.py --project . --bento "
-        "build/bento/ctr_service.bento",
+        "command": "python benchmarks/log_line_cost.py " + " ".join(sys.argv[1:]),
     }
     print(save_results(args.out, "log_line_cost", report, markdown))
 
