@@ -31,6 +31,17 @@ def machine() -> dict[str, object]:
     }
 
 
+def run_facts(started_at: str, load_before: tuple[float, ...]) -> dict[str, Any]:
+    """What a report opens with: the machine, when the run started, and the load average
+    before it and now (at its end)."""
+    return {
+        "machine": machine(),
+        "started_at": started_at,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
 def save_results(
     out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
 ) -> str:

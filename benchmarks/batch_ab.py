@@ -30,7 +30,7 @@ from serving_cost import ab_arguments, batches, column_batches, serve_tags  # no
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import machine, save_results  # noqa: E402
+from benchmarks._machine import run_facts, save_results  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
 ROWS = 1000
@@ -85,10 +85,7 @@ def main() -> None:
             stop(proc)
         discard(work)
     report = {
-        "machine": machine(),
-        "started_at": started_at,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **run_facts(started_at, load_before),
         "tags": args.tags,
         "rows_per_call": ROWS,
         "rounds": rounds,

@@ -47,7 +47,7 @@ from serving_cost import (  # noqa: E402
 from serving_latency import bare_bodies, discard, full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import machine, save_results  # noqa: E402
+from benchmarks._machine import run_facts, save_results  # noqa: E402
 from pipelines.stages.packaging import import_bento  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
@@ -131,10 +131,7 @@ def main() -> None:
             stop(proc)
         discard(work)
     report = {
-        "machine": machine(),
-        "started_at": started_at,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **run_facts(started_at, load_before),
         "bento": tag,
         "rows_per_call": ROWS,
         "rounds": rounds,

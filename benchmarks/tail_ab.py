@@ -34,7 +34,7 @@ from serving_cost import ab_arguments, closed, post_json, serve_tags  # noqa: E4
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import machine, save_results  # noqa: E402
+from benchmarks._machine import run_facts, save_results  # noqa: E402
 from benchmarks._openloop import answered, open_loop  # noqa: E402
 from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
@@ -79,10 +79,7 @@ def main() -> None:
             stop(proc)
         discard(work)
     report = {
-        "machine": machine(),
-        "started_at": started_at,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **run_facts(started_at, load_before),
         "capacity_c8": capacity,
         "rate": round(rate, 1),
         "rounds": rounds,
