@@ -39,10 +39,9 @@ from batch_ab import ROWS, batch_phase  # noqa: E402
 from serving_cost import (  # noqa: E402
     TOKEN,
     batches,
-    bento_release,
     column_batches,
     serve_bare,
-    serve_release,
+    serve_tags,
 )
 from serving_latency import bare_bodies, discard, full_bodies, service_env, stop  # noqa: E402
 
@@ -107,15 +106,15 @@ def main() -> None:
     try:
         for k, (variant, edit) in enumerate(EDITS.items()):
             folder = work / f"variant{k}"
-            env = {**service_env(folder, TOKEN), "BENTOML_HOME": str(folder / "home")}
             tag = variant_home(args.bento.resolve(), folder / "home", edit)
-            release = bento_release(
-                folder / "home/bentos" / tag.replace(":", "/"), profile_window_seconds=3600
+            served, served_urls, releases = serve_tags(
+                folder / "home", [tag], folder, profile_window_seconds=3600
             )
-            proc, urls[variant] = serve_release(tag, release, env, folder, "served")
-            procs.append(proc)
+            procs += served
+            urls[variant] = served_urls[tag]
             print(f"serving {variant!r} at {urls[variant]}", flush=True)
-        proc, urls[BARE] = serve_bare(release["prod"]["tag"], env, work)
+        env = service_env(folder, TOKEN)  # a home holding the model too
+        proc, urls[BARE] = serve_bare(releases[tag]["prod"]["tag"], env, work)
         procs.append(proc)
         for variant, url in urls.items():  # warm up
             _, path, kind = JOBS[variant][0]

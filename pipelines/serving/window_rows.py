@@ -156,14 +156,12 @@ class WindowRows:
     def finish(self, path: Path) -> None:
         """Write the rest and close ``path``: a complete parquet file of the window, whose
         metadata holds the rows it answered and the sample size."""
-        meta = {_WINDOW_ROWS: str(self.answered), _SAMPLE_ROWS: str(self.sample_rows)}
-        if self._writer is None and not self.surfaces:  # an empty window keeps its columns
-            table = self.table()
-            pq.write_table(table.replace_schema_metadata(meta), path)
-            return
         self.spill(path)
-        assert self._writer is not None
-        self._writer.add_key_value_metadata(meta)
+        if self._writer is None:  # an empty window: no row group, its columns kept
+            self._writer = pq.ParquetWriter(path, self.table().schema)
+        self._writer.add_key_value_metadata(
+            {_WINDOW_ROWS: str(self.answered), _SAMPLE_ROWS: str(self.sample_rows)}
+        )
         self.abandon()
 
     def abandon(self) -> None:
