@@ -1,19 +1,27 @@
 """What the request-log line costs the served batch path: a bento as built against copies of
-it whose writer thread builds a smaller line, or none, side by side.
+it whose writer thread builds a smaller line, or none, and against the floors of the path,
+side by side.
 
 Each variant is the same exported bento imported into a BentoML home of its own, with
-``pipelines/serving/request_log.py`` edited in that copy only:
+its source edited in that copy only. ``pipelines/serving/request_log.py``:
 
 * ``no features``: the line without its feature matrix (null in its place);
 * ``no line``: a line holding only the row count: what the whole line costs;
 * ``not written``: the whole line built, but not written to the shard: what the write costs.
 
-The variants lose request-log data; they exist to be measured, never to be served. Each
-serves one worker with a profile window of an hour (no profiling helper during a round);
-wrk at concurrency 1 drives ``/predict_columns`` and ``/predict_batch`` with 1000-row
-calls, the variants alternating within each round, and the bare BentoML service of
-``serving_cost.py`` (the scikit-learn model on precomputed features) in the same rounds,
-on its one batch endpoint.
+``bentos/service.py`` (``/predict_batch`` only), the floors under the scoring:
+
+* ``rows read, fixed answer``: the body parsed and read into columns as served, then a
+  fixed answer of the same size and shape (no scoring, no log line);
+* ``body only, fixed answer``: the body received but not parsed, the same fixed answer:
+  what BentoML, the middleware and HTTP cost such a call.
+
+The variants lose request-log data or answer wrongly; they exist to be measured, never to
+be served. Each serves one worker with a profile window of an hour (no profiling helper
+during a round); wrk at concurrency 1 drives ``/predict_columns`` and ``/predict_batch``
+with 1000-row calls, the variants alternating within each round, and the bare BentoML
+service of ``serving_cost.py`` (the scikit-learn model on precomputed features) in the
+same rounds, on its one batch endpoint.
 
 Usage::
 
@@ -55,26 +63,62 @@ BARE = "bare BentoML"
 _LINE = '        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\\n"\n'
 _FEATURES = '"features": None if self.features is None else np.ascontiguousarray(self.features),'
 _WRITE = "                self._file.write(data)\n"
-# variant: (text of request_log.py, its replacement); the text must be there
-EDITS: dict[str, tuple[str, str] | None] = {
-    "as built": None,
-    "no features": (_FEATURES, '"features": None,'),
-    "no line": (_LINE, '        return orjson.dumps({"n": len(self.request_ids)}) + b"\\n"\n'),
-    "not written": (_WRITE, "                pass\n"),
+LOG = "pipelines/serving/request_log.py"
+SERVICE = "bentos/service.py"
+# One answer row as the bento writes it, for the fixed answers of the floors.
+_ROW = (
+    '{"request_id":"5b455b699ded14dc-0","probability":0.200168,"model_version":"m0f30dacced5e",'
+    '"route":"prod","degraded":false,"degraded_reason":null,"feature_age_seconds":0.0,'
+    '"features_fresh":true,"runtime":"compiled"}'
+)
+_FIXED = (  # the fixed answer, built once when the service module loads
+    "class BatchInput(bentoml.IODescriptor):\n",
+    f"_FIXED = b'[' + b','.join([b'{_ROW}'] * {ROWS}) + b']'\n\n\n"
+    "class BatchInput(bentoml.IODescriptor):\n",
+)
+_ANSWER_FIXED = (
+    "        rows: RequestRows = requests  # read as columns (pipelines/serving/schema.py)\n",
+    '        return Response(_FIXED, media_type="application/json")\n',
+)
+_BODY_ONLY = (
+    "                body = orjson.loads(await request.body())\n",
+    "                await request.body()\n"
+    "                return cls.model_construct(requests=None)\n",
+)
+# variant: edits of (file under the bento's src, its text, the replacement); each text
+# must be there once
+EDITS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "as built": (),
+    "no features": ((LOG, _FEATURES, '"features": None,'),),
+    "no line": (
+        (LOG, _LINE, '        return orjson.dumps({"n": len(self.request_ids)}) + b"\\n"\n'),
+    ),
+    "not written": ((LOG, _WRITE, "                pass\n"),),
+    "rows read, fixed answer": ((SERVICE, *_FIXED), (SERVICE, *_ANSWER_FIXED)),
+    "body only, fixed answer": (
+        (SERVICE, *_FIXED),
+        (SERVICE, *_ANSWER_FIXED),
+        (SERVICE, *_BODY_ONLY),
+    ),
 }
-# per service: (phase, endpoint, bodies); the bare service has one batch endpoint and form
-JOBS = {**{variant: PHASES for variant in EDITS}, BARE: (("bare", "/predict_batch", "bare"),)}
+FLOORS = ("rows read, fixed answer", "body only, fixed answer")
+# per service: (phase, endpoint, bodies); the floors answer rows only; the bare service
+# has one batch endpoint and form
+JOBS = {
+    **{variant: PHASES[1:] if variant in FLOORS else PHASES for variant in EDITS},
+    BARE: (("bare", "/predict_batch", "bare"),),
+}
 
 
-def variant_home(bento: Path, home: Path, edit: tuple[str, str] | None) -> str:
-    """Import ``bento`` into ``home`` and apply ``edit`` to its request log; the tag."""
+def variant_home(bento: Path, home: Path, edits: tuple[tuple[str, str, str], ...]) -> str:
+    """Import ``bento`` into ``home`` and apply ``edits`` to its source; the tag."""
     tag = import_bento(bento, home).split('"')[1]
-    if edit is not None:
-        source = home / "bentos" / tag.replace(":", "/") / "src/pipelines/serving/request_log.py"
-        text = source.read_text()
-        if text.count(edit[0]) != 1:
-            raise SystemExit(f"{source}: the text to edit is not there once: {edit[0]!r}")
-        source.write_text(text.replace(edit[0], edit[1]))
+    for path, text, replacement in edits:
+        source = home / "bentos" / tag.replace(":", "/") / "src" / path
+        now = source.read_text()
+        if now.count(text) != 1:
+            raise SystemExit(f"{source}: the text to edit is not there once: {text!r}")
+        source.write_text(now.replace(text, replacement))
     return tag
 
 
@@ -104,9 +148,9 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     tag = ""
     try:
-        for k, (variant, edit) in enumerate(EDITS.items()):
+        for k, (variant, edits) in enumerate(EDITS.items()):
             folder = work / f"variant{k}"
-            tag = variant_home(args.bento.resolve(), folder / "home", edit)
+            tag = variant_home(args.bento.resolve(), folder / "home", edits)
             served, served_urls, releases = serve_tags(
                 folder / "home", [tag], folder, profile_window_seconds=3600
             )
@@ -147,7 +191,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['started_at']}; {m['cores']} cores ({m['cpu']}); load average "
         f"{report['load_average_before'][0]:.2f} before, "
         f"{report['load_average_after'][0]:.2f} after. Bento {report['bento']} as built and "
-        f"with its request log edited (benchmarks/log_line_cost.py); "
+        "with its request log or its batch endpoint edited (benchmarks/log_line_cost.py); "
         f"{report['rows_per_call']}-row calls, wrk at concurrency 1, one worker each. "
         "Rows/s per round (p50 ms), and the mean over rounds against the bento as built.",
         "",
@@ -160,7 +204,9 @@ def markdown(report: dict[str, Any]) -> str:
         mean: dict[str, float] = {}
         for variant in EDITS:
             got = [r for r in report["rounds"] if r["phase"] == phase and r["variant"] == variant]
-            mean[variant] = sum(r["rows_per_s"] for r in got) / max(len(got), 1)
+            if not got:  # the floors answer rows only
+                continue
+            mean[variant] = sum(r["rows_per_s"] for r in got) / len(got)
             cells = ", ".join(f"{r['rows_per_s']:,} ({r['p50_ms']})" for r in got)
             base = mean.get("as built") or float("nan")
             out.append(
