@@ -224,6 +224,11 @@ class FeatureSet:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     @functools.cached_property
+    def plan(self) -> _Plan:
+        """The layout ``evaluate`` computes this feature set in (made on first use)."""
+        return _plan(self)
+
+    @functools.cached_property
     def entity_sources(self) -> dict[str, tuple[str, ...]]:
         """Entities with event features and the sources each needs, in declaration order."""
         out: dict[str, list[str]] = {}
@@ -409,6 +414,64 @@ class Histories:
         return cls(arrays, starts, dict(pruned or {}))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How ``evaluate`` lays out a feature set for ``search.derive`` and ``search.assemble``:
+    a column of ``counts`` per (entity, source, window) and of ``lasts`` per (entity,
+    source) that some feature reads, and a ``spec`` row per event feature."""
+
+    count_cols: dict[tuple[str, str], np.ndarray]  # per window of ``windows[key]``
+    all_col: dict[tuple[str, str], int]  # all history, or -1
+    last_col: dict[tuple[str, str], int]  # latest event, or -1
+    n_counts: int
+    n_lasts: int
+    spec: np.ndarray
+    defaults: np.ndarray
+    context: tuple[tuple[int, str], ...]  # (column, name) of the context features
+
+
+def _plan(fs: FeatureSet) -> _Plan:
+    count_of: dict[tuple[str, str, int | None], int] = {}
+    last_of: dict[tuple[str, str], int] = {}
+    for key, windows in fs.windows.items():
+        for w in windows.tolist():
+            count_of[(*key, w)] = len(count_of)
+    spec, defaults, context = [], [], []
+    for j, f in enumerate(fs.features):
+        if f.agg == "context":
+            context.append((j, f.name))
+            continue
+        # ctr reads impressions as a and clicks as b; the others their one source
+        sources = ("impressions", "clicks") if f.agg == "ctr" else f.sources
+        counted = [count_of.setdefault((f.entity, s, f.window_ms), len(count_of)) for s in sources]
+        wants_last = f.agg == "seconds_since" or f.ttl_ms is not None
+        latest = [
+            last_of.setdefault((f.entity, s), len(last_of)) if wants_last else -1 for s in sources
+        ]
+        agg = {"count": search.COUNT, "ctr": search.CTR, "seconds_since": search.SECONDS_SINCE}
+        spec.append(
+            [j, agg[f.agg], counted[0], (counted + [-1])[1], latest[0], (latest + [-1])[1]]
+            + [-1 if f.ttl_ms is None else f.ttl_ms]
+        )
+        defaults.append(float(f.default))
+    return _Plan(
+        count_cols={
+            key: np.array([count_of[(*key, w)] for w in ws.tolist()], np.int64)
+            for key, ws in fs.windows.items()
+        },
+        all_col={key: count_of.get((*key, None), -1) for key in fs.windows},
+        last_col={key: last_of.get(key, -1) for key in fs.windows},
+        n_counts=len(count_of),
+        n_lasts=len(last_of),
+        spec=np.array(spec, np.int64).reshape(-1, 7),
+        defaults=np.array(defaults, np.float64),
+        context=tuple(context),
+    )
+
+
+_NONE_PRUNED = np.zeros(0, np.int64)
+
+
 def evaluate(
     feature_set: FeatureSet,
     histories: Histories,
@@ -420,15 +483,20 @@ def evaluate(
     """Feature matrix (rows = queries, columns = declared order, float64) at times ``t_ms``.
 
     ``codes[entity]`` gives each query's entity code in ``histories`` (-1 when
-    the entity has no events). This is the single implementation of the feature
-    semantics used by the numpy offline engine and by the online store.
+    the entity has no events), one per query. This is the single implementation of the
+    feature semantics used by the numpy offline engine and by the online store: the
+    searches and the values are compiled (``pipelines/features/search.py``), the request
+    context is read here.
     """
     t_ms = np.asarray(t_ms, dtype=np.int64)
     n = len(t_ms)
     t_rel = np.clip(t_ms - EPOCH_MS, 0, STRIDE - 1)
     out = np.empty((n, len(feature_set.features)), dtype=np.float64)
-    counted: dict[tuple[str, str, int | None], np.ndarray] = {}
-    latest_of: dict[tuple[str, str], np.ndarray] = {}
+    plan = feature_set.plan
+    codes = {e: np.asarray(codes[e], dtype=np.int64) for e in feature_set.entity_sources}
+    for entity, c in codes.items():
+        if len(c) != n:
+            raise ValueError(f"{len(c)} {entity} codes for {n} queries: give one per query")
     # Per (entity, source): start of the entity's events, index of its first event >= t,
     # and per window the index of its first event inside the window (all windows at once).
     searched = search.locate_all(
@@ -444,58 +512,31 @@ def evaluate(
             for (entity, source), windows in feature_set.windows.items()
         }
     )
-    located = {
-        key: (lo, hi, {int(w): first[:, k] for k, w in enumerate(feature_set.windows[key])})
-        for key, (lo, hi, first) in searched.items()
-    }
-
-    def count(entity: str, source: str, window: int | None) -> np.ndarray:
-        key = (entity, source, window)
-        if key not in counted:
-            lo, hi, first = located[(entity, source)]
-            if window is not None:
-                counted[key] = hi - first[window]
-            else:
-                counted[key] = hi - lo
-                pruned = histories.pruned.get((entity, source))
-                if pruned is not None and len(pruned):
-                    code = codes[entity]
-                    counted[key] += np.where(code >= 0, pruned[np.maximum(code, 0)], 0)
-        return counted[key]
-
-    def latest(entity: str, source: str) -> np.ndarray:
-        key = (entity, source)
-        if key not in latest_of:
-            lo, hi, _ = located[(entity, source)]
-            arr = histories.arrays[key]
-            base = np.maximum(codes[entity], 0).astype(np.int64) * STRIDE
-            prev = arr[np.maximum(hi - 1, 0)] - base if len(arr) else np.zeros(n, np.int64)
-            latest_of[key] = np.where(hi > lo, prev, NO_EVENT)
-        return latest_of[key]
-
-    fs = feature_set
-    for j, f in enumerate(fs.features):
-        if f.agg == "context":
-            out[:, j] = CONTEXT[f.name][1](surface, device, t_ms)
-            continue
-        window = f.window_ms
-        counts = {s: count(f.entity, s, window) for s in f.sources}
-        empty = np.logical_and.reduce([counts[s] == 0 for s in f.sources])
-        if f.agg == "count":
-            value = counts[f.sources[0]].astype(np.float64)
-        elif f.agg == "ctr":
-            # Clicks count at click time, so a window can hold clicks of impressions
-            # older than the window: capped at the window's impressions, CTR <= 1.
-            clicks = np.minimum(counts["clicks"], counts["impressions"])
-            value = (clicks + fs.prior_strength * fs.prior_ctr) / (
-                counts["impressions"] + fs.prior_strength
-            )
-        else:  # seconds_since
-            value = (t_rel - latest(f.entity, f.sources[0])) / 1000.0
-        if f.ttl_ms is not None:
-            last = np.maximum.reduce([latest(f.entity, s) for s in f.sources])
-            empty = empty | (t_rel - last >= f.ttl_ms)
-        out[:, j] = np.where(empty, float(f.default), value)
+    counts = np.empty((n, plan.n_counts), np.int64)
+    lasts = np.empty((n, plan.n_lasts), np.int64)
+    for key, (lo, hi, first) in searched.items():
+        pruned = histories.pruned.get(key)
+        search.derive(
+            histories.arrays[key],
+            lo,
+            hi,
+            first,
+            codes[key[0]],
+            _NONE_PRUNED if pruned is None else np.asarray(pruned, np.int64),
+            STRIDE,
+            NO_EVENT,
+            counts,
+            plan.count_cols[key],
+            plan.all_col[key],
+            lasts,
+            plan.last_col[key],
+        )
+    prior = feature_set.prior_strength
+    search.assemble(
+        out, plan.spec, plan.defaults, counts, lasts, t_rel, prior * feature_set.prior_ctr, prior
+    )
+    for j, name in plan.context:
+        out[:, j] = CONTEXT[name][1](surface, device, t_ms)
     return out
 
 

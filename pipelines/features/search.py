@@ -1,5 +1,7 @@
 """Point-in-time searches of ``evaluate``, compiled by numba: each query searches only its
 entity's events, and a window's start is found by galloping back from the query time.
+The feature values are computed from the searches' results by two more kernels
+(``derive``, ``assemble``), one pass over the rows instead of a numpy call per feature.
 
 The results equal ``np.searchsorted`` on the whole sorted array clipped to the entity's
 slice (tests check it); why this layout is faster is in docs/serving.md. numba compiles
@@ -191,9 +193,89 @@ def _locate_held(*args: Any) -> Located:
 
 KERNELS = (_locate_held, _locate_released)
 
+# The aggregations ``assemble`` computes (a row of ``spec``: column, aggregation, count
+# columns a and b, latest-event columns a and b, ttl; -1 where unused).
+COUNT, CTR, SECONDS_SINCE = 0, 1, 2
+
+
+@_compiled(nogil=False)
+def derive(
+    arr: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    first: np.ndarray,
+    codes: np.ndarray,
+    pruned: np.ndarray,
+    stride: int,
+    no_event: int,
+    counts: np.ndarray,
+    count_cols: np.ndarray,
+    all_col: int,
+    lasts: np.ndarray,
+    last_col: int,
+) -> None:
+    """From one (entity, source)'s ``locate`` results, per query: its events in window k
+    (``hi - first[:, k]``) into ``counts[:, count_cols[k]]``; over all history (``hi - lo``
+    plus the entity's ``pruned`` count, if any) into ``counts[:, all_col]``; the time of
+    its latest event before the query (or ``no_event``) into ``lasts[:, last_col]``. A
+    column of -1 is not wanted."""
+    for i in range(len(hi)):
+        for k in range(len(count_cols)):
+            counts[i, count_cols[k]] = hi[i] - first[i, k]
+        if all_col >= 0:
+            total = hi[i] - lo[i]
+            if len(pruned) > 0 and codes[i] >= 0:
+                total += pruned[codes[i]]
+            counts[i, all_col] = total
+        if last_col >= 0:
+            if hi[i] > lo[i]:
+                lasts[i, last_col] = arr[hi[i] - 1] - max(codes[i], 0) * stride
+            else:
+                lasts[i, last_col] = no_event
+
+
+@_compiled(nogil=False)
+def assemble(
+    out: np.ndarray,
+    spec: np.ndarray,
+    defaults: np.ndarray,
+    counts: np.ndarray,
+    lasts: np.ndarray,
+    t_rel: np.ndarray,
+    prior_clicks: float,
+    prior_strength: float,
+) -> None:
+    """Each feature column of ``spec`` from ``derive``'s counts and latest times: a count;
+    a CTR (clicks capped at impressions, smoothed); seconds since the latest event; the
+    feature's default where its window holds no event or its latest event is past the ttl.
+    The same arithmetic, in the same order, as numpy's on whole columns."""
+    for f in range(spec.shape[0]):
+        j, agg, a, b = spec[f, 0], spec[f, 1], spec[f, 2], spec[f, 3]
+        la, lb, ttl = spec[f, 4], spec[f, 5], spec[f, 6]
+        default = defaults[f]
+        for i in range(len(t_rel)):
+            ca = counts[i, a]
+            empty = ca == 0
+            if agg == CTR:  # a: impressions, b: clicks
+                cb = counts[i, b]
+                empty = empty and cb == 0
+                value = (min(cb, ca) + prior_clicks) / (ca + prior_strength)
+            elif agg == SECONDS_SINCE:
+                value = (t_rel[i] - lasts[i, la]) / 1000.0
+            else:
+                value = float(ca)
+            if ttl >= 0:
+                last = lasts[i, la] if lb < 0 else max(lasts[i, la], lasts[i, lb])
+                empty = empty or t_rel[i] - last >= ttl
+            out[i, j] = default if empty else value
+
 
 def warm_up() -> None:
-    """Compile (or load from the cache) both kernels now, so that no request waits for them."""
+    """Compile (or load from the cache) every kernel now, so that no request waits for them."""
     one = np.zeros(1, np.int64)
     for kernel in KERNELS:
         kernel(one, np.zeros(2, np.int64), one, one, one, 1)
+    grid = np.zeros((1, 1), np.int64)
+    derive(one, one, one, grid, one, one, 1, 0, grid, one, 0, grid, 0)
+    spec = np.zeros((1, 7), np.int64)
+    assemble(np.zeros((1, 1)), spec, np.zeros(1), grid, grid, one, 0.0, 1.0)
