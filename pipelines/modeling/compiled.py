@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -248,7 +249,7 @@ class CompiledModel:
                         handle, dmat, ctypes.byref(shape), ctypes.byref(ndim)
                     )
                 )
-                out = np.zeros(int(np.prod(shape[: ndim.value])), dtype=np.float64)
+                out = np.zeros(math.prod(shape[: ndim.value]), dtype=np.float64)
                 zero = ctypes.c_int(0)  # not verbose; probabilities, not margins
                 check(
                     api.TL2cgenPredictorPredictBatch(
