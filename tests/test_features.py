@@ -137,6 +137,25 @@ def test_unknown_entities_get_declared_defaults() -> None:
     assert row["surface_code"] == 1 and row["device_code"] == 2
 
 
+def test_evaluate_wants_one_code_per_query() -> None:
+    """``evaluate`` refuses entity codes of another length than the query times, naming the
+    entity, instead of reading past them in its compiled kernels."""
+    from pipelines.features.definitions import evaluate
+
+    index = EventIndex(generate_events(TINY, seed=15))
+    codes = index.entity_codes(
+        {"user_id": ["u0", "u1"], "item_id": ["i0", "i1"], "surface": ["feed"] * 2}
+    )
+    t = np.full(2, index.as_of_ms)
+    assert evaluate(CTR_V1, index.histories, codes, ["feed"] * 2, ["mobile"] * 2, t).shape == (
+        2,
+        len(CTR_V1.features),
+    )
+    codes["item"] = codes["item"][:1]
+    with pytest.raises(ValueError, match="1 item codes for 2 queries"):
+        evaluate(CTR_V1, index.histories, codes, ["feed"] * 2, ["mobile"] * 2, t)
+
+
 def test_order_of_input_rows_does_not_matter() -> None:
     events = generate_events(TINY, seed=14)
     shuffled = events.sample(frac=1.0, random_state=1)
@@ -308,12 +327,13 @@ def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
         "import numpy as np\n"
         "from pipelines.features import search\n"
         "from numba.core.caching import NullCache\n"
-        "for kernel in (search._search, *search.KERNELS):\n"
+        "for kernel in (search._search, *search.KERNELS, search.derive, search.assemble):\n"
         "    assert isinstance(kernel._cache, NullCache), kernel._cache\n"
         "a = np.array([5, 9], np.int64)\n"
         "lo, hi, first = search.locate(a, np.array([0, 2]), np.array([0]), np.array([9]),"
         " np.array([1]), 100)\n"
         "assert (lo.tolist(), hi.tolist(), first.tolist()) == ([0], [1], [[1]])\n"
+        "search.warm_up()  # every kernel, the feature values' included\n"
     )
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
