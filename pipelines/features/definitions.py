@@ -414,15 +414,22 @@ class Histories:
         return cls(arrays, starts, dict(pruned or {}))
 
 
+_AGGREGATION_CODES = {
+    "count": search.COUNT,
+    "ctr": search.CTR,
+    "seconds_since": search.SECONDS_SINCE,
+}
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How ``evaluate`` lays out a feature set for ``search.derive`` and ``search.assemble``:
     a column of ``counts`` per (entity, source, window) and of ``lasts`` per (entity,
     source) that some feature reads, and a ``spec`` row per event feature."""
 
-    count_cols: dict[tuple[str, str], np.ndarray]  # per window of ``windows[key]``
-    all_col: dict[tuple[str, str], int]  # all history, or -1
-    last_col: dict[tuple[str, str], int]  # latest event, or -1
+    # per (entity, source): its count column per window of ``windows[key]``, its column of
+    # the count over all history and of the latest event (-1 where no feature reads them)
+    columns: dict[tuple[str, str], tuple[np.ndarray, int, int]]
     n_counts: int
     n_lasts: int
     spec: np.ndarray
@@ -441,26 +448,29 @@ def _plan(fs: FeatureSet) -> _Plan:
         if f.agg == "context":
             context.append((j, f.name))
             continue
-        # ctr reads impressions as a and clicks as b; the others their one source
-        sources = ("impressions", "clicks") if f.agg == "ctr" else f.sources
-        counted = [count_of.setdefault((f.entity, s, f.window_ms), len(count_of)) for s in sources]
+        # a ctr's sources are impressions (a) then clicks (b), as Feature checks; the
+        # others have one source
+        counted = [
+            count_of.setdefault((f.entity, s, f.window_ms), len(count_of)) for s in f.sources
+        ]
         wants_last = f.agg == "seconds_since" or f.ttl_ms is not None
         latest = [
-            last_of.setdefault((f.entity, s), len(last_of)) if wants_last else -1 for s in sources
+            last_of.setdefault((f.entity, s), len(last_of)) if wants_last else -1 for s in f.sources
         ]
-        agg = {"count": search.COUNT, "ctr": search.CTR, "seconds_since": search.SECONDS_SINCE}
         spec.append(
-            [j, agg[f.agg], counted[0], (counted + [-1])[1], latest[0], (latest + [-1])[1]]
-            + [-1 if f.ttl_ms is None else f.ttl_ms]
+            [j, _AGGREGATION_CODES[f.agg], counted[0], (counted + [-1])[1]]
+            + [latest[0], (latest + [-1])[1], -1 if f.ttl_ms is None else f.ttl_ms]
         )
         defaults.append(float(f.default))
     return _Plan(
-        count_cols={
-            key: np.array([count_of[(*key, w)] for w in ws.tolist()], np.int64)
+        columns={
+            key: (
+                np.array([count_of[(*key, w)] for w in ws.tolist()], np.int64),
+                count_of.get((*key, None), -1),
+                last_of.get(key, -1),
+            )
             for key, ws in fs.windows.items()
         },
-        all_col={key: count_of.get((*key, None), -1) for key in fs.windows},
-        last_col={key: last_of.get(key, -1) for key in fs.windows},
         n_counts=len(count_of),
         n_lasts=len(last_of),
         spec=np.array(spec, np.int64).reshape(-1, 7),
@@ -516,6 +526,7 @@ def evaluate(
     lasts = np.empty((n, plan.n_lasts), np.int64)
     for key, (lo, hi, first) in searched.items():
         pruned = histories.pruned.get(key)
+        count_cols, all_col, last_col = plan.columns[key]
         search.derive(
             histories.arrays[key],
             lo,
@@ -526,10 +537,10 @@ def evaluate(
             STRIDE,
             NO_EVENT,
             counts,
-            plan.count_cols[key],
-            plan.all_col[key],
+            count_cols,
+            all_col,
             lasts,
-            plan.last_col[key],
+            last_col,
         )
     prior = feature_set.prior_strength
     search.assemble(

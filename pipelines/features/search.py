@@ -257,6 +257,8 @@ def assemble(
             ca = counts[i, a]
             empty = ca == 0
             if agg == CTR:  # a: impressions, b: clicks
+                # Clicks count at click time, so a window can hold clicks of impressions
+                # older than the window: capped at the window's impressions, CTR <= 1.
                 cb = counts[i, b]
                 empty = empty and cb == 0
                 value = (min(cb, ca) + prior_clicks) / (ca + prior_strength)
