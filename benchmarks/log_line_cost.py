@@ -85,6 +85,7 @@ _BODY_ONLY = (
     "                await request.body()\n"
     "                return cls.model_construct(requests=None)\n",
 )
+_ROWS_READ = ((SERVICE, *_FIXED), (SERVICE, *_ANSWER_FIXED))
 # variant: edits of (file under the bento's src, its text, the replacement); each text
 # must be there once
 EDITS: dict[str, tuple[tuple[str, str, str], ...]] = {
@@ -94,14 +95,11 @@ EDITS: dict[str, tuple[tuple[str, str, str], ...]] = {
         (LOG, _LINE, '        return orjson.dumps({"n": len(self.request_ids)}) + b"\\n"\n'),
     ),
     "not written": ((LOG, _WRITE, "                pass\n"),),
-    "rows read, fixed answer": ((SERVICE, *_FIXED), (SERVICE, *_ANSWER_FIXED)),
-    "body only, fixed answer": (
-        (SERVICE, *_FIXED),
-        (SERVICE, *_ANSWER_FIXED),
-        (SERVICE, *_BODY_ONLY),
-    ),
+    "rows read, fixed answer": _ROWS_READ,
+    "body only, fixed answer": (*_ROWS_READ, (SERVICE, *_BODY_ONLY)),
 }
-FLOORS = ("rows read, fixed answer", "body only, fixed answer")
+# the variants that edit the service (its batch endpoint)
+FLOORS = tuple(v for v, edits in EDITS.items() if any(e[0] == SERVICE for e in edits))
 # per service: (phase, endpoint, bodies); the floors answer rows only; the bare service
 # has one batch endpoint and form
 JOBS = {

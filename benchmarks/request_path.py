@@ -45,29 +45,19 @@ from tests.support.loadtest import workload  # noqa: E402
 from tests.support.search import whole_array_locate  # noqa: E402
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> float:
-    """Median milliseconds of ``repeat`` calls (after two warm-up calls)."""
-    fn()
-    fn()
+def timed(
+    fn: Callable[..., Any], repeat: int, prepare: Callable[[int], Any] | None = None
+) -> float:
+    """Median milliseconds of ``repeat`` calls of ``fn`` (after two warm-up calls). With
+    ``prepare``, call k is ``fn(prepare(k))`` and only ``fn`` is timed: each call gets
+    input made just before it."""
     out = []
-    for _ in range(repeat):
+    for k in range(-2, repeat):
+        given = () if prepare is None else (prepare(k),)
         started = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - started)
-    return round(float(np.median(out)) * 1000.0, 4)
-
-
-def timed_fresh(prepare: Callable[[int], Any], fn: Callable[[Any], Any], repeat: int) -> float:
-    """Median milliseconds of ``fn(prepare(k))`` for k = 0 .. ``repeat`` - 1, timing ``fn``
-    only (after two warm-up calls): each call gets input made just before it."""
-    fn(prepare(0))
-    fn(prepare(1))
-    out = []
-    for k in range(repeat):
-        given = prepare(k)
-        started = time.perf_counter()
-        fn(given)
-        out.append(time.perf_counter() - started)
+        fn(*given)
+        if k >= 0:
+            out.append(time.perf_counter() - started)
     return round(float(np.median(out)) * 1000.0, 4)
 
 
@@ -168,16 +158,20 @@ def main() -> None:
     bodies = workload(project / "data", 1000)
     one = json.dumps(bodies[0]).encode()
     many = json.dumps(bodies).encode()
-    # Five other batches of 1000 rows, as bodies: read again before each call that uses them.
-    fresh = workload(project / "data", 6000)[1000:]
+    # Five other batches of 1000 rows (another seed), as bodies: read again before each
+    # call that uses them.
+    fresh = workload(project / "data", 5000, seed=1)
     fresh_bodies = [orjson.dumps(fresh[k : k + 1000]) for k in range(0, 5000, 1000)]
     fresh_ones = [orjson.dumps(body) for body in fresh[:200]]
 
-    def fresh_rows(k: int) -> Any:  # a new batch's rows, read as the service reads them
-        return read_rows(orjson.loads(fresh_bodies[k % len(fresh_bodies)]), 5000)
+    def fresh_body(k: int) -> bytes:
+        return fresh_bodies[k % len(fresh_bodies)]
 
-    def fresh_rows_of_one(k: int) -> Any:  # a new one-row call's row, as columns
-        return RequestRows.of([PredictRequest.model_validate_json(fresh_ones[k % 200])])
+    def fresh_rows(k: int) -> Any:  # a new batch's rows, read as the service reads them
+        return read_rows(orjson.loads(fresh_body(k)), 5000)
+
+    def fresh_one(k: int) -> Any:  # a new one-row call's request
+        return PredictRequest.model_validate_json(fresh_ones[k % len(fresh_ones)])
 
     reqs = [PredictRequest.model_validate(b) for b in bodies]
     columns_of_rows = RequestRows.of(reqs)
@@ -269,10 +263,8 @@ def main() -> None:
             "1000 rows read as columns by orjson (/predict_batch)": timed(
                 lambda: read_rows(orjson.loads(many), len(bodies)), 20
             ),
-            "1000 rows read as columns by orjson, a different batch each call": timed_fresh(
-                lambda k: fresh_bodies[k % len(fresh_bodies)],
-                lambda body: read_rows(orjson.loads(body), 5000),
-                20,
+            "1000 rows read as columns by orjson, a different batch each call": timed(
+                lambda body: read_rows(orjson.loads(body), 5000), 20, fresh_body
             ),
             "1000 rows as columns (/predict_columns)": timed(
                 lambda: columns_model.model_validate_json(as_columns), 20
@@ -282,21 +274,21 @@ def main() -> None:
             "1 row": timed(
                 lambda: rt.lookup(users[:1], its[:1], surfaces[:1], devices[:1], t[:1]), args.repeat
             ),
-            "1 row, a different row each call": timed_fresh(
-                lambda k: fresh_rows_of_one(k),
+            "1 row, a different row each call": timed(
                 lambda r: rt.lookup(r.users, r.items, r.surfaces, r.devices, r.t_ms),
                 args.repeat,
+                lambda k: RequestRows.of([fresh_one(k)]),
             ),
             "1000 rows": timed(lambda: rt.lookup(users, its, surfaces, devices, t), 20),
             "1000 rows, searches on two threads (a call alone in its worker)": timed(
                 lambda: spare(rt.lookup, users, its, surfaces, devices, t), 20
             ),
-            "1000 rows, a different batch each call, alone in its worker": timed_fresh(
-                fresh_rows,
+            "1000 rows, a different batch each call, alone in its worker": timed(
                 lambda rows: spare(
                     rt.lookup, rows.users, rows.items, rows.surfaces, rows.devices, rows.t_ms
                 ),
                 20,
+                fresh_rows,
             ),
             "1000 rows, np.searchsorted over the whole array (before)": timed_with(
                 search,
@@ -464,13 +456,11 @@ def main() -> None:
         "1000 rows as columns, alone in the worker (trees and searches on two threads)": timed(
             lambda: predictor.predict_columns_json(columns, inflight=1), 20
         ),
-        "1000 rows, a different batch each call, alone in the worker": timed_fresh(
-            fresh_rows, lambda rows: predictor.predict_json(rows, inflight=1), 20
+        "1000 rows, a different batch each call, alone in the worker": timed(
+            lambda rows: predictor.predict_json(rows, inflight=1), 20, fresh_rows
         ),
-        "1 row, a different row each call": timed_fresh(
-            lambda k: [PredictRequest.model_validate_json(fresh_ones[k % len(fresh_ones)])],
-            predictor.predict,
-            args.repeat,
+        "1 row, a different row each call": timed(
+            lambda r: predictor.predict([r]), args.repeat, fresh_one
         ),
         f"rank, {n_items} items": timed(lambda: predictor.rank_json(rank), 20),
     }
