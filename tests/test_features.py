@@ -315,9 +315,10 @@ def test_a_forked_child_splits_its_searches_on_its_own_helper() -> None:
     pytest.fail("the forked child's split call never answered")
 
 
-def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
+def test_kernels_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
     """A read-only install (no writable ``__pycache__`` nor user cache) still imports and
-    answers: numba refuses ``cache=True`` there at import, and the kernel compiles in memory.
+    answers: numba refuses ``cache=True`` there at import, and the kernels (the searches and
+    the request times' reader) compile in memory.
     Simulated with numba's locator override naming a locator that never applies to a file."""
     import os
     import subprocess
@@ -334,6 +335,10 @@ def test_searches_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
         " np.array([1]), 100)\n"
         "assert (lo.tolist(), hi.tolist(), first.tolist()) == ([0], [1], [[1]])\n"
         "search.warm_up()  # every kernel, the feature values' included\n"
+        "from pipelines.serving import times\n"
+        "for kernel in (times._read, times._digits):\n"
+        "    assert isinstance(kernel._cache, NullCache), kernel._cache\n"
+        "assert times.read_times(['1969-12-31 23:59:59.9995-00:30']).tolist() == [1799999]\n"
     )
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -333,8 +333,9 @@ def test_malformed_requests_get_400_naming_the_field(
 
 
 def test_a_batch_answers_the_same_whatever_the_time_layout(server: Server) -> None:
-    """The usual layouts are read as columns; epoch seconds, or more layouts in one call than
-    the reader groups, are validated row by row: the same times, the same answers."""
+    """The ISO layouts are read as columns, each row on its own, so one call may mix them;
+    a call with epoch seconds among them is validated row by row: the same times, the same
+    answers."""
     at = pd.Timestamp(server.at).tz_convert("UTC")
     layouts: list[Any] = [
         at.isoformat(),
@@ -345,19 +346,23 @@ def test_a_batch_answers_the_same_whatever_the_time_layout(server: Server) -> No
         at.timestamp(),
     ]
     answers = [server.batch(users(30), timestamp=layout) for layout in layouts]
-    rows = [
-        {
-            "user": u,
-            "item": f"i{i % 400:05d}",
-            "surface": ("feed", "search", "recs")[i % 3],
-            "device": "mobile",
-            "timestamp": layouts[i % 5],
-        }
-        for i, u in enumerate(users(30))
-    ]
-    mixed = server.post("/predict_batch", {"requests": rows})
-    assert mixed.status_code == 200, mixed.text
-    answers.append(mixed.json())
+
+    def rows(kinds: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "user": u,
+                "item": f"i{i % 400:05d}",
+                "surface": ("feed", "search", "recs")[i % 3],
+                "device": "mobile",
+                "timestamp": layouts[i % kinds],
+            }
+            for i, u in enumerate(users(30))
+        ]
+
+    for kinds in (5, 6):  # the ISO layouts mixed; then epoch seconds among them
+        mixed = server.post("/predict_batch", {"requests": rows(kinds)})
+        assert mixed.status_code == 200, mixed.text
+        answers.append(mixed.json())
     probabilities = {tuple(a["probability"] for a in answer) for answer in answers}
     assert len(probabilities) == 1, layouts
 

@@ -54,7 +54,10 @@ def _forget_helper() -> None:
 os.register_at_fork(after_in_child=_forget_helper)
 
 
-def _compiled(nogil: bool) -> Any:
+def compile_kernel(nogil: bool) -> Any:
+    """numba's ``njit`` (``nogil``: the kernel runs without the GIL), cached as the module
+    docstring says."""
+
     def compiled(fn: Any) -> Any:
         try:
             return njit(nogil=nogil, cache=True)(fn)
@@ -129,7 +132,7 @@ def locate(
     return kernel(arr, starts, codes, t_rel, windows, stride)  # type: ignore[no-any-return]
 
 
-@_compiled(nogil=False)
+@compile_kernel(nogil=False)
 def _search(
     arr: np.ndarray,
     starts: np.ndarray,
@@ -181,12 +184,12 @@ def _search(
 
 
 # Two entry points with their own names, so numba caches each one's machine code apart.
-@_compiled(nogil=True)
+@compile_kernel(nogil=True)
 def _locate_released(*args: Any) -> Located:
     return _search(*args)  # type: ignore[no-any-return]
 
 
-@_compiled(nogil=False)
+@compile_kernel(nogil=False)
 def _locate_held(*args: Any) -> Located:
     return _search(*args)  # type: ignore[no-any-return]
 
@@ -198,7 +201,7 @@ KERNELS = (_locate_held, _locate_released)
 COUNT, CTR, SECONDS_SINCE = 0, 1, 2
 
 
-@_compiled(nogil=False)
+@compile_kernel(nogil=False)
 def derive(
     arr: np.ndarray,
     lo: np.ndarray,
@@ -234,7 +237,7 @@ def derive(
                 lasts[i, last_col] = no_event
 
 
-@_compiled(nogil=False)
+@compile_kernel(nogil=False)
 def assemble(
     out: np.ndarray,
     spec: np.ndarray,

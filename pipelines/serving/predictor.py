@@ -30,6 +30,7 @@ import orjson
 from pipelines.features import search
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import Release, load_release
+from pipelines.serving import times
 from pipelines.serving.overload import shed_reasons
 from pipelines.serving.pod import Pod, PodState, verdict
 from pipelines.serving.request_log import (
@@ -158,6 +159,7 @@ class Runtime:
             # snapshot as its fallback (pipelines.serving.store_source).
             features = feature_source_for(release, features, problems)
         search.warm_up()  # compiled (or read from numba's cache) before any request waits
+        times.warm_up()
         policy = release.policy
         router = Router(
             policy.routing, policy.candidate_share, policy.shadow_sample_rate, policy.routing_salt

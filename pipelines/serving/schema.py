@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from pipelines.serving.request_log import REQUEST_TIME_MAX_MS, REQUEST_TIME_MIN_MS
+from pipelines.serving.times import read_times
 
 Surface = Literal["feed", "search", "recs"]
 Device = Literal["mobile", "desktop", "tablet"]
@@ -263,97 +264,6 @@ _SURFACES = frozenset(Surface.__args__)  # type: ignore[attr-defined]
 _DEVICES = frozenset(Device.__args__)  # type: ignore[attr-defined]
 # The Id pattern over the ids of a column joined by newlines (not an id character).
 _IDS = re.compile(r"[A-Za-z0-9_.:-]{1,128}(?:\n[A-Za-z0-9_.:-]{1,128})*")
-# The one time layout read here: date, 'T' (or 't', ' ', '_', as pydantic takes), time to
-# the second, 1-9 digits of fraction (pydantic keeps the first 6: microseconds), then
-# nothing (UTC), 'Z' ('z') or an offset in hours and minutes.
-_LAYOUT = re.compile(r"\d{4}-\d\d-\d\d[Tt _]\d\d:\d\d:\d\d(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)?")
-_LAYOUTS = 4
-
-
-def _times(stamps: list[str]) -> np.ndarray | None:
-    """Epoch ms of ISO 8601 times, floored as ``epoch_ms``; None unless every time has
-    ``_LAYOUT``'s shape (at most ``_LAYOUTS`` lengths, each read like the first of that
-    length) and is a valid time in the storable range (the per-row validation then
-    reports it)."""
-    n = len(stamps)
-    lengths = np.fromiter(map(len, stamps), np.int64, n)
-    try:
-        chars = np.frombuffer("".join(stamps).encode("ascii"), np.uint8)
-    except UnicodeEncodeError:
-        return None
-    widths = np.unique(lengths)
-    if len(widths) > _LAYOUTS:
-        return None
-    starts = np.cumsum(lengths) - lengths
-    t_ms = np.empty(n, np.int64)
-    for width in widths.tolist():
-        rows = np.flatnonzero(lengths == width)
-        read = _layout_times(chars[starts[rows, None] + np.arange(width)])
-        if read is None:
-            return None
-        t_ms[rows] = read
-    return t_ms
-
-
-def _layout_times(chars: np.ndarray) -> np.ndarray | None:
-    """``_times`` for rows of one length, one ASCII character per column."""
-    template = chars[0]
-    layout = _LAYOUT.fullmatch(template.tobytes().decode("ascii"))
-    if layout is None:
-        return None
-    digit = template - 48 <= 9  # uint8: characters below '0' wrap past 9
-    if not ((chars[:, digit] - 48 <= 9).all() and (chars[:, ~digit] == template[~digit]).all()):
-        return None
-    # Every number of every row at once: digit values times their place values.
-    year, month, day, hour, minute, second, micro, zone_h, zone_m = (
-        ((chars - 48) @ _place_values(len(template), layout)).astype(np.int64).T
-    )
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    month_days = _MONTH_DAYS[np.clip(month, 1, 12)] + ((month == 2) & leap)
-    if (
-        (month < 1)
-        | (month > 12)
-        | (day < 1)
-        | (day > month_days)
-        | (hour > 23)
-        | (minute > 59)
-        | (second > 59)
-        | (zone_h > 23)
-        | (zone_m > 59)
-    ).any():
-        return None
-    # Days from 1970-01-01, proleptic Gregorian (days_from_civil, H. Hinnant; years >= 0).
-    y = year - (month <= 2)
-    era, yoe = y // 400, y % 400
-    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
-    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    offset = (zone_h * 60 + zone_m) * (-1 if (layout.group(2) or "+")[0] == "-" else 1)
-    seconds = ((days * 24 + hour) * 60 + minute - offset) * 60 + second
-    t_ms = (seconds * 1_000_000 + micro) // 1000
-    if (t_ms < REQUEST_TIME_MIN_MS).any() or (t_ms > REQUEST_TIME_MAX_MS).any():
-        return None
-    return t_ms
-
-
-_MONTH_DAYS = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], np.int64)
-
-
-def _place_values(width: int, layout: re.Match[str]) -> np.ndarray:
-    """(width, 9) place values of a ``_LAYOUT`` match's columns: year, month, day, hour,
-    minute, second, microsecond, offset hours and minutes (zero where absent)."""
-    spans = [(0, 4), (5, 7), (8, 10), (11, 13), (14, 16), (17, 19), layout.span(1)]
-    offset = len(layout.group(2) or "") == 6  # +hh:mm
-    spans += [(width - 5, width - 3), (width - 2, width)] if offset else [(0, 0), (0, 0)]
-    places = np.zeros((width, len(spans)))
-    for field, (start, stop) in enumerate(spans):
-        # a fraction's digits are tenths, hundredths... of a second: 1e5, 1e4... microseconds
-        # (digits past the sixth count for nothing)
-        top = 5 if field == 6 else stop - start - 1
-        for k in range(max(start, 0), min(stop, start + top + 1)):
-            places[k, field] = 10.0 ** (top - (k - start))
-    return places
-
-
 def _ids(column: list[Any]) -> bool:
     joined = "\n".join(column)  # TypeError unless every value is a str
     return _IDS.fullmatch(joined) is not None and joined.count("\n") == len(column) - 1
@@ -392,7 +302,7 @@ def read_rows(value: Any, max_rows: int) -> RequestRows | None:
         present = stamps if missing == 0 else [s for s in stamps if s is not None]
         if set(map(type, present)) != {str}:
             return None
-        read = _times(present)
+        read = read_times(present)
         if read is None:
             return None
         t_ms[given] = read
