@@ -81,9 +81,8 @@ _ANSWER_FIXED = (
     '        return Response(_FIXED, media_type="application/json")\n',
 )
 _BODY_ONLY = (
-    "                body = orjson.loads(await request.body())\n",
-    "                await request.body()\n"
-    "                return cls.model_construct(requests=None)\n",
+    "            rows = read_batch(await request.body(), MAX_BATCH)\n",
+    "            await request.body()\n            return cls.model_construct(requests=None)\n",
 )
 _ROWS_READ = ((SERVICE, *_FIXED), (SERVICE, *_ANSWER_FIXED))
 # variant: edits of (file under the bento's src, its text, the replacement); each text

@@ -132,7 +132,7 @@ def main() -> None:
         Runtime,
         columns_request_model,
     )
-    from pipelines.serving.schema import RequestRows, read_rows
+    from pipelines.serving.schema import RequestRows, read_batch
     from pipelines.serving.sources import SnapshotFeatureSource
     from pipelines.serving.tiers import load_tier
 
@@ -158,17 +158,18 @@ def main() -> None:
     bodies = workload(project / "data", 1000)
     one = json.dumps(bodies[0]).encode()
     many = json.dumps(bodies).encode()
+    batch_body = orjson.dumps({"requests": bodies})  # /predict_batch's body
     # Five other batches of 1000 rows (another seed), as bodies: read again before each
     # call that uses them.
     fresh = workload(project / "data", 5000, seed=1)
-    fresh_bodies = [orjson.dumps(fresh[k : k + 1000]) for k in range(0, 5000, 1000)]
+    fresh_bodies = [orjson.dumps({"requests": fresh[k : k + 1000]}) for k in range(0, 5000, 1000)]
     fresh_ones = [orjson.dumps(body) for body in fresh[:200]]
 
     def fresh_body(k: int) -> bytes:
         return fresh_bodies[k % len(fresh_bodies)]
 
     def fresh_rows(k: int) -> Any:  # a new batch's rows, read as the service reads them
-        return read_rows(orjson.loads(fresh_body(k)), 5000)
+        return read_batch(fresh_body(k), 5000)
 
     def fresh_one(k: int) -> Any:  # a new one-row call's request
         return PredictRequest.model_validate_json(fresh_ones[k % len(fresh_ones)])
@@ -260,11 +261,11 @@ def main() -> None:
             "1000 rows, one object per row, as columns (/predict_batch before)": timed(
                 lambda: RequestRows.of(adapter.validate_json(many)), 20
             ),
-            "1000 rows read as columns by orjson (/predict_batch)": timed(
-                lambda: read_rows(orjson.loads(many), len(bodies)), 20
+            "1000 rows read as columns (/predict_batch)": timed(
+                lambda: read_batch(batch_body, len(bodies)), 20
             ),
-            "1000 rows read as columns by orjson, a different batch each call": timed(
-                lambda body: read_rows(orjson.loads(body), 5000), 20, fresh_body
+            "1000 rows read as columns, a different batch each call": timed(
+                lambda body: read_batch(body, 5000), 20, fresh_body
             ),
             "1000 rows as columns (/predict_columns)": timed(
                 lambda: columns_model.model_validate_json(as_columns), 20

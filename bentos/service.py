@@ -36,7 +36,6 @@ from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Literal  # noqa: E402
 
 import bentoml  # noqa: E402
-import orjson  # noqa: E402
 from pydantic import Field  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
@@ -70,7 +69,7 @@ from pipelines.serving.predictor import (  # noqa: E402
     rank_request_model,
 )
 from pipelines.serving.request_log import RequestLog  # noqa: E402
-from pipelines.serving.schema import RequestRows, batch_rows, read_rows  # noqa: E402
+from pipelines.serving.schema import RequestRows, batch_rows, read_batch  # noqa: E402
 from pipelines.serving.security import (  # noqa: E402
     Guard,
     check_bearer,
@@ -110,8 +109,8 @@ install_request_timer_release()
 
 
 class BatchInput(bentoml.IODescriptor):
-    """``/predict_batch``'s body, ``{"requests": [...]}``: the usual JSON body is parsed by
-    orjson and read straight into columns; any other body is validated by BentoML as
+    """``/predict_batch``'s body, ``{"requests": [...]}``: the usual JSON body is decoded by
+    msgspec and read straight into columns; any other body is validated by BentoML as
     declared, which accepts the same rows and reports the errors."""
 
     requests: BatchRows  # type: ignore[valid-type]
@@ -120,14 +119,9 @@ class BatchInput(bentoml.IODescriptor):
     async def from_http_request(cls, request: Request, serde: Any) -> bentoml.IODescriptor:
         media_type = request.headers.get("content-type", "application/json")
         if media_type.split(";")[0].strip() == "application/json":
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError:
-                body = None
-            if type(body) is dict and body.keys() == {"requests"}:
-                rows = read_rows(body["requests"], MAX_BATCH)
-                if rows is not None:
-                    return cls.model_construct(requests=rows)
+            rows = read_batch(await request.body(), MAX_BATCH)
+            if rows is not None:
+                return cls.model_construct(requests=rows)
         return await super().from_http_request(request, serde)
 
 

@@ -14,7 +14,7 @@ import pytest
 from pydantic import Field, TypeAdapter, ValidationError
 
 from pipelines.serving.request_log import REQUEST_TIME_MAX_MS, REQUEST_TIME_MIN_MS
-from pipelines.serving.schema import PredictRequest, RequestRows, batch_rows, read_rows
+from pipelines.serving.schema import PredictRequest, RequestRows, batch_rows, read_batch
 
 ONE_PER_ROW = TypeAdapter(Annotated[list[PredictRequest], Field(min_length=1, max_length=50)])
 ROW = {"user": "u00001", "item": "i00007", "surface": "feed", "device": "mobile"}
@@ -26,6 +26,11 @@ def per_row(value: Any) -> RequestRows | None:
         return RequestRows.of(ONE_PER_ROW.validate_python(value))
     except ValidationError:
         return None
+
+
+def read_rows(value: Any, max_rows: int = 50) -> RequestRows | None:
+    """The reader's columns of ``{"requests": value}`` sent as JSON, or None."""
+    return read_batch(orjson.dumps({"requests": value}), max_rows)
 
 
 def same(a: RequestRows, b: RequestRows) -> bool:
@@ -179,8 +184,37 @@ def test_other_shapes_are_left_to_pydantic(rows: list[Any]) -> None:
     agree(rows)
 
 
+_ONE = orjson.dumps(ROW).decode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff",
+        b"[]",
+        b'{"requests": null}',
+        f'{{"requests": [{_ONE}], "extra": 1}}'.encode(),
+        f'{{"requests": [{_ONE}]}} trailing'.encode(),
+        f'{{"requests": [{_ONE}], "requests": []}}'.encode(),
+    ],
+)
+def test_other_bodies_are_left_to_bentoml(body: bytes) -> None:
+    assert read_batch(body, 50) is None
+
+
+def test_a_repeated_key_is_read_as_pydantic_reads_it() -> None:
+    """JSON lets an object repeat a key; both readers keep its last value."""
+    rows = b'[{"user": "u1", "item": "i1", "surface": "feed", "device": "mobile", "user": "u2",'
+    rows += b' "timestamp": "2026-10-13T00:00:01", "timestamp": null}]'
+    read = read_batch(b'{"requests": ' + rows + b"}", 50)
+    validated = RequestRows.of(ONE_PER_ROW.validate_json(rows))
+    assert read is not None and same(read, validated) and read.users == ["u2"]
+    assert not read.given.any()
+
+
 def test_the_endpoint_type_validates_row_by_row_into_columns() -> None:
-    """What the service does with a body ``read_rows`` leaves: the same columns, or errors."""
+    """What the service does with a body ``read_batch`` leaves: the same columns, or errors."""
     rows_type = TypeAdapter(batch_rows(3))
     body = [{**ROW, "timestamp": "2026-10-13T00:00:01.08+00:00"}, {**ROW, "timestamp": None}]
     read = rows_type.validate_json(orjson.dumps(body))

@@ -1,14 +1,15 @@
 """The service's request and answer models, and the rows of a batch read as columns.
 
-``batch_rows`` reads ``/predict_batch``'s rows straight into columns when they have the
-usual shape, and otherwise validates one ``PredictRequest`` per row: either way the same
-rows are accepted, with the same values, and the same errors refused (docs/serving.md,
-"Batch rows").
+``read_batch`` reads ``/predict_batch``'s rows straight into columns when they have the
+usual shape, and otherwise ``batch_rows`` validates one ``PredictRequest`` per row: either
+way the same rows are accepted, with the same values, and the same errors refused
+(docs/serving.md, "Batch rows").
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import operator
 import re
 from collections import Counter
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 from pydantic import (
     AfterValidator,
@@ -257,52 +259,54 @@ class RequestRows:
         return np.where(self.given, self.t_ms, now_ms)
 
 
-_KEYS = [operator.itemgetter(k) for k in ("user", "item", "surface", "device")]
-_STAMP = operator.methodcaller("get", "timestamp")
-_HAS_STAMP = operator.methodcaller("__contains__", "timestamp")
-_SURFACES = frozenset(Surface.__args__)  # type: ignore[attr-defined]
-_DEVICES = frozenset(Device.__args__)  # type: ignore[attr-defined]
 # The Id pattern over the ids of a column joined by newlines (not an id character).
 _IDS = re.compile(r"[A-Za-z0-9_.:-]{1,128}(?:\n[A-Za-z0-9_.:-]{1,128})*")
-def _ids(column: list[Any]) -> bool:
-    joined = "\n".join(column)  # TypeError unless every value is a str
+
+
+def _ids(column: list[str]) -> bool:
+    joined = "\n".join(column)
     return _IDS.fullmatch(joined) is not None and joined.count("\n") == len(column) - 1
 
 
-def read_rows(value: Any, max_rows: int) -> RequestRows | None:
-    """``value`` (parsed JSON) as columns when every row has the usual shape: the four keys
-    and an optional timestamp, valid ids and labels, times in one ISO 8601 layout or
-    null. None otherwise: validating one ``PredictRequest`` per row then decides."""
-    if type(value) is not list or not 1 <= len(value) <= max_rows:
-        return None
-    n = len(value)
+class _Row(msgspec.Struct, forbid_unknown_fields=True):
+    """A row of the usual ``/predict_batch`` body as msgspec decodes it: the four fields, an
+    optional timestamp, nothing else; its ids and time are checked a column at a time."""
+
+    user: str
+    item: str
+    surface: Surface
+    device: Device
+    timestamp: str | None = None
+
+
+@functools.cache
+def _batch_decoder(max_rows: int) -> msgspec.json.Decoder[Any]:
+    """The decoder of ``{"requests": [1 to max_rows rows]}``, made once per limit."""
+    rows = Annotated[list[_Row], msgspec.Meta(min_length=1, max_length=max_rows)]
+    body = msgspec.defstruct("_Batch", [("requests", rows)], forbid_unknown_fields=True)
+    return msgspec.json.Decoder(body)
+
+
+def read_batch(body: bytes, max_rows: int) -> RequestRows | None:
+    """``/predict_batch``'s JSON body as columns when it has the usual shape: 1 to
+    ``max_rows`` rows of the four fields and an optional timestamp, valid ids, times in
+    ``read_times``' layout or null. None otherwise: validating one ``PredictRequest`` per
+    row then decides, and reports what is wrong."""
     try:
-        if set(map(type, value)) != {dict}:
-            return None
-        users, items, surfaces, devices = (list(map(key, value)) for key in _KEYS)
-        stamps = list(map(_STAMP, value))
-        missing = stamps.count(None)
-        keys = 4 * n + (n if missing == 0 else sum(map(_HAS_STAMP, value)))
-        if sum(map(len, value)) != keys:
-            return None  # a key that is not a field
-        if not (
-            _ids(users)
-            and _ids(items)
-            and set(map(type, surfaces)) == {str}
-            and set(surfaces) <= _SURFACES
-            and set(map(type, devices)) == {str}
-            and set(devices) <= _DEVICES
-        ):
-            return None
-    except (KeyError, TypeError):
+        rows = _batch_decoder(max_rows).decode(body).requests
+    except msgspec.MsgspecError:  # not JSON, or not the usual shape
         return None
+    users, items = [r.user for r in rows], [r.item for r in rows]
+    surfaces, devices = [r.surface for r in rows], [r.device for r in rows]
+    stamps = [r.timestamp for r in rows]
+    if not (_ids(users) and _ids(items)):
+        return None
+    n = len(rows)
     given = np.fromiter(map(operator.is_not, stamps, [None] * n), bool, n)
     t_ms = np.zeros(n, np.int64)
+    missing = n - int(given.sum())
     if missing < n:
-        present = stamps if missing == 0 else [s for s in stamps if s is not None]
-        if set(map(type, present)) != {str}:
-            return None
-        read = read_times(present)
+        read = read_times(stamps if missing == 0 else [s for s in stamps if s is not None])
         if read is None:
             return None
         t_ms[given] = read
@@ -313,7 +317,7 @@ def batch_rows(max_rows: int) -> Any:
     """The type of ``/predict_batch``'s rows: a list of 1 to ``max_rows`` ``PredictRequest``
     objects, validated row by row (stopping at the first bad row: a batch of bad rows costs
     one error, not one per field), then given to the endpoint as ``RequestRows``. The
-    service reads the usual body with ``read_rows`` first."""
+    service reads the usual body with ``read_batch`` first."""
     return Annotated[
         list[PredictRequest],
         Field(min_length=1, max_length=max_rows, fail_fast=True),
