@@ -28,7 +28,7 @@ def per_row(value: Any) -> RequestRows | None:
         return None
 
 
-def read_rows(value: Any, max_rows: int = 50) -> RequestRows | None:
+def read_body(value: Any, max_rows: int = 50) -> RequestRows | None:
     """The reader's columns of ``{"requests": value}`` sent as JSON, or None."""
     return read_batch(orjson.dumps({"requests": value}), max_rows)
 
@@ -43,7 +43,7 @@ def same(a: RequestRows, b: RequestRows) -> bool:
 
 def agree(value: Any) -> RequestRows | None:
     """The reader's columns after checking them against pydantic's."""
-    fast, slow = read_rows(value, 50), per_row(value)
+    fast, slow = read_body(value, 50), per_row(value)
     if fast is not None:
         assert slow is not None, f"read, but pydantic refuses: {value!r}"
         assert same(fast, slow), value
@@ -180,7 +180,7 @@ def test_edge_times_agree(text: str) -> None:
     ],
 )
 def test_other_shapes_are_left_to_pydantic(rows: list[Any]) -> None:
-    assert read_rows(rows, 50) is None or rows == [{**ROW, "item": "i" * 128}]
+    assert read_body(rows, 50) is None or rows == [{**ROW, "item": "i" * 128}]
     agree(rows)
 
 
