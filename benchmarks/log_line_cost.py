@@ -60,8 +60,8 @@ from tests.support.loadtest import workload_frame  # noqa: E402
 
 PHASES = (("columns_c1", "/predict_columns", "columns"), ("rows_c1", "/predict_batch", "rows"))
 BARE = "bare BentoML"
-_LINE = '        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\\n"\n'
-_FEATURES = '"features": None if self.features is None else np.ascontiguousarray(self.features),'
+_LINE = "        head = memoryview(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY))[:-1]\n"
+_FEATURES = "        if self.features is None:\n"
 _WRITE = "                self._file.write(data)\n"
 LOG = "pipelines/serving/request_log.py"
 SERVICE = "bentos/service.py"
@@ -89,7 +89,7 @@ _ROWS_READ = ((SERVICE, *_FIXED), (SERVICE, *_ANSWER_FIXED))
 # must be there once
 EDITS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "as built": (),
-    "no features": ((LOG, _FEATURES, '"features": None,'),),
+    "no features": ((LOG, _FEATURES, "        if True:\n"),),
     "no line": (
         (LOG, _LINE, '        return orjson.dumps({"n": len(self.request_ids)}) + b"\\n"\n'),
     ),

@@ -339,7 +339,57 @@ def test_kernels_compile_in_memory_where_numba_has_nowhere_to_cache() -> None:
         "for kernel in (times._read, times._digits):\n"
         "    assert isinstance(kernel._cache, NullCache), kernel._cache\n"
         "assert times.read_times(['1969-12-31 23:59:59.9995-00:30']).tolist() == [1799999]\n"
+        "from pipelines.features import keys\n"
+        "for kernel in (keys._hash, keys._same, keys._entry, keys._fill, keys._lookup):\n"
+        "    assert isinstance(kernel._cache, NullCache), kernel._cache\n"
+        "assert keys.KeyCodes(['a', 'b']).codes(['b', 'c']).tolist() == [1, -1]\n"
+        "from pipelines.serving import answers\n"
+        "assert isinstance(answers._assemble._cache, NullCache), answers._assemble._cache\n"
+        "assert answers.join_rows([b'{', b'}'], [b'[1,2]'], 2) == b'[{1},{2}]'\n"
     )
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_key_tables_give_the_codes_of_a_dict_lookup() -> None:
+    """The compiled table (``keys.KeyCodes``) answers each key's position in the vocabulary,
+    -1 for unknown keys, as the dict it replaces would, for keys of any length and script;
+    keys it cannot split (a newline, not a string) are left to that dict."""
+    from pipelines.features.keys import KeyCodes
+
+    rng = np.random.default_rng(5)
+    vocab = [f"u{i:06d}" for i in range(5000)] + ["", "é-ü", "日本", "x" * 128, "u000001 "]
+    vocab += ["".join(rng.choice(list("ab:_.-9"), int(rng.integers(1, 40)))) for _ in range(3000)]
+    vocab = list(dict.fromkeys(vocab))
+    table, codes = KeyCodes(vocab), {v: i for i, v in enumerate(vocab)}
+    keys = list(rng.choice(vocab, 4000)) + ["u9999999", "u00000", "日", "x" * 129, "é-u", " "]
+    keys = [str(k) for k in rng.permutation(keys)]
+    assert table.codes(keys).tolist() == [codes.get(k, -1) for k in keys]
+    assert table.codes([""]).tolist() == [codes[""]]
+    assert table.codes(["a\nb", "u000001"]) is None
+    assert table.codes([1, "u000001"]) is None  # type: ignore[list-item]
+    assert KeyCodes(["a", "b", "a"]).codes(["a", "b"]).tolist() == [2, 1]  # as dict(...) does
+    assert KeyCodes([]).codes(["a"]).tolist() == [-1]
+
+
+def test_service_key_lists_and_offline_arrays_get_the_same_entity_codes() -> None:
+    """``entity_codes`` of request-time lists (compiled tables, a dict for what they leave)
+    equals that of the offline path (pandas over arrays), unknown keys included."""
+    events = generate_events(TINY, seed=16)
+    index = EventIndex(events)
+    users = [*events.user_id.iloc[:300].tolist(), "u-new", "u\nnew"]
+    items = [*events.item_id.iloc[:300].tolist(), "i-new", "i0"]
+    surfaces = [*events.surface.iloc[:300].tolist(), "feed", "recs"]
+    listed = index.entity_codes({"user_id": users, "item_id": items, "surface": surfaces})
+    arrays = index.entity_codes(
+        {
+            "user_id": np.array(users, object),
+            "item_id": np.array(items, object),
+            "surface": np.array(surfaces, object),
+        }
+    )
+    assert listed.keys() == arrays.keys()
+    for entity in listed:
+        assert listed[entity].tolist() == arrays[entity].tolist(), entity
+    assert listed["user"][-2] == listed["user"][-1] == -1

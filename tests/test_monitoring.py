@@ -131,6 +131,39 @@ def test_reads_the_service_shard_format(tmp_path: Path) -> None:
     assert reason_code(second["degraded_reason"]) == "features_unavailable"
 
 
+def test_feature_vectors_read_back_bit_for_bit_and_version_1_lines_still_read(
+    tmp_path: Path,
+) -> None:
+    """A line carries its feature matrix as the base64 of its float64 bytes (version 2):
+    read back, every value is the served one to the bit, NaN as None; a version 1 line
+    (nested lists of numbers) reads as before."""
+    import orjson
+
+    from pipelines.serving.request_log import read_shards
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(0, 1e6, (40, 2)), [[np.nan, 5e-324], [1 / 3, -0.0]]])
+    batch = service_batches()[0]
+    batch.request_ids = [f"r{i}" for i in range(len(X))]
+    for name in ("users", "items", "surfaces", "devices", "routes", "models", "reasons"):
+        setattr(batch, name, getattr(batch, name) * len(X))
+    batch.t_ms, batch.probability = np.repeat(batch.t_ms, len(X)), rng.random(len(X))
+    batch.feature_age, batch.features, batch.scores = np.zeros(len(X)), X, {}
+    line = batch.to_line()
+    record = orjson.loads(line)
+    assert record["v"] == 2 and record["features"]["shape"] == [len(X), 2]
+    old = {**record, "v": 1, "features": [[None if v != v else v for v in r] for r in X.tolist()]}
+    for name, data in (("new", line), ("old", orjson.dumps(old) + b"\n")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "requests-20261007T120000-host-1-0001.jsonl").write_bytes(data)
+        got = read_shards(folder)["features"].tolist()
+        values = [[row[k] for k in ("user_ctr_7d", "surface_code")] for row in got]
+        assert values[-2][0] is None and values[-2][1] == 5e-324, name
+        rest = np.array(values[:-2] + [values[-1]], dtype=np.float64)
+        assert rest.tobytes() == np.concatenate([X[:-2], X[-1:]]).tobytes(), name
+
+
 def test_round_trip_through_a_shard(tmp_path: Path) -> None:
     log = synthetic_log()
     write_request_log_shard(log, tmp_path, "t")

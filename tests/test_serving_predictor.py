@@ -29,6 +29,7 @@ from pipelines.modeling.release import (
     build_release,
     load_release,
 )
+from pipelines.serving.answers import join_rows
 from pipelines.serving.predictor import (
     ColumnsResponse,
     Fault,
@@ -267,6 +268,9 @@ def test_batch_answers_joined_per_row_are_the_bytes_of_a_dict_per_row() -> None:
         scored(reasons=[stale] * n, fresh=np.zeros(n, dtype=bool), routes=["baseline"] * n),
         scored(routes=["prod", "canary"] * (n // 2)),
         scored(reasons=[None] * (n - 1) + [stale]),
+        scored(fresh=np.arange(n) % 2 == 0),
+        scored(request_ids=[f"{i},{i}" for i in range(n)]),  # a comma: not joined by columns
+        scored(prob=np.full(n, np.nan), age=np.full(n, np.nan)),
         scored(
             request_ids=ids[:1],
             prob=prob[:1],
@@ -279,6 +283,9 @@ def test_batch_answers_joined_per_row_are_the_bytes_of_a_dict_per_row() -> None:
         ),
     ):
         assert Predictor._answers_json(case) == orjson.dumps(Predictor._answers(case))
+    assert join_rows([b"{", b"}"], [b'["a,b","c"]'], 2) is None  # values must be comma-free
+    assert join_rows([b"{", b"}"], [b"[1,2,3]"], 2) is None
+    assert join_rows([b"<", b"|", b">"], [b"[1,2]", b'["x","y"]'], 2) == b'[<1|"x">,<2|"y">]'
 
 
 def test_stale_or_unavailable_features_get_the_baseline(

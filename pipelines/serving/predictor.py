@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-import itertools
 import json
 import logging
 import os
@@ -27,10 +26,11 @@ from typing import Any, cast
 import numpy as np
 import orjson
 
-from pipelines.features import search
+from pipelines.features import keys, search
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import Release, load_release
-from pipelines.serving import times
+from pipelines.serving import answers, times
+from pipelines.serving.answers import column_json, join_rows
 from pipelines.serving.overload import shed_reasons
 from pipelines.serving.pod import Pod, PodState, verdict
 from pipelines.serving.request_log import (
@@ -66,10 +66,8 @@ from pipelines.serving.tiers import Fault, InjectedFault, ModelTier, load_tier
 logger = logging.getLogger("ctr.serving")
 
 
-# Answer fields that are usually the same for every row of a call.
-_LABELS = frozenset(
-    ("model_version", "route", "degraded", "degraded_reason", "features_fresh", "runtime")
-)
+# The answer's fields in ``PredictResponse``'s order.
+_FIELDS = tuple(PredictResponse.model_fields)
 
 # Call ids: 64 random bits from a generator seeded from os.urandom (again in a forked
 # child). uuid4 reads os.urandom on every call, which lets go of the GIL (see
@@ -160,6 +158,8 @@ class Runtime:
             features = feature_source_for(release, features, problems)
         search.warm_up()  # compiled (or read from numba's cache) before any request waits
         times.warm_up()
+        keys.warm_up()
+        answers.warm_up()
         policy = release.policy
         router = Router(
             policy.routing, policy.candidate_share, policy.shadow_sample_rate, policy.routing_salt
@@ -433,24 +433,40 @@ class Predictor:
     @classmethod
     def _answers_json(cls, scored: Scored) -> bytes:
         """``orjson.dumps(cls._answers(scored))``, byte for byte. When every row has the same
-        labels (the usual case) each row's object is joined from its three encoded values
-        and the labels encoded once, at about half the cost of a dict per row."""
-        columns = cls._answer_columns(scored)
+        labels (the usual case) the rows are assembled by one compiled pass (answers.py)
+        from the three per-row columns, each encoded once, and the labels encoded once."""
         n = len(scored.request_ids)
-        if any(columns[k].count(columns[k][0]) != n for k in _LABELS):
+        reasons, fresh = scored.reasons, scored.fresh
+        labels: tuple[list[Any], ...] = (scored.models, scored.routes, reasons, scored.runtimes)
+        if n == 0 or any(v.count(v[0]) != n for v in labels) or 0 < fresh.sum() < n:
             return orjson.dumps(cls._answers(scored))
-        parts: list[bytes | list[bytes]] = []  # constant pieces and per-row values, in order
+        per_row = {
+            "request_id": scored.request_ids,
+            "probability": np.round(scored.prob, 6),
+            "feature_age_seconds": np.round(scored.age, 3),
+        }
+        shared_values = {
+            "model_version": scored.models[0],
+            "route": scored.routes[0],
+            "degraded": reasons[0] is not None,
+            "degraded_reason": reasons[0],
+            "features_fresh": bool(fresh[0]),
+            "runtime": scored.runtimes[0],
+        }
+        shared: list[bytes] = []
+        columns: list[bytes] = []
         text = b"{"
-        for name, values in columns.items():
+        for name in _FIELDS:
             text += b'"' + name.encode() + b'":'
-            if name in _LABELS:
-                text += orjson.dumps(values[0]) + b","
-            else:  # numbers, null and the call's ids: no value holds a comma
-                parts += [text, orjson.dumps(values)[1:-1].split(b",")]
+            if name in per_row:
+                shared.append(text)
+                columns.append(column_json(per_row[name]))
                 text = b","
-        parts.append(text[:-1] + b"}")
-        per_row = (itertools.repeat(p, n) if isinstance(p, bytes) else p for p in parts)
-        return b"[" + b",".join(map(b"".join, zip(*per_row, strict=True))) + b"]"
+            else:
+                text += orjson.dumps(shared_values[name]) + b","
+        shared.append(text[:-1] + b"}")
+        joined = join_rows(shared, columns, n)
+        return joined if joined is not None else orjson.dumps(cls._answers(scored))
 
     def _score(
         self,

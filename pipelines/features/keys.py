@@ -1,0 +1,134 @@
+"""Vocabulary codes of request-time keys (user, item, surface ids) by one compiled pass over
+their UTF-8 bytes: an open-addressing table of the vocabulary, built once, probed by a
+numba kernel instead of a dict lookup per key (``EventIndex.entity_codes``; docs/serving.md,
+"Entity codes").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipelines.features.search import compile_kernel
+
+_NEWLINE = 10
+
+
+# Positions are unsigned throughout: numba then checks no index for wraparound.
+_ONE = np.uint64(1)
+
+
+@compile_kernel(nogil=False)
+def _hash(data: np.ndarray, start: np.uint64, end: np.uint64) -> np.uint64:
+    """FNV-1a of ``data[start:end]``, its high bits folded onto the low ones."""
+    h = np.uint64(14695981039346656037)
+    k = start
+    while k < end:
+        h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+        k += _ONE
+    return h ^ (h >> np.uint64(29))
+
+
+@compile_kernel(nogil=False)
+def _same(
+    a: np.ndarray, a0: np.uint64, a1: np.uint64, b: np.ndarray, b0: np.uint64, b1: np.uint64
+) -> bool:
+    if a1 - a0 != b1 - b0:
+        return False
+    while a0 < a1:
+        if a[a0] != b[b0]:
+            return False
+        a0 += _ONE
+        b0 += _ONE
+    return True
+
+
+@compile_kernel(nogil=False)
+def _entry(ends: np.ndarray, code: np.int64) -> tuple[np.uint64, np.uint64]:
+    """Where vocabulary entry ``code`` lies in the blob."""
+    first = np.uint64(0) if code == 0 else np.uint64(ends[np.uint64(code - 1)])
+    return first, np.uint64(ends[np.uint64(code)])
+
+
+@compile_kernel(nogil=False)
+def _fill(blob: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
+    """Place each vocabulary entry ``blob[ends[i-1]:ends[i]]`` (code ``i``); a repeated entry
+    takes the later code, as a dict built from the same pairs would."""
+    mask = np.uint64(len(slots) - 1)
+    start = np.uint64(0)
+    for i in range(len(ends)):
+        end = np.uint64(ends[i])
+        pos = _hash(blob, start, end) & mask
+        while True:
+            code = np.int64(slots[pos])
+            if code < 0:
+                slots[pos] = i
+                break
+            c0, c1 = _entry(ends, code)
+            if _same(blob, c0, c1, blob, start, end):
+                slots[pos] = i
+                break
+            pos = (pos + _ONE) & mask
+        start = end
+
+
+@compile_kernel(nogil=False)
+def _lookup(
+    data: np.ndarray, blob: np.ndarray, ends: np.ndarray, slots: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[i]``: the code of the ``i``-th newline-separated key of ``data``, -1 if unknown."""
+    mask = np.uint64(len(slots) - 1)
+    size = np.uint64(len(data))
+    start = np.uint64(0)
+    for i in range(len(out)):
+        end = start
+        while end < size and data[end] != _NEWLINE:
+            end += _ONE
+        pos = _hash(data, start, end) & mask
+        found = np.int64(-1)
+        while True:
+            code = np.int64(slots[pos])
+            if code < 0:
+                break
+            c0, c1 = _entry(ends, code)
+            if _same(blob, c0, c1, data, start, end):
+                found = code
+                break
+            pos = (pos + _ONE) & mask
+        out[i] = found
+        start = end + _ONE
+
+
+class KeyCodes:
+    """The codes of a vocabulary of strings (its positions), looked up a column at a time."""
+
+    def __init__(self, vocabulary: Sequence[str]) -> None:
+        encoded = [v.encode("utf-8", "surrogatepass") for v in vocabulary]
+        self._blob = np.frombuffer(b"".join(encoded) or b"\0", np.uint8)
+        self._ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        self._slots = np.full(1 << max(4, (2 * len(encoded)).bit_length()), -1, np.int32)
+        _fill(self._blob, self._ends, self._slots)
+
+    def codes(self, keys: list[str]) -> np.ndarray | None:
+        """Each key's code (-1 for one not in the vocabulary); None when a key holds a
+        newline or cannot be encoded (the caller looks those up otherwise)."""
+        n = len(keys)
+        try:
+            joined = "\n".join(keys)
+        except TypeError:  # not all strings
+            return None
+        if n == 0 or joined.count("\n") != n - 1:
+            return None
+        try:
+            data = np.frombuffer(joined.encode("utf-8"), np.uint8)
+        except UnicodeEncodeError:  # a lone surrogate: not a key any request can send
+            return None
+        out = np.empty(n, np.int64)
+        _lookup(data, self._blob, self._ends, self._slots, out)
+        return out
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels now, so that no request waits."""
+    KeyCodes(["a", "b"]).codes(["b", "c"])
