@@ -74,30 +74,60 @@ def _fill(blob: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
 
 
 @compile_kernel(nogil=False)
+def _probe(
+    data: np.ndarray,
+    start: np.uint64,
+    end: np.uint64,
+    blob: np.ndarray,
+    ends: np.ndarray,
+    slots: np.ndarray,
+    pos: np.uint64,
+) -> np.int64:
+    """The code of key ``data[start:end]``, probing from slot ``pos``; -1 if unknown."""
+    mask = np.uint64(len(slots) - 1)
+    while True:
+        code = np.int64(slots[pos])
+        if code < 0:
+            return code
+        c0, c1 = _entry(ends, code)
+        if _same(blob, c0, c1, data, start, end):
+            return code
+        pos = (pos + _ONE) & mask
+
+
+@compile_kernel(nogil=False)
 def _lookup(
     data: np.ndarray, blob: np.ndarray, ends: np.ndarray, slots: np.ndarray, out: np.ndarray
 ) -> None:
-    """``out[i]``: the code of the ``i``-th newline-separated key of ``data``, -1 if unknown."""
+    """``out[i]``: the code of the ``i``-th newline-separated key of ``data``, -1 if unknown.
+
+    In passes (hash every key, read every first slot, read every slot's entry, compare),
+    so that the cache misses of one pass are independent loads the CPU overlaps: about
+    twice as fast as one key at a time when the table is out of cache (docs/serving.md)."""
+    n = len(out)
     mask = np.uint64(len(slots) - 1)
     size = np.uint64(len(data))
+    starts = np.empty(n, np.uint64)
+    stops = np.empty(n, np.uint64)
+    pos = np.empty(n, np.uint64)
     start = np.uint64(0)
-    for i in range(len(out)):
+    for i in range(n):
         end = start
         while end < size and data[end] != _NEWLINE:
             end += _ONE
-        pos = _hash(data, start, end) & mask
-        found = np.int64(-1)
-        while True:
-            code = np.int64(slots[pos])
-            if code < 0:
-                break
-            c0, c1 = _entry(ends, code)
-            if _same(blob, c0, c1, data, start, end):
-                found = code
-                break
-            pos = (pos + _ONE) & mask
-        out[i] = found
+        starts[i], stops[i] = start, end
+        pos[i] = _hash(data, start, end) & mask
         start = end + _ONE
+    for i in range(n):
+        out[i] = slots[pos[i]]
+    first = np.zeros(n, np.uint64)
+    last = np.zeros(n, np.uint64)
+    for i in range(n):
+        if out[i] >= 0:
+            first[i], last[i] = _entry(ends, out[i])
+    for i in range(n):
+        if out[i] >= 0 and not _same(blob, first[i], last[i], data, starts[i], stops[i]):
+            out[i] = _probe(data, starts[i], stops[i], blob, ends, slots, (pos[i] + _ONE) & mask)
 
 
 class KeyCodes:
