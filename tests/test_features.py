@@ -394,3 +394,24 @@ def test_service_key_lists_and_offline_arrays_get_the_same_entity_codes() -> Non
     for entity in listed:
         assert listed[entity].tolist() == arrays[entity].tolist(), entity
     assert listed["user"][-2] == listed["user"][-1] == -1
+
+
+def test_context_codes_of_request_lists_equal_the_offline_codes() -> None:
+    """``surface_code`` and ``device_code`` of request-time lists (the compiled table for
+    many rows, a dict for one) equal those of the offline path; unknown values code 0."""
+    from pipelines.core.domain import DEVICES, SURFACES
+    from pipelines.features.definitions import CONTEXT
+
+    surfaces = [*SURFACES, "unknown", "", SURFACES[0]] * 2
+    devices = [*DEVICES, "tv", "x\ny", DEVICES[0]] * 2  # a newline: left to the dict
+    t = np.zeros(len(surfaces), np.int64)
+    for name in ("surface_code", "device_code"):
+        code = CONTEXT[name][1]
+        offline = code(np.array(surfaces, object), np.array(devices, object), t)
+        assert code(surfaces, devices, t).tolist() == offline.tolist(), name
+        one = [code([s], [d], t[:1]).tolist()[0] for s, d in zip(surfaces, devices, strict=True)]
+        assert one == offline.tolist(), name
+    assert CONTEXT["surface_code"][1](["unknown", SURFACES[1]], ["x", "y"], t[:2]).tolist() == [
+        0,
+        1,
+    ]

@@ -69,10 +69,17 @@ WINDOWS_MS: dict[str | None, int | None] = {w: duration_ms(w) for w in ("1h", "2
 def _code_of(vocabulary: tuple[str, ...]) -> Callable[[object], np.ndarray]:
     index = pd.Index(vocabulary)
     codes = {v: i for i, v in enumerate(vocabulary)}
+    table: KeyCodes | None = None  # made on the first call with many values (keys.py)
 
     def encode(values: object) -> np.ndarray:
-        if isinstance(values, (list, tuple)):  # the online path: a dict lookup per value
-            get = codes.get
+        nonlocal table
+        if isinstance(values, (list, tuple)):  # the online path
+            if len(values) > 1:
+                table = table if table is not None else KeyCodes(vocabulary)
+                found = table.codes(list(values))
+                if found is not None:
+                    return np.maximum(found, 0)
+            get = codes.get  # one value, or values the table leaves: a dict lookup each
             return np.fromiter(map(get, values, itertools.repeat(0, len(values))), np.int64)
         return np.maximum(index.get_indexer(np.asarray(values, dtype=object)), 0)
 

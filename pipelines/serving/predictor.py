@@ -78,6 +78,14 @@ os.register_at_fork(after_in_child=_CALL_IDS.seed)
 _row_tail_cache: list[str] = []
 
 
+def _tally(values: list[Any]) -> dict[Any, int]:
+    """How many times each value occurs (one C-level pass when all are the same)."""
+    n = len(values)
+    if n and values.count(values[0]) == n:
+        return {values[0]: n}
+    return Counter(values)
+
+
 def _row_tails(n: int) -> list[str]:
     """``-0 .. -(n-1)``: the row suffixes of a call's request ids, formatted once (a larger
     call builds a new list and rebinds it, so concurrent callers never see a partial one)."""
@@ -188,7 +196,8 @@ class Runtime:
             raise FeatureStoreUnavailable("no feature source loaded")
         if self.features_fault is not None:
             self.features_fault.apply("feature source")
-        if len(set(users)) == 1 and len(users) > 1 and len(set(surfaces)) == 1:
+        n = len(users)  # one user and surface (a rank call): list.count, not a set of keys
+        if n > 1 and users.count(users[0]) == n and surfaces.count(surfaces[0]) == n:
             one_user = getattr(self.features, "lookup_one_user", None)
             if one_user is not None and len(set(devices)) == 1 and len(set(t_ms.tolist())) == 1:
                 batch: FeatureBatch = one_user(
@@ -685,9 +694,9 @@ class Predictor:
             c = self.counters
             c["requests"] += 1
             c["rows"] += len(routes)
-            for route, k in Counter(routes).items():
+            for route, k in _tally(routes).items():
                 c["routes"][route] = c["routes"].get(route, 0) + k
-            for code, k in Counter(codes).items():
+            for code, k in _tally(codes).items():
                 if code is not None:
                     c["degraded_rows"] += k
                     c["degraded_reasons"][code] = c["degraded_reasons"].get(code, 0) + k
