@@ -3,9 +3,10 @@
 ``tail_ab.py`` compares two bentos on ``/predict``; this one on ``/predict_columns`` and
 ``/predict_batch`` (1000-row calls, wrk at concurrency 1 and 2), in rounds that alternate
 the two builds, since a change of a few percent is within what this host's noise does to
-two runs. Both serve one worker with a profile window of an hour, so that no profiling
-helper takes a core during a round (the window is production's concern, measured by
-``serving_cost.py``). Reports each phase per round, the mean per build and the ratio.
+two runs; each build is started first for half of the rounds. Both serve one worker with
+a profile window of an hour, so that no profiling helper takes a core during a round (the
+window is production's concern, measured by ``serving_cost.py``). Reports each phase per
+round, the mean per build and the ratio.
 
 Usage::
 
@@ -26,7 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import ab_arguments, batches, column_batches, serve_tags  # noqa: E402
+from serving_cost import (  # noqa: E402
+    ab_arguments,
+    batches,
+    column_batches,
+    serve_tags,
+    start_orders,
+)
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -65,24 +72,30 @@ def main() -> None:
         "rows": lines(work / "rows.txt", batches(single, ROWS, "requests")),
     }
     rounds: list[dict[str, Any]] = []
-    procs, urls, _ = serve_tags(args.home, args.tags, work, profile_window_seconds=3600)
+    r = 0
     try:
-        for url in urls.values():  # warm up
-            wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)
-        for r in range(args.rounds):
-            for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
-                for name, path, kind, conc in PHASES:
-                    rounds.append(
-                        batch_phase(
-                            (urls[tag], path, bodies[kind], conc, args.seconds, script),
-                            round=r,
-                            tag=tag,
-                            phase=name,
-                        )
-                    )
+        for order, count in start_orders(args.tags, args.rounds):
+            procs, urls, _ = serve_tags(args.home, order, work, profile_window_seconds=3600)
+            try:
+                for url in urls.values():  # warm up
+                    wrk(url, "/predict_columns", bodies["columns"], 2, 2, script)
+                for _ in range(count):
+                    for tag in order if r % 2 == 0 else order[::-1]:
+                        for name, path, kind, conc in PHASES:
+                            rounds.append(
+                                batch_phase(
+                                    (urls[tag], path, bodies[kind], conc, args.seconds, script),
+                                    round=r,
+                                    tag=tag,
+                                    phase=name,
+                                    started_first=order[0],
+                                )
+                            )
+                    r += 1
+            finally:
+                for proc in procs:
+                    stop(proc)
     finally:
-        for proc in procs:
-            stop(proc)
         discard(work)
     report = {
         **run_facts(started_at, load_before),
@@ -120,8 +133,22 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         ratio = mean[after] / mean[before] if mean[before] else float("nan")
         out.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio:.2f} |")
-    out += ["", f"Reproduce: `{report['command']}`", ""]
+    out += ["", started_first(report["rounds"]), "", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(out)
+
+
+def started_first(rounds: list[dict[str, Any]]) -> str:
+    """Which bento was started first in which rounds (each, for half of them)."""
+    firsts: dict[str, list[int]] = {}
+    for r in rounds:
+        if r.get("started_first") is not None and r["round"] not in firsts.get(
+            r["started_first"], []
+        ):
+            firsts.setdefault(r["started_first"], []).append(r["round"])
+    return "Started first: " + "; ".join(
+        f"{tag} in round{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}"
+        for tag, v in firsts.items()
+    )
 
 
 if __name__ == "__main__":

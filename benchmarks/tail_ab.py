@@ -5,8 +5,9 @@ code. This serves two bentos of a BentoML home (for example the bento of a chang
 one built before it; `bentoml list` names them), one worker each, measures each one's
 ``/predict`` capacity at concurrency 8 (``wrk``), then sends both the same Poisson
 arrivals (``benchmarks/_openloop.py``) at ``--share`` of the lower capacity, in rounds
-that alternate their order, and reports p50/p95/p99 per round and pooled. Each round also
-times ``/predict`` at concurrency 1 (``wrk``, ``--c1-seconds``; 0 skips it).
+that alternate their order (each bento started first for half of them), and reports
+p50/p95/p99 per round and pooled. Each round also times ``/predict`` at concurrency 1
+(``wrk``, ``--c1-seconds``; 0 skips it).
 
 Usage::
 
@@ -30,7 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import ab_arguments, closed, post_json, serve_tags  # noqa: E402
+from serving_cost import (  # noqa: E402
+    ab_arguments,
+    closed,
+    post_json,
+    serve_tags,
+    start_orders,
+)
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
@@ -49,34 +56,48 @@ def main() -> None:
     bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    procs, urls, releases = serve_tags(args.home, args.tags, work)
-    window = releases[args.tags[0]]["policy"]["profile_window_seconds"]
+    rounds: list[dict[str, Any]] = []
+    latencies: dict[str, list[float]] = {t: [] for t in args.tags}
+    metadata: dict[str, Any] = {}  # per bento and start order
+    capacity: dict[str, float] = {}
+    rate = 0.0
+    r = 0
     try:
-        for url in urls.values():  # warm up
-            wrk(url, "/predict", bodies, 2, 2, script)
-        capacity = {
-            t: wrk(u, "/predict", bodies, 8, 6, script)["req_per_s"] for t, u in urls.items()
-        }
-        rate = args.share * min(capacity.values())
-        print(f"capacity at concurrency 8: {capacity}; open loop at {rate:.0f} req/s", flush=True)
-        rounds: list[dict[str, Any]] = []
-        latencies: dict[str, list[float]] = {t: [] for t in args.tags}
-        for r in range(args.rounds):
-            for tag in args.tags if r % 2 == 0 else args.tags[::-1]:
-                c1 = {}
-                if args.c1_seconds > 0:
-                    c1 = wrk(urls[tag], "/predict", bodies, 1, args.c1_seconds, script)
-                began = time.time()
-                got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
-                got["c1"] = {k: c1[k] for k in ("req_per_s", "p50_ms", "p99_ms") if k in c1}
-                got["profile_window_closed"] = closed(began, window)
-                latencies[tag].extend(answered(got.pop("raw")))
-                rounds.append({"round": r, "tag": tag, **got})
-                print(r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
-        metadata = {t: post_json(u + "/metadata") for t, u in urls.items()}
+        for order, count in start_orders(args.tags, args.rounds):
+            procs, urls, releases = serve_tags(args.home, order, work)
+            window = releases[order[0]]["policy"]["profile_window_seconds"]
+            try:
+                for url in urls.values():  # warm up
+                    wrk(url, "/predict", bodies, 2, 2, script)
+                if not capacity:  # measured once, in the first start order
+                    capacity = {
+                        t: wrk(u, "/predict", bodies, 8, 6, script)["req_per_s"]
+                        for t, u in urls.items()
+                    }
+                    rate = args.share * min(capacity.values())
+                    print(f"capacity at concurrency 8: {capacity}; open loop at {rate:.0f} req/s")
+                for _ in range(count):
+                    for tag in order if r % 2 == 0 else order[::-1]:
+                        c1 = {}
+                        if args.c1_seconds > 0:
+                            c1 = wrk(urls[tag], "/predict", bodies, 1, args.c1_seconds, script)
+                        began = time.time()
+                        got = open_loop(urls[tag], "/predict", bodies, rate, args.seconds, seed=r)
+                        got["c1"] = {k: c1[k] for k in ("req_per_s", "p50_ms", "p99_ms") if k in c1}
+                        got["profile_window_closed"] = closed(began, window)
+                        latencies[tag].extend(answered(got.pop("raw")))
+                        rounds.append({"round": r, "tag": tag, "started_first": order[0], **got})
+                        print(
+                            r, tag, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True
+                        )
+                    r += 1
+                for t, u in urls.items():
+                    which = "first" if t == order[0] else "second"
+                    metadata[f"{t} (started {which})"] = post_json(u + "/metadata")
+            finally:
+                for proc in procs:
+                    stop(proc)
     finally:
-        for proc in procs:
-            stop(proc)
         discard(work)
     report = {
         **run_facts(started_at, load_before),
@@ -101,9 +122,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"after. `/predict` capacity at concurrency 8: {report['capacity_c8']}; open loop at "
         f"{report['rate']} req/s for both.",
         "",
-        "| round | bento | p50 ms | p95 ms | p99 ms | a profile window closed "
+        "| round | bento | started first | p50 ms | p95 ms | p99 ms | a profile window closed "
         "| concurrency 1: req/s, p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     c1_rates: dict[str, list[float]] = {}
     for r in report["rounds"]:
@@ -111,7 +132,8 @@ def markdown(report: dict[str, Any]) -> str:
         if c1:
             c1_rates.setdefault(r["tag"], []).append(c1["req_per_s"])
         lines_.append(
-            f"| {r['round']} | {r['tag']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+            f"| {r['round']} | {r['tag']} | {'yes' if r.get('started_first') == r['tag'] else ''} "
+            f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
             f"{'yes' if r.get('profile_window_closed') else ''} | "
             + (f"{c1['req_per_s']}, {c1['p50_ms']} / {c1['p99_ms']}" if c1 else "")
             + " |"
@@ -119,7 +141,7 @@ def markdown(report: dict[str, Any]) -> str:
     for tag, p in report["pooled"].items():
         mean = c1_rates.get(tag)
         lines_.append(
-            f"| all | {tag} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | | "
+            f"| all | {tag} | | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | | "
             + (f"{sum(mean) / len(mean):.1f} (mean)" if mean else "")
             + " |"
         )
