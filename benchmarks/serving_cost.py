@@ -188,6 +188,9 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     parser.add_argument("--seconds", type=float, default=10.0, help="per closed-loop run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank-items", type=int, default=1000)
+    parser.add_argument(
+        "--bare-first", action="store_true", help="start the bare service before the full one"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     project = args.project.resolve()
@@ -226,10 +229,14 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         rank_bodies = rank_requests(single, list(rows.item_id), args.rank_items)
         items = rank_bodies[0]["items"]
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
+        if args.bare_first:  # the service started first was ahead on a shared host
+            bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
+            procs.append(bare)
         full, full_url = serve_release(tag, release, env, work, "full")
         procs.append(full)
-        bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
-        procs.append(bare)
+        if not args.bare_first:
+            bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
+            procs.append(bare)
         urls = {"full": full_url, "bare": bare_url}
         for name, url in urls.items():  # warm up
             wrk(url, "/predict", files[f"{name}_single"], 2, 2, script)
