@@ -801,14 +801,23 @@ def _window_batch(rows: int, features: np.ndarray | None = None) -> LogBatch:
 
 def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_path: Path) -> None:
     """The launcher lowers itself to nice 19 before it starts the helper, which inherits it
-    before its first import."""
+    before its first import; the helper runs in a session of its own, and where the kernel
+    groups sessions for the scheduler (autogroup) that group is at nice 19 too: a new
+    group's processes would otherwise get as much CPU as the service's, whatever their
+    nice."""
+    import os
     import subprocess
     import sys
 
     from pipelines.serving.request_log import _DETACH
 
     out = tmp_path / "nice.txt"
-    probe = f"import os; open({str(out)!r}, 'w').write(str(os.nice(0)))"
+    probe = (
+        "import os, pathlib; group = pathlib.Path('/proc/self/autogroup'); "
+        "text = group.read_text().split()[-1] if group.exists() else '-'; "
+        f"open({str(out)!r}, 'w').write(f'{{os.nice(0)}} {{os.getsid(0) == os.getpid()}} "
+        "{text} {os.getsid(0)}')"
+    )
     subprocess.run(
         [sys.executable, "-c", _DETACH, str(tmp_path / "err"), sys.executable, "-c", probe],
         check=True,
@@ -818,7 +827,12 @@ def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_pat
     while not out.is_file() or not out.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert out.read_text() == "19"
+    nice, leader, group, session = out.read_text().split()
+    assert nice == "19" and leader == "False"  # the launcher leads the session, not the helper
+    assert int(session) != os.getsid(0)  # detached from this process's session
+    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if autogroup.exists() and autogroup.read_text().strip() == "1":
+        assert group == "19"
 
 
 def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:

@@ -503,14 +503,24 @@ class RequestLog:
         self._profiles = still
 
 
-# Launcher of a detached helper: argv = [stderr file, command...]. At nice 19 before the
-# helper starts (inherited by its imports too); not the idle class, which could starve.
+# Launcher of a detached helper: argv = [stderr file, command...]. In a session of its own
+# (BentoML stops the worker's process group, not this one), at nice 19 before the helper
+# starts (inherited by its imports too); not the idle class, which could starve. Where the
+# kernel groups each session for the scheduler (autogroup, Linux's default on many
+# distributions) a process's nice counts only inside its session's group, and a new group
+# gets as much CPU as the service's: the session's group is set to nice 19 as well.
 _DETACH = (
     "import os, subprocess, sys\n"
+    "os.setsid()\n"
+    "try:\n"
+    "    with open('/proc/self/autogroup', 'w') as group:\n"
+    "        group.write('19')\n"
+    "except OSError:\n"
+    "    pass\n"
     "os.nice(19 - os.nice(0))\n"
     "with open(sys.argv[1], 'wb') as err:\n"
     "    subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, "
-    "stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)\n"
+    "stdout=subprocess.DEVNULL, stderr=err)\n"
 )
 
 
