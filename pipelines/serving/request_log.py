@@ -504,11 +504,9 @@ class RequestLog:
 
 
 # Launcher of a detached helper: argv = [stderr file, command...]. In a session of its own
-# (BentoML stops the worker's process group, not this one), at nice 19 before the helper
-# starts (inherited by its imports too); not the idle class, which could starve. Where the
-# kernel groups each session for the scheduler (autogroup, Linux's default on many
-# distributions) a process's nice counts only inside its session's group, and a new group
-# gets as much CPU as the service's: the session's group is set to nice 19 as well.
+# (BentoML stops the worker's process group), at nice 19 before the helper starts (not the
+# idle class, which could starve), its session's scheduler group too (autogroup: a nice
+# counts only inside its group, and a new group gets as much CPU as the service's).
 _DETACH = (
     "import os, subprocess, sys\n"
     "os.setsid()\n"
