@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,7 @@ import pandas as pd
 
 from pipelines.core.domain import DEVICES, SURFACES
 from pipelines.features import search
-from pipelines.features.keys import KeyCodes
+from pipelines.features.keys import Vocabulary
 
 EPOCH_MS = int(pd.Timestamp("2020-01-01", tz="UTC").value // 1_000_000)
 STRIDE = 1 << 40  # ms; event times must lie in [2020-01-01, 2054-11-04)
@@ -68,19 +67,11 @@ WINDOWS_MS: dict[str | None, int | None] = {w: duration_ms(w) for w in ("1h", "2
 # numpy and SQL forms side by side (the offline engine proves them equal).
 def _code_of(vocabulary: tuple[str, ...]) -> Callable[[object], np.ndarray]:
     index = pd.Index(vocabulary)
-    codes = {v: i for i, v in enumerate(vocabulary)}
-    table: KeyCodes | None = None  # made on the first call with many values (keys.py)
+    online = Vocabulary(vocabulary)  # request-time lists (keys.py)
 
     def encode(values: object) -> np.ndarray:
-        nonlocal table
         if isinstance(values, (list, tuple)):  # the online path
-            if len(values) > 1:
-                table = table if table is not None else KeyCodes(vocabulary)
-                found = table.codes(list(values))
-                if found is not None:
-                    return np.maximum(found, 0)
-            get = codes.get  # one value, or values the table leaves: a dict lookup each
-            return np.fromiter(map(get, values, itertools.repeat(0, len(values))), np.int64)
+            return np.maximum(online.codes(values), 0)
         return np.maximum(index.get_indexer(np.asarray(values, dtype=object)), 0)
 
     return encode
@@ -590,13 +581,6 @@ def _lookup_codes(vocab: pd.Index, values: Any) -> np.ndarray:
     return vocab.get_indexer(values).astype(np.int64)
 
 
-class _NoTable:
-    """A vocabulary that is not all strings: its keys are looked up in a dict."""
-
-    def codes(self, keys: list[Any]) -> None:
-        return None
-
-
 class EventIndex:
     """The numpy engine: sorted per-entity event times answering point-in-time queries.
 
@@ -617,8 +601,7 @@ class EventIndex:
         check_times(click_ts, "click times (click_ts)")
         self.as_of_ms = int(max(ts.max(initial=0), click_ts.max(initial=0))) if len(ts) else 0
         self._vocab: dict[str, pd.Index] = {}
-        self._maps: dict[str, dict[Any, int]] = {}  # vocab as dicts, built on first list query
-        self._tables: dict[str, KeyCodes | _NoTable] = {}  # vocab as tables (keys.py), the same
+        self._online: dict[str, Vocabulary] = {}  # request-time lookups, made on first use
         column_codes: dict[str, np.ndarray] = {}
         for col in feature_set.key_columns:
             column_codes[col], self._vocab[col] = _factorize(_values(events, col))
@@ -657,33 +640,17 @@ class EventIndex:
         combined[unknown] = -1
         return combined
 
-    def _key_codes(self, column: str) -> KeyCodes | _NoTable:
-        if column not in self._tables:
-            vocab = self._vocab[column].tolist()
-            strings = all(isinstance(v, str) for v in vocab)
-            self._tables[column] = KeyCodes(vocab) if strings else _NoTable()
-        return self._tables[column]
-
-    def _dict_codes(self, column: str, values: list[Any]) -> np.ndarray:
-        if column not in self._maps:
-            vocab = self._vocab[column]
-            self._maps[column] = dict(zip(vocab.tolist(), range(len(vocab)), strict=True))
-        get = self._maps[column].get
-        return np.fromiter(
-            map(get, values, itertools.repeat(-1, len(values))), np.int64, len(values)
-        )
-
     def entity_codes(self, queries: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Entity codes of query rows given their key columns (-1 for unseen entities)."""
         column_codes = {}
         for c in self.feature_set.key_columns:
             values = queries[c]
             if isinstance(values, list):
-                # Request-time keys (the service): the vocabulary's table probed by a compiled
-                # pass (keys.py), else a dict lookup per key. pandas' get_indexer on a str
-                # Index costs about 1 ms a call whatever the size (benchmarks/request_path.py).
-                found = self._key_codes(c).codes(values) if len(values) > 1 else None
-                column_codes[c] = found if found is not None else self._dict_codes(c, values)
+                # Request-time keys (the service): keys.Vocabulary. pandas' get_indexer on a
+                # str Index costs about 1 ms a call whatever the size (request_path.py).
+                if c not in self._online:
+                    self._online[c] = Vocabulary(self._vocab[c].tolist())
+                column_codes[c] = self._online[c].codes(values)
             else:
                 column_codes[c] = _lookup_codes(self._vocab[c], values)
         out = {}

@@ -6,7 +6,9 @@ numba kernel instead of a dict lookup per key (``EventIndex.entity_codes``; docs
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,28 +54,6 @@ def _entry(ends: np.ndarray, code: np.int64) -> tuple[np.uint64, np.uint64]:
 
 
 @compile_kernel(nogil=False)
-def _fill(blob: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
-    """Place each vocabulary entry ``blob[ends[i-1]:ends[i]]`` (code ``i``); a repeated entry
-    takes the later code, as a dict built from the same pairs would."""
-    mask = np.uint64(len(slots) - 1)
-    start = np.uint64(0)
-    for i in range(len(ends)):
-        end = np.uint64(ends[i])
-        pos = _hash(blob, start, end) & mask
-        while True:
-            code = np.int64(slots[pos])
-            if code < 0:
-                slots[pos] = i
-                break
-            c0, c1 = _entry(ends, code)
-            if _same(blob, c0, c1, blob, start, end):
-                slots[pos] = i
-                break
-            pos = (pos + _ONE) & mask
-        start = end
-
-
-@compile_kernel(nogil=False)
 def _probe(
     data: np.ndarray,
     start: np.uint64,
@@ -82,17 +62,30 @@ def _probe(
     ends: np.ndarray,
     slots: np.ndarray,
     pos: np.uint64,
-) -> np.int64:
-    """The code of key ``data[start:end]``, probing from slot ``pos``; -1 if unknown."""
+) -> np.uint64:
+    """The slot of key ``data[start:end]`` probing from slot ``pos``: the slot holding its
+    code, or the empty slot (-1) where it would go."""
     mask = np.uint64(len(slots) - 1)
     while True:
         code = np.int64(slots[pos])
         if code < 0:
-            return code
+            return pos
         c0, c1 = _entry(ends, code)
         if _same(blob, c0, c1, data, start, end):
-            return code
+            return pos
         pos = (pos + _ONE) & mask
+
+
+@compile_kernel(nogil=False)
+def _fill(blob: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
+    """Place each vocabulary entry ``blob[ends[i-1]:ends[i]]`` (code ``i``); a repeated entry
+    takes the later code, as a dict built from the same pairs would."""
+    mask = np.uint64(len(slots) - 1)
+    start = np.uint64(0)
+    for i in range(len(ends)):
+        end = np.uint64(ends[i])
+        slots[_probe(blob, start, end, blob, ends, slots, _hash(blob, start, end) & mask)] = i
+        start = end
 
 
 @compile_kernel(nogil=False)
@@ -127,7 +120,8 @@ def _lookup(
             first[i], last[i] = _entry(ends, out[i])
     for i in range(n):
         if out[i] >= 0 and not _same(blob, first[i], last[i], data, starts[i], stops[i]):
-            out[i] = _probe(data, starts[i], stops[i], blob, ends, slots, (pos[i] + _ONE) & mask)
+            at = _probe(data, starts[i], stops[i], blob, ends, slots, (pos[i] + _ONE) & mask)
+            out[i] = slots[at]
 
 
 class KeyCodes:
@@ -157,6 +151,33 @@ class KeyCodes:
         out = np.empty(n, np.int64)
         _lookup(data, self._blob, self._ends, self._slots, out)
         return out
+
+
+class Vocabulary:
+    """The codes of a vocabulary's values (their positions, -1 for others) for request-time
+    keys: ``KeyCodes`` for many string keys, a dict lookup per key for one key, for keys
+    the table leaves, and for a vocabulary that is not all strings. Both are built on
+    first use."""
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self._values = list(values)
+        self._table: KeyCodes | None = None
+        self._dict: dict[Any, int] | None = None
+        self._strings = all(isinstance(v, str) for v in self._values)
+
+    def codes(self, keys: Sequence[Any]) -> np.ndarray:
+        """Each key's code, -1 for a key not in the vocabulary."""
+        keys = keys if isinstance(keys, list) else list(keys)
+        if len(keys) > 1 and self._strings:
+            if self._table is None:
+                self._table = KeyCodes(self._values)
+            found = self._table.codes(keys)
+            if found is not None:
+                return found
+        if self._dict is None:  # the later of repeated values wins, as in the table
+            self._dict = dict(zip(self._values, range(len(self._values)), strict=True))
+        get = self._dict.get
+        return np.fromiter(map(get, keys, itertools.repeat(-1, len(keys))), np.int64, len(keys))
 
 
 def warm_up() -> None:

@@ -30,7 +30,6 @@ from pipelines.features import keys, search
 from pipelines.modeling.model import RuleBaseline
 from pipelines.modeling.release import Release, load_release
 from pipelines.serving import answers, times
-from pipelines.serving.answers import column_json, join_rows
 from pipelines.serving.overload import shed_reasons
 from pipelines.serving.pod import Pod, PodState, verdict
 from pipelines.serving.request_log import (
@@ -469,12 +468,12 @@ class Predictor:
             text += b'"' + name.encode() + b'":'
             if name in per_row:
                 shared.append(text)
-                columns.append(column_json(per_row[name]))
+                columns.append(answers.column_json(per_row[name]))
                 text = b","
             else:
                 text += orjson.dumps(shared_values[name]) + b","
         shared.append(text[:-1] + b"}")
-        joined = join_rows(shared, columns, n)
+        joined = answers.join_rows(shared, columns, n)
         return joined if joined is not None else orjson.dumps(cls._answers(scored))
 
     def _score(
