@@ -915,6 +915,41 @@ def test_the_window_is_written_a_row_group_at_a_time_and_reads_back_whole(
     ]  # fmt: skip
 
 
+def test_one_row_calls_past_the_buffers_first_capacity_read_back_in_order(
+    tmp_path: Path,
+) -> None:
+    """The /predict shape: thousands of one-row calls, the first few and some later ones
+    without feature vectors, spilled in row groups of uneven size. Every row reads back
+    in order with its own values (NaN where its call had none), and a table taken before a
+    spill keeps its values after the window's buffers are refilled by later calls."""
+    from pipelines.serving.window_rows import WindowRows
+
+    path = tmp_path / "window.parquet"
+    window = WindowRows()
+    want_f1, want_p = [], []
+    taken = None
+    for i in range(5000):
+        missing = i < 5 or i % 701 == 0
+        b = _window_batch(1, None if missing else np.array([[float(i), -float(i)]]))
+        b.probability = np.array([i / 10_000])
+        window.add(b)
+        want_f1.append(np.nan if missing else float(i))
+        want_p.append(i / 10_000)
+        if i in (1500, 4100):
+            if taken is None:
+                taken = window.table()
+            window.spill(path)
+    window.finish(path)
+    got = pd.read_parquet(path)
+    np.testing.assert_array_equal(got["f1"].to_numpy(), want_f1)
+    np.testing.assert_array_equal(got["f2"].to_numpy(), -np.array(want_f1))
+    np.testing.assert_array_equal(got["prediction"].to_numpy(), want_p)
+    assert got["surface"].tolist() == ["feed"] * 5000
+    assert taken is not None and taken.num_rows == 1501
+    np.testing.assert_array_equal(taken.column("f1").to_numpy(), want_f1[:1501])
+    np.testing.assert_array_equal(taken.column("prediction").to_numpy(), want_p[:1501])
+
+
 def test_a_sampled_window_profiles_the_rows_of_the_smallest_keys_and_writes_few_rows(
     tmp_path: Path,
 ) -> None:

@@ -24,13 +24,56 @@ _SAMPLE_ROWS = b"profile_sample_rows"  # file metadata: the sample's size (0 = e
 _WINDOW_ROWS = b"window_rows"  # file metadata: rows the window answered
 
 
+class _Buffer:
+    """A float64 array that grows in place (capacity doubled when full): appending a call's
+    rows copies them into it, so a window holds one array per column, not one per call."""
+
+    def __init__(self, width: int | None = None) -> None:
+        self.data = np.empty((1024,) if width is None else (1024, width))
+        self.size = 0
+
+    def _reserve(self, n: int) -> None:
+        if self.size + n > len(self.data):
+            grown = np.empty((max(2 * len(self.data), self.size + n), *self.data.shape[1:]))
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+
+    def extend(self, values: np.ndarray) -> None:
+        self._reserve(len(values))
+        self.data[self.size : self.size + len(values)] = values
+        self.size += len(values)
+
+    def fill(self, n: int, value: float) -> None:
+        self._reserve(n)
+        self.data[self.size : self.size + n] = value
+        self.size += n
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.size]
+
+    def clear(self) -> None:
+        self.size = 0
+
+
+# Row groups are read back once, whole, by the profiling helper: no column statistics, and
+# dictionary pages only for the label columns (on the float columns they cost a third of
+# the write and saved a few percent).
+_WRITE_OPTIONS: dict[str, Any] = {
+    "use_dictionary": ["surface", "device", "route"],
+    "write_statistics": False,
+}
+
+
 class WindowRows:
     """The served rows of the open profile window.
 
-    Rows wait in a handful of growing lists (strings and numpy arrays, which the garbage
-    collector does not track) instead of one ``request_log.LogBatch`` per call: held for a
-    whole window, those made every full collection scan hundreds of thousands of objects
-    (pauses up to 384 ms at 300 calls/s). ``spill`` writes the waiting rows to a parquet
+    Rows wait column-wise, in three lists of strings and growing float arrays
+    (``_Buffer``: a call's rows are copied in), which the garbage collector does not track
+    and ``spill`` turns into a row group without joining thousands of per-call pieces:
+    holding one ``request_log.LogBatch`` per call made every full collection scan hundreds
+    of thousands of objects (pauses up to 384 ms at 300 calls/s), and joining one small
+    array per call held the GIL for tens of milliseconds at each row group of one-row
+    calls (docs/serving.md, "Tail latency"). ``spill`` writes the waiting rows to a parquet
     file as one row group, so a window never holds more than about ``SPILL_ROWS`` rows and
     closing it only writes the rest and the footer.
 
@@ -50,15 +93,14 @@ class WindowRows:
         self.sample_rows = sample_rows  # 0: every row
         self.answered = 0  # rows the window answered, kept or not
         self.limit = 1.0  # rows whose key is at or above it are not kept
-        self.keys: list[np.ndarray] = []  # the waiting rows' keys (sampled windows)
-        self._kept_keys: list[np.ndarray] = []  # keys below ``limit`` kept so far
-        self._kept = 0
+        self._keys = _Buffer()  # the waiting rows' keys (sampled windows)
+        self._kept_keys = _Buffer()  # keys below ``limit`` kept so far
         self._rng = np.random.default_rng(seed)
         self.surfaces: list[str] = []
         self.devices: list[str] = []
         self.routes: list[str] = []
-        self.probability: list[np.ndarray] = []
-        self.features: list[np.ndarray | int] = []  # a call's matrix, or its row count
+        self._probability = _Buffer()
+        self._features: _Buffer | None = None  # once the feature names are known
         self.feature_names: list[str] | None = None
         self.written = 0  # rows already in row groups
         self._writer: pq.ParquetWriter | None = None
@@ -84,11 +126,12 @@ class WindowRows:
                 keep = None
             else:
                 keys = keys[keep]
-            self.keys.append(keys)
-            self._kept_keys.append(keys)
-            self._kept += len(keys)
+            self._keys.extend(keys)
+            self._kept_keys.extend(keys)
         if batch.features is not None and self.feature_names is None and not self.written:
             self.feature_names = list(batch.feature_names)
+            self._features = _Buffer(len(self.feature_names))
+            self._features.fill(self.waiting, np.nan)  # the rows before, without vectors
         same = batch.features is not None and list(batch.feature_names) == self.feature_names
         labels: list[Any] = [batch.surfaces, batch.devices, batch.routes]
         probability = np.asarray(batch.probability, dtype=np.float64)
@@ -100,39 +143,40 @@ class WindowRows:
         self.surfaces.extend(labels[0])
         self.devices.extend(labels[1])
         self.routes.extend(labels[2])
-        self.probability.append(probability)
-        self.features.append(len(probability) if features is None else features)
-        if self._kept > 2 * self.sample_rows > 0:
+        self._probability.extend(probability)
+        if self._features is not None:
+            if features is None:
+                self._features.fill(len(probability), np.nan)
+            else:
+                self._features.extend(features)
+        if self._kept_keys.size > 2 * self.sample_rows > 0:
             self._tighten()
 
     def _tighten(self) -> None:
         """Lower the limit to the ``sample_rows``-th smallest key kept so far (the rows at or
         above it already kept stay: ``read_window`` leaves them out)."""
-        kept = np.concatenate(self._kept_keys)
+        kept = self._kept_keys.view()
         self.limit = float(np.partition(kept, self.sample_rows)[self.sample_rows])
-        self._kept_keys = [kept[kept < self.limit]]
-        self._kept = len(self._kept_keys[0])
+        below = kept[kept < self.limit]  # a copy: the buffer is refilled with it
+        self._kept_keys.clear()
+        self._kept_keys.extend(below)
 
     def table(self) -> pa.Table:
         """The waiting rows as an Arrow table, built without pandas: columns named like the
-        training reference profile (surface, device, features, prediction, route)."""
+        training reference profile (surface, device, features, prediction, route). Its
+        arrays are copies: the buffers are reused after a spill."""
         columns: dict[str, pa.Array] = {
             "surface": pa.array(self.surfaces, pa.large_string()),
             "device": pa.array(self.devices, pa.large_string()),
         }
-        if self.feature_names:
-            parts = [
-                np.full((f, len(self.feature_names)), np.nan) if isinstance(f, int) else f
-                for f in self.features
-            ]
-            X = np.concatenate(parts) if parts else np.empty((0, len(self.feature_names)))
+        if self.feature_names and self._features is not None:
+            X = self._features.view()
             for j, name in enumerate(self.feature_names):
-                columns[name] = pa.array(np.ascontiguousarray(X[:, j], dtype=np.float64))
-        prediction = np.concatenate(self.probability) if self.probability else np.empty(0)
-        columns["prediction"] = pa.array(prediction)
+                columns[name] = pa.array(np.array(X[:, j]))
+        columns["prediction"] = pa.array(np.array(self._probability.view()))
         columns["route"] = pa.array(self.routes, pa.large_string())
         if self.sample_rows:
-            columns[SAMPLE_KEY] = pa.array(np.concatenate(self.keys) if self.keys else np.empty(0))
+            columns[SAMPLE_KEY] = pa.array(np.array(self._keys.view()))
         return pa.table(columns)
 
     def frame(self) -> pd.DataFrame:
@@ -145,20 +189,20 @@ class WindowRows:
             return
         table = self.table()
         if self._writer is None:
-            self._writer = pq.ParquetWriter(path, table.schema)
+            self._writer = pq.ParquetWriter(path, table.schema, **_WRITE_OPTIONS)
         self._writer.write_table(table)
         self.written += len(self.surfaces)
         self.surfaces, self.devices, self.routes = [], [], []
-        self.probability, self.features, self.keys = [], [], []
-        if len(self._kept_keys) > 1:  # one array, not one per call, for the rest of the window
-            self._kept_keys = [np.concatenate(self._kept_keys)]
+        for buffer in (self._probability, self._keys, self._features):
+            if buffer is not None:
+                buffer.clear()
 
     def finish(self, path: Path) -> None:
         """Write the rest and close ``path``: a complete parquet file of the window, whose
         metadata holds the rows it answered and the sample size."""
         self.spill(path)
         if self._writer is None:  # an empty window: no row group, its columns kept
-            self._writer = pq.ParquetWriter(path, self.table().schema)
+            self._writer = pq.ParquetWriter(path, self.table().schema, **_WRITE_OPTIONS)
         self._writer.add_key_value_metadata(
             {_WINDOW_ROWS: str(self.answered), _SAMPLE_ROWS: str(self.sample_rows)}
         )
