@@ -48,7 +48,7 @@ from pipelines.serving.request_log import LogBatch  # noqa: E402
 from pipelines.serving.window_rows import SPILL_ROWS, WINDOW_PREFIX, WindowRows  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
-# The helper as the service runs it (request_log._DETACH: nice 19), reporting its own cost.
+# The helper as the service runs it (helper_process.LAUNCHER: nice 19), reporting its own cost.
 _HELPER = (
     "import json, os, resource, sys, time\n"
     "os.nice(19 - os.nice(0))\n"

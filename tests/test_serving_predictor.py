@@ -800,32 +800,32 @@ def _window_batch(rows: int, features: np.ndarray | None = None) -> LogBatch:
 
 
 def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_path: Path) -> None:
-    """The launcher lowers itself to nice 19 before it starts the helper, which inherits it
-    before its first import; the helper runs in a session of its own, and where the kernel
-    groups sessions for the scheduler (autogroup) that group is at nice 19 too: a new
-    group's processes would otherwise get as much CPU as the service's, whatever their
-    nice."""
+    """The helper is started through a launcher that the worker does not wait for and that
+    lowers itself to nice 19 before it starts the helper, which inherits it before its
+    first import. The helper runs in a session of its own, and where the kernel groups
+    sessions for the scheduler (autogroup) that group is at nice 19 too: a new group's
+    processes would otherwise get as much CPU as the service's, whatever their nice. The
+    launcher is reaped without waiting; one that fails is reported."""
     import os
-    import subprocess
     import sys
 
-    from pipelines.serving.request_log import _DETACH
+    from pipelines.serving import helper_process
 
-    out = tmp_path / "nice.txt"
-    probe = (
-        "import os, pathlib; group = pathlib.Path('/proc/self/autogroup'); "
-        "text = group.read_text().split()[-1] if group.exists() else '-'; "
-        f"open({str(out)!r}, 'w').write(f'{{os.nice(0)}} {{os.getsid(0) == os.getpid()}} "
-        "{text} {os.getsid(0)}')"
+    out = tmp_path / "probe.txt"
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, pathlib\n"
+        "group = pathlib.Path('/proc/self/autogroup')\n"
+        "text = group.read_text().split()[-1] if group.exists() else '-'\n"
+        f"open({str(out)!r}, 'w').write("
+        "f'{os.nice(0)} {os.getsid(0) == os.getpid()} {text} {os.getsid(0)}')\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", _DETACH, str(tmp_path / "err"), sys.executable, "-c", probe],
-        check=True,
-        timeout=60,
-    )
+    started = time.monotonic()
+    pid = helper_process.spawn_detached([sys.executable, str(probe)], tmp_path / "err")
+    assert time.monotonic() - started < 1.0  # not waited for
     deadline = time.monotonic() + 30
     while not out.is_file() or not out.read_text():
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, (tmp_path / "err").read_text()
         time.sleep(0.05)
     nice, leader, group, session = out.read_text().split()
     assert nice == "19" and leader == "False"  # the launcher leads the session, not the helper
@@ -833,6 +833,15 @@ def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_pat
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     if autogroup.exists() and autogroup.read_text().strip() == "1":
         assert group == "19"
+    while (left := helper_process.reap([pid]))[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert left == ([], [])
+    failing = helper_process.spawn_detached(["/nonexistent/helper"], tmp_path / "err2")
+    while not (reaped := helper_process.reap([failing]))[1]:
+        assert time.monotonic() < deadline and reaped[0] == [failing]
+        time.sleep(0.05)
+    assert reaped[1][0][0] == failing and reaped[1][0][1] != 0
 
 
 def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:

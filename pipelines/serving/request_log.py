@@ -11,7 +11,6 @@ import logging
 import os
 import queue
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
+from pipelines.serving import helper_process
 from pipelines.serving.shard_sync import ShardSync
 from pipelines.serving.window_rows import (
     PART_SUFFIX,
@@ -185,6 +185,7 @@ class RequestLog:
         self._window_start: float | None = None
         self._window = WindowRows(profile_sample_rows)
         self._profiles: list[Path] = []  # windows handed to helpers, not yet done
+        self._launchers: list[int] = []  # their launchers' pids, not yet reaped
         self._closed = False
         log_dir.mkdir(parents=True, exist_ok=True)
         if profile_dir is not None:
@@ -197,7 +198,7 @@ class RequestLog:
             for frame_file in pending_windows(profile_dir):  # left by a stopped process
                 try:
                     self._start_helper(frame_file)
-                except (OSError, subprocess.SubprocessError):
+                except OSError:
                     logger.exception("request log: could not profile %s", frame_file)
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
@@ -466,28 +467,20 @@ class RequestLog:
             logger.exception("request log: could not profile window %s", frame_file.name)
 
     def _start_helper(self, frame_file: Path) -> None:
-        """Start the helper detached (through a launcher that exits at once): not a child of
-        this worker, so BentoML, which stops a worker's children with it, leaves it running."""
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _DETACH,
-                str(frame_file.with_suffix(".err")),
-                sys.executable,
-                "-m",
-                "pipelines.serving.request_log",
-                "profile",
-                str(frame_file),
-            ],
-            env={**os.environ, "PYTHONPATH": _package_root()},
-            check=True,
-            timeout=60,
+        """Start the detached helper that profiles ``frame_file`` (``helper_process``)."""
+        command = [sys.executable, "-m", "pipelines.serving.request_log", "profile"]
+        pid = helper_process.spawn_detached(
+            [*command, str(frame_file)], frame_file.with_suffix(".err")
         )
+        self._launchers.append(pid)
         self._profiles.append(frame_file)
 
     def _finish_profiles(self) -> None:
         """Count the windows handed to helpers that are done: profiled, or failed."""
+        self._launchers, failed = helper_process.reap(self._launchers)
+        for pid, code in failed:
+            self.counters["profile_errors"] += 1
+            logger.error("request log: the helper launcher %d exited with %d", pid, code)
         still = []
         for frame_file in self._profiles:
             if frame_file.exists():
@@ -501,32 +494,6 @@ class RequestLog:
             elif window_profile_path(frame_file).exists():
                 self.counters["profiles"] += 1
         self._profiles = still
-
-
-# Launcher of a detached helper: argv = [stderr file, command...]. In a session of its own
-# (BentoML stops the worker's process group), at nice 19 before the helper starts (not the
-# idle class, which could starve), its session's scheduler group too (autogroup: a nice
-# counts only inside its group, and a new group gets as much CPU as the service's).
-_DETACH = (
-    "import os, subprocess, sys\n"
-    "os.setsid()\n"
-    "try:\n"
-    "    with open('/proc/self/autogroup', 'w') as group:\n"
-    "        group.write('19')\n"
-    "except OSError:\n"
-    "    pass\n"
-    "os.nice(19 - os.nice(0))\n"
-    "with open(sys.argv[1], 'wb') as err:\n"
-    "    subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, "
-    "stdout=subprocess.DEVNULL, stderr=err)\n"
-)
-
-
-def _package_root() -> str:
-    """The folder holding the ``pipelines`` package, so the helper imports this very code."""
-    here = str(Path(__file__).resolve().parents[2])
-    extra = os.environ.get("PYTHONPATH")
-    return here if not extra else f"{here}{os.pathsep}{extra}"
 
 
 def read_shards(log_dir: Path) -> pd.DataFrame:
@@ -596,4 +563,4 @@ if (
 ):  # the profiling helper: python -m pipelines.serving.request_log profile IN OUT
     if len(sys.argv) != 3 or sys.argv[1] != "profile":
         sys.exit("usage: python -m pipelines.serving.request_log profile .window-*.parquet")
-    profile_file(Path(sys.argv[2]))  # at nice 19, set by its launcher (_DETACH)
+    profile_file(Path(sys.argv[2]))  # at nice 19 (helper_process.spawn_detached)
