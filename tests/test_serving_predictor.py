@@ -1018,6 +1018,7 @@ def test_a_sampled_window_profile_counts_its_sample_and_says_how_many_rows_were_
         b.answered_at = time.time()
         assert log.submit(b)
     log.close()
+    assert log._launchers == []  # a stopping worker waits until its helper is detached
     profiles = [p for p in settle_profiles(live, 120) if log.worker in p.name]
     assert len(profiles) == 1 and log.counters["profile_errors"] == 0, (profiles, log.counters)
     view = wl.read_profile(profiles[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 # The launcher, argv = [stderr file, command...]: it starts the helper and exits at once, so
@@ -52,17 +53,25 @@ def spawn_detached(command: list[str], stderr: Path) -> int:
     return os.posix_spawn(sys.executable, argv, env)
 
 
-def reap(pids: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+def reap(pids: list[int], wait_s: float = 0.0) -> tuple[list[int], list[tuple[int, int]]]:
     """The launchers of ``pids`` still running, and the (pid, exit code) of those that
-    failed, without waiting."""
-    running, failed = [], []
-    for pid in pids:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # reaped elsewhere
-            continue
-        if not done:
-            running.append(pid)
-        elif (code := os.waitstatus_to_exitcode(status)) != 0:
-            failed.append((pid, code))
-    return running, failed
+    failed; waits up to ``wait_s`` for them to exit (a worker that is stopping, so that
+    its helpers are detached before it exits: a launcher still its child could be
+    stopped with it; its window would then be profiled at the next start)."""
+    deadline = time.monotonic() + wait_s
+    running, failed = list(pids), []
+    while True:
+        still = []
+        for pid in running:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                continue
+            if not done:
+                still.append(pid)
+            elif (code := os.waitstatus_to_exitcode(status)) != 0:
+                failed.append((pid, code))
+        running = still
+        if not running or time.monotonic() >= deadline:
+            return running, failed
+        time.sleep(0.01)

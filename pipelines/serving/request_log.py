@@ -264,7 +264,7 @@ class RequestLog:
                 except OSError:
                     logger.exception("request log: closing the shard failed")
                 self._profile_window(force=True)
-                self._finish_profiles()
+                self._finish_profiles(wait_s=10.0)
                 self._sync.close()
                 return
             # Hand the lines to the OS at once: a killed process then loses only what is
@@ -475,9 +475,10 @@ class RequestLog:
         self._launchers.append(pid)
         self._profiles.append(frame_file)
 
-    def _finish_profiles(self) -> None:
-        """Count the windows handed to helpers that are done: profiled, or failed."""
-        self._launchers, failed = helper_process.reap(self._launchers)
+    def _finish_profiles(self, wait_s: float = 0.0) -> None:
+        """Count the windows handed to helpers that are done: profiled, or failed (waiting
+        up to ``wait_s`` for their launchers to exit)."""
+        self._launchers, failed = helper_process.reap(self._launchers, wait_s)
         for pid, code in failed:
             self.counters["profile_errors"] += 1
             logger.error("request log: the helper launcher %d exited with %d", pid, code)
