@@ -72,7 +72,7 @@ def hogs(mode: str, folder: Path, n: int) -> list[int]:
             pid_file.unlink(missing_ok=True)
             cmd = [sys.executable, "-c", _HOG, str(pid_file)]
             launched = helper_process.spawn_detached(cmd, folder / f"hog{k}.err")
-            os.waitpid(launched, 0)
+            assert helper_process.reap([launched], wait_s=30) == ([], [])
             deadline = time.monotonic() + 30
             while not pid_file.is_file() or not pid_file.read_text():
                 assert time.monotonic() < deadline

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -40,13 +40,9 @@ from benchmarks._machine import run_facts, save_results  # noqa: E402
 
 
 def load_module(source: str, name: str) -> ModuleType:
-    """``window_rows.py`` of one revision, imported under its own name."""
-    path = Path(tempfile.mkdtemp(prefix="window-spill-")) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``window_rows.py`` of one revision, imported under its own name (from memory)."""
+    module = ModuleType(name)
+    exec(compile(source, f"<{name}>", "exec"), module.__dict__)
     return module
 
 
@@ -117,8 +113,6 @@ def main() -> None:
         f"before ({args.before})": load_module(before, "window_rows_before"),
         "now": load_module((REPO / path).read_text(), "window_rows_now"),
     }
-    import json
-
     release = json.loads((args.project / "build/release/release.json").read_text())
     names = list(release["features"])
     test = pd.read_parquet(args.project / "build/dataset/test.parquet", columns=names)
