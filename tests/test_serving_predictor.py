@@ -844,6 +844,84 @@ def test_the_profiling_helper_runs_at_the_lowest_priority_from_its_start(tmp_pat
     assert reaped[1][0][0] == failing and reaped[1][0][1] != 0
 
 
+def _states(pid: int, samples: int, every_s: float = 0.005) -> str:
+    """The scheduler state letters of ``pid`` read ``samples`` times (R, S, T = stopped...)."""
+    out = []
+    for _ in range(samples):
+        out.append(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        time.sleep(every_s)
+    return "".join(out)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _states(pid, 1, 0.0) != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_profiling_helper_is_paced_and_never_left_stopped(tmp_path: Path) -> None:
+    """The launcher's child starts the helper and paces it: the helper runs for
+    ``PACE[0]`` s, is stopped for ``PACE[1]`` s, and so on. Unpaced (``pace=None``) it is
+    never stopped. If the pacer dies while the helper is stopped, the helper is continued
+    (it would otherwise stay stopped holding its window's lock)."""
+    import os
+    import signal
+    import sys
+
+    from pipelines.serving import helper_process
+
+    run, pause = helper_process.PACE
+    busy = (
+        "import os, pathlib, sys, time\n"
+        "pathlib.Path(sys.argv[1]).write_text(f'{os.getpid()} {os.getppid()}')\n"
+        "stop = pathlib.Path(sys.argv[2])\n"
+        "end = time.monotonic() + 60\n"
+        "while not stop.exists() and time.monotonic() < end:\n"
+        "    sum(range(1000))\n"
+    )
+    stop = tmp_path / "stop"
+
+    def start(name: str, pace: tuple[float, float] | None) -> tuple[int, int]:
+        ids = tmp_path / f"{name}.ids"
+        command = [sys.executable, "-c", busy, str(ids), str(stop)]
+        launcher = helper_process.spawn_detached(command, tmp_path / f"{name}.err", pace)
+        assert helper_process.reap([launcher], wait_s=30) == ([], [])
+        deadline = time.monotonic() + 30
+        while not ids.is_file() or not ids.read_text():
+            assert time.monotonic() < deadline, (tmp_path / f"{name}.err").read_text()
+            time.sleep(0.01)
+        pid, pacer = map(int, ids.read_text().split())
+        return pid, pacer
+
+    helpers = []
+    try:
+        pid, pacer = start("paced", helper_process.PACE)
+        helpers.append(pid)
+        states = _states(pid, 300)
+        stopped = states.count("T") / len(states)
+        assert 0.4 <= stopped <= 0.95, (states, pause / (run + pause))
+        while _states(pid, 1, 0.0) != "T":  # kill the pacer while the helper is stopped
+            time.sleep(0.001)
+        os.kill(pacer, signal.SIGKILL)
+        time.sleep(0.5)
+        assert "T" not in _states(pid, 100)  # continued, and no longer paced
+        free, _ = start("unpaced", None)
+        helpers.append(free)
+        assert "T" not in _states(free, 200)
+        stop.touch()
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in helpers):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for p in helpers:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_window_left_by_a_stopped_server_is_profiled_when_a_log_starts(tmp_path: Path) -> None:
     """Stopping the server does not wait for the last window's profile: a helper that did
     not finish (killed with the container) leaves the saved window, which the next start
