@@ -32,17 +32,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cost import TOKEN, bento_release, serve_release  # noqa: E402
-from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
-from window_profile import served_rows, write_window  # noqa: E402
+from serving_latency import discard, stop  # noqa: E402
+from window_profile import serve_without_helper, served_rows, write_window  # noqa: E402
 
-from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import run_facts, save_results  # noqa: E402
 from benchmarks._openloop import open_loop  # noqa: E402
 from pipelines.core.settings import load_settings  # noqa: E402
 from pipelines.serving import helper_process  # noqa: E402
 from pipelines.serving.window_rows import WINDOW_PREFIX, window_profile_path  # noqa: E402
-from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
+from tests.support.loadtest import percentiles  # noqa: E402
 
 PHASES = {"no helper": None, "helper, not paced": "none", "helper, paced": "paced"}
 
@@ -102,20 +100,11 @@ def main() -> None:
 def serve_phases(
     args: argparse.Namespace, project: Path, work: Path, window: Path
 ) -> dict[str, Any]:
-    from pipelines.stages.packaging import import_bento
-
-    env = service_env(work, TOKEN)
-    tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
-    release = bento_release(work / "home" / "bentos", profile_window_seconds=3600)
-    single = lines(work / "single.txt", full_bodies(workload_frame(project / "data", 3000)))
-    script = wrk_script(work)
     helpers = work / "helpers"
     helpers.mkdir()
-    proc, url = serve_release(tag, release, env, work, "full")
+    proc, url, single, capacity = serve_without_helper(args.bento, project, work)
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in PHASES}
     try:
-        wrk(url, "/predict", single, 2, 3, script)  # warm up
-        capacity = wrk(url, "/predict", single, 8, 5, script)["req_per_s"]
         rate = 0.6 * capacity
         for r in range(args.rounds):
             for phase in list(PHASES) if r % 2 == 0 else list(PHASES)[::-1]:

