@@ -11,23 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-# The helper's pace: it runs for PACE[0] seconds, is stopped for PACE[1] (SIGSTOP, SIGCONT:
-# what cpulimit does), and so on until it exits, so it never holds a core for long
-# whatever the kernel's scheduler does with a nice-19 process (benchmarks/helper_pacing.py).
-PACE = (0.010, 0.030)
-
-# The launcher, argv = [stderr file, run s, pause s, command...]: it returns as soon as the
-# helper has started, so the helper is not a child of the worker (BentoML stops a worker's
-# children with it). It makes its own session (BentoML also stops the worker's process
-# group), puts that session's scheduler group at nice 19 (autogroup: a nice counts only
-# inside its group, and a new group would get as much CPU as the service's) and itself at
-# nice 19 before the helper starts, which inherits it. Its forked child starts the helper
-# and paces it (a pause of 0: no pacing); a helper whose pacer dies is continued
-# (PR_SET_PDEATHSIG), never left stopped. Not the idle scheduling class: beside busy
-# helpers in it a serving thread woke later than beside helpers at nice 19
+# The launcher, argv = [stderr file, command...]: it starts the helper and exits at once, so
+# the helper is not a child of the worker (BentoML stops a worker's children with it). It
+# makes its own session (BentoML also stops the worker's process group), puts that
+# session's scheduler group at nice 19 (autogroup: a nice counts only inside its group,
+# and a new group would get as much CPU as the service's) and itself at nice 19 before
+# the helper starts, which inherits it. Not the idle scheduling class: beside busy helpers
+# in it a serving thread woke later than beside helpers at nice 19
 # (benchmarks/helper_priority.py).
 LAUNCHER = (
-    "import os, signal, subprocess, sys, time\n"
+    "import os, subprocess, sys\n"
     "os.setsid()\n"
     "try:\n"
     "    with open('/proc/self/autogroup', 'w') as group:\n"
@@ -35,35 +28,9 @@ LAUNCHER = (
     "except OSError:\n"
     "    pass\n"
     "os.nice(19 - os.nice(0))\n"
-    "run, pause = float(sys.argv[2]), float(sys.argv[3])\n"
-    "read, write = os.pipe()\n"
-    "if os.fork():\n"
-    "    os.close(write)\n"
-    "    sys.exit(0 if os.read(read, 1) == b'1' else 1)\n"
-    "os.close(read)\n"
-    "try:\n"
-    "    import ctypes\n"
-    "    prctl = ctypes.CDLL(None).prctl\n"
-    "except (ImportError, OSError, AttributeError):\n"
-    "    pause = 0.0\n"
-    "def continue_if_orphaned():\n"
-    "    if pause > 0:\n"
-    "        prctl(1, signal.SIGCONT)\n"
-    "try:\n"
-    "    with open(sys.argv[1], 'wb') as err:\n"
-    "        helper = subprocess.Popen(sys.argv[4:], stdin=subprocess.DEVNULL, "
-    "stdout=subprocess.DEVNULL, stderr=err, preexec_fn=continue_if_orphaned)\n"
-    "except BaseException:\n"
-    "    os.write(write, b'0')\n"
-    "    raise\n"
-    "os.write(write, b'1')\n"
-    "os.close(write)\n"
-    "while pause > 0 and helper.poll() is None:\n"
-    "    time.sleep(run)\n"
-    "    helper.send_signal(signal.SIGSTOP)\n"
-    "    time.sleep(pause)\n"
-    "    helper.send_signal(signal.SIGCONT)\n"
-    "helper.wait()\n"
+    "with open(sys.argv[1], 'wb') as err:\n"
+    "    subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, "
+    "stdout=subprocess.DEVNULL, stderr=err)\n"
 )
 
 
@@ -74,18 +41,14 @@ def package_root() -> str:
     return here if not extra else f"{here}{os.pathsep}{extra}"
 
 
-def spawn_detached(
-    command: list[str], stderr: Path, pace: tuple[float, float] | None = PACE
-) -> int:
-    """Start ``command`` through the launcher, paced as ``pace`` says (run, pause seconds;
-    None: not paced); the launcher's pid, for ``reap``.
+def spawn_detached(command: list[str], stderr: Path) -> int:
+    """Start ``command`` through the launcher; the launcher's pid, for ``reap``.
 
     The worker does not wait for the launcher (``posix_spawn``, no fork of the worker's
     memory), whose Python starts without site-packages (``-S``: it needs none) and is the
     only part at normal priority; ``reap`` collects it later.
     """
-    run, pause = pace or (0.0, 0.0)
-    argv = [sys.executable, "-S", "-c", LAUNCHER, str(stderr), str(run), str(pause), *command]
+    argv = [sys.executable, "-S", "-c", LAUNCHER, str(stderr), *command]
     env = {**os.environ, "PYTHONPATH": package_root()}
     return os.posix_spawn(sys.executable, argv, env)
 
