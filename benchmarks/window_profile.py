@@ -168,37 +168,24 @@ def main() -> None:
     print(save_results(args.out, "window_profile", report, markdown))
 
 
-def serve_without_helper(
-    bento: Path, project: Path, work: Path
-) -> tuple[subprocess.Popen[bytes], str, Path, float]:
-    """Serve ``bento`` (one worker) with an hour-long profile window, so that its own helper
-    does not run during the phases, and measure its ``/predict`` capacity (``wrk``,
-    concurrency 8): the process, its URL, the request bodies' file and the capacity."""
-    from pipelines.stages.packaging import import_bento
-
-    env = service_env(work, TOKEN)
-    tag = import_bento(bento.resolve(), work / "home").split('"')[1]
-    release = bento_release(work / "home" / "bentos", profile_window_seconds=3600)
-    single = lines(work / "single.txt", full_bodies(workload_frame(project / "data", 3000)))
-    script = wrk_script(work)
-    proc, url = serve_release(tag, release, env, work, "full")
-    try:
-        wrk(url, "/predict", single, 2, 3, script)  # warm up
-        capacity = wrk(url, "/predict", single, 8, 5, script)["req_per_s"]
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, url, single, capacity
-
-
 def served(
     args: argparse.Namespace, project: Path, work: Path, windows: dict[str, Path]
 ) -> dict[str, Any]:
     """Open-loop ``/predict`` latency at 60% of capacity with and without a helper running."""
-    proc, url, single, capacity = serve_without_helper(args.bento, project, work)
+    from pipelines.stages.packaging import import_bento
+
+    env = service_env(work, TOKEN)
+    tag = import_bento(args.bento.resolve(), work / "home").split('"')[1]
+    # an hour-long window: the service's own helper does not run during the phases
+    release = bento_release(work / "home" / "bentos", profile_window_seconds=3600)
+    single = lines(work / "single.txt", full_bodies(workload_frame(project / "data", 3000)))
+    script = wrk_script(work)
+    proc, url = serve_release(tag, release, env, work, "full")
     phases: dict[str, list[dict[str, Any]]] = {"no helper": []}
     phases.update({f"helper profiling the {name}": [] for name in windows})
     try:
+        wrk(url, "/predict", single, 2, 3, script)  # warm up
+        capacity = wrk(url, "/predict", single, 8, 5, script)["req_per_s"]
         rate = 0.6 * capacity
         for r in range(args.rounds):
             order = list(phases) if r % 2 == 0 else list(reversed(phases))
