@@ -1,4 +1,5 @@
-"""Machine description recorded beside every benchmark result, and the one way results are saved."""
+"""Machine description recorded beside every benchmark result, the host's speed during a run,
+and the one way results are saved."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import datetime as dt
 import json
 import os
 import platform
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def machine() -> dict[str, object]:
@@ -29,6 +34,48 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "date": dt.date.today().isoformat(),
     }
+
+
+class SpeedProbe(threading.Thread):
+    """The host's speed as the run sees it: every 20 ms, the CPU time of a fixed pure-Python
+    loop and of a fixed pass over 4 MiB (beyond a core's cache), about 2% of one CPU. A
+    slower probe in the spans of slow requests means the host, not the service, slowed."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, python ms, memory ms)
+        self.stopped = threading.Event()
+        self._memory = np.ones(1 << 19)
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.02):
+            t, c0 = time.monotonic(), time.thread_time()
+            sum(range(20_000))
+            c1 = time.thread_time()
+            self._memory.sum()
+            c2 = time.thread_time()
+            self.samples.append((t, 1000 * (c1 - c0), 1000 * (c2 - c1)))
+
+    def by_second(self, begin: float, seconds: int) -> list[float | None]:
+        """The median CPU ms of the pure-Python probe in each second from ``begin``."""
+        got: list[list[float]] = [[] for _ in range(seconds)]
+        for t, python_ms, _ in self.samples:
+            k = int(t - begin)
+            if 0 <= k < seconds:
+                got[k].append(python_ms)
+        return [round(float(np.median(g)), 4) if g else None for g in got]
+
+    def inside(self, spans: list[tuple[float, float]]) -> dict[str, float | None]:
+        """Median CPU ms of each probe that started inside ``spans``."""
+        got = [s for s in self.samples if any(a <= s[0] < b for a, b in spans)]
+        if not got:
+            return {"probes": 0, "python_ms": None, "memory_ms": None}
+        python_ms, memory_ms = np.median(np.asarray(got)[:, 1:], axis=0)
+        return {
+            "probes": len(got),
+            "python_ms": round(float(python_ms), 4),
+            "memory_ms": round(float(memory_ms), 4),
+        }
 
 
 def run_facts(started_at: str, load_before: tuple[float, ...]) -> dict[str, Any]:

@@ -101,7 +101,6 @@ async def run(
     started_unix = time.time() + 0.2  # the wall-clock time of due_s 0
 
     async def one(k: int) -> None:
-        await asyncio.sleep(max(0.0, start + due[k] - loop.time()))
         async with pool.slots:
             writer = None
             try:
@@ -133,7 +132,19 @@ async def run(
                     writer.close()
         latency[k] = (loop.time() - (start + due[k])) * 1000.0
 
-    await asyncio.gather(*(one(k) for k in range(len(due))))
+    # One task per request, created at its due time; only the unfinished ones are awaited.
+    # Creating all tasks up front, or gathering all of them at the end, costs the loop about
+    # 10 us per request at once (0.3 s for 30k requests): it delayed the first and the last
+    # requests of a long run.
+    pending: set[asyncio.Task[None]] = set()
+    for k in range(len(due)):
+        wait = start + due[k] - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        task = asyncio.create_task(one(k))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
     for _, writer in pool.idle:
         writer.close()
     return {

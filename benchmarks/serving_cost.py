@@ -12,7 +12,9 @@ What it does (loopback, one BentoML worker per service, OMP_NUM_THREADS=1):
    ``/rank`` (1000 candidates) at concurrency 1 and 2, alternating full and bare in rounds;
 3. ``hey`` at a fixed rate of 60% of the measured concurrency-8 capacity (per-request
    latencies from its CSV output), then the same rate from the open-loop generator
-   (``benchmarks/_openloop.py``: Poisson arrivals, latency from the scheduled time);
+   (``benchmarks/_openloop.py``: Poisson arrivals, latency from the scheduled time); a
+   speed probe (``_machine.SpeedProbe``) times a fixed loop through both phases and for
+   10 s alone before the services start, so a slow phase can be told from a slow host;
 4. overload: ``wrk`` floods ``/rank`` on recs (low priority) while ``hey`` sends search
    (critical) and feed ``/predict`` at a fixed rate; latency per surface with priorities on
    (``serving.shed_inflight`` from params) and off (0);
@@ -58,7 +60,7 @@ from serving_latency import (  # noqa: E402
 )
 
 from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import save_results  # noqa: E402
+from benchmarks._machine import SpeedProbe, save_results  # noqa: E402
 from benchmarks._openloop import open_loop  # noqa: E402
 from pipelines.modeling.release import reseal_release_dict  # noqa: E402
 from tests.support.loadtest import free_port, percentiles, workload_frame  # noqa: E402
@@ -229,6 +231,12 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         rank_bodies = rank_requests(single, list(rows.item_id), args.rank_items)
         items = rank_bodies[0]["items"]
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
+        # the host's speed with nothing running, to compare the 60% phases' with
+        alone, began = SpeedProbe(), time.monotonic()
+        alone.start()
+        time.sleep(10)
+        alone.stopped.set()
+        host_speed = {"alone, before the services": alone.inside([(began, time.monotonic())])}
         if args.bare_first:  # the service started first was ahead on a shared host
             bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
             procs.append(bare)
@@ -282,6 +290,9 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         one.write_text(json.dumps(single[0]))
         window = release["policy"]["profile_window_seconds"]
         began = time.time()
+        probe = SpeedProbe()  # the host's speed through both 60% phases
+        probe.start()
+        hey_span = time.monotonic()
         results["full"]["predict_fixed_rate_60pct"] = hey(
             full_url + "/predict", one, 0.6 * capacity, 8, max(args.seconds * 1.5, 10)
         )
@@ -290,11 +301,15 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         # the same rate from the open-loop generator: Poisson arrivals, latency from the
         # scheduled time (hey's workers tick together and slow down with the server)
         began = time.time()
+        open_span = time.monotonic()
         poisson = open_loop(
             full_url, "/predict", files["full_single"], 0.6 * capacity, max(args.seconds * 1.5, 10)
         )
         poisson.pop("raw")
+        probe.stopped.set()
         poisson["profile_window_closed"] = closed(began, window)
+        host_speed["hey at 60%"] = probe.inside([(hey_span, open_span)])
+        host_speed["open loop at 60%"] = probe.inside([(open_span, time.monotonic())])
         results["full"]["predict_open_loop_60pct"] = poisson
         print("open loop", poisson, flush=True)
         meta = post_json(full_url + "/metadata")
@@ -347,6 +362,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
                 "fixed_rate": "hey (-q per worker, 8 workers)",
             },
             "results": results,
+            "host_speed": host_speed,
             "command": "python benchmarks/serving_cost.py " + " ".join(sys.argv[1:]),
         }
         print(save_results(args.out, "serving_cost", report, markdown))
@@ -532,6 +548,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"latency from the scheduled send time; {ol['achieved_rate']} req/s): p50 "
             f"{ol['p50_ms']}, p95 {ol['p95_ms']}, p99 {ol['p99_ms']} ms, {ol['errors']} errors"
             f"{_rolled(ol)}."
+        )
+    speed = report.get("host_speed")
+    if speed:
+        lines_.append(
+            "The host's speed (`SpeedProbe`: median CPU ms of a fixed pure-Python loop run "
+            "every 20 ms; higher is slower): "
+            + "; ".join(f"{k} {v['python_ms']}" for k, v in speed.items())
+            + "."
         )
     lines_ += [
         "",
