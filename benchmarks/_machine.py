@@ -89,6 +89,18 @@ def run_facts(started_at: str, load_before: tuple[float, ...]) -> dict[str, Any]
     }
 
 
+def run_line(report: dict[str, Any], python: bool = False) -> str:
+    """How a report's text opens: when the run started, the machine (and its Python) and the
+    load average before and after, from ``run_facts``; the caller goes on after it."""
+    m = report["machine"]
+    return (
+        f"{report['started_at']}; {m['cores']} cores ({m['cpu']})"
+        + (f", Python {m['python']}" if python else "")
+        + f"; load average {report['load_average_before'][0]:.2f} before, "
+        f"{report['load_average_after'][0]:.2f} after"
+    )
+
+
 def save_results(
     out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
 ) -> str:

@@ -37,7 +37,7 @@ from serving_cost import (  # noqa: E402
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import run_facts, save_results  # noqa: E402
+from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
 ROWS = 1000
@@ -112,10 +112,7 @@ def markdown(report: dict[str, Any]) -> str:
     out = [
         "# Batch scoring, two bentos side by side",
         "",
-        f"{report['started_at']}; {report['machine']['cores']} cores "
-        f"({report['machine']['cpu']}); load average "
-        f"{report['load_average_before'][0]:.2f} before, "
-        f"{report['load_average_after'][0]:.2f} after. {report['rows_per_call']}-row calls, "
+        run_line(report) + f". {report['rows_per_call']}-row calls, "
         "wrk closed loop, one worker each; rows/s per round (p50 ms).",
         "",
         f"| phase | {before} | {after} | after / before (mean of rounds) |",

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import run_facts, save_results  # noqa: E402
+from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 from pipelines.serving import helper_process  # noqa: E402
 
 _IDLE_LINES = (
@@ -130,13 +130,10 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     lines = [
         "# A serving thread's wakeups beside busy helpers, by the helpers' scheduling",
         "",
-        f"{report['started_at']}; {m['cores']} cores ({m['cpu']}), Python {m['python']}; "
-        f"load average {report['load_average_before'][0]:.2f} before, "
-        f"{report['load_average_after'][0]:.2f} after; {report['helpers']} busy helpers "
+        run_line(report, python=True) + f"; {report['helpers']} busy helpers "
         f"started through the launcher; kernel autogroup {report['autogroup']}.",
         "",
         "| helpers | wakeups | lateness p50 / p99 / p99.9 / max ms | wakeups over 1 ms late "

@@ -54,7 +54,7 @@ from serving_cost import (  # noqa: E402
 from serving_latency import bare_bodies, discard, full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import run_facts, save_results  # noqa: E402
+from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 from pipelines.stages.packaging import import_bento  # noqa: E402
 from tests.support.loadtest import workload_frame  # noqa: E402
 
@@ -181,13 +181,10 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     out = [
         "# What the request-log line costs the batch path",
         "",
-        f"{report['started_at']}; {m['cores']} cores ({m['cpu']}); load average "
-        f"{report['load_average_before'][0]:.2f} before, "
-        f"{report['load_average_after'][0]:.2f} after. Bento {report['bento']} as built and "
+        run_line(report) + f". Bento {report['bento']} as built and "
         "with its request log or its batch endpoint edited (benchmarks/log_line_cost.py); "
         f"{report['rows_per_call']}-row calls, wrk at concurrency 1, one worker each. "
         "Rows/s per round (p50 ms), and the mean over rounds against the bento as built.",

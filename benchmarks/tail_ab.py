@@ -41,7 +41,7 @@ from serving_cost import (  # noqa: E402
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import run_facts, save_results  # noqa: E402
+from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 from benchmarks._openloop import answered, open_loop  # noqa: E402
 from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
@@ -116,10 +116,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines_ = [
         "# Tail latency, two bentos side by side",
         "",
-        f"{report['started_at']}; {report['machine']['cores']} cores ({report['machine']['cpu']}); "
-        "load average "
-        f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} "
-        f"after. `/predict` capacity at concurrency 8: {report['capacity_c8']}; open loop at "
+        run_line(report) + f". `/predict` capacity at concurrency 8: {report['capacity_c8']}; "
+        "open loop at "
         f"{report['rate']} req/s for both.",
         "",
         "| round | bento | started first | p50 ms | p95 ms | p99 ms | a profile window closed "

@@ -53,7 +53,7 @@ from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks import _openloop  # noqa: E402
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import SpeedProbe, run_facts, save_results  # noqa: E402
+from benchmarks._machine import SpeedProbe, run_facts, run_line, save_results  # noqa: E402
 from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
 _SLICE = re.compile(
@@ -327,8 +327,7 @@ def markdown(r: dict[str, Any]) -> str:
     out = [
         "# What the CPUs did while slow requests waited",
         "",
-        f"{r['started_at']}; {r['machine']['cores']} cores ({r['machine']['cpu']}); load average "
-        f"{r['load_average_before'][0]:.2f} before, {r['load_average_after'][0]:.2f} after. "
+        run_line(r) + ". "
         f"`/predict` capacity at concurrency 8: {r['capacity_c8']:.0f} req/s (the worker's "
         f"CPU: {r['worker_cpu_ms_per_answer_c8']} ms per answer); open loop at "
         f"{r['rate']} req/s under `perf sched record`: p50 / p95 / p99 {lat['p50_ms']} / "

@@ -39,7 +39,7 @@ from serving_cost import TOKEN, bento_release, closed, serve_release  # noqa: E4
 from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
-from benchmarks._machine import SpeedProbe, run_facts, save_results  # noqa: E402
+from benchmarks._machine import SpeedProbe, run_facts, run_line, save_results  # noqa: E402
 from benchmarks._openloop import answered, open_loop  # noqa: E402
 from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
 
@@ -125,9 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
     out = [
         "# The 60% tail by number of workers",
         "",
-        f"{report['started_at']}; {report['machine']['cores']} cores "
-        f"({report['machine']['cpu']}); load average {report['load_average_before'][0]:.2f} "
-        f"before, {report['load_average_after'][0]:.2f} after. Bento {report['bento']}. "
+        run_line(report) + f". Bento {report['bento']}. "
         f"`/predict` capacity at concurrency 8 by workers: {report['capacity_c8']}; the open "
         f"loop at {report['rate']} req/s. Targets: p95 at most {P95_MS:g} ms, p99 at most "
         f"{P99_MS:g} ms. The probe: median CPU ms of a fixed loop through the round (higher "

@@ -36,7 +36,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import run_facts, save_results  # noqa: E402
+from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 
 
 def load_module(source: str, name: str) -> ModuleType:
@@ -170,13 +170,10 @@ def main() -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     lines = [
         "# One row group of the open profile window: what it costs the serving threads",
         "",
-        f"{report['started_at']}; {m['cores']} cores ({m['cpu']}), Python {m['python']}; "
-        f"load average {report['load_average_before'][0]:.2f} before, "
-        f"{report['load_average_after'][0]:.2f} after. {report['rows_per_group']:,} rows of "
+        run_line(report, python=True) + f". {report['rows_per_group']:,} rows of "
         f"{report['features']} features per row group; a thread making short system calls "
         f"(a byte through a pipe) ran {report['pipe_calls_per_ms_alone']} calls/ms alone "
         "(median of 10 ms runs between the spills). "
