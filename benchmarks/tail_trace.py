@@ -3,16 +3,17 @@
 Serves one bento of a BentoML home (one worker), measures its ``/predict`` capacity at
 concurrency 8 (``wrk``), then sends Poisson arrivals at ``--share`` of it
 (``benchmarks/_openloop.py``) for ``--seconds`` while ``perf sched record`` traces every
-context switch on every CPU (clock: CLOCK_MONOTONIC, so slices and requests share one
-time line). Each request slower than ``--slow-ms`` marks the span from its scheduled send
-to its answer. For the union of those spans and for the whole run it reports the CPU time
-by kind of task (the worker's threads one by one, profiling helpers, the load generator,
-kernel threads by name, other processes, idle), and the worker's main thread's running,
-runnable (waiting for a CPU) and sleeping time, and the worker's CPU per answer (also
-at concurrency 8). A speed probe (``_machine.SpeedProbe``) times a fixed loop every 20 ms
-through the run, and alone for ``--idle-seconds`` before the service starts; its median
-in the slow spans, over the run and by second tells a slower host from a busier service.
-Steal time comes from ``/proc/stat``.
+context switch on every CPU (clock: CLOCK_MONOTONIC, so slices and requests share one time
+line). Each request slower than ``--slow-ms`` marks the span from its scheduled send to its
+answer. For the union of those spans and for the whole run it reports the CPU time by kind
+of task (the worker's threads one by one, profiling helpers, the load generator, kernel
+threads by name, other processes, idle), and the worker's main thread's running, runnable
+(waiting for a CPU) and sleeping time, and the worker's CPU per answer; and for the closed
+loop at concurrency 8 and the open loop, each thread's CPU per answer and the share of
+scoring calls run on the event loop (``/metadata`` lane). A speed probe
+(``_machine.SpeedProbe``) times a fixed loop every 20 ms through the run, and alone for
+``--idle-seconds`` before the service starts; its median in the slow spans, over the run and
+by second tells a slower host from a busier service. Steal time comes from ``/proc/stat``.
 
 Needs ``perf`` (linux-perf) and permission to trace (root, or perf_event_paranoid <= -1).
 
@@ -47,8 +48,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from feature_build import _cpu_s as cpu_s  # noqa: E402
 from feature_build import descendants  # noqa: E402
-from served_profile import thread_names  # noqa: E402
-from serving_cost import serve_tags  # noqa: E402
+from served_profile import cpu_per_request, thread_cpu, thread_names  # noqa: E402
+from serving_cost import post_json, serve_tags  # noqa: E402
 from serving_latency import discard, full_bodies, stop  # noqa: E402
 
 from benchmarks import _openloop  # noqa: E402
@@ -126,6 +127,16 @@ def kind(row: dict[str, Any], roles: dict[int, str], worker: int, names: dict[in
     if _KERNEL.match(row["comm"]):
         return "kernel: " + re.split(r"[/:]", row["comm"])[0]
     return "other: " + row["comm"]
+
+
+def lane(url: str) -> dict[str, int]:
+    """The worker's scoring calls so far: run on the event loop (inline) and on the lane."""
+    return post_json(url + "/metadata")["lane"]
+
+
+def inline_share(before: dict[str, int], after: dict[str, int]) -> float:
+    inline, queued = (after[k] - before[k] for k in ("inline", "lane"))
+    return round(inline / max(inline + queued, 1), 3)
 
 
 def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -228,9 +239,12 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     try:
         wrk(url, "/predict", bodies, 2, 2, script)
         busiest = max(descendants(procs[0].pid), key=cpu_s)
-        cpu0 = cpu_s(busiest)
+        names = thread_names(spy, busiest)
+        cpu0, threads0, lane0 = cpu_s(busiest), thread_cpu(busiest), lane(url)
         capacity = wrk(url, "/predict", bodies, 8, 6, script)["req_per_s"]
         cpu_c8 = 1000 * (cpu_s(busiest) - cpu0) / (capacity * 6)  # ms per answer, at 8
+        by_thread = {"c8": cpu_per_request(threads0, thread_cpu(busiest), names, capacity * 6)}
+        inline = {"c8": inline_share(lane0, lane(url))}
         rate = args.share * capacity
         watch = TreeWatch(procs[0].pid)
         workers = list(watch.first)
@@ -247,6 +261,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         probe = SpeedProbe()
         probe.start()
         steal0 = steal_ticks()
+        threads0, lane0 = thread_cpu(busiest), lane(url)
         gen = subprocess.Popen(
             [sys.executable, _openloop.__file__, url, "/predict", str(bodies)]
             + [str(rate), str(args.seconds)],
@@ -254,7 +269,9 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             text=True,
         )
         raw = json.loads(gen.communicate()[0])
-        names = thread_names(spy, max(watch.first, key=lambda p: cpu_s(p)))
+        answers = len(_openloop.answered(raw))
+        by_thread["open loop"] = cpu_per_request(threads0, thread_cpu(busiest), names, answers)
+        inline["open loop"] = inline_share(lane0, lane(url))
         steal = steal_ticks() - steal0
         probe.stopped.set()
         perf.send_signal(signal.SIGINT)
@@ -296,6 +313,8 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         **run_facts(started_at, load_before),
         "capacity_c8": capacity,
         "worker_cpu_ms_per_answer_c8": round(cpu_c8, 3),
+        "cpu_ms_per_answer_by_thread": by_thread,
+        "calls_run_inline": inline,
         "rate": round(rate, 1),
         "latency": percentiles(np.asarray(_openloop.answered(raw))),
         "slow_ms": args.slow_ms,
@@ -372,6 +391,27 @@ def markdown(r: dict[str, Any]) -> str:
         out.append(
             f"| {state} | " + " | ".join(str(p["worker_main"][state]) for _, p in parts) + " |"
         )
+    threads = r["cpu_ms_per_answer_by_thread"]
+    out += [
+        "",
+        "The worker's CPU per answer by thread (user / system ms; from `/proc`), and the share "
+        "of scoring calls run on the event loop instead of the lane (`/metadata` lane):",
+        "",
+        "| thread | " + " | ".join(threads) + " |",
+        "|---|" + "---|" * len(threads),
+    ]
+    for name in dict.fromkeys(n for t in threads.values() for n in t):
+        out.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{t[name]['user_ms']} / {t[name]['system_ms']}" if name in t else ""
+                for t in threads.values()
+            )
+            + " |"
+        )
+    out.append(
+        "| calls run inline | " + " | ".join(str(x) for x in r["calls_run_inline"].values()) + " |"
+    )
     out += [
         "",
         "By second of the run: requests over the threshold, and the pure-Python speed probe's "
