@@ -37,9 +37,10 @@ def machine() -> dict[str, object]:
 
 
 class SpeedProbe(threading.Thread):
-    """The host's speed as the run sees it: every 20 ms, the CPU time of a fixed pure-Python
-    loop and of a fixed pass over 4 MiB (beyond a core's cache), about 2% of one CPU. A
-    slower probe in the spans of slow requests means the host, not the service, slowed."""
+    """The host's speed as the run sees it: every 20 ms, the CPU time of a fixed integer sum
+    (``sum(range(20_000))``, the interpreter's own loop) and of a pass over 4 MiB (beyond a
+    core's cache), about 2% of one CPU. Slower than it runs alone, beside an idle CPU, it
+    points at the host rather than the service."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -57,7 +58,7 @@ class SpeedProbe(threading.Thread):
             self.samples.append((t, 1000 * (c1 - c0), 1000 * (c2 - c1)))
 
     def by_second(self, begin: float, seconds: int) -> list[float | None]:
-        """The median CPU ms of the pure-Python probe in each second from ``begin``."""
+        """The median CPU ms of the integer sum in each second from ``begin``."""
         got: list[list[float]] = [[] for _ in range(seconds)]
         for t, python_ms, _ in self.samples:
             k = int(t - begin)

@@ -134,8 +134,8 @@ async def run(
 
     # One task per request, created at its due time; only the unfinished ones are awaited.
     # Creating all tasks up front, or gathering all of them at the end, costs the loop about
-    # 10 us per request at once (0.3 s for 30k requests): it delayed the first and the last
-    # requests of a long run.
+    # 10 us per request at once (about 0.3 s for 30k requests): it delayed the first or the
+    # last requests of a long run.
     pending: set[asyncio.Task[None]] = set()
     for k in range(len(due)):
         wait = start + due[k] - loop.time()

@@ -552,7 +552,7 @@ def markdown(report: dict[str, Any]) -> str:
     speed = report.get("host_speed")
     if speed:
         lines_.append(
-            "The host's speed (`SpeedProbe`: median CPU ms of a fixed pure-Python loop run "
+            "The host's speed (`SpeedProbe`: median CPU ms of a fixed integer sum run "
             "every 20 ms; higher is slower): "
             + "; ".join(f"{k} {v['python_ms']}" for k, v in speed.items())
             + "."

@@ -414,7 +414,7 @@ def markdown(r: dict[str, Any]) -> str:
     )
     out += [
         "",
-        "By second of the run: requests over the threshold, and the pure-Python speed probe's "
+        "By second of the run: requests over the threshold, and the speed probe's integer sum's "
         "median CPU ms (alone before the run, by second: "
         + ", ".join(str(x) for x in r["by_second"]["idle_probe_python_ms"])
         + "):",
