@@ -34,7 +34,7 @@ from serving_cost import (  # noqa: E402
     serve_tags,
     start_orders,
 )
-from serving_latency import discard, full_bodies, stop  # noqa: E402
+from serving_latency import discard, full_bodies, stop_all  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> None:
                             )
                     r += 1
             finally:
-                for proc in procs:
-                    stop(proc)
+                stop_all(procs)
     finally:
         discard(work)
     report = {

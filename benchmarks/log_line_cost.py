@@ -51,7 +51,7 @@ from serving_cost import (  # noqa: E402
     serve_bare,
     serve_tags,
 )
-from serving_latency import bare_bodies, discard, full_bodies, service_env, stop  # noqa: E402
+from serving_latency import bare_bodies, discard, full_bodies, service_env, stop_all  # noqa: E402
 
 from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
 from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
@@ -167,8 +167,7 @@ def main() -> None:
                     load = (urls[variant], path, bodies[kind], 1, args.seconds, script)
                     rounds.append(batch_phase(load, round=r, variant=variant, phase=phase))
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
         discard(work)
     report = {
         **run_facts(started_at, load_before),

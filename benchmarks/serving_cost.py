@@ -57,6 +57,7 @@ from serving_latency import (  # noqa: E402
     service_env,
     start,
     stop,
+    stop_all,
 )
 
 from benchmarks._loadgen import hey, hey_command, hey_result, lines, wrk, wrk_script  # noqa: E402
@@ -177,8 +178,7 @@ def serve_tags(
             proc, urls[tag] = serve_release(tag, releases[tag], env, work, f"bento{k}")
             procs.append(proc)
     except BaseException:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
         raise
     return procs, urls, releases
 
@@ -340,8 +340,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         results["overload"] = overload(
             tag, release, env, work, single, rank_bodies, script, capacity, args.seconds
         )
-        for p in procs:
-            stop(p)
+        stop_all(procs)
         procs.clear()
         report = {
             "benchmark": "serving_cost",
@@ -367,8 +366,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         }
         print(save_results(args.out, "serving_cost", report, markdown))
     finally:
-        for p in procs:
-            stop(p)
+        stop_all(procs)
         discard(work)
 
 

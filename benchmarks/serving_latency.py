@@ -153,6 +153,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop each of ``procs`` (``stop``)."""
+    for proc in procs:
+        stop(proc)
+
+
 def discard(work: Path) -> None:
     """Remove a benchmark's work folder (request logs: gigabytes per run) and stop the
     profiling helpers its stopped services left on their last windows there: detached by
@@ -176,6 +182,16 @@ def full_bodies(rows: pd.DataFrame) -> list[dict[str, Any]]:
             rows.user_id, rows.item_id, rows.surface, rows.device, rows.ts, strict=True
         )
     ]
+
+
+def predict_workload(project: Path, prefix: str) -> tuple[Path, Path, Path]:
+    """A new work folder, the wrk body-rotation script in it, and a file of 3000 real
+    ``/predict`` bodies from the project's data, one per line."""
+    from benchmarks._loadgen import lines, wrk_script
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    bodies = lines(work / "single.txt", full_bodies(workload_frame(project / "data", 3000)))
+    return work, wrk_script(work), bodies
 
 
 def bare_bodies(rows: pd.DataFrame, raw_dir: Path) -> list[list[float]]:
@@ -431,8 +447,7 @@ def main() -> None:
             "predictor": meta["counters"],
             "request_log": meta["request_log"],
         }
-        for p in procs:
-            stop(p)
+        stop_all(procs)
         from pipelines.serving.request_log import read_shards
 
         results["full_counters"]["logged_rows_after_shutdown"] = len(read_shards(work / "requests"))
@@ -462,8 +477,7 @@ def main() -> None:
         }
         print(save_results(args.out, "serving_latency", report, markdown))
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
         discard(work)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,12 @@ from serving_cost import (  # noqa: E402
     serve_tags,
     start_orders,
 )
-from serving_latency import discard, full_bodies, stop  # noqa: E402
+from serving_latency import discard, predict_workload, stop_all  # noqa: E402
 
-from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._loadgen import wrk  # noqa: E402
 from benchmarks._machine import run_facts, run_line, save_results  # noqa: E402
 from benchmarks._openloop import answered, open_loop  # noqa: E402
-from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
+from tests.support.loadtest import percentiles  # noqa: E402
 
 
 def main() -> None:
@@ -51,9 +50,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.6, help="of the lower capacity")
     parser.add_argument("--c1-seconds", type=float, default=0.0, help="wrk at concurrency 1")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tail-ab-"))
-    script = wrk_script(work)
-    bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
+    work, script, bodies = predict_workload(args.project, "tail-ab-")
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     rounds: list[dict[str, Any]] = []
@@ -95,8 +92,7 @@ def main() -> None:
                     which = "first" if t == order[0] else "second"
                     metadata[f"{t} (started {which})"] = post_json(u + "/metadata")
             finally:
-                for proc in procs:
-                    stop(proc)
+                stop_all(procs)
     finally:
         discard(work)
     report = {

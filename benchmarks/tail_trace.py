@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,12 +49,12 @@ from feature_build import _cpu_s as cpu_s  # noqa: E402
 from feature_build import descendants  # noqa: E402
 from served_profile import cpu_per_request, thread_cpu, thread_names  # noqa: E402
 from serving_cost import post_json, serve_tags  # noqa: E402
-from serving_latency import discard, full_bodies, stop  # noqa: E402
+from serving_latency import discard, predict_workload, stop_all  # noqa: E402
 
 from benchmarks import _openloop  # noqa: E402
-from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._loadgen import wrk  # noqa: E402
 from benchmarks._machine import SpeedProbe, run_facts, run_line, save_results  # noqa: E402
-from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
+from tests.support.loadtest import percentiles  # noqa: E402
 
 _SLICE = re.compile(
     r"^\s*(?P<t>\d+\.\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<comm>.+?)(?:\[(?P<tid>\d+)(?:/(?P<pid>\d+))?\])?"
@@ -222,9 +221,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    work = Path(tempfile.mkdtemp(prefix="tail-trace-"))
-    script = wrk_script(work)
-    bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
+    work, script, bodies = predict_workload(args.project, "tail-trace-")
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     alone = SpeedProbe()  # the host's own variation, with nothing else running
@@ -278,8 +275,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         perf.wait()
         watch.stopped.set()
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
     rows = slices(data)
     discard(work)
     # the worker: the service's child that ran longest on a CPU

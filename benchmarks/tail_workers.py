@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cost import TOKEN, bento_release, closed, serve_release  # noqa: E402
-from serving_latency import discard, full_bodies, service_env, stop  # noqa: E402
+from serving_latency import discard, predict_workload, service_env, stop_all  # noqa: E402
 
-from benchmarks._loadgen import lines, wrk, wrk_script  # noqa: E402
+from benchmarks._loadgen import wrk  # noqa: E402
 from benchmarks._machine import SpeedProbe, run_facts, run_line, save_results  # noqa: E402
 from benchmarks._openloop import answered, open_loop  # noqa: E402
-from tests.support.loadtest import percentiles, workload_frame  # noqa: E402
+from tests.support.loadtest import percentiles  # noqa: E402
 
 P95_MS, P99_MS = 15.0, 30.0  # the targets of the 60% tail
 
@@ -59,9 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     from pipelines.stages.packaging import import_bento
 
-    work = Path(tempfile.mkdtemp(prefix="tail-workers-"))
-    script = wrk_script(work)
-    bodies = lines(work / "single.txt", full_bodies(workload_frame(args.project / "data", 3000)))
+    work, script, bodies = predict_workload(args.project, "tail-workers-")
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     env = service_env(work, TOKEN)
@@ -99,8 +96,7 @@ def main() -> None:
                 rounds.append({"round": r, "workers": n, **got})
                 print(r, n, {k: got[k] for k in ("p50_ms", "p95_ms", "p99_ms")}, flush=True)
     finally:
-        for proc in procs:
-            stop(proc)
+        stop_all(procs)
         discard(work)
     report = {
         **run_facts(started_at, load_before),
