@@ -66,6 +66,11 @@ class SpeedProbe(threading.Thread):
                 got[k].append(python_ms)
         return [round(float(np.median(g)), 4) if g else None for g in got]
 
+    def slowest_second(self, begin: float, end: float) -> float | None:
+        """The highest of ``by_second``'s medians from ``begin`` to ``end``."""
+        seconds = [x for x in self.by_second(begin, int(end - begin)) if x is not None]
+        return max(seconds, default=None)
+
     def inside(self, spans: list[tuple[float, float]]) -> dict[str, float | None]:
         """Median CPU ms of each probe that started inside ``spans``."""
         got = [s for s in self.samples if any(a <= s[0] < b for a, b in spans)]

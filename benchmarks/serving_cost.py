@@ -312,10 +312,9 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             ("hey at 60%", (hey_span, open_span)),
             ("open loop at 60%", (open_span, time.monotonic())),
         ):
-            seconds = [x for x in probe.by_second(a, int(b - a)) if x is not None]
             host_speed[name] = {
                 **probe.inside([(a, b)]),
-                "slowest_second_ms": max(seconds, default=None),
+                "slowest_second_ms": probe.slowest_second(a, b),
             }
         results["full"]["predict_open_loop_60pct"] = poisson
         print("open loop", poisson, flush=True)
