@@ -70,8 +70,9 @@ class TreeWatch(threading.Thread):
 
     def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
-        self.root, self.seen, self.stopped = root, {root: "arbiter"}, threading.Event()
+        self.root, self.stopped = root, threading.Event()
         self.first = dict(descendants(root))
+        self.seen = dict(self.first)
 
     def run(self) -> None:
         while not self.stopped.wait(1.0):
@@ -168,7 +169,7 @@ def breakdown(
 ) -> dict[str, Any]:
     """CPU seconds by kind inside ``spans``; the worker's main thread running, runnable
     (its scheduling delay) and the rest of the spans' time; the requests answered inside
-    ``spans`` (``answers``: the times of the answers) and the worker's CPU per answer."""
+    ``spans`` (``answers``: the sorted times of the answers) and the worker's CPU per answer."""
     starts = np.array([a for a, _ in spans])
     cpu: collections.Counter[str] = collections.Counter()
     running = runnable = 0.0
@@ -181,7 +182,7 @@ def breakdown(
             delay = row["delay_ms"] / 1000
             runnable += overlap(row["start"] - delay, row["start"], spans, starts)
     length = sum(b - a for a, b in spans)
-    n = sum(int(((answers >= a) & (answers < b)).sum()) for a, b in spans)
+    n = sum(int(np.searchsorted(answers, b) - np.searchsorted(answers, a)) for a, b in spans)
     mine = sum(v for k, v in cpu.items() if k.startswith("worker"))
     return {
         "span_s": round(length, 3),
@@ -266,8 +267,8 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
             text=True,
         )
         raw = json.loads(gen.communicate()[0])
-        answers = len(_openloop.answered(raw))
-        by_thread["open loop"] = cpu_per_request(threads0, thread_cpu(busiest), names, answers)
+        ok = _openloop.answered(raw)
+        by_thread["open loop"] = cpu_per_request(threads0, thread_cpu(busiest), names, len(ok))
         inline["open loop"] = inline_share(lane0, lane(url))
         steal = steal_ticks() - steal0
         probe.stopped.set()
@@ -291,17 +292,20 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     begin = raw["started_unix"] - offset
     lat = np.asarray(raw["latency_ms"])
     due = begin + np.asarray(raw["due_s"])
-    slow = [(d, d + x / 1000) for d, x in zip(due, lat, strict=True) if x > args.slow_ms]
     done = due + lat / 1000
+    is_slow = lat > args.slow_ms
+    spans = merged(list(zip(due[is_slow].tolist(), done[is_slow].tolist(), strict=True)))
     seconds = int(args.seconds)
-    slow_s = np.bincount((due - begin)[lat > args.slow_ms].astype(int), minlength=seconds)
+    slow_s = np.bincount((due - begin)[is_slow].astype(int), minlength=seconds)
     slow_s = slow_s.tolist()[:seconds]
     probe_s = probe.by_second(begin, seconds)
 
-    def part(spans: list[tuple[float, float]]) -> dict[str, Any]:
+    answers = np.sort(done)
+
+    def part(within: list[tuple[float, float]]) -> dict[str, Any]:
         return {
-            **breakdown(rows, spans, roles, worker, names, done),
-            "probe": probe.inside(spans),
+            **breakdown(rows, within, roles, worker, names, answers),
+            "probe": probe.inside(within),
         }
 
     whole = [(float(due[0]), float(due[-1] + lat[-1] / 1000))]
@@ -312,14 +316,14 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         "cpu_ms_per_answer_by_thread": by_thread,
         "calls_run_inline": inline,
         "rate": round(rate, 1),
-        "latency": percentiles(np.asarray(_openloop.answered(raw))),
+        "latency": percentiles(np.asarray(ok)),
         "slow_ms": args.slow_ms,
-        "slow_requests": len(slow),
+        "slow_requests": int(is_slow.sum()),
         "steal_ticks": steal,
-        "slow_spans": part(merged(slow)) if slow else None,
+        "slow_spans": part(spans) if spans else None,
         "longest_spans": [
             {"from_s": round(a - begin, 3), **part([(a, b)])}
-            for a, b in sorted(merged(slow), key=lambda s: s[0] - s[1])[:5]
+            for a, b in sorted(spans, key=lambda s: s[0] - s[1])[:5]
         ],
         "whole_run": part(whole),
         "by_second": {
