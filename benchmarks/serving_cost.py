@@ -125,16 +125,24 @@ def serve_release(
     return proc, url
 
 
+def serve_module(
+    service: str, env: dict[str, str], work: Path, name: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Serve a BentoML service of this repository (``module:Class``) on a free port, its log
+    ``<name>.log`` under ``work``; its process and URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bentoml", "serve", service, "--port", str(port)]
+    return start(command, env, REPO, url, work / f"{name}.log"), url
+
+
 def serve_bare(
     model_tag: str, env: dict[str, str], work: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Serve ``benchmarks/bare_service.py`` with the model ``model_tag`` (from the BentoML
     home in ``env``); its process and URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bentoml", "serve", "benchmarks.bare_service:BareService"]
-    env = {**env, "BARE_MODEL_TAG": model_tag}
-    return start([*command, "--port", str(port)], env, REPO, url, work / "bare.log"), url
+    bare_env = {**env, "BARE_MODEL_TAG": model_tag}
+    return serve_module("benchmarks.bare_service:BareService", bare_env, work, "bare")
 
 
 def start_orders(tags: list[str], rounds: int) -> list[tuple[list[str], int]]:
@@ -145,19 +153,33 @@ def start_orders(tags: list[str], rounds: int) -> list[tuple[list[str], int]]:
     return [(o, k) for o, k in ((list(tags), first), (list(tags[::-1]), rounds - first)) if k]
 
 
+def home_arguments(description: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark of bentos in a BentoML home takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True, help="BentoML home with the bentos")
+    parser.add_argument("--name", default=name, help="results file name")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    return parser
+
+
 def ab_arguments(
     description: str, rounds: int, seconds: float, name: str
 ) -> argparse.ArgumentParser:
     """The arguments of a benchmark of two bentos side by side (``tail_ab.py``,
     ``batch_ab.py``); the script adds its own."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--project", type=Path, required=True)
-    parser.add_argument("--home", type=Path, required=True, help="BentoML home with both bentos")
+    parser = home_arguments(description, name)
     parser.add_argument("--tags", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=float, default=seconds, help="per phase, round and bento")
-    parser.add_argument("--name", default=name, help="results file name")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    return parser
+
+
+def tag_arguments(description: str, name: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark of one bento of a BentoML home (``tail_trace.py``,
+    ``arrival_gaps.py``); the script adds its own."""
+    parser = home_arguments(description, name)
+    parser.add_argument("--tag", required=True)
     return parser
 
 

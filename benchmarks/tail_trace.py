@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime as dt
 import json
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from feature_build import _cpu_s as cpu_s  # noqa: E402
 from feature_build import descendants  # noqa: E402
 from served_profile import cpu_per_request, thread_cpu, thread_names  # noqa: E402
-from serving_cost import post_json, serve_tags  # noqa: E402
+from serving_cost import post_json, serve_tags, tag_arguments  # noqa: E402
 from serving_latency import discard, predict_workload, stop_all  # noqa: E402
 
 from benchmarks import _openloop  # noqa: E402
@@ -210,16 +209,11 @@ def probe_by_burst(slow: list[int], probe: list[float | None]) -> dict[str, Any]
 
 
 def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", type=Path, required=True)
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--tag", required=True)
+    parser = tag_arguments(__doc__.split("\n\n")[0], "tail_trace")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--share", type=float, default=0.6)
     parser.add_argument("--slow-ms", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="the probe alone, first")
-    parser.add_argument("--name", default="tail_trace")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     work, script, bodies = predict_workload(args.project, "tail-trace-")
