@@ -72,16 +72,30 @@ class SpeedProbe(threading.Thread):
         return max(seconds, default=None)
 
     def inside(self, spans: list[tuple[float, float]]) -> dict[str, float | None]:
-        """Median CPU ms of each probe that started inside ``spans``."""
-        got = [s for s in self.samples if any(a <= s[0] < b for a, b in spans)]
-        if not got:
+        """Median CPU ms of each probe that started inside ``spans`` (the samples are in time
+        order, so each span is two binary searches)."""
+        got = np.asarray(self.samples, dtype=float).reshape(-1, 3)
+        keep = np.zeros(len(got), dtype=bool)
+        for a, b in spans:
+            keep[np.searchsorted(got[:, 0], a) : np.searchsorted(got[:, 0], b)] = True
+        if not keep.any():
             return {"probes": 0, "python_ms": None, "memory_ms": None}
-        python_ms, memory_ms = np.median(np.asarray(got)[:, 1:], axis=0)
+        python_ms, memory_ms = np.median(got[keep, 1:], axis=0)
         return {
-            "probes": len(got),
+            "probes": int(keep.sum()),
             "python_ms": round(float(python_ms), 4),
             "memory_ms": round(float(memory_ms), 4),
         }
+
+    @classmethod
+    def alone(cls, seconds: float) -> tuple[SpeedProbe, float, float]:
+        """The probe run for ``seconds`` with nothing else started (the host's own variation);
+        the stopped probe and the span it ran (monotonic)."""
+        probe, began = cls(), time.monotonic()
+        probe.start()
+        time.sleep(seconds)
+        probe.stopped.set()
+        return probe, began, time.monotonic()
 
 
 def run_facts(started_at: str, load_before: tuple[float, ...]) -> dict[str, Any]:

@@ -254,11 +254,8 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
         items = rank_bodies[0]["items"]
         files["full_rank"] = lines(work / "full_rank.txt", rank_bodies)
         # the host's speed with nothing running, to compare the 60% phases' with
-        alone, began = SpeedProbe(), time.monotonic()
-        alone.start()
-        time.sleep(10)
-        alone.stopped.set()
-        host_speed = {"alone, before the services": alone.inside([(began, time.monotonic())])}
+        alone, began, ended = SpeedProbe.alone(10)
+        host_speed = {"alone, before the services": alone.inside([(began, ended)])}
         if args.bare_first:  # the service started first was ahead on a shared host
             bare, bare_url = serve_bare(release["prod"]["tag"], env, work)
             procs.append(bare)

@@ -219,11 +219,7 @@ def main() -> None:  # noqa: PLR0915 - one benchmark, step by step
     work, script, bodies = predict_workload(args.project, "tail-trace-")
     load_before = os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    alone = SpeedProbe()  # the host's own variation, with nothing else running
-    alone.start()
-    begun = time.monotonic()
-    time.sleep(args.idle_seconds)
-    alone.stopped.set()
+    alone, begun, _ = SpeedProbe.alone(args.idle_seconds)  # the host's own variation
     idle_probe = alone.by_second(begun, int(args.idle_seconds))
     print(f"probe alone for {args.idle_seconds:g} s: {idle_probe}", flush=True)
     procs, urls, _ = serve_tags(args.home, [args.tag], work)
